@@ -1,0 +1,175 @@
+"""Types shared by training, export and the daemon, with no heavy imports.
+
+The model package metadata is the single source of truth for how a frame becomes a
+model input and how the model output becomes a verdict. Training writes it (through
+export), the daemon reads it; neither hand-copies settings from the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+PACKAGE_FORMAT = "defect-inspection-package"
+PACKAGE_FORMAT_VERSION = 1
+PACKAGE_JSON = "package.json"
+
+ColorMode = Literal["gray", "bgr"]
+Verdict = Literal["pass", "fail", "error"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a frame becomes model input tiles (see edge.preprocess for the contract).
+
+    The network normalises inside its own graph, so the daemon feeds raw pixel values
+    (float32, 0..255); `mean`/`std` are recorded here for information and checks.
+    """
+
+    color: ColorMode = "gray"
+    tile: int = 256  # square tile side fed to the network (static input shape)
+    overlap: int = 32  # pixels shared by neighbouring tiles; predictions are blended there
+    multiple_of: int = 16  # network stride: tile must be divisible by it
+    mean: tuple[float, ...] = (127.5,)
+    std: tuple[float, ...] = (64.0,)
+    layout: str = "NCHW"
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "gray" else 3
+
+    def validate(self) -> None:
+        if self.color not in ("gray", "bgr"):
+            raise ValueError(f"input.color must be 'gray' or 'bgr', got {self.color!r}")
+        if self.tile <= 0 or self.tile % self.multiple_of:
+            raise ValueError(f"input.tile must be a positive multiple of {self.multiple_of}, got {self.tile}")
+        if not 0 <= self.overlap < self.tile // 2:
+            raise ValueError(f"input.overlap must be in [0, tile/2), got {self.overlap}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"input.mean/std need {self.channels} value(s) for color {self.color!r}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("input.std values must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["channels"] = self.channels
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        known = {k: d[k] for k in ("color", "tile", "overlap", "multiple_of", "layout") if k in d}
+        spec = cls(mean=tuple(float(x) for x in d.get("mean", (127.5,))),
+                   std=tuple(float(x) for x in d.get("std", (64.0,))), **known)
+        spec.validate()
+        return spec
+
+
+@dataclass(frozen=True)
+class PostprocessParams:
+    """How a probability map becomes defect regions; calibrated in training, tunable at the edge."""
+
+    pixel_threshold: float = 0.5
+    min_area: int = 0  # pixels; smaller connected components are ignored (noise, texture)
+    open_radius: int = 0  # morphological opening removes specks before counting regions
+    close_radius: int = 1  # closing joins fragments of one defect into one region
+
+    def validate(self) -> None:
+        if not 0.0 < self.pixel_threshold < 1.0:
+            raise ValueError(f"pixel_threshold must be in (0, 1), got {self.pixel_threshold}")
+        if self.min_area < 0 or self.open_radius < 0 or self.close_radius < 0:
+            raise ValueError("min_area, open_radius and close_radius must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PostprocessParams:
+        p = cls(
+            pixel_threshold=float(d.get("pixel_threshold", 0.5)),
+            min_area=int(d.get("min_area", 0)),
+            open_radius=int(d.get("open_radius", 0)),
+            close_radius=int(d.get("close_radius", 1)),
+        )
+        p.validate()
+        return p
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected defect region in frame coordinates (pixels)."""
+
+    area: int
+    bbox: tuple[int, int, int, int]  # x, y, width, height
+    centroid: tuple[float, float]  # x, y
+    max_score: float
+    mean_score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "area": self.area,
+            "bbox": list(self.bbox),
+            "centroid": [round(self.centroid[0], 2), round(self.centroid[1], 2)],
+            "max_score": round(self.max_score, 4),
+            "mean_score": round(self.mean_score, 4),
+        }
+
+
+@dataclass
+class Detection:
+    """Postprocessing result of one image: regions, binary mask and a ranking score."""
+
+    regions: list[Region]
+    mask: Any  # np.ndarray uint8 HxW, 1 = defect (after morphology and area filter)
+    score: float  # image-level defect score, >= pixel_threshold iff a region survived
+
+    @property
+    def total_area(self) -> int:
+        return sum(r.area for r in self.regions)
+
+
+@dataclass
+class ModelInfo:
+    """What an event records about the model that decided it."""
+
+    name: str
+    version: str
+    sha256: str
+    precision: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PackageMeta:
+    """Parsed `package.json` of a model package (see edge.package for checks)."""
+
+    name: str
+    version: str
+    created: str
+    precision: str
+    input: InputSpec
+    postprocess: PostprocessParams
+    files: dict[str, str]  # relative path -> sha256
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str = ""
+    tools: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PACKAGE_FORMAT,
+            "format_version": PACKAGE_FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "precision": self.precision,
+            "input": self.input.to_dict(),
+            "postprocess": self.postprocess.to_dict(),
+            "files": dict(self.files),
+            "metrics": self.metrics,
+            "data_fingerprint": self.data_fingerprint,
+            "tools": self.tools,
+            **({"extra": self.extra} if self.extra else {}),
+        }

@@ -1,0 +1,157 @@
+"""Result events: construction, deterministic ids, encoding, and (test-time) schema validation.
+
+Times: an event carries `capture_ts` (epoch seconds, plus `capture_time` ISO-8601 UTC) and
+`created_ts` (when the verdict was stored in the outbox). There is deliberately no publish
+time in the payload: the payload is committed to the durable outbox before it is sent and
+may be resent after an outage, so its bytes must not change between attempts (consumers
+de-duplicate by event_id). The MQTT sink instead attaches the send time as an MQTT 5 user
+property `sent_ts`; on MQTT 3.1.1 consumers use their receive time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+SCHEMA_VERSION = 1
+SCHEMA_FILE = "event.schema.json"
+VERDICTS = ("pass", "fail", "error")
+
+# Fixed namespace: the same (station, part, capture time) gives the same id on any host/run.
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:defect-inspection:result-event")
+
+
+class EventValidationError(ValueError):
+    """The event does not match edge/event.schema.json."""
+
+
+def event_id_for(station: str, part_id: str, capture_ts: float) -> str:
+    """uuid5 over station, part id and capture time (microsecond resolution).
+
+    Re-inspecting the same captured part after a crash yields the same id, so the outbox
+    keeps one row and consumers see at most duplicates of one verdict. The time is
+    formatted to microseconds so a float that went through JSON still maps to the same id.
+    """
+    key = f"{station}\x1f{part_id}\x1f{float(capture_ts):.6f}"
+    return str(uuid.uuid5(_NAMESPACE, key))
+
+
+def iso_utc(ts: float) -> str:
+    """Epoch seconds -> ISO-8601 UTC with millisecond precision and a 'Z' suffix."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def build_result_event(
+    *,
+    station: dict[str, Any],
+    seq: int,
+    part_id: str,
+    capture_ts: float,
+    verdict: str,
+    reasons: list[str],
+    regions: list[dict[str, Any]],
+    total_defect_area: int,
+    image: dict[str, Any],
+    model: dict[str, Any],
+    rules: dict[str, Any],
+    timings_ms: dict[str, Any],
+    error: str | None = None,
+    evidence: str | None = None,
+    event_id: str | None = None,
+    created_ts: float | None = None,
+) -> dict[str, Any]:
+    """Assemble one result event (see edge/event.schema.json).
+
+    `station` is {"line": ..., "name": ...}; the default event id is
+    event_id_for(f"{line}/{name}", part_id, capture_ts). An `error` verdict always carries
+    an error message (a broken camera must never be silent).
+    """
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    if verdict == "error" and not error:
+        error = "unspecified error"
+    st = {"line": str(station["line"]), "name": str(station["name"])}
+    if event_id is None:
+        event_id = event_id_for(f"{st['line']}/{st['name']}", part_id, capture_ts)
+    created = time.time() if created_ts is None else float(created_ts)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": event_id,
+        "seq": int(seq),
+        "station": st,
+        "part_id": str(part_id),
+        "capture_ts": round(float(capture_ts), 6),
+        "capture_time": iso_utc(capture_ts),
+        "created_ts": round(created, 6),
+        "verdict": verdict,
+        "reasons": [str(r) for r in reasons],
+        "regions": list(regions),
+        "total_defect_area": int(total_defect_area),
+        "image": {"width": int(image["width"]), "height": int(image["height"])},
+        "model": dict(model),
+        "rules": dict(rules),
+        "timings_ms": dict(timings_ms),
+        "error": error,
+        "evidence": evidence,
+    }
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy scalars/arrays (and tuples inside them) without importing numpy here."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; NaN/Infinity are refused (not valid JSON for consumers)."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      default=_json_default).encode("utf-8")
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    data = json.loads(payload.decode("utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("event payload is not a JSON object")
+    return data
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema shipped as package data beside this module."""
+    text = resources.files("edge").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def validate_event(event: dict[str, Any]) -> None:
+    """Validate against the schema with jsonschema (a dev dependency); a minimal check without it."""
+    schema = load_schema()
+    try:
+        import jsonschema
+    except ImportError:  # runtime installs do not need jsonschema
+        _minimal_check(event, schema)
+        return
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(event), key=lambda e: list(e.absolute_path))
+    if errors:
+        msgs = [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in errors]
+        raise EventValidationError("; ".join(msgs))
+
+
+def _minimal_check(event: dict[str, Any], schema: dict[str, Any]) -> None:
+    missing = [k for k in schema["required"] if k not in event]
+    extra = [k for k in event if k not in schema["properties"]]
+    if missing or extra:
+        raise EventValidationError(f"missing keys {missing}, unexpected keys {extra}")
+    if event["verdict"] not in VERDICTS:
+        raise EventValidationError(f"verdict: {event['verdict']!r} is not one of {VERDICTS}")
+    if event["schema_version"] != SCHEMA_VERSION:
+        raise EventValidationError(f"schema_version: expected {SCHEMA_VERSION}")

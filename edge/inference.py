@@ -1,0 +1,161 @@
+"""OpenVINO inference of a model package: the only module of edge/ that imports openvino.
+
+Graph contract (written by `training export`): input `[1, C, tile, tile]` float32 raw pixels
+(0..255, normalisation happens inside the graph), output `[1, 1, tile, tile]` defect
+probability (sigmoid inside the graph). A frame becomes several tiles (edge.preprocess); each
+tile is one inference request, so tiles of one frame and successive frames run in parallel
+through an `AsyncInferQueue`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+
+from edge.contract import Detection, InputSpec, ModelInfo, PackageMeta, PostprocessParams
+from edge.package import PackageError, package_hash, read_package
+from edge.postprocess import postprocess
+from edge.preprocess import TileLayout, preprocess, stitch
+
+_CORE: ov.Core | None = None
+_CORE_LOCK = threading.Lock()
+
+
+def core() -> ov.Core:
+    """One OpenVINO Core per process (creating one is slow and they share plugins anyway)."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = ov.Core()
+        return _CORE
+
+
+def read_ir(xml_path: Path, spec: InputSpec) -> ov.Model:
+    """Read an IR and check it matches the input contract; errors name the file."""
+    try:
+        model = core().read_model(str(xml_path))
+    except Exception as e:  # OpenVINO raises RuntimeError subclasses with long texts
+        raise PackageError(f"{xml_path}: OpenVINO cannot read the model: {str(e).splitlines()[0]}") from e
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise PackageError(f"{xml_path}: expected 1 input and 1 output, got {len(model.inputs)}/{len(model.outputs)}")
+    want_in = [1, spec.channels, spec.tile, spec.tile]
+    shape_in = model.inputs[0].get_partial_shape()
+    if shape_in.is_dynamic or list(shape_in.to_shape()) != want_in:
+        raise PackageError(f"{xml_path}: input shape {shape_in} does not match package.json input {want_in}")
+    want_out = [1, 1, spec.tile, spec.tile]
+    shape_out = model.outputs[0].get_partial_shape()
+    if shape_out.is_dynamic or list(shape_out.to_shape()) != want_out:
+        raise PackageError(f"{xml_path}: output shape {shape_out} does not match expected {want_out}")
+    return model
+
+
+@dataclass
+class _FrameJob:
+    layout: TileLayout
+    outputs: np.ndarray
+    remaining: int
+    userdata: Any
+    callback: Callable[[np.ndarray | None, BaseException | None, Any], None]
+    failed: BaseException | None = None
+
+
+class Inferencer:
+    """A compiled model package: `predict(frame)` gives the probability map, `inspect` regions."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        xml_name: str = "model.xml",
+        device: str = "CPU",
+        num_requests: int = 0,
+        threads: int | None = None,
+        hint: str = "THROUGHPUT",
+        verify: bool = True,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.meta: PackageMeta = read_package(self.model_dir, verify_hashes=verify)
+        self.spec: InputSpec = self.meta.input
+        self.params: PostprocessParams = self.meta.postprocess
+        model = read_ir(self.model_dir / xml_name, self.spec)
+        config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core().compile_model(model, device, config)
+        except Exception as e:
+            raise PackageError(f"{self.model_dir / xml_name}: cannot compile for {device}: {str(e).splitlines()[0]}") from e
+        n = num_requests or int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.num_requests = max(1, n)
+        self._sync_request = self.compiled.create_infer_request()
+        self._queue = ov.AsyncInferQueue(self.compiled, self.num_requests)
+        self._queue.set_callback(self._on_tile_done)
+        self._lock = threading.Lock()
+        precision = self.meta.precision if xml_name == "model.xml" else Path(xml_name).parent.name or "fp32"
+        self.info = ModelInfo(self.meta.name, self.meta.version, package_hash(self.meta), precision)
+
+    # -- synchronous use (CLI inspect, evaluation, benchmarks) ------------------------------------
+    def infer_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        """N x C x T x T raw tiles -> N x T x T probabilities, one request after another."""
+        out = np.empty((tiles.shape[0], tiles.shape[2], tiles.shape[3]), dtype=np.float32)
+        for i in range(tiles.shape[0]):
+            res = self._sync_request.infer({0: tiles[i : i + 1]}, share_inputs=True)
+            out[i] = res[0][0, 0]
+        return out
+
+    def predict(self, frame: np.ndarray) -> np.ndarray:
+        """Frame -> HxW probability map of the whole frame."""
+        tiles, layout = preprocess(frame, self.spec)
+        return stitch(self.infer_tiles(tiles), layout, self.spec.overlap)
+
+    def inspect(self, frame: np.ndarray, params: PostprocessParams | None = None) -> Detection:
+        """Preprocess, infer, postprocess: nothing else."""
+        return postprocess(self.predict(frame), params or self.params)
+
+    # -- asynchronous use (the daemon pipeline) ---------------------------------------------------
+    def submit(
+        self,
+        frame: np.ndarray,
+        userdata: Any,
+        callback: Callable[[np.ndarray | None, BaseException | None, Any], None],
+    ) -> None:
+        """Queue a frame; `callback(prob_map, error, userdata)` runs on an OpenVINO thread when done.
+
+        Blocks while all requests are busy, which is the back-pressure the pipeline wants.
+        Preprocessing errors raise here, in the caller's thread.
+        """
+        tiles, layout = preprocess(frame, self.spec)
+        job = _FrameJob(layout, np.empty((len(tiles), self.spec.tile, self.spec.tile), np.float32),
+                        len(tiles), userdata, callback)
+        for i in range(len(tiles)):
+            self._queue.start_async({0: tiles[i : i + 1]}, (job, i))
+
+    def _on_tile_done(self, request: ov.InferRequest, token: tuple[_FrameJob, int]) -> None:
+        job, i = token
+        try:
+            job.outputs[i] = request.get_output_tensor(0).data[0, 0]
+        except BaseException as e:  # keep the frame's accounting right whatever happens
+            job.failed = e
+        with self._lock:
+            job.remaining -= 1
+            done = job.remaining == 0
+        if not done:
+            return
+        if job.failed is not None:
+            job.callback(None, job.failed, job.userdata)
+            return
+        try:
+            prob = stitch(job.outputs, job.layout, self.spec.overlap)
+        except BaseException as e:
+            job.callback(None, e, job.userdata)
+            return
+        job.callback(prob, None, job.userdata)
+
+    def wait_all(self) -> None:
+        """Block until every submitted tile has finished."""
+        self._queue.wait_all()

@@ -1,0 +1,131 @@
+"""Frame -> model input tiles, and tile outputs -> one full-resolution probability map.
+
+Input contract (the same for training validation and the daemon):
+- A frame is a numpy uint8 array, HxW (grayscale) or HxWx3 (BGR, OpenCV order), any size
+  of at least 8x8 pixels. 16-bit frames are scaled to 8 bit; HxWx4 (BGRA) drops alpha.
+- It is converted to the package's colour mode, then cut into square tiles of
+  `spec.tile` pixels overlapping by `spec.overlap` (frames smaller than a tile are padded by
+  reflection). Pixels stay raw (float32 0..255): the network normalises inside its graph.
+- Tile outputs (probabilities) are blended back with a weight that falls off towards tile
+  borders, giving a probability map of exactly the frame's height and width.
+
+Nothing is resized, so a defect of a few pixels stays a few pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from edge.contract import InputSpec
+
+
+class FrameError(ValueError):
+    """The frame cannot be inspected (empty, wrong dtype or shape); the part gets an `error` verdict."""
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where each tile came from, to stitch the outputs back."""
+
+    height: int  # original frame size
+    width: int
+    padded_height: int
+    padded_width: int
+    origins: tuple[tuple[int, int], ...]  # (y, x) of each tile in the padded frame
+    tile: int
+
+
+def to_model_color(frame: np.ndarray, color: str) -> np.ndarray:
+    """Convert a frame to uint8 gray (HxW) or BGR (HxWx3), rejecting what is not an image."""
+    if not isinstance(frame, np.ndarray) or frame.size == 0:
+        raise FrameError("frame is empty")
+    if frame.dtype == np.uint16:
+        frame = (frame >> 8).astype(np.uint8)
+    elif frame.dtype != np.uint8:
+        raise FrameError(f"frame dtype must be uint8 or uint16, got {frame.dtype}")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim == 2:
+        gray = frame
+        if color == "gray":
+            return np.ascontiguousarray(gray)
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    if frame.ndim != 3 or frame.shape[2] not in (3, 4):
+        raise FrameError(f"frame must be HxW, HxWx3 or HxWx4, got shape {frame.shape}")
+    if frame.shape[2] == 4:
+        frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+    if color == "gray":
+        return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+    return np.ascontiguousarray(frame)
+
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)  # last tile flush with the border, never beyond it
+    return starts
+
+
+def plan_tiles(height: int, width: int, spec: InputSpec) -> TileLayout:
+    """Tile origins covering a frame of the given size."""
+    tile = spec.tile
+    ph, pw = max(height, tile), max(width, tile)
+    stride = tile - spec.overlap
+    origins = tuple((y, x) for y in _starts(ph, tile, stride) for x in _starts(pw, tile, stride))
+    return TileLayout(height, width, ph, pw, origins, tile)
+
+
+def preprocess(frame: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, TileLayout]:
+    """Frame -> (tiles float32 Nx C x tile x tile, layout). Raw pixel values, NCHW."""
+    img = to_model_color(frame, spec.color)
+    h, w = img.shape[:2]
+    if h < 8 or w < 8:
+        raise FrameError(f"frame is too small ({w}x{h}); at least 8x8 pixels expected")
+    layout = plan_tiles(h, w, spec)
+    if (layout.padded_height, layout.padded_width) != (h, w):
+        mode = cv2.BORDER_REFLECT_101 if min(h, w) > 1 else cv2.BORDER_REPLICATE
+        img = cv2.copyMakeBorder(img, 0, layout.padded_height - h, 0, layout.padded_width - w, mode)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    t = spec.tile
+    tiles = np.empty((len(layout.origins), img.shape[2], t, t), dtype=np.float32)
+    for i, (y, x) in enumerate(layout.origins):
+        tiles[i] = img[y : y + t, x : x + t].transpose(2, 0, 1)
+    return tiles, layout
+
+
+_WEIGHT_CACHE: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _blend_weight(tile: int, overlap: int) -> np.ndarray:
+    """Weight that ramps up over the overlap band so tile borders (less context) count less."""
+    key = (tile, overlap)
+    if key not in _WEIGHT_CACHE:
+        ramp = np.ones(tile, dtype=np.float32)
+        if overlap > 0:
+            r = (np.arange(overlap, dtype=np.float32) + 1.0) / (overlap + 1.0)
+            ramp[:overlap] = r
+            ramp[-overlap:] = r[::-1]
+        _WEIGHT_CACHE[key] = np.outer(ramp, ramp)
+    return _WEIGHT_CACHE[key]
+
+
+def stitch(outputs: np.ndarray, layout: TileLayout, overlap: int) -> np.ndarray:
+    """Tile outputs (N x tile x tile, or N x 1 x tile x tile) -> HxW float32 map of the frame."""
+    out = np.asarray(outputs, dtype=np.float32)
+    if out.ndim == 4:
+        out = out[:, 0]
+    if len(layout.origins) == 1:
+        return np.ascontiguousarray(out[0, : layout.height, : layout.width])
+    acc = np.zeros((layout.padded_height, layout.padded_width), dtype=np.float32)
+    wsum = np.zeros_like(acc)
+    weight = _blend_weight(layout.tile, overlap)
+    t = layout.tile
+    for (y, x), o in zip(layout.origins, out, strict=True):
+        acc[y : y + t, x : x + t] += o * weight
+        wsum[y : y + t, x : x + t] += weight
+    return acc[: layout.height, : layout.width] / wsum[: layout.height, : layout.width]

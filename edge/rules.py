@@ -1,0 +1,40 @@
+"""Verdict from defect regions and the station's limits.
+
+Defaults come from the model package (calibrated in training); a line engineer may
+override any of them in the station config without re-exporting the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from edge.contract import Detection, Verdict
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Limits a part must stay within to pass."""
+
+    max_defects: int = 0  # a part with more defect regions than this fails
+    max_total_area: int | None = None  # optional: fail when total defect area exceeds this (pixels)
+    max_region_area_mm2: float | None = None  # optional: fail on any region larger than this
+    mm_per_pixel: float | None = None  # needed for the mm2 rule and reported in events
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(det: Detection, rules: Rules) -> tuple[Verdict, list[str]]:
+    """Return the verdict and the reasons for a fail (empty for a pass)."""
+    reasons: list[str] = []
+    if len(det.regions) > rules.max_defects:
+        reasons.append(f"{len(det.regions)} defect region(s) > max_defects {rules.max_defects}")
+    if rules.max_total_area is not None and det.total_area > rules.max_total_area:
+        reasons.append(f"total defect area {det.total_area} px > {rules.max_total_area} px")
+    if rules.max_region_area_mm2 is not None and rules.mm_per_pixel:
+        px_mm2 = rules.mm_per_pixel**2
+        big = [r for r in det.regions if r.area * px_mm2 > rules.max_region_area_mm2]
+        if big:
+            reasons.append(f"{len(big)} region(s) larger than {rules.max_region_area_mm2} mm2")
+    return ("fail" if reasons else "pass"), reasons

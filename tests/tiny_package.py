@@ -1,0 +1,66 @@
+"""A tiny real OpenVINO model package built without torch, for edge tests.
+
+The "network" marks pixels much darker than their surroundings as defects:
+prob = sigmoid((local_mean - x - 40) / 6), with the local mean from a real 7x7 convolution.
+Synthetic parts (light surface, dark defect blobs) therefore have a known true verdict, which
+lets the daemon tests check verdicts end to end without training a model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+
+from edge.contract import InputSpec, PackageMeta, PostprocessParams
+from edge.package import sha256_file, write_package_json
+
+
+def build_dark_spot_model(tile: int = 64) -> ov.Model:
+    x = ops.parameter([1, 1, tile, tile], np.float32, name="image")
+    k = np.full((1, 1, 7, 7), 1.0 / 49.0, dtype=np.float32)
+    local = ops.convolution(x, ops.constant(k), [1, 1], [3, 3], [3, 3], [1, 1])
+    diff = ops.subtract(ops.subtract(local, x), ops.constant(np.float32(40.0)))
+    prob = ops.sigmoid(ops.divide(diff, ops.constant(np.float32(6.0))))
+    prob.output(0).set_names({"prob"})
+    return ov.Model([prob], [x], "dark_spot")
+
+
+def make_tiny_package(out: Path, tile: int = 64, version: str = "1.0.0", name: str = "tiny-dark-spot",
+                      min_area: int = 4) -> Path:
+    """Write a valid package folder (model.xml/.bin + package.json) and return it."""
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ov.save_model(build_dark_spot_model(tile), str(out / "model.xml"), compress_to_fp16=False)
+    meta = PackageMeta(
+        name=name,
+        version=version,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        precision="fp32",
+        input=InputSpec(color="gray", tile=tile, overlap=8, multiple_of=16, mean=(0.0,), std=(1.0,)),
+        postprocess=PostprocessParams(pixel_threshold=0.5, min_area=min_area, open_radius=0, close_radius=1),
+        files={f: sha256_file(out / f) for f in ("model.xml", "model.bin")},
+        metrics={},
+        data_fingerprint="synthetic",
+        tools={"openvino": ov.__version__},
+    )
+    write_package_json(out, meta)
+    return out
+
+
+def make_part(size: tuple[int, int] = (96, 128), defect: bool = False, seed: int = 0) -> np.ndarray:
+    """A light textured part; with `defect`, one dark blob of about 40 px."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    img = (170 + rng.normal(0, 6, size=(h, w))).clip(0, 255).astype(np.uint8)
+    if defect:
+        cy, cx = rng.integers(10, h - 10), rng.integers(10, w - 10)
+        yy, xx = np.ogrid[:h, :w]
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 12] = 40
+    return img

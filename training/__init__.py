@@ -1,0 +1,1 @@
+"""Training side: data, augmentation, U-Net, training, validation, calibration, export."""

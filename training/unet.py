@@ -1,0 +1,142 @@
+"""A lightweight U-Net for defect segmentation, sized for a 2-core line PC.
+
+Order as in timm: blocks, then the model, then its config and `build_model(cfg)`.
+The network takes raw pixels (0..255) and normalises inside the graph with buffers, so
+the exported IR carries its own normalisation and the edge feeds frames as they are.
+Only static-shape, export-friendly ops (conv, BN, ReLU, max-pool, bilinear upsample, concat).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ConvBNAct(nn.Sequential):
+    """3x3 conv (or depthwise-separable: 3x3 depthwise + 1x1 pointwise), BatchNorm, ReLU."""
+
+    def __init__(self, cin: int, cout: int, separable: bool = False) -> None:
+        if separable and cin > 1:
+            layers: list[nn.Module] = [
+                nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False),
+                nn.Conv2d(cin, cout, 1, bias=False),
+            ]
+        else:
+            layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False)]
+        super().__init__(*layers, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class DoubleConv(nn.Sequential):
+    """The U-Net stage: two conv blocks, with optional dropout between them."""
+
+    def __init__(self, cin: int, cout: int, separable: bool = False, dropout: float = 0.0) -> None:
+        layers: list[nn.Module] = [ConvBNAct(cin, cout, separable)]
+        if dropout > 0:
+            layers.append(nn.Dropout2d(dropout))
+        layers.append(ConvBNAct(cout, cout, separable))
+        super().__init__(*layers)
+
+
+class Up(nn.Module):
+    """Bilinear upsample x2, concatenate the skip connection, fuse with a DoubleConv."""
+
+    def __init__(self, cin: int, cskip: int, cout: int, separable: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fuse = DoubleConv(cin + cskip, cout, separable, dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([x, skip], dim=1))
+
+
+class UNet(nn.Module):
+    """Contracting path, expanding path, skip connections by concatenation.
+
+    `forward` returns logits `[N, 1, H, W]`; in training mode with deep supervision it returns
+    `(logits, [aux logits of coarser decoder stages, upsampled to H x W])`.
+    """
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        widths = cfg.widths()
+        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.stem = DoubleConv(cfg.in_channels, widths[0], separable=False)
+        self.down = nn.ModuleList(
+            DoubleConv(widths[i], widths[i + 1], cfg.separable, cfg.dropout if i + 1 == cfg.depth else 0.0)
+            for i in range(cfg.depth)
+        )
+        self.up = nn.ModuleList(
+            Up(widths[i + 1], widths[i], widths[i], cfg.separable) for i in reversed(range(cfg.depth))
+        )
+        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.aux_heads = nn.ModuleList(
+            nn.Conv2d(widths[i], 1, 1) for i in reversed(range(1, cfg.depth))
+        ) if cfg.deep_supervision else nn.ModuleList()
+        nn.init.constant_(self.head.bias, cfg.head_bias)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        x = (x - self.mean) / self.std
+        skips = [self.stem(x)]
+        for stage in self.down:
+            skips.append(stage(F.max_pool2d(skips[-1], 2)))
+        y = skips.pop()
+        aux: list[torch.Tensor] = []
+        for i, up in enumerate(self.up):
+            y = up(y, skips.pop())
+            if self.training and self.aux_heads and i < len(self.aux_heads):
+                aux.append(F.interpolate(self.aux_heads[i](y), size=x.shape[-2:], mode="bilinear",
+                                         align_corners=False))
+        logits = self.head(y)
+        if self.training and self.aux_heads:
+            return logits, aux
+        return logits
+
+
+@dataclass
+class UNetConfig:
+    """Size and options of the network; stored in every checkpoint so it rebuilds alone."""
+
+    in_channels: int = 1
+    base_width: int = 16
+    depth: int = 4  # number of 2x downsamplings; input sides must be multiples of 2**depth
+    max_width: int = 96  # caps the deep stages: default ~0.8M parameters
+    separable: bool = False
+    dropout: float = 0.1
+    deep_supervision: bool = False
+    mean: list[float] = field(default_factory=lambda: [127.5])
+    std: list[float] = field(default_factory=lambda: [64.0])
+    head_bias: float = -4.0  # start predicting "no defect" (defects are rare): stable early training
+
+    def widths(self) -> list[int]:
+        return [min(self.base_width * 2**i, self.max_width) for i in range(self.depth + 1)]
+
+    @property
+    def stride(self) -> int:
+        return 2**self.depth
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def build_model(cfg: UNetConfig) -> UNet:
+    if len(cfg.mean) != cfg.in_channels or len(cfg.std) != cfg.in_channels:
+        raise ValueError(f"model mean/std need {cfg.in_channels} value(s)")
+    return UNet(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
