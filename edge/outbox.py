@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class Outbox:
         self.close()
 
 
-def _row(r: tuple) -> OutboxRow:  # type: ignore[type-arg]
+def _row(r: Any) -> OutboxRow:
     return OutboxRow(
         seq=int(r[0]), event_id=str(r[1]), topic=str(r[2]), payload=bytes(r[3]),
         qos=int(r[4]), created=float(r[5]), attempts=int(r[6]),

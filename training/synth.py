@@ -213,10 +213,10 @@ def _missing(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
     if rng.random() < 0.5:  # corner chip
         corner = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]][int(rng.integers(4))], np.float32)
         inward = np.sign(np.array([w / 2, h / 2]) - corner)
-        pts = [corner, corner + [inward[0] * size * rng.uniform(0.6, 1.4), 0]]
+        pts = [corner, corner + np.array([inward[0] * size * rng.uniform(0.6, 1.4), 0])]
         for t in np.linspace(0.2, 0.8, 4):
             pts.append(corner + inward * size * np.array([1 - t, t]) * rng.uniform(0.7, 1.3, 2))
-        pts.append(corner + [0, inward[1] * size * rng.uniform(0.6, 1.4)])
+        pts.append(corner + np.array([0, inward[1] * size * rng.uniform(0.6, 1.4)]))
     else:  # bite out of an edge
         side = int(rng.integers(4))
         s = rng.uniform(size, (w if side < 2 else h) - size)

@@ -1,0 +1,208 @@
+"""Command line of the edge runtime.
+
+    python -m edge run --config station.yaml          the daemon (systemd Type=notify)
+    python -m edge check-config station.yaml          exit 0 if valid, 78 (EX_CONFIG) with the field and line
+    python -m edge inspect --model PKG img.png ...    inspect files once, print verdicts, write overlays
+
+Exit codes: 0 ok, 1 runtime failure (or an image that could not be inspected), 2 usage,
+78 bad config or bad model package. Heavy modules (OpenVINO) load only for the commands
+that need them, so check-config is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+EX_OK, EX_FAILURE, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+
+log = logging.getLogger("edge")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for journald/Loki; extra context travels in the message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                               "thread": record.threadName, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+# -- check-config -----------------------------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from edge.config import ConfigError, load_config
+
+    code = EX_OK
+    for path in args.files:
+        try:
+            cfg = load_config(path)
+        except ConfigError as e:
+            print(f"{path}: INVALID", file=sys.stderr)
+            for line in e.errors:
+                print(f"  {line}", file=sys.stderr)
+            code = EX_CONFIG
+            continue
+        print(f"{path}: OK (station {cfg.station.line}/{cfg.station.name}, source {cfg.source.type}, "
+              f"topics {cfg.base_topic}/#)")
+    return code
+
+
+# -- run ---------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"{args.config}: invalid config:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
+    from edge.daemon import run_pipeline  # OpenVINO loads here, after the config is known to be good
+
+    stop, reload = threading.Event(), threading.Event()
+
+    def on_stop(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            log.warning("already stopping (signal %d)", signum)
+        else:
+            log.info("signal %d: draining and stopping", signum)
+        stop.set()
+
+    def on_hup(_signum: int, _frame: Any) -> None:
+        log.info("SIGHUP: reloading %s", args.config)
+        reload.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    return run_pipeline(cfg, stop, config_path=args.config, reload_event=reload)
+
+
+# -- inspect -----------------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import cv2
+    import numpy as np
+
+    from edge.contract import PostprocessParams
+    from edge.evidence import draw_overlay
+    from edge.package import PackageError
+    from edge.rules import Rules, decide
+    from edge.sources.base import Frame, FrameChecks, check_frame
+
+    try:
+        from edge.inference import Inferencer
+
+        inf = Inferencer(args.model, xml_name=args.file, num_requests=1, hint="LATENCY")
+        base = inf.params
+        params = PostprocessParams(
+            pixel_threshold=base.pixel_threshold if args.pixel_threshold is None else args.pixel_threshold,
+            min_area=base.min_area if args.min_area is None else args.min_area,
+            open_radius=base.open_radius, close_radius=base.close_radius)
+        params.validate()
+    except (PackageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EX_CONFIG
+    rules = Rules(max_defects=args.max_defects)
+    overlay_dir = Path(args.overlay_dir) if args.overlay_dir else None
+    if overlay_dir:
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+    if not args.json:
+        print(f"model {inf.info.name} {inf.info.version} ({inf.info.precision}), threshold {params.pixel_threshold}, "
+              f"min_area {params.min_area}, max_defects {rules.max_defects}")
+        print(f"{'FILE':40} {'VERDICT':7} {'REGIONS':>7} {'AREA':>7} {'SCORE':>6} {'MS':>7}  REASON")
+    errors = 0
+    for name in args.images:
+        path = Path(name)
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"file": str(path), "verdict": "error", "reasons": [], "regions": [],
+                               "total_defect_area": 0, "score": None, "error": None, "overlay": None}
+        image: np.ndarray | None = None
+        try:
+            data = np.fromfile(str(path), dtype=np.uint8)
+            image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        except OSError as e:
+            row["error"] = f"cannot read: {e}"
+        if image is None:
+            row["error"] = row["error"] or "not a readable image"
+        else:  # the same frame checks as the daemon: a black image is an error, not a pass
+            row["error"] = check_frame(Frame(path.stem, 0.0, image, live=False), FrameChecks())
+        if row["error"] is None and image is not None:
+            try:
+                det = inf.inspect(image, params)
+                verdict, reasons = decide(det, rules)
+                row.update(verdict=verdict, reasons=reasons, regions=[r.to_dict() for r in det.regions],
+                           total_defect_area=det.total_area, score=round(det.score, 4))
+                if overlay_dir:
+                    out = overlay_dir / f"{path.stem}.overlay.png"
+                    cv2.imwrite(str(out), draw_overlay(image, det.mask, det.regions, verdict))
+                    row["overlay"] = str(out)
+            except Exception as e:  # one bad image must not stop the batch
+                row["error"] = f"{type(e).__name__}: {e}"
+        errors += row["verdict"] == "error"
+        row["ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            reason = row["error"] or "; ".join(row["reasons"])
+            score = "" if row["score"] is None else f"{row['score']:.3f}"
+            print(f"{str(path)[-40:]:40} {row['verdict']:7} {len(row['regions']):>7} {row['total_defect_area']:>7} "
+                  f"{score:>6} {row['ms']:>7.1f}  {reason}", flush=True)
+    return EX_FAILURE if errors else EX_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edge", description="Edge defect inspection runtime.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the station daemon")
+    r.add_argument("--config", "-c", required=True, help="station YAML (see configs/edge/example.yaml)")
+    r.add_argument("--log-format", choices=["text", "json"], help="override logging.format")
+    r.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override logging.level")
+    r.set_defaults(fn=cmd_run)
+    c = sub.add_parser("check-config", help="validate station YAML file(s); exit 78 if any is invalid")
+    c.add_argument("files", nargs="+")
+    c.set_defaults(fn=cmd_check_config)
+    i = sub.add_parser("inspect", help="inspect image files once and print verdicts")
+    i.add_argument("--model", "-m", required=True, help="model package folder")
+    i.add_argument("--file", default="model.xml", help="IR inside the package (e.g. fp32/model.xml)")
+    i.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
+    i.add_argument("--overlay-dir", help="write <stem>.overlay.png for each inspected image here")
+    i.add_argument("--pixel-threshold", type=float, help="override the package's calibrated threshold")
+    i.add_argument("--min-area", type=int, help="override the package's minimum defect area (pixels)")
+    i.add_argument("--max-defects", type=int, default=0, help="regions allowed before a part fails")
+    i.add_argument("images", nargs="+")
+    i.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "run":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    code: int = args.fn(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

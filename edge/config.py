@@ -1,0 +1,393 @@
+"""Station configuration: one YAML file per station, validated before anything starts.
+
+Every field has a description and bounds, unknown keys are errors (a typo must not silently
+fall back to a default on a production line), and each source kind has a `type` tag.
+Errors name the field path and the YAML line, e.g.
+
+    station.yaml:12: source.stall_timeout_s: Input should be greater than 0
+
+Relative paths are resolved against the config file's folder, so a station folder can be
+moved as a whole. Secrets never live in the YAML: the MQTT password comes from a file,
+an environment variable or systemd's `LoadCredential=mqtt-password`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TOPIC_SAFE = r"^[A-Za-z0-9_.-]+$"  # no '/', '+', '#' or spaces: these end up inside MQTT topics
+CREDENTIAL_NAME = "mqtt-password"
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; `errors` holds one line per problem, each naming the field."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StationConfig(_Model):
+    line: str = Field(min_length=1, max_length=64, pattern=TOPIC_SAFE,
+                      description="Production line id; part of every MQTT topic and event.")
+    name: str = Field(min_length=1, max_length=64, pattern=TOPIC_SAFE,
+                      description="Station id, unique on the line; part of every MQTT topic and event.")
+
+
+class _CaptureConfig(_Model):
+    """Settings shared by OpenCV captures (live cameras and video files)."""
+
+    stall_timeout_s: float = Field(default=5.0, gt=0, le=3600,
+                                   description="No frame for this long -> `error` verdict + camera_lost alarm, repeated while it lasts.")
+    open_timeout_s: float = Field(default=10.0, gt=0, le=600, description="OpenCV open timeout (FFmpeg/GStreamer backends).")
+    read_timeout_s: float = Field(default=5.0, gt=0, le=600, description="OpenCV read timeout (FFmpeg/GStreamer backends).")
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=600, description="First reconnect delay; doubles after each failure.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600, description="Upper bound of the reconnect delay.")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> _CaptureConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class CameraSourceConfig(_CaptureConfig):
+    type: Literal["camera"] = Field(description="Live camera through OpenCV VideoCapture.")
+    uri: int | str = Field(description="Device index (0), device path (/dev/video0), rtsp:// or http:// URL, "
+                                       "or a GStreamer pipeline ending in appsink.")
+    backend: Literal["any", "ffmpeg", "gstreamer", "v4l2"] = Field(default="any", description="OpenCV capture backend.")
+    width: int | None = Field(default=None, ge=8, le=20000, description="Requested frame width (camera may ignore it).")
+    height: int | None = Field(default=None, ge=8, le=20000, description="Requested frame height (camera may ignore it).")
+    fps: float | None = Field(default=None, gt=0, le=1000, description="Requested camera frame rate.")
+
+
+class VideoSourceConfig(_CaptureConfig):
+    type: Literal["video"] = Field(description="Video file through OpenCV (demos, benchmarks, replays).")
+    path: Path = Field(description="Video file.")
+    loop: bool = Field(default=False, description="Start again at the end (demos, soak tests).")
+    stop_at_end: bool = Field(default=False, description="Stop the daemon when a non-looping video ends (benchmarks). "
+                                                 "Otherwise the end of the video is treated like a lost camera.")
+    realtime: bool = Field(default=False, description="Pace frames at the file's frame rate instead of as fast as possible.")
+
+
+class FolderSourceConfig(_Model):
+    type: Literal["folder"] = Field(description="Hot folder: one image file = one part, part id = file stem.")
+    path: Path = Field(description="Folder watched for image files (top level only).")
+    done_dir: Path | None = Field(default=None, description="Where inspected files go (default: <path>/done).")
+    failed_dir: Path | None = Field(default=None, description="Where files with an `error` verdict go (default: <path>/failed).")
+    settle_s: float = Field(default=1.0, ge=0, le=3600, description="A file is taken only when unmodified for this long "
+                                                            "and its size is unchanged across two polls.")
+    poll_interval_s: float = Field(default=0.5, gt=0, le=60, description="How often the folder is listed.")
+    extensions: list[str] = Field(default=[".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm"], min_length=1,
+                                  description="File name endings picked up (case-insensitive); dotfiles, *.tmp and *.part never are.")
+    order: Literal["name", "mtime"] = Field(default="name", description="Processing order of ready files.")
+    stop_when_empty: bool = Field(default=False, description="Stop the daemon once the folder is empty (batch runs).")
+
+
+class SyntheticSourceConfig(_Model):
+    type: Literal["synthetic"] = Field(description="Generated parts with known truth: part ids start with "
+                                                   "'ok-' (good) or 'ng-' (one dark defect).")
+    width: int = Field(default=128, ge=16, le=8192, description="Frame width in pixels.")
+    height: int = Field(default=96, ge=16, le=8192, description="Frame height in pixels.")
+    fps: float = Field(default=10.0, ge=0, le=1000, description="Generation rate (0 = as fast as the pipeline takes them).")
+    count: int = Field(default=0, ge=0, description="Parts to generate before the source ends (0 = endless).")
+    defect_rate: float = Field(default=0.3, ge=0, le=1, description="Share of defective parts.")
+    seed: int = Field(default=0, ge=0, description="Random seed (the same seed gives the same parts).")
+    stop_at_end: bool = Field(default=True, description="Stop the daemon after `count` parts.")
+
+
+SourceConfig = Annotated[
+    CameraSourceConfig | VideoSourceConfig | FolderSourceConfig | SyntheticSourceConfig,
+    Field(discriminator="type"),
+]
+
+
+class ModelConfig(_Model):
+    path: Path = Field(description="Model package folder (model.xml/.bin + package.json from 'training export').")
+    file: str = Field(default="model.xml", min_length=1, description="IR inside the package, e.g. fp32/model.xml.")
+    device: str = Field(default="CPU", min_length=1, description="OpenVINO device.")
+    num_requests: int = Field(default=0, ge=0, le=64, description="Parallel infer requests (0 = OpenVINO's optimum).")
+    threads: int = Field(default=0, ge=0, le=256, description="Inference threads (0 = OpenVINO default).")
+    hint: Literal["THROUGHPUT", "LATENCY"] = Field(default="THROUGHPUT", description="OpenVINO performance hint.")
+    verify_hashes: bool = Field(default=True, description="Check the SHA-256 of every package file at load.")
+
+
+class RulesConfig(_Model):
+    """Every unset value comes from the model package (calibrated in training)."""
+
+    pixel_threshold: float | None = Field(default=None, gt=0, lt=1, description="Defect probability threshold per pixel.")
+    min_area: int | None = Field(default=None, ge=0, le=10_000_000, description="Smaller regions (pixels) are ignored.")
+    open_radius: int | None = Field(default=None, ge=0, le=50, description="Morphological opening radius (drops specks).")
+    close_radius: int | None = Field(default=None, ge=0, le=50, description="Morphological closing radius (joins fragments).")
+    max_defects: int | None = Field(default=None, ge=0, le=10_000, description="More defect regions than this -> fail (default 0).")
+    max_total_area: int | None = Field(default=None, ge=0, description="Total defect area above this (pixels) -> fail.")
+    max_region_area_mm2: float | None = Field(default=None, gt=0, description="Any region larger than this (mm2) -> fail.")
+    mm_per_pixel: float | None = Field(default=None, gt=0, le=1000, description="Scale; needed by max_region_area_mm2.")
+
+    @model_validator(mode="after")
+    def _mm_rule_needs_scale(self) -> RulesConfig:
+        if self.max_region_area_mm2 is not None and self.mm_per_pixel is None:
+            raise ValueError("max_region_area_mm2 needs mm_per_pixel")
+        return self
+
+
+class RoiConfig(_Model):
+    x: int = Field(ge=0, description="Left edge of the inspected region (pixels).")
+    y: int = Field(ge=0, description="Top edge of the inspected region (pixels).")
+    w: int = Field(ge=8, description="Width of the inspected region (pixels).")
+    h: int = Field(ge=8, description="Height of the inspected region (pixels).")
+
+
+class FrameChecksConfig(_Model):
+    reject_black: bool = Field(default=True, description="A uniform black frame (lens cap, dead light) -> `error`, never a pass.")
+    black_mean_below: float = Field(default=4.0, ge=0, le=255, description="Mean grey level under which a frame counts as black...")
+    black_std_below: float = Field(default=2.0, ge=0, le=255, description="...when its standard deviation is also below this.")
+    expect_width: int | None = Field(default=None, ge=8, le=20000, description="Frames of another width -> `error`.")
+    expect_height: int | None = Field(default=None, ge=8, le=20000, description="Frames of another height -> `error`.")
+    max_age_s: float = Field(default=2.0, ge=0, le=3600, description="Live frames older than this at inference -> `error` "
+                                                             "(stale). 0 = off. Not applied to folder files.")
+
+
+class PipelineConfig(_Model):
+    mode: Literal["free_run", "triggered"] = Field(default="free_run", description="free_run: inspect frames as they come; "
+                                                   "triggered: a message on <base>/trigger names the part of the next frame.")
+    every_nth: int = Field(default=1, ge=1, le=10_000, description="free_run: inspect every Nth frame.")
+    max_fps: float = Field(default=0.0, ge=0, le=1000, description="free_run: at most this many inspections per second (0 = no limit).")
+    queue_size: int = Field(default=8, ge=1, le=1000, description="Frames waiting for inference; live frames beyond it are "
+                                                          "dropped and counted, parts (folder, trigger) wait instead.")
+    trigger_timeout_s: float = Field(default=5.0, gt=0, le=3600, description="A trigger with no frame within this -> `error` verdict.")
+    trigger_max_pending: int = Field(default=64, ge=1, le=10_000, description="Triggers waiting for a frame; overflow -> `error` verdict.")
+    drain_timeout_s: float = Field(default=10.0, ge=0, le=600, description="On stop, time allowed to finish frames in flight "
+                                                                   "and to send the outbox backlog.")
+
+
+class MqttConfig(_Model):
+    host: str = Field(default="localhost", min_length=1, description="Broker host.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port.")
+    topic_prefix: str = Field(default="inspection", min_length=1, max_length=128, pattern=r"^[^#+\s]+$",
+                              description="Topics are <topic_prefix>/<line>/<station>/{result,status,alarm,stats,trigger}.")
+    client_id: str | None = Field(default=None, max_length=128, description="MQTT client id (default edge-<line>-<station>).")
+    username: str | None = Field(default=None, description="Broker user name.")
+    password_file: Path | None = Field(default=None, description="File holding the broker password (first line).")
+    password_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                     description="Environment variable holding the broker password.")
+    password: Any = Field(default=None, description="Not allowed: see password_file, password_env, LoadCredential.")
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
+    keepalive: int = Field(default=30, ge=5, le=3600, description="Keepalive (s); the broker sends the Last Will after 1.5x.")
+    tls_ca: Path | None = Field(default=None, description="CA bundle; enables TLS.")
+    tls_cert: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    tls_key: Path | None = Field(default=None, description="Client key (mutual TLS).")
+    tls_insecure: bool = Field(default=False, description="Skip the broker host name check (test benches only).")
+    max_inflight: int = Field(default=20, ge=1, le=65535, description="QoS 1 messages awaiting acknowledgement.")
+    reconnect_min_s: float = Field(default=1.0, gt=0, le=600, description="First reconnect delay.")
+    reconnect_max_s: float = Field(default=60.0, gt=0, le=3600, description="Upper bound of the reconnect delay.")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_str(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    @field_validator("password")
+    @classmethod
+    def _no_password(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError("a password must not be written in the config; use mqtt.password_file, "
+                             f"mqtt.password_env or systemd LoadCredential={CREDENTIAL_NAME}:<file>")
+        return None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> MqttConfig:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set only one of password_file and password_env")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
+class OutboxConfig(_Model):
+    path: Path | None = Field(default=None, description="SQLite outbox file (default <state_dir>/outbox.sqlite3).")
+    max_events: int = Field(default=100_000, ge=100, le=100_000_000, description="Unsent events kept; full -> alarm, and the "
+                                                                         "pipeline stops taking parts rather than lose one.")
+
+
+class EvidenceConfig(_Model):
+    enabled: bool = Field(default=True, description="Save images of inspected parts.")
+    dir: Path | None = Field(default=None, description="Evidence folder (default <state_dir>/evidence).")
+    quota_mb: float = Field(default=1024.0, gt=0, description="Disk quota; the oldest evidence is deleted first.")
+    save_fail: bool = Field(default=True, description="Save frame, overlay and mask of failed parts.")
+    save_error: bool = Field(default=True, description="Save the frame of `error` parts when there is one.")
+    pass_sample_every: int = Field(default=0, ge=0, description="Save every Nth passed part (0 = none).")
+    format: Literal["png", "jpg"] = Field(default="png", description="Image format of saved frames and overlays (masks are PNG).")
+
+
+class AlarmsConfig(_Model):
+    consecutive_fails: int = Field(default=5, ge=1, le=100_000, description="This many fails in a row -> alarm.")
+    fail_rate_window: int = Field(default=50, ge=1, le=100_000, description="Parts in the fail-rate window.")
+    fail_rate_max: float = Field(default=0.3, gt=0, le=1, description="Fail share over the window above this -> alarm.")
+    backlog_ratio: float = Field(default=0.5, gt=0, le=1, description="Outbox fill above this share of max_events -> alarm.")
+
+
+class MetricsConfig(_Model):
+    enabled: bool = Field(default=True, description="Serve /metrics (Prometheus) and /healthz.")
+    host: str = Field(default="127.0.0.1", description="Bind address; keep localhost unless a firewall is in place.")
+    port: int = Field(default=9108, ge=0, le=65535, description="HTTP port (0 = any free port).")
+    stats_interval_s: float = Field(default=30.0, gt=0, le=86400, description="Period of the stats message on <base>/stats.")
+
+
+class LoggingConfig(_Model):
+    format: Literal["text", "json"] = Field(default="text", description="json = one JSON object per line (journald, Loki).")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
+
+
+class Config(_Model):
+    station: StationConfig = Field(description="Which station this daemon is.")
+    source: SourceConfig = Field(description="Where frames come from.")
+    model: ModelConfig = Field(description="Model package.")
+    rules: RulesConfig = Field(default_factory=RulesConfig, description="Verdict limits (override the package).")
+    roi: RoiConfig | None = Field(default=None, description="Crop of the frame that is inspected (default: whole frame).")
+    frame_checks: FrameChecksConfig = Field(default_factory=FrameChecksConfig, description="Frames refused before inference.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Frame flow.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable event store.")
+    evidence: EvidenceConfig = Field(default_factory=EvidenceConfig, description="Saved images.")
+    alarms: AlarmsConfig = Field(default_factory=AlarmsConfig, description="Alarm thresholds.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics, health and stats.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Daemon logs.")
+    state_dir: Path = Field(description="Writable folder for the outbox, sequence numbers and evidence.")
+
+    @model_validator(mode="after")
+    def _trigger_needs_stream(self) -> Config:
+        if self.pipeline.mode == "triggered" and self.source.type == "folder":
+            raise ValueError("pipeline.mode 'triggered' needs a camera, video or synthetic source "
+                             "(a folder file already names its part)")
+        return self
+
+    @property
+    def base_topic(self) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.station.line}/{self.station.name}"
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+def _node_child(node: yaml.Node | None, key: Any) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == str(key):
+                return v
+    if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
+        return node.value[key]
+    return None
+
+
+def _locate(loc: tuple[Any, ...], data: Any, node: yaml.Node | None) -> tuple[str, int | None]:
+    """Dotted field path (union tags left out) and the 1-based YAML line closest to it."""
+    parts: list[str] = []
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(data, dict) and key not in data and data.get("type") == key:
+            continue  # pydantic puts the discriminator value in the path: not a YAML key
+        parts.append(f"[{key}]" if isinstance(key, int) else str(key))
+        child = _node_child(node, key)
+        if child is not None:
+            node, line = child, child.start_mark.line + 1
+        if isinstance(data, dict):
+            data = data.get(key)
+        elif isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data):
+            data = data[key]
+        else:
+            data = None
+    return ".".join(parts).replace(".[", "[") or "(top level)", line
+
+
+def _duplicate_keys(node: yaml.Node | None, prefix: str = "") -> list[tuple[str, int]]:
+    """YAML silently keeps the last of two equal keys; on a line PC that hides an edit."""
+    found: list[tuple[str, int]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for k, v in node.value:
+            name = f"{prefix}{k.value}"
+            if k.value in seen:
+                found.append((name, k.start_mark.line + 1))
+            seen.add(k.value)
+            found += _duplicate_keys(v, name + ".")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            found += _duplicate_keys(v, f"{prefix[:-1]}[{i}].")
+    return found
+
+
+def _resolve_paths(model: BaseModel, base: Path) -> None:
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(model, name, base / value)
+        elif isinstance(value, BaseModel):
+            _resolve_paths(value, base)
+
+
+def validate_config(data: Any, where: str = "<config>", node: yaml.Node | None = None,
+                    base_dir: Path | None = None) -> Config:
+    """Validate a parsed config; raise ConfigError listing every problem with its field."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{where}: expected a mapping of sections (station, source, model, ...), "
+                           f"got {type(data).__name__}"])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        errors = []
+        for err in e.errors(include_input=False, include_url=False):
+            path, line = _locate(tuple(err["loc"]), data, node)
+            at = f"{where}:{line}" if line else where
+            errors.append(f"{at}: {path}: {err['msg']}")
+        raise ConfigError(errors) from None
+    if base_dir is not None:
+        _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file; relative paths are taken from the file's folder."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: cannot read: {e}"]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError([f"{at}: not valid YAML: {getattr(e, 'problem', None) or e}"]) from None
+    dups = _duplicate_keys(node)
+    if dups:
+        raise ConfigError([f"{p}:{line}: {name}: key given twice" for name, line in dups])
+    return validate_config(data, str(p), node, p.resolve().parent)
+
+
+def resolve_password(mqtt: MqttConfig) -> str | None:
+    """The broker password from its file, variable or systemd credential; None when none is set up."""
+    if mqtt.password_file is not None:
+        try:
+            return mqtt.password_file.read_text(encoding="utf-8").splitlines()[0].strip() or None
+        except (OSError, UnicodeDecodeError, IndexError) as e:
+            raise ConfigError([f"mqtt.password_file: cannot read {mqtt.password_file}: {type(e).__name__}"]) from None
+    if mqtt.password_env is not None:
+        value = os.environ.get(mqtt.password_env)
+        if value is None:
+            raise ConfigError([f"mqtt.password_env: environment variable {mqtt.password_env} is not set"])
+        return value
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / CREDENTIAL_NAME).is_file():
+        lines = (Path(cred_dir) / CREDENTIAL_NAME).read_text(encoding="utf-8").splitlines()
+        return lines[0].strip() if lines else None
+    return None

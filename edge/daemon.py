@@ -1,0 +1,250 @@
+"""The station daemon: startup, main loop, reload and shutdown around the frame path (edge.flow).
+
+Startup is a flat list of steps; READY=1 goes out only once the model is compiled and the
+source opened. The main loop runs on stop_event.wait(): systemd watchdog, gauges, stats,
+SIGHUP reloads, end of a finite source. Shutdown drains parts in flight and flushes the
+outbox before saying offline. `run_pipeline` is the entry for the CLI, tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from edge import __version__
+from edge.alarms import AlarmSettings, AlarmTracker
+from edge.config import Config, ConfigError, load_config
+from edge.evidence import EvidenceStore
+from edge.flow import FrameFlow
+from edge.metrics import LatencyWindow, Metrics, MetricsServer
+from edge.mqtt import MqttSink
+from edge.outbox import Outbox
+from edge.package import PackageError
+from edge.sources import SourceError, make_source
+from edge.sources.gate import FrameGate
+from edge.station import SeqStore, frame_checks, load_model, mqtt_settings
+from edge.systemd import Notifier
+
+log = logging.getLogger(__name__)
+
+EX_OK, EX_FAILURE, EX_CONFIG = 0, 1, 78
+MODEL_RELOAD = "model_reload"
+
+
+class Pipeline:
+    """One station: owns the source, model, outbox, MQTT sink, alarms, evidence and metrics."""
+
+    def __init__(self, cfg: Config, stop_event: threading.Event, *, config_path: str | None = None,
+                 reload_event: threading.Event | None = None, notifier: Notifier | None = None) -> None:
+        self.cfg, self.stop_event, self.config_path = cfg, stop_event, config_path
+        self.reload_event = reload_event or threading.Event()
+        self.notifier = notifier or Notifier()
+        self.station = {"line": cfg.station.line, "name": cfg.station.name}
+        self.station_key = f"{cfg.station.line}/{cfg.station.name}"
+        self.metrics = Metrics()
+        self.latency = LatencyWindow()
+        self.flow: FrameFlow | None = None
+        self._overwritten = 0
+        self._reload_thread: threading.Thread | None = None
+        self.sink: MqttSink | None = None
+        self.server: MetricsServer | None = None
+        self.evidence: EvidenceStore | None = None
+
+    # -- startup: a flat list of steps; any failure here is a startup failure ------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.notifier.status("loading model")
+        self.model = load_model(cfg)  # PackageError -> exit 78 before touching the camera
+        log.info("model %s %s (%s) from %s, rules %s", self.model.info["name"], self.model.info["version"],
+                 self.model.info["precision"], cfg.model.path, self.model.rules_dict)
+        self.metrics.model.info({k: str(v) for k, v in self.model.info.items()})
+        self.checks = frame_checks(cfg)
+        self.outbox = Outbox(cfg.outbox.path or cfg.state_dir / "outbox.sqlite3", cfg.outbox.max_events)
+        self.seq = SeqStore(cfg.state_dir / "seq.json")
+        if cfg.evidence.enabled:
+            ev = cfg.evidence
+            self.evidence = EvidenceStore(ev.dir or cfg.state_dir / "evidence", int(ev.quota_mb * 1024 * 1024),
+                                          ev.format, ev.save_fail, ev.save_error, ev.pass_sample_every)
+        self.alarms = AlarmTracker(AlarmSettings(**cfg.alarms.model_dump()), self._on_alarm)
+        self.gate = FrameGate(cfg.pipeline, self.metrics)
+        self.sink = MqttSink(mqtt_settings(cfg), self.outbox, cfg.base_topic, self._status_payload(),
+                             on_alarm=self.alarms.set, on_trigger=self.gate.on_trigger)
+        self.sink.start()
+        if cfg.metrics.enabled:
+            self.server = MetricsServer(self.metrics, self.health, cfg.metrics.host, cfg.metrics.port)
+            self.server.start()
+        self.source = make_source(cfg.source)
+        self.source.open()  # SourceError (missing folder/file) -> exit 78
+        self.flow = FrameFlow(
+            station=self.station, result_topic=f"{cfg.base_topic}/result", source=self.source, gate=self.gate,
+            model=self.model, checks=self.checks, roi=cfg.roi, outbox=self.outbox, sink=self.sink,
+            alarms=self.alarms, metrics=self.metrics, evidence=self.evidence, seq=self.seq, latency=self.latency,
+            queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder")
+        self.flow.start()
+        self.notifier.ready(f"inspecting {self.source.name} with {self.model.info['name']} {self.model.info['version']}")
+        log.info("station %s ready: source %s, topics %s/#", self.station_key, self.source.name, cfg.base_topic)
+
+    def _status_payload(self) -> dict[str, Any]:
+        return {"line": self.cfg.station.line, "station": self.cfg.station.name, "model": self.model.info,
+                "rules": self.model.rules_dict, "mode": self.cfg.pipeline.mode, "software": __version__}
+
+    # -- main loop ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Loop on stop_event.wait(): watchdog, stats, backlog alarm, reload, end of a finite source."""
+        tick = min(0.5, self.notifier.watchdog_interval or 0.5)
+        next_stats = time.monotonic() + self.cfg.metrics.stats_interval_s
+        flow = self.flow
+        assert flow is not None, "start() first"
+        while not self.stop_event.wait(tick):
+            if flow.fatal:
+                log.critical("pipeline thread failed: %s; exiting so the service manager restarts us", flow.fatal)
+                return EX_FAILURE
+            if self._healthy_for_watchdog():
+                self.notifier.watchdog()
+            self._refresh_gauges()
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self._start_reload()
+            if time.monotonic() >= next_stats:
+                next_stats += self.cfg.metrics.stats_interval_s
+                self._publish_stats()
+            if flow.capture_done() and flow.idle():
+                log.info("source %s finished", self.source.name)
+                break
+        return EX_OK
+
+    def _healthy_for_watchdog(self) -> bool:
+        """No ping when a thread died or results stopped coming while parts wait: systemd restarts us."""
+        flow = self.flow
+        if flow is None or not all(t.is_alive() for t in flow.threads[1:]):
+            return False
+        hang_s = max(60.0, 3 * float(getattr(self.cfg.source, "stall_timeout_s", 5.0)))
+        return flow.idle() or time.monotonic() - flow.last_progress < hang_s
+
+    def _refresh_gauges(self) -> None:
+        overwritten = int(getattr(self.source, "overwritten", 0))
+        if overwritten > self._overwritten:  # a live camera replaced frames the pipeline had no time for
+            self.metrics.dropped.labels("camera_overwrite").inc(overwritten - self._overwritten)
+            self.gate.dropped += overwritten - self._overwritten
+            self._overwritten = overwritten
+        backlog = self.outbox.count()
+        self.metrics.backlog.set(backlog)
+        if self.flow is not None:
+            self.metrics.queue_depth.set(self.flow.queue_depth)
+            self.metrics.inflight.set(self.flow.inflight)
+        self.metrics.mqtt_connected.set(1 if self.sink and self.sink.connected else 0)
+        if self.evidence:
+            self.metrics.evidence_bytes.set(self.evidence.used_bytes)
+        self.alarms.observe_backlog(self.outbox.fill_ratio())
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self.flow.counts) if self.flow else {}
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """/healthz: 200 while every pipeline thread runs; details for the person looking."""
+        alive = {t.name: t.is_alive() for t in self.flow.threads} if self.flow else {}
+        details = {"station": self.station_key, "threads": alive, "alarms": self.alarms.active(),
+                   "mqtt_connected": bool(self.sink and self.sink.connected), "backlog": self.outbox.count(),
+                   "model": self.model.info, "counts": self.counts}
+        healthy = self.flow is not None and self.flow.fatal is None and all(alive.values())
+        return healthy, details
+
+    def _publish_stats(self) -> None:
+        snap = self.gate.snapshot()
+        stats = {"station": self.station, "interval_s": self.cfg.metrics.stats_interval_s,
+                 "throughput_fps": round(snap.pop("inspected_interval") / self.cfg.metrics.stats_interval_s, 3),
+                 "latency_ms": self.latency.drain(), "counts": self.counts, **snap,
+                 "queue_depth": self.flow.queue_depth if self.flow else 0,
+                 "inflight": self.flow.inflight if self.flow else 0, "backlog": self.outbox.count(),
+                 "outbox_fill": round(self.outbox.fill_ratio(), 4), "alarms": sorted(self.alarms.active()),
+                 "model": {"name": self.model.info["name"], "version": self.model.info["version"]},
+                 "mqtt": self.sink.counters() if self.sink else {}}
+        log.info("stats %s", stats)
+        if self.sink:
+            self.sink.publish_stats(stats)
+
+    def _on_alarm(self, name: str, active: bool, message: str) -> None:
+        self.metrics.alarm.labels(name).set(1 if active else 0)
+        if self.sink is not None:
+            self.sink.publish_alarm(name, active, message)
+
+    # -- reload (SIGHUP) -----------------------------------------------------------------------------
+    def _start_reload(self) -> None:
+        if self._reload_thread is not None and self._reload_thread.is_alive():
+            log.warning("reload already in progress; SIGHUP ignored")
+            return
+        self._reload_thread = threading.Thread(target=self._reload, name="reload", daemon=True)
+        self._reload_thread.start()
+
+    def _reload(self) -> None:
+        """Build the new model first; swap only on success, so a bad package never stops the line."""
+        self.notifier.reloading()
+        try:
+            new_cfg = load_config(self.config_path) if self.config_path else self.cfg
+            for section in ("station", "source", "mqtt", "state_dir", "outbox", "metrics", "pipeline", "evidence",
+                            "alarms", "logging"):
+                if getattr(new_cfg, section) != getattr(self.cfg, section):
+                    log.warning("reload: section %r changed; it takes effect only after a restart", section)
+            new_model = load_model(new_cfg)
+        except (ConfigError, PackageError, OSError, RuntimeError) as e:
+            self.metrics.reloads.labels("failed").inc()
+            self.alarms.set(MODEL_RELOAD, True, f"reload failed, still running {self.model.info['version']}: {e}")
+            self.notifier.ready(f"reload failed: {str(e).splitlines()[0]}")
+            return
+        old, self.model = self.model, new_model
+        self.cfg = self.cfg.model_copy(update={"model": new_cfg.model, "rules": new_cfg.rules, "roi": new_cfg.roi,
+                                               "frame_checks": new_cfg.frame_checks})
+        self.checks = frame_checks(self.cfg)
+        if self.flow is not None:  # frames already submitted keep their model (Job.model)
+            self.flow.model, self.flow.checks, self.flow.roi = new_model, self.checks, self.cfg.roi
+        self.metrics.model.info({k: str(v) for k, v in new_model.info.items()})
+        self.metrics.reloads.labels("ok").inc()
+        if self.sink is not None:
+            self.sink.update_status(self._status_payload())
+        self.alarms.set(MODEL_RELOAD, False, f"now running {new_model.info['version']}")
+        log.info("reloaded: model %s %s -> %s %s, rules %s", old.info["name"], old.info["version"],
+                 new_model.info["name"], new_model.info["version"], new_model.rules_dict)
+        self.notifier.ready(f"running {new_model.info['name']} {new_model.info['version']}")
+        old.inferencer.wait_all()  # frames in flight on the old model finish before it is released
+
+    # -- shutdown ----------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop capture, finish every part in flight, flush the outbox (bounded), say offline."""
+        timeout = self.cfg.pipeline.drain_timeout_s
+        self.notifier.stopping("draining")
+        deadline = time.monotonic() + timeout
+        if self.flow is not None:
+            self.flow.drain(deadline, self.notifier.watchdog)
+        if hasattr(self, "source"):
+            self.source.close()
+        if self.sink is not None:
+            self.sink.stop(drain_timeout=max(0.5, deadline - time.monotonic()))
+        if hasattr(self, "outbox"):
+            self.outbox.close()
+        if self.server is not None:
+            self.server.stop()
+        log.info("station %s stopped: %s", self.station_key, self.counts)
+
+
+def run_pipeline(cfg: Config, stop_event: threading.Event, *, config_path: str | None = None,
+                 reload_event: threading.Event | None = None, notifier: Notifier | None = None) -> int:
+    """Run one station until stop_event is set (or a finite source ends); returns an exit code."""
+    pipeline = Pipeline(cfg, stop_event, config_path=config_path, reload_event=reload_event, notifier=notifier)
+    try:
+        pipeline.start()
+    except (PackageError, SourceError, ConfigError) as e:
+        log.error("cannot start station %s/%s: %s", cfg.station.line, cfg.station.name, e)
+        pipeline.shutdown()
+        return EX_CONFIG
+    except Exception:  # port in use, unwritable state_dir, ...: not a config error, still a clean exit
+        log.exception("cannot start station %s/%s", cfg.station.line, cfg.station.name)
+        pipeline.shutdown()
+        return EX_FAILURE
+    try:
+        return pipeline.run()
+    finally:
+        pipeline.shutdown()

@@ -1,0 +1,301 @@
+"""The frame path of a station: capture thread -> bounded queue -> submit thread -> OpenVINO
+AsyncInferQueue (callback) -> result thread -> outbox -> MQTT sink, so capture, inference and
+publishing overlap.
+
+Live frames are dropped (and counted) when the path is busy; parts with an identity (folder
+files, triggered or synthetic parts) wait instead, because dropping one would lose a verdict.
+Every failure on a part's way (no frame, bad frame, inference error) becomes an `error`
+verdict for that part. The source commits a part (a folder moves its file) only after the
+event is in the outbox, so a crash can duplicate an event (same event_id), never lose a part.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from edge.alarms import AlarmTracker
+from edge.config import RoiConfig
+from edge.contract import Region
+from edge.events import build_result_event, encode, event_id_for
+from edge.evidence import EvidenceStore
+from edge.metrics import LatencyWindow, Metrics
+from edge.mqtt import MqttSink
+from edge.outbox import Outbox
+from edge.postprocess import postprocess
+from edge.rules import decide
+from edge.sources import Frame, FrameChecks, FrameSource, check_frame
+from edge.sources.gate import FrameGate
+from edge.station import LoadedModel, SeqStore, expected_size, region_dict, shift_regions
+
+log = logging.getLogger(__name__)
+
+OUTBOX_ERROR = "outbox_error"
+_STOP = object()  # sentinel through the queues
+
+
+class Job:
+    """One part on its way through the pipeline (slots: created per frame)."""
+
+    __slots__ = ("error", "error_kind", "frame", "image_size", "model", "offset", "prob", "t_done", "t_submit")
+
+    def __init__(self, frame: Frame, model: LoadedModel) -> None:
+        self.frame, self.model = frame, model
+        self.prob: np.ndarray | None = None
+        self.error: str | None = frame.error
+        self.error_kind = frame.error_kind
+        self.offset = (0, 0)
+        self.image_size: tuple[int, int] | None = None  # (width, height) of the full frame
+        self.t_submit = self.t_done = 0.0
+
+
+class FrameFlow:
+    """The three pipeline threads and their queues. `model`, `checks` and `roi` may be replaced
+    at any time (reload); each frame uses the values current when it is submitted."""
+
+    def __init__(self, *, station: dict[str, str], result_topic: str, source: FrameSource, gate: FrameGate,
+                 model: LoadedModel, checks: FrameChecks, roi: RoiConfig | None, outbox: Outbox,
+                 sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceStore | None,
+                 seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool) -> None:
+        self.station, self.station_key = station, f"{station['line']}/{station['name']}"
+        self.result_topic, self.source, self.gate = result_topic, source, gate
+        self.model, self.checks, self.roi = model, checks, roi
+        self.outbox, self.sink, self.alarms, self.metrics = outbox, sink, alarms, metrics
+        self.evidence, self.seq, self.latency = evidence, seq, latency
+        self.observe_camera = observe_camera
+        self.counts = {"pass": 0, "fail": 0, "error": 0, "duplicate": 0}
+        self.fatal: str | None = None
+        self.last_progress = time.monotonic()
+        self._frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._results: queue.Queue[Any] = queue.Queue(maxsize=64)
+        self._inflight = 0
+        self._inflight_cond = threading.Condition()
+        self._capture_stop = threading.Event()
+        self._abandon = threading.Event()  # drain timed out: stop retrying a full outbox
+        self._last_size: tuple[int, int] | None = None
+        self.threads = [threading.Thread(target=self._guard, args=(fn,), name=name, daemon=True)
+                        for name, fn in (("capture", self._capture_loop), ("submit", self._submit_loop),
+                                         ("results", self._result_loop))]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def queue_depth(self) -> int:
+        return self._frames.qsize()
+
+    def capture_done(self) -> bool:
+        return not self.threads[0].is_alive()
+
+    def idle(self) -> bool:
+        with self._inflight_cond:
+            return self._inflight == 0 and self._frames.empty()
+
+    def drain(self, deadline: float, keepalive: Callable[[], Any]) -> None:
+        """Stop capture, then finish every part already taken (until `deadline`, monotonic)."""
+        self._capture_stop.set()
+        self.threads[0].join(max(1.0, deadline - time.monotonic()))
+        self._frames.put(_STOP)
+        self.threads[1].join(max(1.0, deadline - time.monotonic()))
+        with self._inflight_cond:
+            while self._inflight > 0 and time.monotonic() < deadline:
+                keepalive()
+                self._inflight_cond.wait(0.2)
+            if self._inflight:
+                log.error("%d part(s) still in flight at the drain deadline", self._inflight)
+        self._abandon.set()
+        self._results.put(_STOP)
+        self.threads[2].join(timeout=5.0)
+
+    # -- capture thread ------------------------------------------------------------------------------
+    def _guard(self, fn: Any) -> None:
+        try:
+            fn()
+        except BaseException as e:  # a dead thread must end the daemon loudly, not leave it half alive
+            log.exception("thread %s crashed", threading.current_thread().name)
+            self.fatal = f"{threading.current_thread().name}: {type(e).__name__}: {e}"
+
+    def _capture_loop(self) -> None:
+        while not self._capture_stop.is_set():
+            for f in self.gate.expired_triggers():
+                self._put(f)
+            if self.source.exhausted:
+                break
+            frame = self.source.read(0.2)
+            if frame is None:
+                continue
+            self.metrics.frames.inc()
+            if frame.error is None:
+                bad = check_frame(frame, self.checks)
+                if bad is not None:
+                    frame.image, frame.error, frame.error_kind = None, bad, "bad_frame"
+            if self.observe_camera:
+                self.alarms.observe_camera(frame.error is None, frame.error or "frames arrive again")
+            for f in self.gate.admit(frame):
+                self._put(f)
+        for f in self.gate.flush("the daemon stopped before a frame arrived for this part"):
+            self._put(f, force=True)
+
+    def _put(self, frame: Frame, force: bool = False) -> None:
+        """Live frames are dropped when the queue is full; parts wait (never lost)."""
+        if frame.live and frame.error is None:
+            try:
+                self._frames.put_nowait(frame)
+            except queue.Full:
+                self.metrics.dropped.labels("queue_full").inc()
+                self.gate.dropped += 1
+            return
+        while True:
+            try:
+                self._frames.put(frame, timeout=0.2)
+                return
+            except queue.Full:
+                if self.fatal or (self._capture_stop.is_set() and not force and frame.live):
+                    return
+
+    # -- submit thread -----------------------------------------------------------------------------
+    def _submit_loop(self) -> None:
+        while True:
+            frame = self._frames.get()
+            if frame is _STOP:
+                return
+            with self._inflight_cond:
+                self._inflight += 1
+            job = Job(frame, self.model)  # model read per frame: a reload swaps it between frames
+            self._submit(job)
+
+    def _submit(self, job: Job) -> None:
+        frame = job.frame
+        if job.error is None and frame.image is not None:
+            img = frame.image
+            job.image_size = (int(img.shape[1]), int(img.shape[0]))
+            self._last_size = job.image_size
+            age = time.monotonic() - frame.mono_ts
+            if frame.live and self.checks.max_age_s > 0 and age > self.checks.max_age_s:
+                job.error, job.error_kind = f"stale frame: {age:.2f} s old > {self.checks.max_age_s} s", "stale"
+            elif self.roi is not None:
+                r = self.roi
+                if r.x + r.w > img.shape[1] or r.y + r.h > img.shape[0]:
+                    job.error, job.error_kind = (f"roi {r.x},{r.y} {r.w}x{r.h} is outside the "
+                                                 f"{img.shape[1]}x{img.shape[0]} frame"), "bad_frame"
+                else:
+                    img, job.offset = img[r.y : r.y + r.h, r.x : r.x + r.w], (r.x, r.y)
+            if job.error is None:
+                job.t_submit = time.monotonic()
+                try:
+                    job.model.inferencer.submit(img, job, self._on_inferred)
+                    return
+                except Exception as e:  # FrameError and OpenVINO errors alike: an error verdict
+                    job.error, job.error_kind = f"cannot inspect frame: {e}", "inference"
+        self._results.put(job)
+
+    def _on_inferred(self, prob: np.ndarray | None, error: BaseException | None, job: Job) -> None:
+        """OpenVINO callback thread: hand over and return quickly (the request is reused)."""
+        job.t_done = time.monotonic()
+        job.prob = prob
+        if error is not None:
+            job.error, job.error_kind = f"inference failed: {type(error).__name__}: {error}", "inference"
+        self._results.put(job)
+
+    # -- result thread -----------------------------------------------------------------------------
+    def _result_loop(self) -> None:
+        while True:
+            job = self._results.get()
+            if job is _STOP:
+                return
+            try:
+                self._finish(job)
+            finally:
+                with self._inflight_cond:
+                    self._inflight -= 1
+                    self._inflight_cond.notify_all()
+                self.last_progress = time.monotonic()
+
+    def _finish(self, job: Job) -> None:
+        frame, model = job.frame, job.model
+        t0 = time.monotonic()
+        verdict: str = "error"
+        reasons: list[str] = []
+        regions: list[Region] = []
+        mask: np.ndarray | None = None
+        if job.error is None and job.prob is not None:
+            try:
+                det = postprocess(job.prob, model.params)
+                verdict, reasons = decide(det, model.rules)
+                regions, mask = shift_regions(det.regions, job.offset), det.mask
+            except Exception as e:
+                job.error, job.error_kind = f"postprocess failed: {e}", "inference"
+        if job.error_kind == "inference" or job.t_submit:
+            self.alarms.observe_inference(job.error is None, job.error or "")
+        if job.error is not None:
+            verdict, reasons, regions, mask = "error", [], [], None
+            self.metrics.errors.labels(job.error_kind or "other").inc()
+            log.warning("part %s: error verdict: %s", frame.part_id, job.error)
+        now = time.monotonic()
+        event_id = event_id_for(self.station_key, frame.part_id, frame.capture_ts)
+        evidence = None
+        if self.evidence is not None and self.evidence.wanted(verdict):
+            evidence = self.evidence.save(event_id, frame.capture_ts, frame.image, mask, regions, verdict,
+                                          job.offset)
+        timings = {"capture_to_result": round((now - frame.mono_ts) * 1000, 3),
+                   "queue": round(max(0.0, (job.t_submit or now) - frame.mono_ts) * 1000, 3),
+                   "inference": round(max(0.0, job.t_done - job.t_submit) * 1000, 3) if job.t_done else 0.0,
+                   "postprocess": round((now - t0) * 1000, 3)}
+        width, height = job.image_size or self._last_size or expected_size(self.checks)
+        mpp = model.rules.mm_per_pixel
+        event = build_result_event(
+            station=self.station, seq=self.seq.next(), part_id=frame.part_id, capture_ts=frame.capture_ts,
+            verdict=verdict, reasons=reasons, regions=[region_dict(r, mpp) for r in regions],
+            total_defect_area=sum(r.area for r in regions), image={"width": width, "height": height},
+            model=model.info, rules=model.rules_dict, timings_ms=timings,
+            error=job.error, evidence=evidence, event_id=event_id)
+        added = self._store(event_id, encode(event), frame.part_id)
+        if added is None:
+            return  # could not be stored (shutdown with a full outbox): the file stays for the next run
+        self.source.commit(frame, ok=verdict != "error")
+        if self.sink is not None:
+            self.sink.notify_new()
+        if added:
+            self.counts[verdict] += 1
+            self.metrics.results.labels(verdict).inc()
+            self.alarms.observe_verdict(verdict)
+        else:
+            self.counts["duplicate"] += 1
+            self.metrics.duplicates.inc()
+        self.metrics.last_result.set(time.time())
+        self.latency.add(now - frame.mono_ts)
+        self.metrics.latency.observe(now - frame.mono_ts)
+        if job.t_done:
+            self.metrics.inference.observe(job.t_done - job.t_submit)
+        self.gate.inspected += 1
+
+    def _store(self, event_id: str, payload: bytes, part_id: str) -> bool | None:
+        """Outbox.add, retried while the outbox is full or failing: the part waits, it is not dropped."""
+        topic = self.result_topic
+        warned = False
+        while True:
+            try:
+                added = self.outbox.add(event_id, topic, payload, qos=1)
+            except Exception as e:  # OutboxFull, disk full, I/O error
+                if not warned:
+                    log.error("cannot store the result of part %s: %s; holding the pipeline", part_id, e)
+                    self.alarms.set(OUTBOX_ERROR, True, f"results cannot be stored: {e}")
+                    warned = True
+                if self._abandon.wait(0.5):
+                    log.critical("result of part %s (event %s) NOT stored at shutdown", part_id, event_id)
+                    return None
+                continue
+            if warned:
+                self.alarms.set(OUTBOX_ERROR, False, "results are stored again")
+            return added

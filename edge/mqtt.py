@@ -1,0 +1,399 @@
+"""MQTT sink: drains the durable outbox to the broker, acking rows only on a successful PUBACK.
+
+Design (why it looks like this):
+- paho's in-memory queue is not trusted across reconnects. On every CONNACK the sink drops
+  paho's unacknowledged messages and resends from the outbox in seq order; duplicates carry
+  the same event_id, loss is impossible because a row is deleted only after its PUBACK.
+- paho calls on_publish while holding its internal message lock, so callbacks never touch the
+  sender's state: they enqueue events, and a single sender thread owns the mid -> seq map.
+- A PUBACK reason code >= 0x80 (MQTT 5, e.g. 0x87 not authorized by an ACL) is not a delivery:
+  the row stays, is retried with backoff, and the `publish_rejected` alarm is raised. MQTT
+  3.1.1 cannot report this (brokers ack and drop), which is why MQTT 5 is the default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.outbox import Outbox, OutboxRow
+
+log = logging.getLogger(__name__)
+
+PUBLISH_REJECTED = "publish_rejected"
+_RESERVED_INFLIGHT = 2  # slots left for status/alarm messages under the broker's Receive Maximum
+
+
+@dataclass
+class MqttSettings:
+    host: str = "localhost"
+    port: int = 1883
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    protocol: str = "5"  # "5" | "3.1.1"
+    keepalive: int = 30
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_insecure: bool = False  # skips hostname verification only; the chain is still verified
+    max_inflight: int = 20
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+
+    def validate(self) -> None:
+        if self.protocol not in ("5", "3.1.1"):
+            raise ValueError(f"mqtt.protocol must be '5' or '3.1.1', got {self.protocol!r}")
+        if self.max_inflight < 1:
+            raise ValueError("mqtt.max_inflight must be >= 1")
+        if not 0 < self.reconnect_min <= self.reconnect_max:
+            raise ValueError("mqtt.reconnect_min must be > 0 and <= reconnect_max")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("mqtt.tls_key needs mqtt.tls_cert")
+        if self.password is not None and self.username is None:
+            raise ValueError("mqtt.password needs mqtt.username")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+
+class MqttSink:
+    """Publishes outbox rows to `<base_topic>/result`; status/alarm/stats beside it; /trigger in."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        outbox: Outbox,
+        base_topic: str,
+        status_payload: dict[str, Any],
+        on_alarm: Callable[[str, bool, str], None] | None = None,
+        on_trigger: Callable[[bytes], None] | None = None,
+    ) -> None:
+        settings.validate()
+        self.settings = settings
+        self.outbox = outbox
+        base = base_topic.rstrip("/")
+        self.topic_result, self.topic_status = f"{base}/result", f"{base}/status"
+        self.topic_alarm, self.topic_stats, self.topic_trigger = f"{base}/alarm", f"{base}/stats", f"{base}/trigger"
+        self._status = dict(status_payload)
+        self._on_alarm = on_alarm
+        self._on_trigger = on_trigger
+        self._v5 = settings.protocol == "5"
+        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._counters = {"published": 0, "acked": 0, "rejected": 0, "reconnects": 0, "inflight": 0}
+        self._connected = False
+        self._connects = 0
+        self._window = settings.max_inflight
+        self._rejected_seqs: set[int] = set()
+        self._ack_timeout = max(30.0, 2.0 * settings.keepalive)
+        self._thread: threading.Thread | None = None
+        self._started = False
+        self._client = self._make_client()
+
+    # --- setup --------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id or f"edge-{socket.gethostname()}-{id(self):x}",
+            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self._v5 else True,
+        )
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.tls:  # never falls back to plaintext: a TLS handshake failure is a connect failure
+            client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(s.tls_insecure)
+        client.reconnect_delay_set(s.reconnect_min, s.reconnect_max)  # type: ignore[arg-type]  # floats work
+        client.max_inflight_messages_set(s.max_inflight)
+        client.max_queued_messages_set(0)
+        self._set_will(client)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.message_callback_add(self.topic_trigger, self._on_trigger_message)
+        return client
+
+    def _set_will(self, client: mqtt.Client) -> None:
+        client.will_set(self.topic_status, self._status_bytes("offline", reason="connection lost", ts=False),
+                        qos=1, retain=True)
+
+    def _status_bytes(self, state: str, ts: bool = True, **extra: Any) -> bytes:
+        body: dict[str, Any] = {"state": state, **self._status, **extra}
+        if ts:
+            body["ts"] = round(time.time(), 3)
+        return json.dumps(body, separators=(",", ":"), default=str).encode()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background (retrying with backoff) and start the sender thread."""
+        if self._started:
+            return
+        self._started = True
+        s = self.settings
+        log.info("mqtt connecting to %s:%d (MQTT %s%s) as %r", s.host, s.port, s.protocol,
+                 ", TLS" if s.tls else "", s.username)
+        self._thread = threading.Thread(target=self._sender, name="mqtt-sender", daemon=True)
+        self._thread.start()
+        self._client.connect_async(s.host, s.port, keepalive=s.keepalive)
+        self._client.loop_start()
+
+    def stop(self, drain_timeout: float = 5.0) -> None:
+        """Flush the outbox (up to drain_timeout), publish a retained offline status, disconnect."""
+        if not self._started:
+            return
+        deadline = time.monotonic() + max(0.0, drain_timeout)
+        while self.outbox.count() > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left = self.outbox.count()
+        if left:
+            log.warning("mqtt stop: %d event(s) not yet acknowledged stay in the outbox for the next start", left)
+        self._events.put(("stop",))
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self._connected:
+            info = self._client.publish(self.topic_status, self._status_bytes("offline", reason="shutdown"),
+                                        qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=max(0.5, min(2.0, deadline - time.monotonic())))
+            except (RuntimeError, ValueError) as e:
+                log.warning("offline status not confirmed: %s", e)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected = False
+        self._started = False
+
+    def notify_new(self) -> None:
+        """Wake the sender: a row was added to the outbox."""
+        self._events.put(("wake",))
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            c = dict(self._counters)
+        c["pending"] = self.outbox.count()
+        c["connected"] = int(self._connected)
+        return c
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counters[key] += n
+
+    # --- side channels (best effort, not via the outbox) --------------------------------
+    def publish_alarm(self, name: str, active: bool, message: str, details: dict[str, Any] | None = None) -> None:
+        """QoS 1 to /alarm; queued by paho while offline and re-sent after reconnect."""
+        body: dict[str, Any] = {"alarm": name, "state": "raised" if active else "cleared", "message": message,
+                                **{k: v for k, v in self._status.items() if k in ("station", "line")},
+                                "ts": round(time.time(), 3)}
+        if details:
+            body["details"] = details
+        self._client.publish(self.topic_alarm, json.dumps(body, default=str, separators=(",", ":")), qos=1)
+
+    def publish_stats(self, stats: dict[str, Any]) -> None:
+        """QoS 0 snapshot; skipped while offline (stale stats are worthless)."""
+        if self._connected:
+            body = {**stats, "ts": round(time.time(), 3)}
+            self._client.publish(self.topic_stats, json.dumps(body, default=str, separators=(",", ":")), qos=0)
+
+    def update_status(self, status_payload: dict[str, Any]) -> None:
+        """Replace the birth message (e.g. after a model swap) and republish it retained."""
+        self._status = dict(status_payload)
+        self._set_will(self._client)  # takes effect on the next connect
+        if self._connected:
+            self._client.publish(self.topic_status, self._status_bytes("online"), qos=1, retain=True)
+
+    def _alarm(self, active: bool, message: str) -> None:
+        if self._on_alarm is None:
+            self.publish_alarm(PUBLISH_REJECTED, active, message)
+            return
+        try:
+            self._on_alarm(PUBLISH_REJECTED, active, message)
+        except Exception:
+            log.exception("on_alarm callback failed")
+
+    # --- paho callbacks (network thread: never block, never touch sender state) ---------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
+        if reason_code.is_failure:
+            log.error("mqtt connection refused by %s:%d: %s", self.settings.host, self.settings.port, reason_code)
+            return
+        # Drop paho's copies of unacked messages: results are resent from the outbox (in order);
+        # alarms are re-published since they live nowhere else.
+        for m in client.drop_out_messages():
+            if m.topic == self.topic_alarm:
+                client.publish(m.topic, m.payload, qos=1)
+        recv_max = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
+        self._window = self.settings.max_inflight
+        if recv_max is not None and recv_max - _RESERVED_INFLIGHT < self._window:
+            self._window = max(1, int(recv_max) - _RESERVED_INFLIGHT)
+        client.subscribe(self.topic_trigger, qos=1)
+        client.publish(self.topic_status, self._status_bytes("online"), qos=1, retain=True)
+        self._connects += 1
+        if self._connects > 1:
+            self._count("reconnects")
+        self._connected = True
+        log.info("mqtt connected to %s:%d (window %d)", self.settings.host, self.settings.port, self._window)
+        self._events.put(("connected",))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        was = self._connected
+        self._connected = False
+        if was:
+            log.warning("mqtt disconnected: %s; will reconnect and resend unacknowledged events", reason_code)
+        self._events.put(("disconnected",))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        self._events.put(("puback", mid, bool(reason_code.is_failure), f"{reason_code} (0x{reason_code.value:02X})"))
+
+    def _on_trigger_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._on_trigger is None:
+            return
+        try:
+            self._on_trigger(bytes(msg.payload))
+        except Exception:
+            log.exception("on_trigger callback failed")
+
+    # --- sender thread --------------------------------------------------------------------
+    def _sender(self) -> None:
+        """Owns the mid -> (seq, sent time) map; publishes in seq order within the inflight window."""
+        inflight: dict[int, tuple[int, float]] = {}
+        retry: dict[int, float] = {}  # seq -> monotonic due time (rejected or unacked rows, all <= cursor)
+        cursor, online = 0, False
+        while True:
+            events = self._next_events(self._wait_time(online, inflight, retry))
+            acks: list[int] = []
+            for ev in events:
+                if ev[0] == "puback":
+                    entry = inflight.pop(ev[1], None)
+                    if entry is None:
+                        continue  # from a connection we already gave up on; the row was resent
+                    if ev[2]:
+                        self._rejected(entry[0], ev[3], retry)
+                    else:
+                        acks.append(entry[0])
+                elif ev[0] in ("connected", "disconnected"):
+                    online = ev[0] == "connected"
+                    cursor = 0  # resend everything unacknowledged, in order
+                    inflight.clear()
+                    retry.clear()
+                elif ev[0] == "stop":
+                    self._set_inflight(0)
+                    return
+            try:
+                if acks:
+                    self._acked(acks)
+                if online:
+                    cursor = self._send_some(cursor, inflight, retry)
+            except Exception:  # e.g. a disk error in the outbox: keep the thread alive, retry from the start
+                log.exception("mqtt sender error; retrying")
+                cursor = 0
+                inflight.clear()
+                retry.clear()
+                time.sleep(1.0)
+            self._set_inflight(len(inflight))
+
+    def _next_events(self, timeout: float) -> list[tuple[Any, ...]]:
+        try:
+            events = [self._events.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def _wait_time(self, online: bool, inflight: dict[int, tuple[int, float]], retry: dict[int, float]) -> float:
+        if not online:
+            return 1.0
+        now = time.monotonic()
+        due = [1.0]
+        due += [t - now for t in retry.values()]
+        due += [sent + self._ack_timeout - now for _, sent in inflight.values()]
+        return max(0.005, min(due))
+
+    def _send_some(self, cursor: int, inflight: dict[int, tuple[int, float]], retry: dict[int, float]) -> int:
+        now = time.monotonic()
+        for mid, (seq, sent) in list(inflight.items()):
+            if now - sent > self._ack_timeout:  # no PUBACK on a live connection: resend
+                del inflight[mid]
+                retry[seq] = now
+        cap = self._window - len(inflight)
+        for seq in sorted(s for s, due in retry.items() if due <= now):
+            if cap <= 0:
+                break
+            del retry[seq]
+            row = self.outbox.get(seq)
+            if row is not None:
+                if not self._publish(row, inflight):
+                    return cursor
+                cap -= 1
+        if cap > 0:
+            for row in self.outbox.pending(limit=cap, after_seq=cursor):
+                if not self._publish(row, inflight):
+                    break
+                cursor = row.seq
+        return cursor
+
+    def _publish(self, row: OutboxRow, inflight: dict[int, tuple[int, float]]) -> bool:
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "application/json"
+            props.UserProperty = [("event_id", row.event_id), ("sent_ts", f"{time.time():.3f}")]
+        info = self._client.publish(row.topic, row.payload, qos=row.qos, properties=props)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("publish of seq %d failed locally: %s", row.seq, mqtt.error_string(info.rc))
+            return False
+        self._count("published")
+        if row.qos == 0:  # no PUBACK will come; QoS 0 rows are fire-and-forget by choice of the caller
+            self._acked([row.seq])
+            return True
+        inflight[info.mid] = (row.seq, time.monotonic())
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _acked(self, seqs: list[int]) -> None:
+        self.outbox.ack_many(seqs)
+        self._count("acked", len(seqs))
+        if self._rejected_seqs:
+            had = bool(self._rejected_seqs)
+            self._rejected_seqs.difference_update(seqs)
+            if had and not self._rejected_seqs:
+                self._alarm(False, "previously rejected events were accepted by the broker")
+
+    def _rejected(self, seq: int, reason: str, retry: dict[int, float]) -> None:
+        self._count("rejected")
+        self.outbox.mark_attempt(seq)
+        row = self.outbox.get(seq)
+        attempts = row.attempts if row else 1
+        s = self.settings
+        delay = min(s.reconnect_max, max(1.0, s.reconnect_min) * 2 ** min(attempts - 1, 10))
+        retry[seq] = time.monotonic() + delay
+        log.warning("broker rejected event seq %d (%s); kept in the outbox, retry in %.1fs", seq, reason, delay)
+        if not self._rejected_seqs:
+            self._alarm(True, f"broker rejected publish to {self.topic_result}: {reason}; events kept in the outbox")
+        self._rejected_seqs.add(seq)
+
+    def _set_inflight(self, n: int) -> None:
+        with self._lock:
+            self._counters["inflight"] = n

@@ -1,0 +1,38 @@
+"""Frame sources: camera/video (OpenCV), hot folder, synthetic parts. `open_source` picks one by config."""
+
+from __future__ import annotations
+
+from edge.config import (
+    CameraSourceConfig,
+    FolderSourceConfig,
+    SyntheticSourceConfig,
+    VideoSourceConfig,
+)
+from edge.sources.base import Frame, FrameChecks, FrameSource, SourceError, check_frame, parse_trigger
+from edge.sources.camera import CameraSource
+from edge.sources.folder import FolderSource
+from edge.sources.synthetic import SyntheticSource
+
+__all__ = [
+    "CameraSource",
+    "FolderSource",
+    "Frame",
+    "FrameChecks",
+    "FrameSource",
+    "SourceError",
+    "SyntheticSource",
+    "check_frame",
+    "make_source",
+    "parse_trigger",
+]
+
+
+def make_source(
+    cfg: CameraSourceConfig | VideoSourceConfig | FolderSourceConfig | SyntheticSourceConfig,
+) -> FrameSource:
+    """The source for a `source:` config section (not opened yet)."""
+    if isinstance(cfg, CameraSourceConfig | VideoSourceConfig):
+        return CameraSource(cfg)
+    if isinstance(cfg, FolderSourceConfig):
+        return FolderSource(cfg)
+    return SyntheticSource(cfg)

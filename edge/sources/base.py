@@ -1,0 +1,144 @@
+"""What every frame source gives the pipeline, and the checks a frame passes before inference.
+
+A source never returns "nothing happened" when something went wrong: a lost camera or an
+unreadable file becomes a Frame with `error` set, which the pipeline turns into an `error`
+verdict for that part. Silence on a line looks exactly like a stopped conveyor.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+PART_ID_MAX = 128
+
+
+@dataclass
+class Frame:
+    """One capture (or one failure to capture) of one part."""
+
+    part_id: str
+    capture_ts: float  # wall clock, seconds since the epoch (file mtime for folder parts)
+    image: np.ndarray | None  # None when `error` is set
+    error: str | None = None  # why there is no usable image; becomes an `error` verdict
+    error_kind: str = ""  # "camera_lost", "unreadable", ... (alarm names and metrics labels)
+    mono_ts: float = field(default_factory=time.monotonic)  # when the source produced it: latency, staleness
+    live: bool = True  # a live stream frame may be dropped or found stale; a part (file, trigger) never
+    meta: dict[str, Any] = field(default_factory=dict)  # source details for the event (file name, frame index)
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """Small seam between capture and the pipeline: open, read, commit, close."""
+
+    name: str
+
+    def open(self) -> None:
+        """Acquire the device or folder; raise SourceError when that is impossible by configuration."""
+
+    def read(self, timeout: float) -> Frame | None:
+        """Next frame, an error Frame, or None when nothing is due within `timeout` seconds."""
+
+    def commit(self, frame: Frame, ok: bool) -> None:
+        """The frame's result is durable: a folder moves its file to done/ (ok) or failed/."""
+
+    def close(self) -> None:
+        """Release everything; safe to call twice."""
+
+    @property
+    def exhausted(self) -> bool:
+        """True once a finite source (video with stop_at_end, counted synthetic) has nothing more."""
+
+
+class SourceError(RuntimeError):
+    """The source cannot work with this configuration (missing folder, ...): a startup failure."""
+
+
+def now_part_id(prefix: str, ts: float, counter: int) -> str:
+    """Readable, unique part id for free-running frames that have no id of their own."""
+    stamp = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
+    return f"{prefix}-{stamp}Z-{counter}"
+
+
+def valid_part_id(value: Any) -> str | None:
+    """The part id if it is safe to put in events, topics of consumers and file names, else None."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if not 0 < len(value) <= PART_ID_MAX or not value.isprintable() or "/" in value or "\\" in value:
+        return None
+    return value
+
+
+def parse_trigger(payload: bytes) -> str:
+    """Part id of a trigger message: JSON {"part_id": "..."} or the plain text id.
+
+    Raises ValueError with a short reason for anything else; the caller counts and logs it.
+    """
+    if len(payload) > 4096:
+        raise ValueError(f"payload too large ({len(payload)} bytes)")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("payload is not UTF-8") from None
+    stripped = text.strip()
+    if stripped.startswith(("{", "[", '"')):
+        try:
+            data = json.loads(stripped)
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError("payload looks like JSON but does not parse") from None
+        if isinstance(data, dict):
+            data = data.get("part_id")
+        part = valid_part_id(data)
+        if part is None:
+            raise ValueError('JSON trigger needs {"part_id": "<1-128 printable characters, no slashes>"}')
+        return part
+    part = valid_part_id(stripped)
+    if part is None:
+        raise ValueError("plain-text part id must be 1-128 printable characters without slashes")
+    return part
+
+
+@dataclass(frozen=True)
+class FrameChecks:
+    """Frame sanity limits (from config.frame_checks); violations become `error` verdicts."""
+
+    reject_black: bool = True
+    black_mean_below: float = 4.0
+    black_std_below: float = 2.0
+    expect_width: int | None = None
+    expect_height: int | None = None
+    max_age_s: float = 0.0
+
+
+def check_frame(frame: Frame, checks: FrameChecks, now_mono: float | None = None) -> str | None:
+    """Why this frame must not be inspected, or None. Cheap: runs on every frame."""
+    img = frame.image
+    if img is None or not isinstance(img, np.ndarray) or img.size == 0:
+        return "frame is empty"
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
+        return f"frame has an unexpected shape {img.shape}"
+    h, w = img.shape[:2]
+    if checks.expect_width is not None and w != checks.expect_width:
+        return f"frame width {w} != expected {checks.expect_width}"
+    if checks.expect_height is not None and h != checks.expect_height:
+        return f"frame height {h} != expected {checks.expect_height}"
+    if frame.live and checks.max_age_s > 0:
+        age = (time.monotonic() if now_mono is None else now_mono) - frame.mono_ts
+        if age > checks.max_age_s:
+            return f"stale frame: {age:.2f} s old > max_age_s {checks.max_age_s}"
+    if checks.reject_black:
+        # A strided sample is enough to tell a black frame and costs microseconds on 20 MP.
+        step = max(1, int(np.sqrt(h * w / 65536)))
+        sample = img[::step, ::step].astype(np.float32)
+        if img.dtype == np.uint16:
+            sample /= 257.0
+        mean, std = float(sample.mean()), float(sample.std())
+        if mean < checks.black_mean_below and std < checks.black_std_below:
+            return f"all-black frame (mean {mean:.1f}, std {std:.1f})"
+    return None

@@ -1,0 +1,143 @@
+"""Station runtime pieces derived from the config: the loaded model with its effective rules,
+the persistent sequence number, and config -> settings conversions used by the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge.config import Config, resolve_password
+from edge.contract import PostprocessParams, Region
+from edge.inference import Inferencer
+from edge.mqtt import MqttSettings
+from edge.package import PackageError
+from edge.rules import Rules
+from edge.sources.base import FrameChecks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A compiled package and the limits it runs with; replaced as a whole on reload."""
+
+    inferencer: Inferencer
+    params: PostprocessParams
+    rules: Rules
+    info: dict[str, Any]  # name, version, sha256, precision: recorded in every event
+    rules_dict: dict[str, Any]  # every limit that decides a verdict: recorded in every event
+
+
+def load_model(cfg: Config) -> LoadedModel:
+    """Compile the package; config rules override the package's calibrated values one by one."""
+    m = cfg.model
+    inf = Inferencer(m.path, xml_name=m.file, device=m.device, num_requests=m.num_requests,
+                     threads=m.threads or None, hint=m.hint, verify=m.verify_hashes)
+    r, base = cfg.rules, inf.params
+    try:
+        params = PostprocessParams(
+            pixel_threshold=base.pixel_threshold if r.pixel_threshold is None else r.pixel_threshold,
+            min_area=base.min_area if r.min_area is None else r.min_area,
+            open_radius=base.open_radius if r.open_radius is None else r.open_radius,
+            close_radius=base.close_radius if r.close_radius is None else r.close_radius,
+        )
+        params.validate()
+        pkg = inf.meta.extra.get("rules", {}) if isinstance(inf.meta.extra.get("rules"), dict) else {}
+        rules = Rules(
+            max_defects=int(r.max_defects if r.max_defects is not None else pkg.get("max_defects", 0)),
+            max_total_area=r.max_total_area if r.max_total_area is not None else pkg.get("max_total_area"),
+            max_region_area_mm2=(r.max_region_area_mm2 if r.max_region_area_mm2 is not None
+                                 else pkg.get("max_region_area_mm2")),
+            mm_per_pixel=r.mm_per_pixel if r.mm_per_pixel is not None else pkg.get("mm_per_pixel"),
+        )
+    except (TypeError, ValueError) as e:
+        raise PackageError(f"{m.path}: rules are invalid: {e}") from e
+    roi = None if cfg.roi is None else [cfg.roi.x, cfg.roi.y, cfg.roi.w, cfg.roi.h]
+    return LoadedModel(inf, params, rules, inf.info.to_dict(), {**params.to_dict(), **rules.to_dict(), "roi": roi})
+
+
+class SeqStore:
+    """Per-station sequence number that keeps increasing across restarts.
+
+    Numbers are reserved in blocks written atomically to a small JSON file, so there is one
+    fsync per block rather than per part. After a crash the unused rest of a block is
+    skipped: numbers may jump but never repeat or go back.
+    """
+
+    BLOCK = 256
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._next = int(json.loads(path.read_text())["reserved"])
+        except FileNotFoundError:
+            self._next = 0
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            # Not worth stopping a line for: epoch milliseconds are above any count reached so far.
+            self._next = int(time.time() * 1000)
+            log.error("%s unreadable (%s); sequence continues at %d", path, e, self._next)
+        self._reserved = self._next
+        self._reserve()
+
+    def _reserve(self) -> None:
+        self._reserved = self._next + self.BLOCK
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"reserved": self._reserved}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def next(self) -> int:
+        with self._lock:
+            if self._next >= self._reserved:
+                self._reserve()
+            n = self._next
+            self._next += 1
+            return n
+
+
+def mqtt_settings(cfg: Config) -> MqttSettings:
+    m = cfg.mqtt
+    return MqttSettings(
+        host=m.host, port=m.port, client_id=m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}",
+        username=m.username, password=resolve_password(m), protocol=m.protocol, keepalive=m.keepalive,
+        tls_ca=_s(m.tls_ca), tls_cert=_s(m.tls_cert), tls_key=_s(m.tls_key), tls_insecure=m.tls_insecure,
+        max_inflight=m.max_inflight, reconnect_min=m.reconnect_min_s, reconnect_max=m.reconnect_max_s)
+
+
+def _s(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def frame_checks(cfg: Config) -> FrameChecks:
+    return FrameChecks(**cfg.frame_checks.model_dump())
+
+
+def expected_size(checks: FrameChecks) -> tuple[int, int]:
+    """Size reported for an error part that never had an image (the schema wants a positive size)."""
+    return checks.expect_width or 1, checks.expect_height or 1
+
+
+def shift_regions(regions: list[Region], offset: tuple[int, int]) -> list[Region]:
+    """ROI coordinates -> frame coordinates, so boxes match the saved frame."""
+    ox, oy = offset
+    if not (ox or oy):
+        return regions
+    return [Region(r.area, (r.bbox[0] + ox, r.bbox[1] + oy, r.bbox[2], r.bbox[3]),
+                   (r.centroid[0] + ox, r.centroid[1] + oy), r.max_score, r.mean_score) for r in regions]
+
+
+def region_dict(r: Region, mm_per_pixel: float | None) -> dict[str, Any]:
+    d = r.to_dict()
+    if mm_per_pixel:
+        d["area_mm2"] = round(r.area * mm_per_pixel**2, 4)
+    return d

@@ -1,0 +1,135 @@
+"""Result events match the published JSON Schema; ids are deterministic."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge import events
+from edge.events import (
+    EventValidationError,
+    build_result_event,
+    encode,
+    event_id_for,
+    load_schema,
+    validate_event,
+)
+
+
+def _event(**over: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(
+        station={"line": "line1", "name": "station3"},
+        seq=7,
+        part_id="P-0001",
+        capture_ts=1_700_000_000.123456,
+        verdict="fail",
+        reasons=["region area 120 px > 50 px"],
+        regions=[{"area": 120, "bbox": [10, 20, 12, 10], "centroid": [15.5, 24.0],
+                  "max_score": 0.97, "mean_score": 0.81}],
+        total_defect_area=120,
+        image={"width": 640, "height": 480},
+        model={"name": "unet-tiny", "version": "1.2.0", "sha256": "ab" * 32, "precision": "INT8"},
+        rules={"max_defect_area": 50},
+        timings_ms={"capture_to_result": 31.5, "preprocess": 2.0, "inference": 25.1, "postprocess": 1.2},
+    )
+    kw.update(over)
+    return build_result_event(**kw)
+
+
+def test_schema_is_valid_draft_2020_12() -> None:
+    import jsonschema
+
+    schema = load_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["additionalProperties"] is False
+
+
+def test_event_validates_and_roundtrips() -> None:
+    ev = _event()
+    validate_event(ev)
+    back = json.loads(encode(ev))
+    assert back == ev
+    validate_event(back)
+    assert back["capture_time"] == "2023-11-14T22:13:20.123Z"
+    assert back["event_id"] == event_id_for("line1/station3", "P-0001", 1_700_000_000.123456)
+
+
+def test_error_event_needs_message_and_validates() -> None:
+    ev = _event(verdict="error", reasons=["camera lost"], regions=[], total_defect_area=0,
+                error="no frame for 2.0 s", timings_ms={"capture_to_result": 0.0})
+    validate_event(ev)
+    ev2 = _event(verdict="error", regions=[], total_defect_area=0)
+    assert ev2["error"]  # never a silent error verdict
+    validate_event(ev2)
+    ev2["error"] = None
+    with pytest.raises(EventValidationError):
+        validate_event(ev2)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda e: e.update(extra=1),
+    lambda e: e.update(verdict="ok"),
+    lambda e: e.pop("event_id"),
+    lambda e: e["regions"][0].pop("bbox"),
+    lambda e: e["regions"][0].update(bbox=[1, 2, 3]),
+    lambda e: e["timings_ms"].pop("capture_to_result"),
+    lambda e: e.update(schema_version=2),
+])
+def test_invalid_events_are_rejected(mutate: Any) -> None:
+    ev = _event()
+    mutate(ev)
+    with pytest.raises(EventValidationError):
+        validate_event(ev)
+
+
+def test_minimal_check_without_jsonschema(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_jsonschema(name: str, *a: Any, **k: Any) -> Any:
+        if name == "jsonschema":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_jsonschema)
+    validate_event(_event())
+    with pytest.raises(EventValidationError):
+        validate_event({**_event(), "bogus": 1})
+
+
+def test_bad_verdict_refused_at_build() -> None:
+    with pytest.raises(ValueError):
+        _event(verdict="maybe")
+
+
+def test_encode_handles_numpy_and_refuses_nan() -> None:
+    ev = _event(regions=[{"area": np.int64(5), "bbox": np.array([1, 2, 3, 4]), "centroid": [np.float32(1.5), 2.0],
+                          "max_score": np.float32(0.5), "mean_score": 0.25}])
+    back = json.loads(encode(ev))
+    assert back["regions"][0]["bbox"] == [1, 2, 3, 4] and back["regions"][0]["area"] == 5
+    validate_event(back)
+    with pytest.raises(ValueError):
+        encode({"x": float("nan")})
+
+
+@settings(max_examples=50, deadline=None)
+@given(station=st.text(min_size=1, max_size=20), part=st.text(max_size=20),
+       ts=st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_event_id_is_deterministic(station: str, part: str, ts: float) -> None:
+    a = event_id_for(station, part, ts)
+    assert a == event_id_for(station, part, ts)
+    assert a == event_id_for(station, part, json.loads(json.dumps(ts)))  # survives a JSON round trip
+    assert a != event_id_for(station + "x", part, ts)
+    assert a != event_id_for(station, part, ts + 0.001)
+
+
+def test_distinct_parts_get_distinct_ids() -> None:
+    ids = {event_id_for("l/s", f"P{i}", 1000.0) for i in range(1000)}
+    assert len(ids) == 1000
+    assert events.SCHEMA_VERSION == 1

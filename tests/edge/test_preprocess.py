@@ -1,0 +1,69 @@
+"""The shared input contract: colour conversion, tiling and stitching at full resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.contract import InputSpec
+from edge.preprocess import FrameError, plan_tiles, preprocess, stitch, to_model_color
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (63, 64), (64, 64), (100, 250), (300, 421), (1, 1000)])
+def test_tiles_cover_the_frame_and_stitch_back_exactly(shape: tuple[int, int]) -> None:
+    spec = InputSpec(tile=64, overlap=16)
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    if min(shape) < 8:
+        with pytest.raises(FrameError, match="too small"):
+            preprocess(frame, spec)
+        return
+    tiles, layout = preprocess(frame, spec)
+    assert tiles.dtype == np.float32 and tiles.shape[1:] == (1, 64, 64)
+    # identity "model": each tile's output is its own input -> stitching must rebuild the frame
+    back = stitch(tiles[:, 0] / 255.0, layout, spec.overlap)
+    assert back.shape == shape
+    np.testing.assert_allclose(back, frame / 255.0, atol=1e-5)
+
+
+def test_tile_origins_never_leave_the_padded_frame() -> None:
+    spec = InputSpec(tile=256, overlap=32)
+    layout = plan_tiles(300, 630, spec)
+    for y, x in layout.origins:
+        assert 0 <= y <= layout.padded_height - 256 and 0 <= x <= layout.padded_width - 256
+    assert len(layout.origins) == 2 * 3
+
+
+def test_colour_conversion_and_bad_frames() -> None:
+    bgr = np.zeros((10, 12, 3), np.uint8)
+    bgr[..., 2] = 255  # pure red in BGR
+    gray = to_model_color(bgr, "gray")
+    assert gray.shape == (10, 12) and 70 <= gray[0, 0] <= 80  # ITU-R 601 luma of red
+    assert to_model_color(gray, "bgr").shape == (10, 12, 3)
+    assert to_model_color(np.full((10, 12), 65535, np.uint16), "gray")[0, 0] == 255
+    assert to_model_color(np.zeros((10, 12, 4), np.uint8), "bgr").shape == (10, 12, 3)
+    with pytest.raises(FrameError, match="empty"):
+        to_model_color(np.zeros((0, 5), np.uint8), "gray")
+    with pytest.raises(FrameError, match="dtype"):
+        to_model_color(np.zeros((10, 10), np.float64), "gray")
+    with pytest.raises(FrameError, match="shape"):
+        to_model_color(np.zeros((10, 10, 5), np.uint8), "gray")
+
+
+def test_colour_tiles_are_nchw_in_bgr_order() -> None:
+    spec = InputSpec(color="bgr", tile=32, overlap=0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    frame = np.zeros((32, 32, 3), np.uint8)
+    frame[..., 0] = 10
+    frame[..., 2] = 30
+    tiles, _ = preprocess(frame, spec)
+    assert tiles.shape == (1, 3, 32, 32)
+    assert tiles[0, 0, 0, 0] == 10 and tiles[0, 2, 0, 0] == 30
+
+
+def test_input_spec_validation() -> None:
+    with pytest.raises(ValueError, match="multiple of 16"):
+        InputSpec(tile=100).validate()
+    with pytest.raises(ValueError, match="mean/std"):
+        InputSpec(color="bgr").validate()
+    spec = InputSpec(tile=128, overlap=16)
+    assert InputSpec.from_dict(spec.to_dict()) == spec

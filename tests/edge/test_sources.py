@@ -1,0 +1,226 @@
+"""Frame sources, frame checks and trigger handling, against real files and real OpenCV captures."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.config import (
+    CameraSourceConfig,
+    FolderSourceConfig,
+    PipelineConfig,
+    SyntheticSourceConfig,
+    VideoSourceConfig,
+)
+from edge.metrics import Metrics
+from edge.sources import (
+    CameraSource,
+    FolderSource,
+    Frame,
+    FrameChecks,
+    SyntheticSource,
+    check_frame,
+    parse_trigger,
+)
+from edge.sources.base import PART_ID_MAX
+from edge.sources.gate import FrameGate
+from tests.tiny_package import make_part
+
+
+def write_video(path: Path, n: int, size: tuple[int, int] = (96, 128)) -> Path:
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (size[1], size[0]), isColor=False)
+    assert w.isOpened()
+    for i in range(n):
+        w.write(make_part(size, defect=bool(i % 2), seed=i))
+    w.release()
+    return path
+
+
+def read_all(src: object, until: float, want: int) -> list[Frame]:
+    frames: list[Frame] = []
+    deadline = time.monotonic() + until
+    while time.monotonic() < deadline and len(frames) < want:
+        f = src.read(0.1)  # type: ignore[attr-defined]
+        if f is not None:
+            frames.append(f)
+    return frames
+
+
+# -- triggers -------------------------------------------------------------------------------------
+def test_parse_trigger_accepts_json_and_plain_text() -> None:
+    assert parse_trigger(b'{"part_id": "A-17"}') == "A-17"
+    assert parse_trigger(b"  SN 0042\n") == "SN 0042"
+    assert parse_trigger(json.dumps("Q9").encode()) == "Q9"
+    for bad in (b"", b"{}", b'{"part_id": 5}', b"{not json", b"\xff\xfe", b"a/b", b"x" * 200, b'{"part_id": ""}',
+                b"line\x00break", b"[1, 2]"):
+        with pytest.raises(ValueError):
+            parse_trigger(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300),
+                 st.builds(lambda v: json.dumps(v).encode(),
+                           st.recursive(st.one_of(st.none(), st.integers(), st.text(max_size=20)),
+                                        lambda c: st.dictionaries(st.sampled_from(["part_id", "x"]), c, max_size=2)
+                                        | st.lists(c, max_size=2), max_leaves=5))))
+def test_fuzzed_trigger_payloads_give_an_id_or_a_clean_error(payload: bytes) -> None:
+    try:
+        part = parse_trigger(payload)
+    except ValueError:
+        return
+    assert 0 < len(part) <= PART_ID_MAX and part.isprintable() and "/" not in part
+
+
+def test_gate_assigns_triggers_to_the_next_frames_and_expires_the_rest() -> None:
+    gate = FrameGate(PipelineConfig(mode="triggered", trigger_timeout_s=0.2, trigger_max_pending=2), Metrics())
+    old = Frame("f0", time.time(), make_part())
+    assert gate.admit(old) == []  # no trigger yet: skipped
+    gate.on_trigger(b'{"part_id": "P1"}')
+    assert gate.admit(old) == []  # captured before the trigger: not that part's image
+    gate.on_trigger(b"P2")
+    gate.on_trigger(b"P3")  # over trigger_max_pending: still becomes an error verdict
+    gate.on_trigger(b"\xff garbage")
+    taken = gate.admit(Frame("f1", time.time(), make_part()))
+    assert [f.part_id for f in taken] == ["P1"] and not taken[0].live
+    overflow = gate.expired_triggers()
+    assert [(f.part_id, f.error_kind) for f in overflow] == [("P3", "no_frame")]
+    time.sleep(0.25)
+    expired = gate.expired_triggers()
+    assert [f.part_id for f in expired] == ["P2"] and "no frame within" in (expired[0].error or "")
+    assert gate.triggers == {"accepted": 2, "malformed": 1, "ignored": 0, "expired": 1, "overflow": 1}
+
+
+def test_gate_free_run_every_nth_and_errors_always_pass() -> None:
+    gate = FrameGate(PipelineConfig(every_nth=3), Metrics())
+    taken = [f for i in range(9) for f in gate.admit(Frame(str(i), 0.0, make_part()))]
+    assert [f.part_id for f in taken] == ["2", "5", "8"]
+    err = Frame("lost", 0.0, None, error="no frame", error_kind="camera_lost")
+    assert gate.admit(err) == [err]
+
+
+# -- frame checks ---------------------------------------------------------------------------------
+def test_check_frame_rejects_black_empty_wrong_size_and_stale() -> None:
+    checks = FrameChecks(expect_width=128, expect_height=96, max_age_s=0.5)
+    assert check_frame(Frame("p", 0, make_part()), checks) is None
+    assert "black" in (check_frame(Frame("p", 0, np.zeros((96, 128), np.uint8)), checks) or "")
+    assert "empty" in (check_frame(Frame("p", 0, np.zeros((0, 0), np.uint8)), checks) or "")
+    assert "width" in (check_frame(Frame("p", 0, make_part((96, 100))), checks) or "")
+    assert "shape" in (check_frame(Frame("p", 0, np.zeros((96, 128, 2), np.uint8)), checks) or "")
+    stale = Frame("p", 0, make_part(), mono_ts=time.monotonic() - 1.0)
+    assert "stale" in (check_frame(stale, checks) or "")
+    stale.live = False  # a part from a file is never "stale"
+    assert check_frame(stale, checks) is None
+
+
+# -- folder ---------------------------------------------------------------------------------------
+def test_folder_takes_only_complete_files_in_order(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    src = FolderSource(FolderSourceConfig(type="folder", path=inbox, settle_s=0.3, poll_interval_s=0.05))
+    src.open()
+    for name in ("b", "a", "c"):
+        cv2.imwrite(str(inbox / f"{name}.png"), make_part(seed=ord(name)))
+    cv2.imwrite(str(inbox / ".hidden.png"), make_part())
+    (inbox / "d.png.tmp").write_bytes(b"partial")
+    (inbox / "e.part").write_bytes(b"partial")
+    (inbox / "notes.txt").write_text("not an image")
+    assert src.read(0.1) is None  # too fresh: not yet settled
+    frames = read_all(src, 3.0, 3)
+    assert [f.part_id for f in frames] == ["a", "b", "c"]
+    assert frames[0].capture_ts == pytest.approx((inbox / "a.png").stat().st_mtime)
+    assert src.read(0.3) is None  # handed out, not committed: never twice
+    for f in frames:
+        src.commit(f, ok=True)
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["a.png", "b.png", "c.png"]
+    assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == [".hidden.png", "d.png.tmp", "e.part",
+                                                                      "notes.txt"]
+
+
+def test_folder_corrupt_file_is_an_error_frame_moved_to_failed(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    old = time.time() - 10
+    os.utime(inbox / "broken.png", (old, old))
+    src = FolderSource(FolderSourceConfig(type="folder", path=inbox, settle_s=0.0, poll_interval_s=0.05,
+                                          stop_when_empty=True))
+    src.open()
+    (frame,) = read_all(src, 2.0, 1)
+    assert frame.image is None and frame.error_kind == "unreadable" and frame.part_id == "broken"
+    src.commit(frame, ok=False)
+    assert (inbox / "failed" / "broken.png").exists()
+    src.read(0.2)
+    assert src.exhausted
+
+
+# -- synthetic ------------------------------------------------------------------------------------
+def test_synthetic_has_truth_in_the_part_id_and_a_count() -> None:
+    src = SyntheticSource(SyntheticSourceConfig(type="synthetic", count=6, fps=0, defect_rate=0.5, seed=3))
+    src.open()
+    frames = read_all(src, 2.0, 6)
+    assert len(frames) == 6 and src.exhausted and src.read(0.05) is None
+    for f in frames:
+        dark = int((f.image < 80).sum())  # type: ignore[operator]
+        assert (dark > 20) == f.part_id.startswith("ng-"), f.part_id
+
+
+def test_synthetic_rate_limit() -> None:
+    src = SyntheticSource(SyntheticSourceConfig(type="synthetic", fps=20, count=5))
+    src.open()
+    t0 = time.monotonic()
+    assert len(read_all(src, 3.0, 5)) == 5
+    assert time.monotonic() - t0 >= 0.18
+
+
+# -- camera / video -------------------------------------------------------------------------------
+def test_video_frames_then_end_reports_camera_lost(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "parts.avi", 4)
+    src = CameraSource(VideoSourceConfig(type="video", path=video, stall_timeout_s=0.4))
+    src.open()
+    try:
+        frames = read_all(src, 5.0, 5)
+    finally:
+        src.close()
+    assert [f.error for f in frames[:4]] == [None] * 4
+    assert frames[0].image is not None and frames[0].image.shape[:2] == (96, 128)
+    assert frames[4].error_kind == "camera_lost" and "video ended" in (frames[4].error or "")
+
+
+def test_video_loop_and_stop_at_end(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "parts.avi", 3)
+    src = CameraSource(VideoSourceConfig(type="video", path=video, loop=True))
+    src.open()
+    try:
+        frames = read_all(src, 5.0, 7)
+    finally:
+        src.close()
+    assert len(frames) == 7 and all(f.error is None for f in frames)
+    assert [f.meta["frame_index"] for f in frames] == [1, 2, 3, 1, 2, 3, 1]
+    src = CameraSource(VideoSourceConfig(type="video", path=video, stop_at_end=True, stall_timeout_s=0.2))
+    src.open()
+    try:
+        frames = read_all(src, 0.8, 10)
+    finally:
+        src.close()
+    assert len(frames) == 3 and src.exhausted
+
+
+def test_missing_camera_gives_repeated_camera_lost_frames() -> None:
+    src = CameraSource(CameraSourceConfig(type="camera", uri="/dev/video-does-not-exist", stall_timeout_s=0.3,
+                                          reconnect_min_s=0.05, reconnect_max_s=0.2))
+    src.open()
+    try:
+        frames = read_all(src, 3.0, 2)
+    finally:
+        src.close()
+    assert len(frames) == 2
+    assert all(f.error_kind == "camera_lost" and f.image is None and f.live for f in frames)
+    assert frames[0].part_id != frames[1].part_id and src.reconnects >= 1

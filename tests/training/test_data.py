@@ -1,0 +1,284 @@
+"""Dataset loading: both layouts, every bad-data case, reading, fingerprint and the split."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from training.data import (
+    DataError,
+    Dataset,
+    Sample,
+    load_dataset,
+    load_sample,
+    read_image,
+    read_mask,
+    split_dataset,
+)
+from training.synth import make_part
+
+SHAPE = (40, 48)  # height, width
+
+
+def _write(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array)
+    return path
+
+
+def _generic(root: Path, parts: dict[str, str | None], with_good_masks: bool = True) -> Path:
+    """Write NAME -> defect type (None = good) in the generic layout."""
+    for i, (name, defect) in enumerate(sorted(parts.items())):
+        image, mask = make_part(np.random.default_rng(i), SHAPE, "gray", defect)
+        _write(root / "images" / f"{name}.png", image)
+        if defect is not None or with_good_masks:
+            _write(root / "masks" / f"{name}.png", mask * 255)
+    return root
+
+
+@pytest.fixture
+def generic(tmp_path: Path) -> Path:
+    return _generic(tmp_path / "ds", {"crack_0": "crack", "crack_1": "crack", "pit_0": "pit",
+                                      "good_0": None, "good_1": None, "ok": None})
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def test_generic_layout(generic: Path) -> None:
+    (generic / "masks" / "ok.png").unlink()  # missing mask = good part
+    ds = load_dataset(generic)
+    assert ds.layout == "generic" and ds.skipped == [] and ds.warnings == []
+    by = {s.name: s for s in ds.samples}
+    assert sorted(by) == ["crack_0", "crack_1", "good_0", "good_1", "ok", "pit_0"]
+    assert by["crack_0"].category == "crack" and by["crack_0"].defective is True
+    assert by["good_0"].category == "good" and by["good_0"].defective is False
+    assert by["good_0"].mask_path is not None  # all-zero mask file: still good
+    assert by["ok"].mask_path is None and by["ok"].category == "good" and by["ok"].defective is False
+    assert ds.summary() == "6 images (3 defective, 3 good), 0 skipped"
+    image, mask = load_sample(by["ok"], "gray")
+    assert image.shape == SHAPE and mask.shape == SHAPE and not mask.any()
+    image, mask = load_sample(by["pit_0"], "bgr")
+    assert image.shape == (*SHAPE, 3) and mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+
+
+def test_jpeg_images_and_name_without_prefix(tmp_path: Path) -> None:
+    image, mask = make_part(np.random.default_rng(0), SHAPE, "gray", "scratch")
+    _write(tmp_path / "images" / "part7.jpg", image)
+    _write(tmp_path / "masks" / "part7.png", mask * 255)
+    (s,) = load_dataset(tmp_path).samples
+    assert s.category == "defect" and s.defective  # no "_" in the name: a generic defect
+
+
+def _mvtec(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        _write(root / "train" / "good" / f"{i:03d}.png", make_part(rng, SHAPE, "bgr", None)[0])
+    _write(root / "test" / "good" / "000.png", make_part(rng, SHAPE, "bgr", None)[0])
+    for i in range(2):
+        image, mask = make_part(rng, SHAPE, "bgr", "crack")
+        _write(root / "test" / "crack" / f"{i:03d}.png", image)
+        _write(root / "ground_truth" / "crack" / f"{i:03d}_mask.png", mask * 255)
+    return root
+
+
+def test_mvtec_layout(tmp_path: Path) -> None:
+    ds = load_dataset(_mvtec(tmp_path / "bottle"))
+    assert ds.layout == "mvtec" and ds.skipped == []
+    by = {s.name: s for s in ds.samples}
+    assert sorted(by) == ["test_crack_000", "test_crack_001", "test_good_000",
+                          "train_good_000", "train_good_001", "train_good_002"]
+    assert by["test_crack_001"].category == "crack" and by["test_crack_001"].defective
+    assert by["test_crack_001"].mask_path == tmp_path / "bottle/ground_truth/crack/001_mask.png"
+    assert by["test_good_000"].mask_path is None and by["test_good_000"].defective is False
+    assert load_sample(by["test_crack_000"], "gray")[1].any()
+
+
+def test_mvtec_defect_without_mask_and_orphan_mask(tmp_path: Path) -> None:
+    root = _mvtec(tmp_path)
+    (root / "ground_truth" / "crack" / "001_mask.png").unlink()
+    _write(root / "ground_truth" / "crack" / "009_mask.png", np.zeros(SHAPE, np.uint8))
+    ds = load_dataset(root)
+    reasons = dict(ds.skipped)
+    assert "without mask" in reasons[str(root / "test" / "crack" / "001.png")]
+    assert "without an image" in reasons[str(root / "ground_truth" / "crack" / "009_mask.png")]
+    assert len(ds.samples) == 5
+
+
+def test_mvtec_root_with_categories_gets_a_hint(tmp_path: Path) -> None:
+    _mvtec(tmp_path / "bottle")
+    with pytest.raises(DataError, match="category folder"):
+        load_dataset(tmp_path)
+
+
+# --------------------------------------------------------------------------- bad data
+
+
+def test_corrupt_image_is_skipped_or_fatal_when_strict(generic: Path) -> None:
+    bad = generic / "images" / "crack_1.png"
+    bad.write_bytes(bad.read_bytes()[:20])  # truncated: header only
+    (generic / "images" / "empty.png").write_bytes(b"")
+    ds = load_dataset(generic)
+    skipped = dict(ds.skipped)
+    assert "not a readable image" in skipped[str(bad)]
+    assert str(generic / "images" / "empty.png") in skipped
+    assert "crack_1" not in {s.name for s in ds.samples} and len(ds.samples) == 5
+    assert ds.summary() == "5 images (2 defective, 3 good), 2 skipped"
+    with pytest.raises(DataError, match=r"crack_1\.png"):
+        load_dataset(generic, strict=True)
+
+
+def test_mask_of_another_size_is_skipped(generic: Path) -> None:
+    _write(generic / "masks" / "pit_0.png", np.zeros((SHAPE[0] + 1, SHAPE[1]), np.uint8))
+    ds = load_dataset(generic)
+    (path, reason), = ds.skipped
+    assert path.endswith("pit_0.png") and "48x41" in reason and "48x40" in reason
+    assert "pit_0" not in {s.name for s in ds.samples}
+
+
+def test_unreadable_mask_is_skipped(generic: Path) -> None:
+    (generic / "masks" / "crack_0.png").write_bytes(b"garbage")
+    ds = load_dataset(generic)
+    (path, reason), = ds.skipped
+    assert path.endswith("crack_0.png") and "crack_0.png is skipped" in reason
+
+
+def test_mask_without_image_is_reported(generic: Path) -> None:
+    _write(generic / "masks" / "orphan_3.png", np.zeros(SHAPE, np.uint8))
+    ds = load_dataset(generic)
+    assert ds.skipped == [(str(generic / "masks" / "orphan_3.png"), "mask without an image (no images/orphan_3.*)")]
+    assert len(ds.samples) == 6
+
+
+def test_non_image_and_hidden_files(generic: Path) -> None:
+    (generic / "images" / "notes.txt").write_text("x")
+    (generic / "images" / ".DS_Store").write_bytes(b"\0")
+    ds = load_dataset(generic)
+    assert [p for p, _ in ds.skipped] == [str(generic / "images" / "notes.txt")]
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "no_images", "empty_images", "both"])
+def test_not_a_dataset(tmp_path: Path, make: str) -> None:
+    root = tmp_path / "data"
+    if make != "missing":
+        root.mkdir()
+    if make == "no_images":
+        (root / "masks").mkdir()
+    if make == "empty_images":
+        (root / "images").mkdir()
+    if make == "both":
+        (root / "images").mkdir()
+        (root / "train").mkdir()
+    with pytest.raises(DataError) as err:
+        load_dataset(root)
+    assert str(root) in str(err.value)
+    if make in ("empty", "no_images", "empty_images"):
+        assert "images/" in str(err.value) and "layout" in str(err.value)
+
+
+def test_only_corrupt_images_is_an_error_naming_the_first(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"nope")
+    with pytest.raises(DataError, match=r"no usable images.*a\.png"):
+        load_dataset(tmp_path)
+
+
+def test_lossy_mask_is_thresholded_and_warned(generic: Path) -> None:
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[10:20, 10:20] = 255
+    mask[10:20, 20:22] = 3  # JPEG-like fringe of faint values
+    mask[0, 0] = 1
+    _write(generic / "masks" / "pit_0.png", mask)
+    ds = load_dataset(generic)
+    assert ds.skipped == [] and len(ds.warnings) == 1 and "4 distinct values" in ds.warnings[0][1]
+    assert ds.summary().endswith(", 1 warnings")
+    sample = next(s for s in ds.samples if s.name == "pit_0")
+    assert read_mask(sample.mask_path, SHAPE).sum() == 100 + 20 + 1  # documented rule: > 0 is defect
+
+
+def test_empty_mask_under_a_defect_name_is_good_with_warning(generic: Path) -> None:
+    _write(generic / "masks" / "crack_1.png", np.zeros(SHAPE, np.uint8))
+    ds = load_dataset(generic)
+    s = next(s for s in ds.samples if s.name == "crack_1")
+    assert s.category == "good" and s.defective is False
+    assert any("crack" in msg for _, msg in ds.warnings)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_read_image_and_mask(tmp_path: Path) -> None:
+    wide = _write(tmp_path / "a16.png", np.full(SHAPE, 0x8000, np.uint16))  # 16 bit scales to 8 bit
+    assert read_image(wide, "gray").max() == 0x80
+    rgba = _write(tmp_path / "c.png", np.full((*SHAPE, 4), 9, np.uint8))
+    assert read_image(rgba, "bgr").shape == (*SHAPE, 3) and read_image(rgba, "gray").shape == SHAPE
+    (tmp_path / "bad.png").write_bytes(b"xx")
+    with pytest.raises(DataError, match=r"bad\.png"):
+        read_image(tmp_path / "bad.png", "gray")
+    with pytest.raises(DataError, match=r"missing\.png"):
+        read_image(tmp_path / "missing.png", "gray")
+    assert not read_mask(None, SHAPE).any() and read_mask(None, SHAPE).shape == SHAPE
+    colour_mask = np.zeros((*SHAPE, 3), np.uint8)
+    colour_mask[1, 2, 2] = 200
+    m = read_mask(_write(tmp_path / "m.png", colour_mask), SHAPE)
+    assert m.dtype == np.uint8 and m.sum() == 1 and m[1, 2] == 1
+    with pytest.raises(DataError, match=r"m\.png.*48x40.*48x41"):
+        read_mask(tmp_path / "m.png", (41, 48))
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint_is_stable_across_copies_and_sees_edits(generic: Path, tmp_path: Path) -> None:
+    fp = load_dataset(generic).fingerprint()
+    copy = shutil.copytree(generic, tmp_path / "copy")
+    assert load_dataset(copy).fingerprint() == fp
+    m = np.zeros(SHAPE, np.uint8)
+    m[5, 5] = 255
+    _write(copy / "masks" / "good_0.png", m)  # one relabelled pixel
+    assert load_dataset(copy).fingerprint() != fp
+    # a Dataset built by hand (no cached digests) hashes the files itself, with the same result
+    ds = load_dataset(generic)
+    assert Dataset(ds.root, ds.layout, list(reversed(ds.samples)), []).fingerprint() == fp
+
+
+# --------------------------------------------------------------------------- split
+
+
+def _samples(counts: dict[str, int]) -> list[Sample]:
+    out = []
+    for cat, n in counts.items():
+        for i in range(n):
+            out.append(Sample(f"{cat}_{i:03d}", Path(f"/x/{cat}_{i:03d}.png"), None if cat == "good" else
+                              Path(f"/m/{cat}_{i:03d}.png"), cat, cat != "good"))
+    return out
+
+
+def test_split_is_deterministic_stratified_and_order_independent() -> None:
+    samples = _samples({"good": 50, "crack": 10, "pit": 7, "stain": 2, "odd": 1, "rare": 1})
+    train, val = split_dataset(samples, 0.2, seed=5)
+    names = [s.name for s in train + val]
+    assert sorted(names) == sorted(s.name for s in samples) and len(set(names)) == len(names)
+    shuffled = samples[:]
+    random.Random(1).shuffle(shuffled)
+    assert split_dataset(shuffled, 0.2, seed=5) == (train, val)
+    assert split_dataset(samples, 0.2, seed=6) != (train, val)
+    per_cat = Counter(s.category for s in val)
+    assert per_cat["good"] == 10 and per_cat["crack"] == 2 and per_cat["pit"] == 1
+    assert per_cat["stain"] == 1  # every stratum of >= 2 gets a validation item
+    assert per_cat["odd"] + per_cat["rare"] == 1  # singletons are pooled into one stratum
+    assert {s.category for s in train} >= {"good", "crack", "pit", "stain"}
+
+
+def test_split_edge_cases() -> None:
+    samples = _samples({"good": 5, "crack": 2})
+    assert split_dataset(samples, 0.0) == (sorted(samples, key=lambda s: s.name), [])
+    assert split_dataset([], 0.2) == ([], [])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_dataset(samples, 1.0)

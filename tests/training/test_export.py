@@ -1,0 +1,208 @@
+"""Export of a real (tiny, briefly trained) U-Net: parity, INT8 gate, package, round trip.
+
+One module-scoped export is shared by most tests, so the file stays well under a minute on a
+2-core machine. The model is trained for a few seconds on synthetic dark-blob parts, which it
+learns reliably, so "INT8 agrees with FP32" is tested on a model that actually detects defects.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+
+from edge.contract import InputSpec, PostprocessParams
+from edge.package import read_package
+from tests.tiny_package import make_part
+from training import export as ex
+from training import quantize as q
+from training.checkpoint import CheckpointMeta, load_model, save_checkpoint
+from training.data import load_dataset, split_dataset
+from training.unet import UNetConfig, build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = InputSpec(color="gray", tile=64, overlap=8, multiple_of=8, mean=(127.5,), std=(64.0,))
+PARAMS = PostprocessParams(pixel_threshold=0.5, min_area=4, open_radius=0, close_radius=1)
+
+
+def make_dataset(root: Path, n: int = 32, size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:
+    """Generic layout: half the parts carry one dark blob; the mask is exactly the blob."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    for i in range(n):
+        bad = i % 2 == 0
+        img = make_part(size, defect=bad, seed=seed * 1000 + i)
+        name = f"{'pit' if bad else 'good'}_{i:05d}"
+        cv2.imwrite(str(root / "images" / f"{name}.png"), img)
+        cv2.imwrite(str(root / "masks" / f"{name}.png"), ((img == 40) * 255).astype(np.uint8))
+    return root
+
+
+def make_checkpoint(path: Path, data: Path | None = None, steps: int = 120, seed: int = 0) -> Path:
+    """A tiny U-Net; trained briefly on `data` (32 px crops, 1 thread: fast and deterministic)."""
+    torch.manual_seed(seed)
+    cfg = UNetConfig(base_width=8, depth=3, max_width=32, dropout=0.0)
+    model = build_model(cfg)
+    if data is not None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        imgs = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted((data / "images").glob("*.png"))]
+        masks = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) > 0 for p in sorted((data / "masks").glob("*.png"))]
+        rng = np.random.default_rng(seed)
+        opt = torch.optim.Adam(model.parameters(), 3e-3)
+        model.train()
+        for _ in range(steps):
+            xs, ys = [], []
+            for _ in range(8):
+                k = int(rng.integers(len(imgs)))
+                y0, x0 = (int(rng.integers(0, s - 32 + 1)) for s in imgs[k].shape)
+                xs.append(imgs[k][y0 : y0 + 32, x0 : x0 + 32])
+                ys.append(masks[k][y0 : y0 + 32, x0 : x0 + 32])
+            x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
+            y = torch.from_numpy(np.stack(ys)[:, None].astype(np.float32))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y, pos_weight=torch.tensor(5.0))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.set_num_threads(threads)
+    model.eval()
+    meta = CheckpointMeta(name="tiny-unet", version="0.1.0", model_config=cfg, input_spec=SPEC,
+                          postprocess=PARAMS, train_config={"val_fraction": 0.25, "seed": 0},
+                          data_fingerprint="synthetic-test")
+    return save_checkpoint(path, model, meta)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("export")
+    data = make_dataset(tmp / "data")
+    ckpt = make_checkpoint(tmp / "run" / "best.pt", data)
+    out = tmp / "model"
+    rc = ex.main(["--checkpoint", str(ckpt), "--out", str(out), "--calib-data", str(data),
+                  "--calib-size", "64", "--version", "1.2.3"])
+    assert rc == 0
+    return {"tmp": tmp, "data": data, "ckpt": ckpt, "out": out}
+
+
+def test_openvino_fp32_matches_torch(exported: dict[str, Any]) -> None:
+    module, meta = load_model(exported["ckpt"])
+    pred = q.OVPredictor(ex.convert(module, meta), SPEC)
+    image = cv2.imread(str(next((exported["data"] / "images").glob("pit_*.png"))), cv2.IMREAD_GRAYSCALE)
+    tiles, _ = ex.preprocess(image, SPEC)
+    rnd = np.random.default_rng(1).uniform(0, 255, (2, 1, 64, 64)).astype(np.float32)
+    for x in (tiles, rnd, np.zeros_like(rnd), np.full_like(rnd, 255.0)):
+        with torch.no_grad():
+            pt = torch.sigmoid(module(torch.from_numpy(x)))[:, 0].numpy()
+        assert np.abs(pt - pred.infer_tiles(x)).max() < 1e-4
+
+
+def test_package_contents(exported: dict[str, Any]) -> None:
+    out: Path = exported["out"]
+    meta = read_package(out)
+    assert meta.precision == "int8" and meta.version == "1.2.3" and meta.name == "tiny-unet"
+    assert {"model.xml", "model.bin", "fp32/model.xml", "fp32/model.bin", "export_report.json"} <= set(meta.files)
+    assert meta.input == SPEC and meta.postprocess == PARAMS
+    assert meta.data_fingerprint == "synthetic-test"
+    assert set(meta.tools) >= {"torch", "openvino", "nncf"}
+    assert meta.extra["train_config"]["val_fraction"] == 0.25 and "model_config" in meta.extra
+    gate = meta.metrics["gate"]
+    assert gate["passed"] and gate["pixel_iou_drop"] <= 0.01 and not gate["missed_defective_parts"]
+    for key in ("fp32", "int8"):
+        assert {"pixel_iou", "image_f1", "image_recall", "n_images", "n_defective"} <= set(meta.metrics[key])
+    assert meta.metrics["fp32"]["image_recall"] >= 0.8  # the model has really learned the blobs
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["precision"] == "int8" and report["torch_vs_ov_fp32_max_abs"] < 1e-4
+    assert set(report["speed_ms_per_tile"]) == {"fp32_ms", "int8_ms"}
+    rt = ov.Core().read_model(str(out / "model.xml"))
+    assert rt.get_rt_info(["model_info", "precision"]).astype(str) == "int8"
+    assert int(rt.get_rt_info(["model_info", "tile"]).astype(str)) == 64
+    assert float(rt.get_rt_info(["model_info", "pixel_threshold"]).astype(str)) == 0.5
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_int8_verdicts_agree_with_fp32(exported: dict[str, Any]) -> None:
+    gate = read_package(exported["out"]).metrics["gate"]
+    assert gate["n_images"] >= 8
+    assert gate["verdict_disagreements"] / gate["n_images"] <= 0.1
+
+
+def test_roundtrip_without_torch(exported: dict[str, Any]) -> None:
+    """The daemon side loads the package without torch and reaches the verdicts export recorded."""
+    ds = load_dataset(exported["data"])
+    _, val = split_dataset(ds.samples, 0.25, 0)
+    script = (
+        "import json, sys, cv2\n"
+        "from edge.inference import Inferencer\n"
+        "inf = Inferencer(sys.argv[1])\n"
+        "paths = json.loads(sys.argv[2])\n"
+        "flags = [bool(inf.inspect(cv2.imread(p, cv2.IMREAD_GRAYSCALE)).regions) for p in paths]\n"
+        "print(json.dumps({'flags': flags, 'torch': 'torch' in sys.modules}))\n"
+    )
+    paths = [str(s.image_path) for s in val]
+    res = subprocess.run([sys.executable, "-c", script, str(exported["out"]), json.dumps(paths)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["torch"] is False
+    truth = [bool(s.defective) for s in val]
+    m = read_package(exported["out"]).metrics["int8"]
+    tp = sum(f and t for f, t in zip(got["flags"], truth, strict=True))
+    fp = sum(f and not t for f, t in zip(got["flags"], truth, strict=True))
+    assert (tp, fp, len(paths)) == (m["image_tp"], m["image_fp"], m["n_images"])
+
+
+def test_check_gate_rules() -> None:
+    def ev(iou: float, flagged: list[bool]) -> q.Evaluation:
+        return q.Evaluation({"pixel_iou": iou}, flagged, [True, True, False], ["a", "b", "c"])
+
+    assert q.check_gate(ev(0.6, [True, True, False]), ev(0.595, [True, True, True]), 0.01)["passed"]
+    bad_iou = q.check_gate(ev(0.6, [True, True, False]), ev(0.58, [True, True, False]), 0.01)
+    assert not bad_iou["passed"] and "pixel IoU drops" in bad_iou["reason"]
+    missed = q.check_gate(ev(0.6, [True, False, False]), ev(0.7, [False, False, False]), 0.01)
+    assert not missed["passed"] and missed["missed_defective_parts"] == ["a"]
+
+
+def test_gate_failure_falls_back_to_fp16(exported: dict[str, Any], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model that fails the gate twice is shipped as FP16, loudly, with the reason recorded.
+
+    The gate is forced to fail; plain and accuracy-controlled NNCF quantization run for real."""
+    def failing_gate(ref: q.Evaluation, cand: q.Evaluation, max_drop: float) -> dict[str, Any]:
+        return {**real_gate(ref, cand, max_drop), "passed": False, "reason": "forced by test"}
+
+    real_gate = q.check_gate
+    monkeypatch.setattr(q, "check_gate", failing_gate)
+    out = tmp_path / "model"
+    assert ex.main(["--checkpoint", str(exported["ckpt"]), "--out", str(out), "--calib-data",
+                    str(exported["data"]), "--calib-size", "16"]) == 0
+    meta = read_package(out)
+    assert meta.precision == "fp16"
+    gate = meta.metrics["gate"]
+    assert gate["passed"] is False and gate["fallback"] == "fp16" and gate["reason"] == "forced by test"
+    assert gate["method"] == "nncf.quantize_with_accuracy_control" and "plain_int8" in gate
+    assert "fp16" in meta.metrics and "int8" in meta.metrics
+    assert "INT8 FAILED THE ACCURACY GATE" in capsys.readouterr().err
+
+
+def test_failed_export_keeps_old_package(exported: dict[str, Any], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "package.json").write_text("{}")
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise ex.ExportError("quantizer exploded")
+
+    monkeypatch.setattr(q, "quantize_int8", boom)
+    assert ex.main(["--checkpoint", str(exported["ckpt"]), "--out", str(out), "--calib-data",
+                    str(exported["data"]), "--calib-size", "16"]) == 1
+    assert (out / "package.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -1,0 +1,83 @@
+"""Losses with values that can be checked by hand, and the class-imbalance knobs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training.losses import SegmentationLoss, bce_loss, dice_loss, focal_loss
+
+BIG = 30.0  # a logit this large is a certain prediction
+
+
+def _target() -> torch.Tensor:
+    t = torch.zeros(2, 1, 8, 8)
+    t[0, 0, 2:4, 2:5] = 1
+    return t
+
+
+def test_perfect_prediction_costs_nothing() -> None:
+    t = _target()
+    logits = (t * 2 - 1) * BIG
+    for name in ("bce", "dice", "bce_dice", "focal", "focal_dice"):
+        assert float(SegmentationLoss(name)(logits, t)) == pytest.approx(0.0, abs=1e-6), name
+
+
+def test_hand_checked_values() -> None:
+    t = _target()
+    zero = torch.zeros_like(t)
+    assert float(bce_loss(zero, t)) == pytest.approx(math.log(2))  # p = 0.5 everywhere
+    # focal at p = 0.5: ln2 x 0.5**2 x (alpha on positives, 1 - alpha on negatives)
+    pos = float(t.mean())
+    want = math.log(2) * 0.25 * (0.25 * pos + 0.75 * (1 - pos))
+    assert float(focal_loss(zero, t, gamma=2.0, alpha=0.25)) == pytest.approx(want, rel=1e-5)
+    # all wrong: dice ~ 1
+    assert float(dice_loss((1 - 2 * t) * BIG, t)) == pytest.approx(1.0, abs=1e-2)
+    # p = 0.5 everywhere: dice = 1 - (2 * 0.5 * P + 1) / (0.5 * N + P + 1)
+    n, p = t.numel(), float(t.sum())
+    assert float(dice_loss(zero, t)) == pytest.approx(1 - (p + 1) / (0.5 * n + p + 1), rel=1e-5)
+
+
+def test_empty_masks_do_not_explode() -> None:
+    t = torch.zeros(4, 1, 16, 16)
+    assert float(dice_loss(torch.full_like(t, -BIG), t)) == pytest.approx(0.0, abs=1e-6)
+    assert float(dice_loss(torch.full_like(t, BIG), t)) > 0.99  # flagging a good part is punished
+
+
+def test_pos_weight_counts_defect_pixels_more() -> None:
+    t = _target()
+    zero = torch.zeros_like(t)
+    pos, n = float(t.sum()), t.numel()
+    # mean over pixels of ln2 x (w on positives, 1 on negatives)
+    assert float(bce_loss(zero, t, pos_weight=10.0)) == pytest.approx(math.log(2) * (10 * pos + n - pos) / n)
+    # predicting "all good" costs far more with a high pos_weight: imbalance is countered
+    allgood = torch.full_like(t, -5.0)
+    assert float(bce_loss(allgood, t, 20.0)) > 5 * float(bce_loss(allgood, t, 1.0))
+
+
+def test_focal_down_weights_easy_pixels() -> None:
+    t = _target()
+    easy = (t * 2 - 1) * 3.0  # correct with p ~ 0.95
+    assert float(focal_loss(easy, t, alpha=None)) < 0.01 * float(bce_loss(easy, t))
+
+
+def test_deep_supervision_adds_weighted_aux_losses() -> None:
+    t = _target()
+    main = (t * 2 - 1) * BIG  # perfect
+    aux = [torch.zeros_like(t), torch.zeros_like(t)]  # p = 0.5: ln2 each with bce
+    loss = SegmentationLoss("bce", aux_weight=0.4)
+    assert float(loss((main, aux), t)) == pytest.approx(0.4 * math.log(2), rel=1e-5)
+    assert float(SegmentationLoss("bce", aux_weight=0.0)((main, aux), t)) == pytest.approx(0.0, abs=1e-6)
+    # gradients reach the aux outputs
+    a = torch.zeros_like(t, requires_grad=True)
+    loss((main, [a]), t).backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="loss name"):
+        SegmentationLoss("l2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pos_weight"):
+        SegmentationLoss("bce", pos_weight=0.0)

@@ -1,0 +1,91 @@
+"""Patch sampling: sizes, raw pixels, defect-centred / hard-negative mix, padding, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.patches import HardNegative, PatchDataset, mine_hard_negatives, peaks, update_pool
+
+
+def _data() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (h, w), dtype=np.uint8) for h, w in ((100, 140), (40, 50), (96, 96))]
+    masks = [np.zeros(im.shape, np.uint8) for im in images]
+    masks[0][70:74, 120:126] = 1  # one small defect near a corner
+    return images, masks
+
+
+def test_items_are_raw_float_patches_of_size_p() -> None:
+    images, masks = _data()
+    ds = PatchDataset(images, masks, 64, 40, augment="none", seed=1)
+    items = list(ds)
+    assert len(items) == len(ds) == 40
+    x, y = items[0]
+    assert x.shape == (1, 64, 64) and x.dtype == torch.float32 and y.shape == (1, 64, 64)
+    assert max(float(i[0].max()) for i in items) > 200  # raw 0..255, not normalised
+    assert all(set(torch.unique(i[1]).tolist()) <= {0.0, 1.0} for i in items)
+
+
+def test_defect_patches_contain_the_defect_off_centre() -> None:
+    images, masks = _data()
+    ds = PatchDataset(images, masks, 32, 200, defect_fraction=1.0, hard_negative_fraction=0.0,
+                      augment="none", seed=2)
+    centres = []
+    for _, y in ds:
+        assert y.sum() > 0  # every defect patch shows (part of) the defect
+        ys, xs = np.nonzero(y[0].numpy())
+        centres.append((ys.mean(), xs.mean()))
+    assert np.std(np.array(centres), axis=0).min() > 2.0  # not always at the same spot
+
+
+def test_small_images_are_reflect_padded() -> None:
+    images, masks = _data()
+    ds = PatchDataset(images[1:2], masks[1:2], 64, 4, augment="none")
+    x, _ = next(iter(ds))
+    assert x.shape == (1, 64, 64)
+    np.testing.assert_array_equal(x[0, :40, :50].numpy(), images[1].astype(np.float32))
+
+
+def test_hard_negatives_are_sampled_around_the_pool() -> None:
+    images, masks = _data()
+    images[2][40:50, 40:50] = 255  # a bright blob the model would call a defect
+    ds = PatchDataset(images, masks, 32, 100, defect_fraction=0.0, hard_negative_fraction=1.0,
+                      jitter=0.2, augment="none", seed=3)
+    ds.set_hard_negatives([HardNegative(image=2, y=45, x=45, score=0.9)])
+    kinds = [ds.choose(np.random.default_rng(i))[:2] for i in range(20)]
+    assert all(k == ("hard", 2) for k in kinds)
+    assert all(float(x.max()) == 255.0 and float(y.sum()) == 0 for x, y in ds)
+
+
+def test_same_seed_same_patches_and_ranks_differ() -> None:
+    images, masks = _data()
+    a = [x for x, _ in PatchDataset(images, masks, 32, 8, seed=5)]
+    b = [x for x, _ in PatchDataset(images, masks, 32, 8, seed=5)]
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    r0 = PatchDataset(images, masks, 32, 8, seed=5, rank=0, world_size=2)
+    r1 = PatchDataset(images, masks, 32, 8, seed=5, rank=1, world_size=2)
+    assert len(r0) == len(r1) == 4
+    assert not all(torch.equal(p, q) for (p, _), (q, _) in zip(r0, r1, strict=True))
+    r0.set_epoch(1)
+    assert not all(torch.equal(p, q) for p, (q, _) in zip(a, r0, strict=False))
+
+
+def test_mining_finds_the_false_positive_and_pool_keeps_the_strongest() -> None:
+    prob = np.zeros((64, 64), np.float32)
+    prob[10, 10], prob[50, 40], prob[11, 11] = 0.9, 0.6, 0.8  # (11, 11) is the same spot as (10, 10)
+    assert peaks(prob, 5, spacing=8, min_prob=0.05) == [(10, 10, pytest.approx(0.9)), (50, 40, pytest.approx(0.6))]
+
+    class Blob(torch.nn.Module):  # "model" that fires where the image is bright
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x - 200.0) / 10.0
+
+    img = np.zeros((40, 56), np.uint8)
+    img[20:23, 30:33] = 255
+    found = mine_hard_negatives(Blob(), [img], [0], per_image=2, spacing=8)
+    assert found and (found[0].y, found[0].x) in {(y, x) for y in range(20, 23) for x in range(30, 33)}
+    old = [HardNegative(0, 1, 1, 0.99), HardNegative(1, 5, 5, 0.3)]
+    pool = update_pool(old, found, mined_images=[0], capacity=2)
+    assert HardNegative(0, 1, 1, 0.99) not in pool  # image 0 was re-mined: its stale entry is gone
+    assert pool[0].score >= pool[1].score and len(pool) == 2

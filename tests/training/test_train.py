@@ -1,0 +1,173 @@
+"""Training end to end on synthetic parts: it learns, resumes, fine-tunes, refuses bad configs, runs DDP.
+
+One short training (module fixture) is shared by the learning, resume and init-from tests, so
+the whole file costs a few minutes of 2 shared cores, not one training per test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.checkpoint import load_model, read_checkpoint
+from training.data import load_dataset, split_dataset
+from training.synth import generate_dataset
+from training.train import main
+from training.train_config import ConfigError, load_config
+from training.train_utils import Clock, Dist, load_images, lr_at, validate
+from training.unet import UNetConfig, build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "configs" / "train" / "synthetic-demo.yaml"
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, count=64, seed=3, size=(128, 128), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    assert main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(run),
+                 "--epochs", str(EPOCHS)]) == 0
+    return run
+
+
+def _untrained_iou(data: Path) -> float:
+    """Pixel IoU of a fresh model of the demo recipe, judged exactly as the trainer judges."""
+    cfg = load_config(DEMO)
+    torch.manual_seed(cfg.seed)
+    samples = load_dataset(data).samples
+    _, val = split_dataset(samples, cfg.data.val_fraction, cfg.seed)
+    images, masks = load_images(val, "gray")
+    model = build_model(UNetConfig(**cfg.model.model_dump()))
+    from edge.contract import InputSpec
+
+    spec = InputSpec(color="gray", tile=cfg.input.tile, overlap=cfg.input.overlap)
+    v = validate(model, images, masks, spec, cfg.validation, Dist())
+    assert v is not None
+    return float(v.metrics["pixel_iou"])
+
+
+def test_training_learns_and_writes_a_complete_run(trained: Path, synth_data: Path) -> None:
+    model, meta = load_model(trained / "best.pt")
+    iou = meta.metrics["pixel_iou"]
+    untrained = _untrained_iou(synth_data)
+    # measured: untrained ~0.0, trained 0.4-0.6 after 6 demo epochs
+    assert iou > 0.3 and iou > untrained + 0.2, (iou, untrained)
+    assert meta.metrics["image_f1"] > 0.8
+    assert 0 < meta.postprocess.pixel_threshold < 1  # calibrated, stored for the edge
+    assert meta.input_spec.color == "gray" and meta.input_spec.tile == 128
+    assert meta.train_config["val_fraction"] == 0.2 and meta.train_config["seed"] == 0
+    assert meta.data_fingerprint == load_dataset(synth_data).fingerprint()
+    with open(trained / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == EPOCHS
+    for col in ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "image_f1", "image_accuracy",
+                "pixel_iou", "pixel_f1", "image_recall"):
+        assert col in rows[0]
+    assert float(rows[-1]["lr"]) < 0.2 * float(rows[0]["lr"])  # annealed
+    for name in ("last.pt", "curves.png", "val_grid.png", "summary.json", "config.yaml"):
+        assert (trained / name).is_file(), name
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["metrics"]["pixel_iou"] == pytest.approx(iou)
+    state = read_checkpoint(trained / "last.pt")["training_state"]
+    assert {"optimizer", "rng", "epoch", "step"} <= set(state)
+
+
+def test_resume_continues_from_last(trained: Path, synth_data: Path) -> None:
+    before = read_checkpoint(trained / "last.pt")
+    assert main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(trained),
+                 "--epochs", str(EPOCHS + 1), "--resume"]) == 0
+    after = read_checkpoint(trained / "last.pt")
+    assert after["epoch"] == EPOCHS + 1 and before["epoch"] == EPOCHS
+    assert after["step"] > before["step"]
+    with open(trained / "log.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, EPOCHS + 2))
+
+
+def test_init_from_loads_the_weights(trained: Path, synth_data: Path, tmp_path: Path) -> None:
+    # a learning rate of ~0 leaves the loaded weights as they are: the first validation shows them
+    code = main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(tmp_path), "--epochs", "1",
+                 "--init-from", str(trained / "best.pt"), "--set", "optim.lr=1e-7",
+                 "--set", "patches.per_epoch=32"])
+    assert code == 0
+    _, meta = load_model(tmp_path / "best.pt")
+    assert meta.metrics["pixel_iou"] > 0.25
+
+
+def test_bad_config_names_the_field_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: " + str(DEMO) + "\noptim:\n  lr: -1\npatches:\n  sise: 64\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert "optim.lr" in str(e.value) and "patches.sise" in str(e.value) and str(bad) in str(e.value)
+    assert main(["--config", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="multiples of 2"):
+        load_config(DEMO, {"model": {"depth": 5}, "patches": {"size": 48}})  # 48 % 2**5 != 0
+    with pytest.raises(ConfigError, match="patches.size"):
+        load_config(DEMO, {"patches": {"size": 40}})
+
+
+def test_schedule_warms_up_then_anneals_with_time() -> None:
+    assert lr_at(0.0, 1.0, 0.1, 0.01) == pytest.approx(0.1)
+    assert lr_at(0.1, 1.0, 0.1, 0.01) == pytest.approx(1.0)
+    assert lr_at(1.0, 1.0, 0.1, 0.01) == pytest.approx(0.01)
+    clock = Clock(total_steps=10**9, budget_s=100.0, elapsed_s=90.0 - 10.0)  # 80 s of 100 used
+    clock.note_validation(8.0)  # -> 12 s kept for the final validation
+    assert clock.fraction(0) == pytest.approx(80 / 88, abs=0.01)
+
+
+def test_time_budget_stops_with_a_low_lr(synth_data: Path, tmp_path: Path) -> None:
+    code = main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(tmp_path),
+                 "--time-budget", "0.3", "--set", "patches.per_epoch=64", "--set", "validation.grid_images=0"])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped"] == "time budget"
+    assert summary["elapsed_s"] < 0.3 * 60 + 15
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["lr"]) < 0.3 * load_config(DEMO).optim.lr
+
+
+def test_ddp_two_processes(synth_data: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training", "train", "--config", str(DEMO), "--data", str(synth_data), "--out", str(tmp_path),
+           "--epochs", "2", "--set", "patches.per_epoch=64", "--set", "validation.grid_images=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
+    assert proc.stdout.count("done:") == 1  # only rank 0 reports
+    last = read_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 2 and last["train_config"]["world_size"] == 2
+    with open(tmp_path / "log.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_cli_dispatch_and_synth_without_torch(tmp_path: Path) -> None:
+    code = ("import sys; from training.__main__ import main; "
+            f"rc = main(['synth', '--out', {str(tmp_path)!r}, '--count', '4', '--seed', '1', '--size', '64', '80', "
+            "'--no-progress']); assert rc == 0; assert 'torch' not in sys.modules, 'synth imported torch'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    images = sorted((tmp_path / "images").glob("*.png"))
+    assert len(images) == 4
+    import cv2
+
+    assert np.asarray(cv2.imread(str(images[0]))).shape[:2] == (64, 80)
+    proc = subprocess.run([sys.executable, "-m", "training", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "train" in proc.stderr

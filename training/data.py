@@ -1,0 +1,328 @@
+"""Datasets on disk: layout detection, checks at load, reading samples, the train/val split.
+
+Two layouts are recognised (see docs/data.md):
+
+- generic: ``DIR/images/NAME.{png,jpg,jpeg,bmp,tif,tiff}`` + ``DIR/masks/NAME.png``.
+  A mask pixel > 0 is a defect. **A missing mask means a good part** (all-zero mask).
+- MVTec AD (one category folder): ``DIR/train/good/*.png``, ``DIR/test/<type>/*.png``,
+  ``DIR/ground_truth/<type>/<stem>_mask.png``; ``test/good`` has no masks.
+
+Every file is read once at load so that broken data is found before training starts, not
+in epoch 7. Problems that make a sample unusable are recorded in `Dataset.skipped` (or raise
+with ``strict=True``); oddities that do not are recorded in `Dataset.warnings`.
+No torch here: the module stays cheap to import for tools and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.preprocess import FrameError, to_model_color
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+GENERIC_HELP = "generic layout: DIR/images/NAME.png|jpg|... with optional DIR/masks/NAME.png"
+MVTEC_HELP = "MVTec AD layout: DIR/train/good/*.png, DIR/test/<type>/*.png, DIR/ground_truth/<type>/<stem>_mask.png"
+
+
+class DataError(ValueError):
+    """The data cannot be used as it is; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of the dataset and where its defect mask is (None = good part)."""
+
+    name: str  # unique id: generic = file stem, MVTec = f"{split}_{type}_{stem}"
+    image_path: Path
+    mask_path: Path | None
+    category: str  # "good" or the defect type
+    defective: bool | None  # set at load from the layout or by reading the mask
+
+
+@dataclass
+class Dataset:
+    """Checked samples plus what was left out (`skipped`) or looked odd (`warnings`)."""
+
+    root: Path
+    layout: str  # "generic" | "mvtec"
+    samples: list[Sample]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, message)
+    _digests: dict[Path, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def fingerprint(self) -> str:
+        """sha256 over the sorted sample names and file contents; paths and mtimes don't count,
+        so a copy of the data elsewhere has the same fingerprint and an edited mask does not."""
+        h = hashlib.sha256(b"defect-dataset-v1\n")
+        for s in sorted(self.samples, key=lambda s: s.name):
+            mask = self._digest(s.mask_path) if s.mask_path is not None else "-"
+            h.update(f"{s.name}\t{self._digest(s.image_path)}\t{mask}\n".encode())
+        return h.hexdigest()
+
+    def _digest(self, path: Path) -> str:
+        if path not in self._digests:
+            self._digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return self._digests[path]
+
+    def summary(self) -> str:
+        """One line for logs, e.g. "946 images (289 defective, 657 good), 0 skipped"."""
+        bad = sum(1 for s in self.samples if s.defective)
+        text = f"{len(self.samples)} images ({bad} defective, {len(self.samples) - bad} good), {len(self.skipped)} skipped"
+        return text + (f", {len(self.warnings)} warnings" if self.warnings else "")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _decode(path: Path, data: bytes | None = None) -> np.ndarray:
+    """Decode a file as it is stored (no EXIF rotation, so image and mask stay aligned)."""
+    try:
+        buf = path.read_bytes() if data is None else data
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from e
+    arr = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED) if buf else None
+    if arr is None:
+        raise DataError(f"{path}: not a readable image (empty, truncated or unsupported format)")
+    return arr
+
+
+def read_image(path: Path, color: str) -> np.ndarray:
+    """uint8 HxW (gray) or HxWx3 (bgr), converted exactly as the daemon converts frames."""
+    try:
+        return to_model_color(_decode(Path(path)), color)
+    except FrameError as e:
+        raise DataError(f"{path}: {e}") from e
+
+
+def _mask_values(path: Path, arr: np.ndarray) -> np.ndarray:
+    """Stored mask -> HxW array; colour masks count a pixel as defect if any channel is > 0."""
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: mask must be a single image, got shape {arr.shape}")
+    return arr
+
+
+def read_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 {0,1} mask of the given (height, width); None (good part) gives zeros."""
+    if path is None:
+        return np.zeros(shape, np.uint8)
+    m = _mask_values(Path(path), _decode(Path(path)))
+    if m.shape != tuple(shape):
+        raise DataError(f"{path}: mask is {m.shape[1]}x{m.shape[0]} but its image is {shape[1]}x{shape[0]}")
+    return (m > 0).astype(np.uint8)
+
+
+def load_sample(sample: Sample, color: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask {0,1}) of one sample."""
+    image = read_image(sample.image_path, color)
+    return image, read_mask(sample.mask_path, image.shape[:2])
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Loader:
+    """Collects samples, skips and warnings while walking one dataset folder."""
+
+    def __init__(self, root: Path, strict: bool) -> None:
+        self.root, self.strict = root, strict
+        self.samples: list[Sample] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.warnings: list[tuple[str, str]] = []
+        self.digests: dict[Path, str] = {}
+
+    def skip(self, path: Path, reason: str) -> None:
+        if self.strict:
+            raise DataError(f"{path}: {reason}")
+        self.skipped.append((str(path), reason))
+
+    def read(self, path: Path) -> tuple[np.ndarray | None, str]:
+        """Decode a file once, remembering its digest for the fingerprint; (None, why) if unusable."""
+        try:
+            data = path.read_bytes()
+            arr = _decode(path, data)
+        except (DataError, OSError) as e:
+            return None, str(e).removeprefix(f"{path}: ")
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+            return None, f"unsupported image shape {arr.shape}"
+        if arr.dtype not in (np.uint8, np.uint16):
+            return None, f"unsupported pixel type {arr.dtype} (8 or 16 bit expected)"
+        self.digests[path] = hashlib.sha256(data).hexdigest()
+        return arr, ""
+
+    def add(self, name: str, image_path: Path, mask_path: Path | None, category: str | None) -> None:
+        """Check one image (and mask) and add it; category None = derive it from the mask."""
+        img, why = self.read(image_path)
+        if img is None:
+            self.skip(image_path, why)
+            return
+        defective = False
+        if mask_path is not None:
+            raw, why = self.read(mask_path)
+            if raw is None:
+                self.skip(mask_path, f"{why}; its image {image_path.name} is skipped too")
+                return
+            m = _mask_values(mask_path, raw)
+            if m.shape != img.shape[:2]:
+                self.skip(mask_path, f"mask is {m.shape[1]}x{m.shape[0]} but its image is "
+                                     f"{img.shape[1]}x{img.shape[0]}; both are skipped")
+                return
+            values = np.unique(m)
+            if values.size > 2:
+                self.warnings.append((str(mask_path), f"mask has {values.size} distinct values (lossy?); "
+                                                      "every pixel > 0 counts as defect"))
+            defective = bool(values[-1] > 0)
+        if category is None:  # generic layout: the name prefix names the defect type
+            category = (name.split("_", 1)[0] if "_" in name else "defect") if defective else "good"
+        elif category != "good" and not defective:
+            self.warnings.append((str(image_path), f"in defect folder {category!r} but its mask is empty"))
+        self.samples.append(Sample(name, image_path, mask_path, category, defective))
+
+
+def _files(folder: Path) -> list[Path]:
+    """Visible files of a folder, sorted (hidden files such as .DS_Store are not data)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _load_generic(ld: _Loader) -> None:
+    images: dict[str, Path] = {}
+    for p in _files(ld.root / "images"):
+        if p.suffix.lower() not in IMAGE_EXTS:
+            ld.skip(p, f"not an image file (expected one of {', '.join(IMAGE_EXTS)})")
+        elif p.stem in images:
+            ld.skip(p, f"duplicate name: {images[p.stem].name} has the same stem")
+        else:
+            images[p.stem] = p
+    masks: dict[str, Path] = {}
+    for p in _files(ld.root / "masks"):
+        if p.suffix.lower() not in IMAGE_EXTS:
+            ld.skip(p, "not an image file")
+        elif p.stem not in images:
+            ld.skip(p, "mask without an image (no images/" + p.stem + ".*)")
+        elif p.stem in masks and p.suffix.lower() != ".png":
+            ld.skip(p, f"second mask for {p.stem}; {masks[p.stem].name} is used")
+        else:
+            if p.stem in masks:  # prefer the documented .png over other formats
+                ld.skip(masks[p.stem], f"second mask for {p.stem}; {p.name} is used")
+            masks[p.stem] = p
+    for stem, path in images.items():
+        ld.add(stem, path, masks.get(stem), None)
+    # A name that says "crack_..." with an empty mask is counted as good, as the rule says,
+    # but it is more often a labelling slip than a good part: say so.
+    defect_prefixes = {s.category for s in ld.samples if s.defective}
+    for s in ld.samples:
+        prefix = s.name.split("_", 1)[0]
+        if not s.defective and "_" in s.name and prefix in defect_prefixes:
+            ld.warnings.append((str(s.mask_path or s.image_path),
+                                f"named like defect type {prefix!r} but its mask is empty; counted as good"))
+
+
+def _load_mvtec(ld: _Loader) -> None:
+    gt_dir = ld.root / "ground_truth"
+    used_masks: set[Path] = set()
+    for split in ("train", "test"):
+        split_dir = ld.root / split
+        types = sorted(d for d in split_dir.iterdir() if d.is_dir()) if split_dir.is_dir() else []
+        for tdir in types:
+            for p in _files(tdir):
+                if p.suffix.lower() not in IMAGE_EXTS:
+                    ld.skip(p, "not an image file")
+                    continue
+                name = f"{split}_{tdir.name}_{p.stem}"
+                if tdir.name == "good":
+                    ld.add(name, p, None, "good")
+                    continue
+                mask = gt_dir / tdir.name / f"{p.stem}_mask.png"
+                if not mask.is_file():
+                    ld.skip(p, f"defect image without mask (expected {mask})")
+                    continue
+                used_masks.add(mask)
+                ld.add(name, p, mask, tdir.name)
+    for mask in (p for d in sorted(gt_dir.glob("*")) if d.is_dir() for p in _files(d)):
+        if mask not in used_masks:
+            ld.skip(mask, "mask without an image")
+
+
+def detect_layout(root: Path) -> str:
+    """'generic' or 'mvtec' by the folders present; DataError if neither (or both)."""
+    generic = (root / "images").is_dir()
+    mvtec = (root / "train").is_dir() or (root / "test").is_dir()
+    if generic and mvtec:
+        raise DataError(f"{root}: has both images/ and train/ or test/; cannot tell the layout apart")
+    if generic:
+        return "generic"
+    if mvtec:
+        return "mvtec"
+    hint = ""
+    if any((d / "train").is_dir() for d in root.iterdir() if d.is_dir()):
+        hint = " (this looks like the MVTec root: pass one category folder, e.g. DIR/bottle)"
+    raise DataError(f"{root}: not a dataset folder{hint}. Expected the {GENERIC_HELP}, or the {MVTEC_HELP}")
+
+
+def load_dataset(root: str | Path, strict: bool = False) -> Dataset:
+    """Find, read and check every image and mask under `root`.
+
+    strict=True turns every skip into a DataError (for CI on curated data); warnings never raise.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder does not exist")
+    layout = detect_layout(root)
+    ld = _Loader(root, strict)
+    (_load_generic if layout == "generic" else _load_mvtec)(ld)
+    if not ld.samples:
+        why = f"; {len(ld.skipped)} file(s) skipped, first: {ld.skipped[0][0]}: {ld.skipped[0][1]}" if ld.skipped else ""
+        raise DataError(f"{root}: no usable images found{why}. Expected the "
+                        f"{GENERIC_HELP if layout == 'generic' else MVTEC_HELP}")
+    ld.samples.sort(key=lambda s: s.name)
+    return Dataset(root, layout, ld.samples, ld.skipped, ld.warnings, ld.digests)
+
+
+# --------------------------------------------------------------------------- split
+
+
+def _stratum_seed(seed: int, key: str) -> int:
+    return zlib.crc32(f"{seed}/{key}".encode())
+
+
+def split_dataset(
+    samples: list[Sample], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """(train, val), each sorted by name; stratified by good/defective and by category.
+
+    Categories with a single sample are pooled per good/defective so they still count.
+    Each stratum is shuffled with its own seed from its key, so the result does not depend on
+    the order of `samples`, and a new category does not reshuffle the others. Every stratum
+    with >= 2 samples gives >= 1 to validation and keeps >= 1 for training.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    groups: dict[tuple[bool, str], list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[(bool(s.defective), s.category)].append(s)
+    strata: dict[str, list[Sample]] = defaultdict(list)
+    for (bad, cat), members in groups.items():
+        strata[f"{bad}/{cat}" if len(members) > 1 else f"{bad}/*pooled*"].extend(members)
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for key in sorted(strata):
+        members = sorted(strata[key], key=lambda s: (s.name, str(s.image_path)))
+        n = len(members)
+        n_val = round(n * val_fraction)
+        if val_fraction > 0 and n >= 2:
+            n_val = min(max(n_val, 1), n - 1)
+        order = np.random.default_rng(_stratum_seed(seed, key)).permutation(n)
+        val.extend(members[i] for i in order[:n_val])
+        train.extend(members[i] for i in order[n_val:])
+    key_fn = lambda s: (s.name, str(s.image_path))  # noqa: E731
+    return sorted(train, key=key_fn), sorted(val, key=key_fn)

@@ -1,0 +1,305 @@
+"""THE metric definition of a model: probability maps + true masks -> image and pixel metrics.
+
+Training validation, calibration checks, the export accuracy gate and the `evaluate` CLI all
+call `evaluate_predictions`, and it judges a map through `edge.postprocess.postprocess` and
+`edge.rules.decide` - the daemon's own code - so a reported F1 is the F1 the line will see.
+
+CLI (`python -m training evaluate`): a model is either a checkpoint file (torch inference
+through training.predict) or a model package folder with package.json (OpenVINO inference
+through edge.inference, no torch needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from edge.contract import PACKAGE_JSON, PostprocessParams
+from edge.postprocess import postprocess
+from edge.rules import Rules, decide
+from training.metrics import PixelCounts, image_metrics
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+HALF_BUDGET_BYTES = 512 << 20  # above this (float32 estimate) probability maps are kept as float16
+_RULES = Rules()  # default rules: a part fails iff it has any defect region
+
+
+def _check_inputs(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> None:
+    if len(probs) != len(masks):
+        raise ValueError(f"{len(probs)} probability maps but {len(masks)} masks")
+    if not probs:
+        raise ValueError("no images to evaluate")
+    for i, (p, m) in enumerate(zip(probs, masks, strict=True)):
+        if p.shape != m.shape:
+            raise ValueError(f"image {i}: probability map {p.shape} and mask {m.shape} differ in shape")
+
+
+def evaluate_detailed(
+    probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`evaluate_predictions` plus one small row per image (label, verdict, score, regions)."""
+    _check_inputs(probs, masks)
+    params.validate()
+    labels = np.zeros(len(probs), bool)
+    preds = np.zeros(len(probs), bool)
+    scores = np.zeros(len(probs), np.float64)
+    pixels = PixelCounts()
+    rows: list[dict[str, Any]] = []
+    for i, (prob, mask) in enumerate(zip(probs, masks, strict=True)):
+        det = postprocess(prob, params)
+        verdict, _ = decide(det, _RULES)
+        labels[i] = bool(np.any(mask))
+        preds[i] = verdict == "fail"
+        scores[i] = det.score
+        pixels.add(det.mask, mask)
+        rows.append({"defective": bool(labels[i]), "predicted": bool(preds[i]), "score": float(det.score),
+                     "n_regions": len(det.regions), "defect_area": det.total_area})
+    metrics = image_metrics(preds, labels, scores)
+    metrics.update(pixels.to_dict())
+    metrics.update({
+        "n_images": len(probs),
+        "n_defective": int(labels.sum()),
+        "pixel_threshold": float(params.pixel_threshold),
+        "min_area": int(params.min_area),
+        "open_radius": int(params.open_radius),
+        "close_radius": int(params.close_radius),
+    })
+    return metrics, rows
+
+
+def evaluate_predictions(
+    probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams
+) -> dict[str, Any]:
+    """Metrics of probability maps against true masks, judged exactly as the daemon judges.
+
+    Per image: `postprocess(prob, params)`; label = any true defect pixel; prediction = the
+    default rules fail the part (any region survives); score = `Detection.score` (ranks parts
+    for image AP); pixel counts compare `Detection.mask` (after morphology and the area filter)
+    with the true mask, pooled over images. Conventions for 0/0 and AP: see training.metrics.
+    """
+    return evaluate_detailed(probs, masks, params)[0]
+
+
+def predict_all(
+    predictor: Predictor, samples: Sequence[Any], color: str, keep_images: bool = False,
+    progress: bool = True, half: bool | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]:
+    """(probability maps, true masks, images or None) of every sample, in order.
+
+    `predictor` maps an image (as `load_sample` returns it) to an HxW map, e.g.
+    ``lambda im: predict_image(model, im, spec, tta)`` or ``Inferencer(dir).predict``.
+    Maps are kept as float16 when `half` is True, or when None and all of them as float32 would
+    exceed HALF_BUDGET_BYTES (estimated from the first); postprocess reads either.
+    """
+    from training.data import load_sample  # lazy: keeps this module importable without data deps
+
+    probs: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    images: list[np.ndarray] | None = [] if keep_images else None
+    for sample in tqdm(samples, desc="predict", unit="img", disable=not progress, leave=False):
+        image, mask = load_sample(sample, color)
+        prob = np.asarray(predictor(image), dtype=np.float32)
+        if prob.shape != mask.shape:
+            raise ValueError(f"{sample.image_path}: prediction {prob.shape} does not match the image {mask.shape}")
+        if half is None:
+            half = len(samples) * prob.size * 4 > HALF_BUDGET_BYTES
+        probs.append(prob.astype(np.float16) if half else prob)
+        masks.append(mask)
+        if images is not None:
+            images.append(image)
+    return probs, masks, images
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """What the CLI needs of a checkpoint or a package, whichever it was."""
+
+    kind: str  # "checkpoint" | "package"
+    predictor: Predictor
+    color: str
+    params: PostprocessParams
+    name: str
+    version: str
+    data_fingerprint: str
+    train_config: dict[str, Any]
+
+
+def load_for_eval(model_path: str | Path, tta: bool = False, device: str = "CPU") -> LoadedModel:
+    """A folder with package.json is an OpenVINO package, a file a torch checkpoint.
+
+    Raises ValueError subclasses (CheckpointError, PackageError) whose message names the file.
+    """
+    path = Path(model_path)
+    if path.is_dir():
+        if not (path / PACKAGE_JSON).is_file():
+            raise ValueError(f"{path}: a folder but not a model package (no {PACKAGE_JSON})")
+        if tta:
+            raise ValueError(f"{path}: --tta needs a checkpoint; a model package runs as deployed")
+        from edge.inference import Inferencer
+
+        inf = Inferencer(path, device=device, num_requests=1)
+        tc = inf.meta.extra.get("train_config", {}) if isinstance(inf.meta.extra, dict) else {}
+        return LoadedModel("package", inf.predict, inf.spec.color, inf.params, inf.meta.name,
+                           inf.meta.version, inf.meta.data_fingerprint, dict(tc or {}))
+    if not path.exists():
+        raise ValueError(f"{path}: model not found (expected a checkpoint file or a model package folder)")
+    from training.checkpoint import load_model
+    from training.predict import predict_image
+
+    model, meta = load_model(path)
+    spec = meta.input_spec
+    return LoadedModel("checkpoint", lambda im: predict_image(model, im, spec, tta=tta), spec.color,
+                       meta.postprocess, meta.name, meta.version, meta.data_fingerprint,
+                       dict(meta.train_config or {}))
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf -> None (JSON has no NaN), numpy scalars -> Python, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
+    """tmp + rename, so a reader (CI, export gate) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Two aligned columns, metric and value; NaN shows as n/a."""
+    width = max(len(k) for k in metrics)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    for k, v in metrics.items():
+        text = ("n/a" if math.isnan(v) else f"{v:.4f}") if isinstance(v, float) else str(v)
+        lines.append(f"{k:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+def select_split(samples: list[Any], split: str, train_config: dict[str, Any], model: str) -> list[Any]:
+    """`all`, or the train/val part of the training run's split (same val_fraction and seed)."""
+    if split == "all":
+        return samples
+    from training.data import split_dataset
+
+    if "val_fraction" not in train_config or "seed" not in train_config:
+        raise ValueError(f"{model}: has no train_config with val_fraction and seed, so the training split "
+                         f"cannot be reproduced; use --split all")
+    train, val = split_dataset(samples, float(train_config["val_fraction"]), int(train_config["seed"]))
+    chosen = val if split == "val" else train
+    if not chosen:
+        raise ValueError(f"the {split} split is empty (val_fraction={train_config['val_fraction']})")
+    return chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m training evaluate",
+                                 description="Evaluate a checkpoint or a model package on a dataset.")
+    ap.add_argument("--model", required=True, help="checkpoint file (.pt) or model package folder")
+    ap.add_argument("--data", required=True, help="dataset folder (generic or MVTec layout)")
+    ap.add_argument("--json", required=True, help="write the metrics here (atomically)")
+    ap.add_argument("--split", choices=("all", "val", "train"), default="all",
+                    help="val/train reproduce the training run's hold-out split (default: all)")
+    ap.add_argument("--tta", action="store_true", help="flip test-time augmentation (checkpoints only)")
+    ap.add_argument("--threshold", type=float, default=None, help="override pixel_threshold")
+    ap.add_argument("--min-area", type=int, default=None, help="override min_area (pixels)")
+    ap.add_argument("--grid", default=None, help="also save a validation picture grid (PNG)")
+    ap.add_argument("--device", default="CPU", help="OpenVINO device for packages (default CPU)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The CLI's work; raises ValueError/OSError with messages naming the file."""
+    from training.data import load_dataset
+
+    t0 = time.perf_counter()
+    loaded = load_for_eval(args.model, tta=args.tta, device=args.device)
+    params = loaded.params
+    if args.threshold is not None or args.min_area is not None:
+        params = dataclasses.replace(
+            params,
+            pixel_threshold=params.pixel_threshold if args.threshold is None else float(args.threshold),
+            min_area=params.min_area if args.min_area is None else int(args.min_area),
+        )
+        params.validate()
+    dataset = load_dataset(args.data)
+    warnings: list[str] = [f"{p}: skipped: {why}" for p, why in dataset.skipped]
+    fingerprint = dataset.fingerprint()
+    if args.split != "all" and loaded.data_fingerprint and loaded.data_fingerprint != fingerprint:
+        warnings.append(f"data fingerprint differs from the model's training data: the {args.split} "
+                        f"split may not be the one the model was trained with")
+    samples = select_split(dataset.samples, args.split, loaded.train_config, str(args.model))
+    probs, masks, images = predict_all(loaded.predictor, samples, loaded.color,
+                                       keep_images=bool(args.grid), progress=not args.no_progress)
+    metrics, rows = evaluate_detailed(probs, masks, params)
+    if args.grid:
+        from training.pictures import save_validation_grid
+
+        assert images is not None
+        save_validation_grid(images, masks, probs, params, args.grid, names=[s.name for s in samples])
+    for s, row in zip(samples, rows, strict=True):
+        row["name"], row["category"] = s.name, s.category
+    return {
+        **metrics,
+        "model": str(args.model),
+        "model_kind": loaded.kind,
+        "model_name": loaded.name,
+        "model_version": loaded.version,
+        "data": str(args.data),
+        "data_fingerprint": fingerprint,
+        "split": args.split,
+        "tta": bool(args.tta),
+        "params": params.to_dict(),
+        "warnings": warnings,
+        "time_s": round(time.perf_counter() - t0, 2),
+        "per_image": rows,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m training evaluate`; 0 = done, 2 = unusable input (message, no traceback)."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+        write_json_atomic(args.json, result)
+    except (ValueError, OSError) as e:  # DataError, CheckpointError, PackageError, FrameError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    shown = {k: v for k, v in result.items() if k not in ("per_image", "warnings", "params")}
+    print(format_table(shown))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

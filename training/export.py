@@ -1,0 +1,328 @@
+"""Checkpoint -> model package: convert to OpenVINO, quantize to INT8 behind an accuracy gate, save.
+
+    python -m training export --checkpoint RUN/best.pt --out MODEL_DIR --calib-data DATA \
+        [--precision int8|fp16|fp32] [--val-data DIR] [--name N --version V] \
+        [--max-drop 0.01] [--calib-size 300] [--preset performance|mixed]
+
+A short chain (as in anomalib): convert -> quantize (plain, then accuracy-controlled) -> gate
+-> save. The graph is raw pixels [1,C,T,T] -> sigmoid probability [1,1,T,T]; normalisation is
+inside the U-Net, so the package needs no preprocessing but tiling. Validation uses the
+checkpoint's own split (train_config val_fraction + seed) unless --val-data is given, and
+every model is judged through the daemon's own tiling and postprocessing.
+
+If INT8 fails the gate even with accuracy control, the package falls back to FP16 and says so
+on stderr, in package.json (metrics.gate) and in export_report.json: a degraded model is never
+shipped silently. The package is built in a temporary folder beside MODEL_DIR and renamed at
+the end, so a failed export leaves either the old package or none, never half of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import torch
+
+from edge.contract import PackageMeta
+from edge.package import read_package, sha256_file, write_package_json
+from edge.preprocess import preprocess
+from training import quantize as q
+from training.bench import median_latency_ms, ov_runner
+from training.checkpoint import CheckpointMeta, load_model
+from training.data import load_dataset, load_sample, split_dataset
+
+
+class ExportError(RuntimeError):
+    """Export cannot produce a trustworthy package; the message says why and what to do."""
+
+
+class ProbabilityModel(torch.nn.Module):
+    """The deployable graph: raw pixels in, defect probability out (sigmoid inside the graph)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x))
+
+
+def convert(module: torch.nn.Module, meta: CheckpointMeta) -> ov.Model:
+    """PyTorch frontend conversion with a static [1,C,T,T] input (no ONNX detour)."""
+    spec = meta.input_spec
+    shape = [1, spec.channels, spec.tile, spec.tile]
+    wrapped = ProbabilityModel(module).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # the PyTorch frontend traces with torch.jit.trace, which torch now flags as deprecated
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+        model = ov.convert_model(wrapped, example_input=torch.zeros(shape), input=shape)
+    model.inputs[0].get_tensor().set_names({"image"})
+    model.outputs[0].get_tensor().set_names({"probability"})
+    return model
+
+
+def set_model_info(model: ov.Model, info: dict[str, Any]) -> None:
+    """Metadata in the IR itself (rt_info "model_info", like OpenVINO model_api), so a bare
+    model.xml separated from its package.json still says how to feed and read it."""
+    for key, value in info.items():
+        text = " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+        model.set_rt_info(text, ["model_info", key])
+
+
+def model_info(meta: CheckpointMeta, name: str, version: str, precision: str, created: str) -> dict[str, Any]:
+    s, p = meta.input_spec, meta.postprocess
+    return {
+        "model_type": "defect_segmentation", "name": name, "version": version, "precision": precision,
+        "created": created, "color": s.color, "tile": s.tile, "overlap": s.overlap,
+        "multiple_of": s.multiple_of, "layout": s.layout, "mean_values": list(s.mean),
+        "scale_values": list(s.std), "normalization": "in_graph", "input": "raw pixels 0..255 float32",
+        "output": "sigmoid probability", "pixel_threshold": p.pixel_threshold, "min_area": p.min_area,
+        "open_radius": p.open_radius, "close_radius": p.close_radius,
+        "data_fingerprint": meta.data_fingerprint,
+    }
+
+
+def save_ir(model: ov.Model, xml: Path, info: dict[str, Any], fp16: bool = False) -> None:
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    set_model_info(model, info)
+    ov.save_model(model, str(xml), compress_to_fp16=fp16)
+
+
+def tool_versions() -> dict[str, str]:
+    import nncf
+
+    return {"torch": torch.__version__, "openvino": ov.__version__, "nncf": nncf.__version__,
+            "python": sys.version.split()[0]}
+
+
+def write_meta(root: Path, meta: CheckpointMeta, name: str, version: str, created: str, precision: str,
+               metrics: dict[str, Any]) -> PackageMeta:
+    files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != "package.json" and not p.name.endswith(".tmp")}
+    pm = PackageMeta(name=name, version=version, created=created, precision=precision, input=meta.input_spec,
+                     postprocess=meta.postprocess, files=files, metrics=metrics,
+                     data_fingerprint=meta.data_fingerprint, tools=tool_versions(),
+                     extra={"train_config": meta.train_config, "model_config": meta.model_config.to_dict(),
+                            "input_note": "normalisation (mean/std) is inside the graph: feed raw pixels",
+                            "checkpoint_metrics": meta.metrics})
+    write_package_json(root, pm)
+    return pm
+
+
+def banner(lines: list[str]) -> None:
+    bar = "!" * 78
+    print("\n".join([bar, *[f"!! {line}" for line in lines], bar]), file=sys.stderr, flush=True)
+
+
+def _load_items(samples: list[Any], color: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [load_sample(s, color) for s in samples]
+
+
+def export(checkpoint: str | Path, out: str | Path, calib_data: str | Path | None, precision: str = "int8",
+           val_data: str | Path | None = None, name: str | None = None, version: str | None = None,
+           max_drop: float = 0.01, calib_size: int = 300, preset: str = "performance",
+           seed: int = 0) -> dict[str, Any]:
+    """Build the package at `out`; returns the report (also written to out/export_report.json)."""
+    if precision not in ("int8", "fp16", "fp32"):
+        raise ExportError(f"--precision must be int8, fp16 or fp32, got {precision!r}")
+    out = Path(out)
+    module, meta = load_model(checkpoint)
+    spec = meta.input_spec
+    name, version = name or meta.name, version or meta.version
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+    # -- data: calibration from the training part, validation = the checkpoint's own split
+    if calib_data is None and (precision == "int8" or val_data is None):
+        raise ExportError("--calib-data is required (INT8 calibration and/or the validation split)")
+    calib_samples: list[Any] = []
+    val_samples: list[Any] = []
+    val_source = ""
+    if calib_data is not None:
+        ds = load_dataset(calib_data)
+        if val_data is None:
+            tc = meta.train_config
+            calib_samples, val_samples = split_dataset(ds.samples, float(tc.get("val_fraction", 0.2)),
+                                                       int(tc.get("seed", 0)))
+            val_source = f"{calib_data} split (val_fraction={tc.get('val_fraction', 0.2)}, seed={tc.get('seed', 0)})"
+        else:
+            calib_samples = ds.samples
+    if val_data is not None:
+        val_samples = load_dataset(val_data).samples
+        val_source = str(val_data)
+    if not val_samples:
+        raise ExportError(f"no validation images in {val_source}: pass --val-data DIR so the gate can run")
+    print(f"export: {name} {version}, {precision}, tile {spec.tile}, validation {len(val_samples)} images "
+          f"({val_source})", file=sys.stderr)
+    items = _load_items(val_samples, spec.color)
+    names = [s.name for s in val_samples]
+
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        report = _build(staging, module, meta, name, version, created, precision, items, names,
+                        calib_samples, max_drop, calib_size, preset, seed)
+        report["validation"] = {"source": val_source, "images": len(items)}
+        (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_meta(staging, meta, name, version, created, report["precision"], report["metrics"])
+        _replace_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # -- verify as the daemon will: metadata + hashes + XML, then a compiled Inferencer
+    from edge.inference import Inferencer
+
+    read_package(out)
+    Inferencer(out, num_requests=1)
+    report["verified"] = True
+    print_report(report, out)
+    print(f"verified: {out} reads (package.json, SHA-256, XML) and compiles with edge.inference.Inferencer")
+    return report
+
+
+def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str, version: str, created: str,
+           precision: str, items: list[tuple[np.ndarray, np.ndarray]], names: list[str],
+           calib_samples: list[Any], max_drop: float, calib_size: int, preset: str,
+           seed: int) -> dict[str, Any]:
+    from edge.inference import Inferencer
+
+    spec, params = meta.input_spec, meta.postprocess
+    fp32 = convert(module, meta)
+    fp32_xml = root / "fp32" / "model.xml"
+    save_ir(fp32, fp32_xml, model_info(meta, name, version, "fp32", created))
+    ref_pred = q.OVPredictor(fp32_xml, spec)
+    parity = _torch_parity(module, ref_pred, items[0][0], spec)
+    if parity > 1e-4:
+        raise ExportError(f"OpenVINO FP32 differs from PyTorch by {parity:.2e} (max abs probability): "
+                          "conversion is wrong, not shipping it")
+    ref = q.evaluate_model(ref_pred.predict, items, names, params, "validate fp32")
+    metrics: dict[str, Any] = {"fp32": ref.metrics}
+    report: dict[str, Any] = {"precision_requested": precision, "torch_vs_ov_fp32_max_abs": parity}
+
+    def stage(model: ov.Model, prec: str, fp16: bool = False) -> Any:
+        """Write model.xml as the candidate and judge it through the daemon's Inferencer."""
+        save_ir(model, root / "model.xml", model_info(meta, name, version, prec, created), fp16=fp16)
+        write_meta(root, meta, name, version, created, prec, metrics)
+        inf = Inferencer(root, num_requests=1, hint="LATENCY")
+        ev = q.evaluate_model(inf.predict, items, names, params, f"validate {prec}")
+        ev.metrics["runtime_inference_precision"] = q.inference_precision(inf.compiled)
+        return ev
+
+    final = precision
+    if precision == "int8":
+        calib = q.sample_calibration_tiles(calib_samples, spec, calib_size, seed)
+        report["calibration"] = calib.info()
+        print(f"quantize: NNCF PTQ on {len(calib.tiles)} tiles ({calib.n_defect_tiles} with defects), "
+              f"preset {preset}", file=sys.stderr)
+        cand = stage(q.quantize_int8(fp32, calib, preset), "int8")
+        gate = q.check_gate(ref, cand, max_drop)
+        gate["method"] = "nncf.quantize"
+        if not gate["passed"]:
+            print(f"gate: plain INT8 fails ({gate['reason']}); trying accuracy-controlled quantization",
+                  file=sys.stderr)
+            first = gate
+            cand = stage(q.quantize_int8_controlled(fp32, calib, items, spec, params, max_drop, preset), "int8")
+            gate = q.check_gate(ref, cand, max_drop)
+            gate["method"] = "nncf.quantize_with_accuracy_control"
+            gate["plain_int8"] = first
+        metrics["int8"] = cand.metrics
+        if not gate["passed"]:
+            final = "fp16"
+            gate["fallback"] = "fp16"
+            banner([f"INT8 FAILED THE ACCURACY GATE: {gate['reason']}",
+                    "Shipping FP16 instead (slower, not degraded). INT8 metrics are kept in package.json."])
+            metrics["fp16"] = stage(fp32, "fp16", fp16=True).metrics
+        metrics["gate"] = gate
+    elif precision == "fp16":
+        metrics["fp16"] = stage(fp32, "fp16", fp16=True).metrics
+        metrics["gate"] = {"passed": True, "reason": "fp16 requested; no INT8 gate", "not_applicable": True}
+    else:
+        metrics["deployed_fp32"] = stage(fp32, "fp32").metrics
+        metrics["gate"] = {"passed": True, "reason": "fp32 requested; no INT8 gate", "not_applicable": True}
+
+    tile = items[0][0]
+    tiles, _ = preprocess(tile, spec)
+    t = np.ascontiguousarray(tiles[:1])
+    speed = {"fp32_ms": median_latency_ms(ov_runner(ref_pred.compiled, t), 1.0)}
+    deployed = Inferencer(root, num_requests=1, hint="LATENCY")
+    speed[f"{final}_ms"] = median_latency_ms(ov_runner(deployed.compiled, t), 1.0)
+    report.update({"precision": final, "metrics": metrics, "speed_ms_per_tile": speed,
+                   "load_avg": os.getloadavg()[0]})
+    return report
+
+
+def _torch_parity(module: torch.nn.Module, ref: q.OVPredictor, image: np.ndarray, spec: Any) -> float:
+    """Max |p_torch - p_openvino| over the tiles of one real image and one random tile."""
+    tiles, _ = preprocess(image, spec)
+    rnd = np.random.default_rng(0).uniform(0, 255, tiles[:1].shape).astype(np.float32)
+    x = np.concatenate([tiles[:4], rnd])
+    with torch.no_grad():
+        pt = torch.sigmoid(module(torch.from_numpy(x)))[:, 0].numpy()
+    return float(np.abs(pt - ref.infer_tiles(x)).max())
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Swap the finished package into place; an existing non-package folder is never deleted."""
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "package.json").exists()):
+            raise ExportError(f"{out} exists and is not a model package; choose another --out")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def print_report(report: dict[str, Any], out: Path) -> None:
+    m = report["metrics"]
+    keys = ("pixel_iou", "pixel_f1", "image_recall", "image_precision", "image_f1")
+    cols = [k for k in ("fp32", "int8", "fp16") if k in m]
+    print(f"\nexport report ({out}): shipped precision {report['precision'].upper()}")
+    print(f"{'metric':<18}" + "".join(f"{c:>10}" for c in cols))
+    for k in keys:
+        print(f"{k:<18}" + "".join(f"{float(m[c].get(k, float('nan'))):>10.4f}" for c in cols))
+    print("median ms per tile (1 request, LATENCY hint): "
+          + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in report["speed_ms_per_tile"].items())
+          + f" (load avg {report['load_avg']:.1f})")
+    gate = m.get("gate", {})
+    print(f"gate: {'PASSED' if gate.get('passed') else 'FAILED'} - {gate.get('reason')}"
+          + (f" -> fallback {gate['fallback'].upper()}" if gate.get("fallback") else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="RUN/best.pt written by 'python -m training train'")
+    p.add_argument("--out", required=True, help="model package folder to (re)create")
+    p.add_argument("--calib-data", help="dataset folder (the training folder: its split gives calibration/validation)")
+    p.add_argument("--val-data", help="separate validation dataset for the accuracy gate")
+    p.add_argument("--precision", default="int8", choices=("int8", "fp16", "fp32"))
+    p.add_argument("--name")
+    p.add_argument("--version")
+    p.add_argument("--max-drop", type=float, default=0.01, help="largest allowed pixel-IoU loss of INT8")
+    p.add_argument("--calib-size", type=int, default=300, help="number of calibration tiles")
+    p.add_argument("--preset", default="performance", choices=("performance", "mixed"))
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    try:
+        export(a.checkpoint, a.out, a.calib_data, a.precision, a.val_data, a.name, a.version, a.max_drop,
+               a.calib_size, a.preset, a.seed)
+    except (ExportError, ValueError, OSError) as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Segmentation losses for rare, small defects.
+
+Defect pixels are often well under 1 % of a part, so plain BCE is dominated by the easy
+background and a network can score a low loss by predicting "no defect" everywhere. The
+usual remedies, all available here and selected by name from the training config:
+
+- `bce` with `pos_weight` > 1: each defect pixel counts as `pos_weight` background pixels.
+- `dice`: soft Dice over the whole batch, indifferent to how much background there is.
+  Computed per batch rather than per image so all-good patches (empty masks) do not make
+  it explode or vanish.
+- `focal`: down-weights well-classified pixels (gamma) and balances classes (alpha).
+- `bce_dice` / `focal_dice`: a pixel-wise term for calibrated probabilities plus Dice for
+  overlap; the usual robust default.
+
+Deep supervision: the model may return `(logits, [aux logits])`; the aux losses are averaged
+and added with weight `aux_weight`, so coarse decoder stages learn to localise early on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LossName = Literal["bce", "dice", "bce_dice", "focal", "focal_dice"]
+LOSS_NAMES: tuple[str, ...] = ("bce", "dice", "bce_dice", "focal", "focal_dice")
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+    """Mean binary cross-entropy on logits; `pos_weight` scales the loss of defect pixels."""
+    pw = None if pos_weight == 1.0 else torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice over the whole batch. `smooth` keeps an all-empty batch at ~0 loss."""
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum()
+    denom = prob.sum() + target.sum()
+    return 1.0 - (2.0 * inter + smooth) / (denom + smooth)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+               alpha: float | None = 0.25) -> torch.Tensor:
+    """Mean focal loss (Lin et al. 2017): BCE scaled by (1 - p_t)^gamma, optionally alpha-balanced."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    prob = torch.sigmoid(logits)
+    p_t = prob * target + (1 - prob) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha is not None:
+        loss = loss * (alpha * target + (1 - alpha) * (1 - target))
+    return loss.mean()
+
+
+class SegmentationLoss(nn.Module):
+    """One configured loss, applied to the main output and (weighted) to deep-supervision outputs."""
+
+    def __init__(self, name: LossName = "bce_dice", pos_weight: float = 1.0, dice_weight: float = 1.0,
+                 focal_gamma: float = 2.0, focal_alpha: float | None = 0.25, aux_weight: float = 0.4) -> None:
+        super().__init__()
+        if name not in LOSS_NAMES:
+            raise ValueError(f"loss name must be one of {', '.join(LOSS_NAMES)}, got {name!r}")
+        if pos_weight <= 0 or dice_weight < 0 or aux_weight < 0 or focal_gamma < 0:
+            raise ValueError("pos_weight must be > 0; dice_weight, aux_weight and focal_gamma >= 0")
+        self.name = name
+        self.pos_weight = pos_weight
+        self.dice_weight = dice_weight
+        self.focal_gamma = focal_gamma
+        self.focal_alpha = focal_alpha
+        self.aux_weight = aux_weight
+
+    def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of one logits map (no deep supervision)."""
+        if self.name == "dice":
+            return dice_loss(logits, target)
+        if self.name in ("bce", "bce_dice"):
+            pixel = bce_loss(logits, target, self.pos_weight)
+        else:
+            pixel = focal_loss(logits, target, self.focal_gamma, self.focal_alpha)
+        if self.name.endswith("_dice"):
+            return pixel + self.dice_weight * dice_loss(logits, target)
+        return pixel
+
+    def forward(self, output: torch.Tensor | tuple[torch.Tensor, Sequence[torch.Tensor]],
+                target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, (tuple, list)):
+            logits, aux = output
+            loss = self.single(logits, target)
+            if aux and self.aux_weight > 0:
+                loss = loss + self.aux_weight * torch.stack([self.single(a, target) for a in aux]).mean()
+            return loss
+        return self.single(output, target)
+
+
+def build_loss(cfg: Any) -> SegmentationLoss:
+    """Loss from the `loss:` section of the training config (any object with those attributes)."""
+    return SegmentationLoss(name=cfg.name, pos_weight=cfg.pos_weight, dice_weight=cfg.dice_weight,
+                            focal_gamma=cfg.focal_gamma, focal_alpha=cfg.focal_alpha,
+                            aux_weight=cfg.aux_weight)

@@ -1,0 +1,209 @@
+"""Training patches cut at full resolution from images held in memory.
+
+Why patches and not whole images: parts come in any size, defects are a few pixels wide, and
+resizing a 600 px part to the network's input would erase a 10 px blowhole. Cutting P x P
+patches (P a multiple of the network stride) keeps the pixels as the edge sees them and lets
+us choose *what* the network looks at, which matters more than how long it trains:
+
+- defect patches: centred on a random pixel of a random defect component, shifted by a random
+  offset so the defect is not always in the middle (the network must not learn "centre = bad");
+- hard negatives: good surface where the current model fires falsely. The trainer mines them
+  each epoch (`mine_hard_negatives`) and hands them over with `set_hard_negatives`; until the
+  first mining, or without good images, these slots fall back to random good patches;
+- random patches anywhere, so the plain background keeps its true frequency.
+
+Images smaller than P are reflect-padded (bottom/right, as edge.preprocess pads frames).
+Each patch goes through the joint augmentation of training.augment. Items are raw pixels:
+float32 C x P x P in 0..255 (the model normalises inside its graph) and a float32 1 x P x P mask.
+
+Determinism: the patches of an epoch depend only on (seed, epoch, rank, dataloader worker),
+so a run is reproducible and DDP ranks / workers draw disjoint, non-repeating streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import IterableDataset, get_worker_info
+
+from training.augment import build_augmentation
+
+
+@dataclass(frozen=True)
+class HardNegative:
+    """A location (in image coordinates) where the model predicted a defect on good surface."""
+
+    image: int  # index into the dataset's image list
+    y: int
+    x: int
+    score: float  # the false-positive probability there
+
+
+def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
+    h, w = a.shape[:2]
+    if h >= size and w >= size:
+        return a
+    mode = cv2.BORDER_REFLECT_101 if min(h, w) > 1 else cv2.BORDER_REPLICATE
+    out = cv2.copyMakeBorder(a, 0, max(0, size - h), 0, max(0, size - w), mode)
+    # copyMakeBorder keeps the channel axis only when there is more than one channel
+    return out if out.ndim == a.ndim else out[:, :, None]
+
+
+class PatchDataset(IterableDataset):
+    """An epoch = `patches_per_epoch` patches, split over DDP ranks and dataloader workers."""
+
+    def __init__(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], patch_size: int,
+                 patches_per_epoch: int, defect_fraction: float = 0.5, hard_negative_fraction: float = 0.25,
+                 jitter: float = 0.35, augment: str = "default", seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if patch_size <= 0 or patch_size % 16:
+            raise ValueError(f"patch size must be a positive multiple of 16, got {patch_size}")
+        if len(images) != len(masks) or not images:
+            raise ValueError("need the same, non-zero number of images and masks")
+        if defect_fraction < 0 or hard_negative_fraction < 0 or defect_fraction + hard_negative_fraction > 1:
+            raise ValueError("defect_fraction and hard_negative_fraction must be >= 0 and sum to <= 1")
+        if not 0 <= jitter <= 0.5:
+            raise ValueError(f"jitter must be in [0, 0.5], got {jitter}")
+        self.size = patch_size
+        self.images = [_pad_to(im, patch_size) for im in images]
+        self.masks = [_pad_to(m, patch_size) for m in masks]
+        self.orig_shapes = [m.shape[:2] for m in masks]
+        self.patches_per_epoch = patches_per_epoch
+        self.defect_fraction = defect_fraction
+        self.hard_negative_fraction = hard_negative_fraction
+        self.jitter = jitter
+        self.augment = augment
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.hard_negatives: list[HardNegative] = []
+        self.good = [i for i, m in enumerate(masks) if not m.any()]
+        # defect components per image: a random component first, then a pixel in it, so a small
+        # blowhole next to a large break still gets its share of patches
+        self.components: dict[int, list[np.ndarray]] = {}
+        for i, m in enumerate(masks):
+            if m.any():
+                n, labels = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
+                self.components[i] = [np.argwhere(labels == k) for k in range(1, n)]
+        self.defective = sorted(self.components)
+
+    # -------------------------------------------------------------------- trainer hooks
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new epoch draws new patches (like DistributedSampler.set_epoch)."""
+        self.epoch = epoch
+
+    def set_hard_negatives(self, entries: Sequence[HardNegative]) -> None:
+        self.hard_negatives = list(entries)
+
+    def __len__(self) -> int:
+        """Patches this rank yields per epoch (the same on every rank, so DDP steps stay in lockstep)."""
+        return self.patches_per_epoch // self.world_size
+
+    # -------------------------------------------------------------------- sampling
+
+    def _crop_at(self, i: int, cy: float, cx: float, rng: np.random.Generator) -> tuple[int, int, int]:
+        """Origin of a patch containing (cy, cx) at a random offset from the patch centre."""
+        p = self.size
+        h, w = self.masks[i].shape[:2]
+        oy, ox = rng.uniform(-self.jitter, self.jitter, size=2) * p
+        y0 = int(np.clip(round(cy - p / 2 + oy), 0, h - p))
+        x0 = int(np.clip(round(cx - p / 2 + ox), 0, w - p))
+        return i, y0, x0
+
+    def _random_in(self, i: int, rng: np.random.Generator) -> tuple[int, int, int]:
+        h, w = self.masks[i].shape[:2]
+        return i, int(rng.integers(0, h - self.size + 1)), int(rng.integers(0, w - self.size + 1))
+
+    def choose(self, rng: np.random.Generator) -> tuple[str, int, int, int]:
+        """(kind, image index, y0, x0) of the next patch."""
+        u = rng.random()
+        if u < self.defect_fraction and self.defective:
+            i = self.defective[int(rng.integers(len(self.defective)))]
+            comps = self.components[i]
+            pix = comps[int(rng.integers(len(comps)))]
+            cy, cx = pix[int(rng.integers(len(pix)))]
+            return ("defect", *self._crop_at(i, float(cy), float(cx), rng))
+        if u < self.defect_fraction + self.hard_negative_fraction and self.good:
+            if self.hard_negatives:
+                hn = self.hard_negatives[int(rng.integers(len(self.hard_negatives)))]
+                return ("hard", *self._crop_at(hn.image, hn.y, hn.x, rng))
+            return ("good", *self._random_in(self.good[int(rng.integers(len(self.good)))], rng))
+        return ("random", *self._random_in(int(rng.integers(len(self.images))), rng))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n = len(self)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        aug_seed = int(rng.integers(2**31 - 1))
+        aug = build_augmentation(self.augment, seed=aug_seed)
+        p = self.size
+        for _ in range(worker, n, n_workers):
+            _, i, y0, x0 = self.choose(rng)
+            img = self.images[i][y0 : y0 + p, x0 : x0 + p]
+            msk = self.masks[i][y0 : y0 + p, x0 : x0 + p]
+            img, msk = aug(np.ascontiguousarray(img), np.ascontiguousarray(msk))
+            if img.ndim == 2:
+                img = img[:, :, None]
+            yield (torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32)),
+                   torch.from_numpy(msk[None].astype(np.float32)))
+
+
+# ------------------------------------------------------------------------ hard-negative mining
+
+
+@torch.no_grad()
+def full_image_probs(model: torch.nn.Module, image: np.ndarray, stride: int = 16) -> np.ndarray:
+    """Probability map of a whole image in one forward pass (reflect-padded to the stride).
+
+    Mining only needs to know *where* the model fires, not the edge's exact tile blending,
+    and one pass over the image costs about half of the overlapping 256 px tiles.
+    """
+    h, w = image.shape[:2]
+    ph, pw = -h % stride, -w % stride
+    x = torch.from_numpy(np.ascontiguousarray(image)).float()
+    x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+    out = model(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return torch.sigmoid(out)[0, 0, :h, :w].numpy()
+
+
+def peaks(prob: np.ndarray, count: int, spacing: int, min_prob: float) -> list[tuple[int, int, float]]:
+    """Up to `count` local maxima (y, x, p) of `prob`, at least ~`spacing` px apart, p >= min_prob."""
+    k = max(3, spacing | 1)
+    dil = cv2.dilate(prob, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k)))
+    ys, xs = np.nonzero((prob >= dil) & (prob >= min_prob))
+    if ys.size == 0:
+        return []
+    vals = prob[ys, xs]
+    order = np.argsort(-vals, kind="stable")[:count]
+    return [(int(ys[j]), int(xs[j]), float(vals[j])) for j in order]
+
+
+def mine_hard_negatives(model: torch.nn.Module, images: Sequence[np.ndarray], indices: Sequence[int],
+                        per_image: int = 4, spacing: int = 32, min_prob: float = 0.05,
+                        stride: int = 16) -> list[HardNegative]:
+    """Highest false-positive locations on the given good images (model must be in eval mode)."""
+    found: list[HardNegative] = []
+    for i in indices:
+        prob = full_image_probs(model, images[i], stride)
+        found.extend(HardNegative(int(i), y, x, s) for y, x, s in peaks(prob, per_image, spacing, min_prob))
+    return found
+
+
+def update_pool(pool: Sequence[HardNegative], mined: Sequence[HardNegative], mined_images: Sequence[int],
+                capacity: int) -> list[HardNegative]:
+    """Replace the entries of re-mined images by the new ones; keep the `capacity` strongest."""
+    redone = set(int(i) for i in mined_images)
+    merged = [h for h in pool if h.image not in redone] + list(mined)
+    merged.sort(key=lambda h: (-h.score, h.image, h.y, h.x))
+    return merged[:capacity]

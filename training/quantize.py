@@ -1,0 +1,253 @@
+"""INT8 post-training quantization of the exported IR, and the accuracy gate that guards it.
+
+Why a gate: INT8 can shift the probability map slightly, and a pixel threshold calibrated on
+FP32 may then cut a small defect in two or lose it. So every quantized model is judged on the
+validation split exactly as the daemon will run it (edge tiling, blending, postprocessing)
+against the FP32 reference, and it is shipped only if it loses at most `max_drop` pixel IoU
+and misses no defective part that FP32 finds. export.py decides what to do when it fails.
+
+Calibration data are tiles cut by `edge.preprocess.preprocess`, the daemon's own function, so
+NNCF sees the same raw-pixel input distribution the model sees in production; tiles that
+contain defect pixels are over-sampled because defects are rare and their activations (the
+high end of the ranges) are what the quantizer must not clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+from tqdm import tqdm
+
+from edge.contract import InputSpec, PostprocessParams
+from edge.preprocess import preprocess, stitch
+from training.data import Sample, load_sample
+
+MIN_CALIB_TILES = 50
+MIN_CALIB_IMAGES = 20
+# Reference FP32 must really be FP32: on CPUs with avx512_bf16/AMX OpenVINO's default
+# INFERENCE_PRECISION_HINT is bf16, which is not the reference the gate compares against.
+F32_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+
+_CORE: ov.Core | None = None
+
+
+def core() -> ov.Core:
+    global _CORE
+    if _CORE is None:
+        _CORE = ov.Core()
+    return _CORE
+
+
+def warn(msg: str) -> None:
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+class OVPredictor:
+    """`predict(image)` of an in-memory or compiled IR, step for step like `Inferencer.predict`.
+
+    Needed where there is no package folder to hand to the Inferencer: the FP32 reference
+    (compiled with an explicit f32 hint) and the models NNCF compiles during accuracy control.
+    """
+
+    def __init__(self, model: ov.Model | ov.CompiledModel | str | Path, spec: InputSpec,
+                 config: dict[str, Any] | None = None) -> None:
+        if isinstance(model, (str, Path)):
+            model = core().read_model(str(model))
+        self.compiled = model if isinstance(model, ov.CompiledModel) else core().compile_model(
+            model, "CPU", dict(config or F32_CONFIG))
+        self.spec = spec
+        self._request = self.compiled.create_infer_request()
+
+    def infer_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        out = np.empty((tiles.shape[0], tiles.shape[2], tiles.shape[3]), dtype=np.float32)
+        for i in range(tiles.shape[0]):
+            res = self._request.infer({0: tiles[i : i + 1]}, share_inputs=True)
+            out[i] = res[0][0, 0]
+        return out
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        tiles, layout = preprocess(image, self.spec)
+        return stitch(self.infer_tiles(tiles), layout, self.spec.overlap)
+
+
+def inference_precision(compiled: ov.CompiledModel) -> str:
+    """What the CPU plugin really computes in (f32, bf16, ...), for the record."""
+    try:
+        return str(compiled.get_property("INFERENCE_PRECISION_HINT")).split("'")[-2]
+    except Exception:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass
+class CalibrationTiles:
+    """Tiles as uint8 (4x less memory than float32; lossless for 8-bit frames)."""
+
+    tiles: np.ndarray  # N x C x T x T uint8
+    n_images: int
+    n_defect_tiles: int
+    n_clean_tiles: int
+
+    def info(self) -> dict[str, int]:
+        return {"tiles": len(self.tiles), "images": self.n_images,
+                "defect_tiles": self.n_defect_tiles, "clean_tiles": self.n_clean_tiles}
+
+
+def _mask_spec(spec: InputSpec) -> InputSpec:
+    """A gray spec with the same tiling, to cut masks exactly like their images."""
+    return dataclasses.replace(spec, color="gray", mean=(0.0,), std=(1.0,))
+
+
+def sample_calibration_tiles(samples: Sequence[Sample], spec: InputSpec, size: int = 300,
+                             seed: int = 0, max_images: int | None = None) -> CalibrationTiles:
+    """Up to `size` tiles, about half with defect pixels when the data has that many.
+
+    Reservoir sampling per class over images in random order keeps memory bounded
+    (2 x size tiles) and does not favour the first images read.
+    """
+    if not samples:
+        raise ValueError("no calibration images")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(samples))[: max_images or max(4 * size, 50)]
+    mspec = _mask_spec(spec)
+    pools: dict[bool, list[np.ndarray]] = {True: [], False: []}
+    seen = {True: 0, False: 0}
+    for idx in tqdm(order, desc="calibration tiles", unit="img", file=sys.stderr):
+        image, mask = load_sample(samples[int(idx)], spec.color)
+        tiles, _ = preprocess(image, spec)
+        mtiles, _ = preprocess(mask * np.uint8(255), mspec)
+        for tile, mt in zip(tiles, mtiles, strict=True):
+            key = bool(mt.any())
+            seen[key] += 1
+            if len(pools[key]) < size:
+                pools[key].append(tile.astype(np.uint8))
+            else:
+                j = int(rng.integers(0, seen[key]))
+                if j < size:
+                    pools[key][j] = tile.astype(np.uint8)
+    n_def = min(len(pools[True]), math.ceil(size / 2))
+    n_clean = min(len(pools[False]), size - n_def)
+    n_def = min(len(pools[True]), size - n_clean)  # top up with defect tiles if clean ones ran out
+    chosen = pools[True][:n_def] + pools[False][:n_clean]
+    tiles_arr = np.stack(chosen)[rng.permutation(len(chosen))]
+    result = CalibrationTiles(tiles_arr, len(order), n_def, n_clean)
+    if len(chosen) < MIN_CALIB_TILES or len(order) < MIN_CALIB_IMAGES:
+        warn(f"only {len(chosen)} calibration tiles from {len(order)} images (want >= {MIN_CALIB_TILES} "
+             f"tiles from >= {MIN_CALIB_IMAGES} images): INT8 ranges may not cover production data")
+    if n_def == 0:
+        warn("no calibration tile contains a defect: activation ranges of defects are not observed")
+    return result
+
+
+def _calibration_dataset(calib: CalibrationTiles) -> Any:
+    import nncf  # heavy; only quantization needs it
+
+    return nncf.Dataset(list(calib.tiles), lambda t: t[None].astype(np.float32))
+
+
+def _preset(name: str) -> Any:
+    import nncf
+
+    return {"performance": nncf.QuantizationPreset.PERFORMANCE,
+            "mixed": nncf.QuantizationPreset.MIXED}[name]
+
+
+def quantize_int8(model: ov.Model, calib: CalibrationTiles, preset: str = "performance",
+                  fast_bias_correction: bool = True) -> ov.Model:
+    """Plain NNCF post-training quantization (min-max ranges + bias correction)."""
+    import nncf
+
+    return nncf.quantize(model, _calibration_dataset(calib), preset=_preset(preset),
+                         subset_size=len(calib.tiles), fast_bias_correction=fast_bias_correction,
+                         model_type=None)
+
+
+def quantize_int8_controlled(model: ov.Model, calib: CalibrationTiles,
+                             val_items: Sequence[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
+                             params: PostprocessParams, max_drop: float,
+                             preset: str = "performance") -> ov.Model:
+    """NNCF accuracy-controlled quantization: reverts the most harmful layers to float until
+    the validation pixel IoU (same definition as the gate) is within `max_drop` of FP32."""
+    import nncf
+
+    def validate(compiled: ov.CompiledModel, items: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, None]:
+        predictor = OVPredictor(compiled, spec)
+        probs, masks = [], []
+        for image, mask in items:
+            probs.append(predictor.predict(image))
+            masks.append(mask)
+        return float(metrics_of(probs, masks, params)["pixel_iou"]), None
+
+    return nncf.quantize_with_accuracy_control(
+        model, _calibration_dataset(calib), nncf.Dataset(list(val_items)), validate,
+        max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, preset=_preset(preset),
+        subset_size=len(calib.tiles), model_type=None)
+
+
+# --------------------------------------------------------------------------- evaluation + gate
+
+
+def metrics_of(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams) -> dict[str, Any]:
+    """THE metric definition lives in training.evaluate; this only adapts the call."""
+    from training.evaluate import evaluate_predictions
+
+    return evaluate_predictions(list(probs), list(masks), params)
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one model on the validation items plus per-image verdicts for the gate."""
+
+    metrics: dict[str, Any]
+    flagged: list[bool]  # image has >= 1 defect region after postprocessing
+    defective: list[bool]  # ground truth
+    names: list[str] = field(default_factory=list)
+
+
+def evaluate_model(predict: Callable[[np.ndarray], np.ndarray], items: Sequence[tuple[np.ndarray, np.ndarray]],
+                   names: Sequence[str], params: PostprocessParams, desc: str) -> Evaluation:
+    """Predict every validation image and judge it with training.evaluate (the daemon's rules)."""
+    from training.evaluate import evaluate_detailed, json_safe
+
+    probs = [predict(image) for image, _ in tqdm(items, desc=desc, unit="img", file=sys.stderr)]
+    metrics, rows = evaluate_detailed(probs, [m for _, m in items], params)
+    return Evaluation(json_safe(metrics), [r["predicted"] for r in rows], [r["defective"] for r in rows],
+                      list(names))
+
+
+def check_gate(ref: Evaluation, cand: Evaluation, max_drop: float) -> dict[str, Any]:
+    """Pass iff pixel IoU drops by <= max_drop and no defective part FP32 flags is missed."""
+    drop = float(ref.metrics["pixel_iou"]) - float(cand.metrics["pixel_iou"])
+    missed = [n for n, r, c, d in zip(ref.names, ref.flagged, cand.flagged, ref.defective, strict=True)
+              if d and r and not c]
+    disagree = sum(r != c for r, c in zip(ref.flagged, cand.flagged, strict=True))
+    reasons = []
+    if drop > max_drop + 1e-12:
+        reasons.append(f"pixel IoU drops by {drop:.4f} (> {max_drop:.4f})")
+    if missed:
+        reasons.append(f"misses {len(missed)} defective part(s) that FP32 finds: {', '.join(missed[:5])}"
+                       + (" ..." if len(missed) > 5 else ""))
+    return {
+        "passed": not reasons,
+        "max_drop": max_drop,
+        "pixel_iou_fp32": float(ref.metrics["pixel_iou"]),
+        "pixel_iou_candidate": float(cand.metrics["pixel_iou"]),
+        "pixel_iou_drop": drop,
+        "missed_defective_parts": missed,
+        "verdict_disagreements": int(disagree),
+        "n_images": len(ref.flagged),
+        "reason": "; ".join(reasons) or "within limits",
+    }

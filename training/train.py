@@ -1,0 +1,368 @@
+"""Train the defect U-Net on full-resolution patches and write self-describing checkpoints.
+
+    python -m training train --config configs/train/magnetic-tile.yaml --data DIR --out RUN_DIR \
+        [--time-budget MINUTES] [--epochs N] [--resume] [--init-from CKPT] [--seed S] [--tta] [--set K=V]
+    torchrun --nproc_per_node 2 -m training train ...      # data-parallel on CPU (gloo)
+
+One loop, in order: setup, data, model, then per epoch: mine hard negatives, train steps,
+validate (the edge's own tiling -> calibrate threshold/min area -> metrics), checkpoint, log.
+RUN_DIR gets best.pt (best combined score), last.pt (+ optimizer/rng state for --resume),
+log.csv, tb/, curves.png, val_grid.png, summary.json and config.yaml.
+
+With a time budget the lr schedule runs on elapsed time, so a short run still anneals to a
+low lr before its final validation. Under torchrun every rank trains on its own patch
+stream; rank 0 alone validates, logs and saves, and broadcasts the stop decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from edge.contract import InputSpec, PostprocessParams
+from training.checkpoint import CheckpointError, CheckpointMeta, load_model, read_checkpoint, save_checkpoint
+from training.data import DataError, load_dataset, split_dataset
+from training.losses import build_loss
+from training.patches import PatchDataset, mine_hard_negatives, update_pool
+from training.train_config import ConfigError, TrainConfig, load_config, parse_overrides
+from training.train_utils import (
+    Clock,
+    RunLog,
+    broadcast,
+    detect_color,
+    load_images,
+    lr_at,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+    validate,
+)
+from training.unet import UNetConfig, build_model, count_parameters
+
+
+@dataclass
+class TrainResult:
+    """What a run achieved; on DDP ranks other than 0 only `stopped` is filled in."""
+
+    run_dir: Path
+    best_path: Path | None = None
+    last_path: Path | None = None
+    best_score: float = float("-inf")
+    best_epoch: int = 0
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    postprocess: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 0
+    steps: int = 0
+    elapsed_s: float = 0.0
+    stopped: str = ""
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: str | Path | None = None) -> TrainResult:
+    """Run one training as configured; raises ConfigError/DataError/CheckpointError on bad input."""
+    # ---------------------------------------------------------------- setup
+    d = setup_distributed()
+    out = Path(out)
+    torch.set_num_threads(cfg.log.threads or max(1, (os.cpu_count() or 1) // d.world))
+    seed_everything(cfg.seed + d.rank)
+    say = print if d.main else (lambda *a, **k: None)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    last_path, best_path = out / "last.pt", out / "best.pt"
+
+    # ---------------------------------------------------------------- data
+    if not cfg.data.root:
+        raise ConfigError("no dataset: pass --data DIR (or set data.root in the config)")
+    dataset = load_dataset(cfg.data.root, strict=cfg.data.strict)
+    say(f"data: {cfg.data.root}: {dataset.summary()}")
+    for path, why in dataset.skipped[:5]:
+        say(f"  skipped {path}: {why}")
+    train_s, val_s = split_dataset(dataset.samples, cfg.data.val_fraction, cfg.seed)
+    if not train_s or not val_s:
+        raise DataError(f"{cfg.data.root}: too few images for a train/val split ({len(dataset.samples)})")
+    color = cfg.input.color if cfg.input.color != "auto" else detect_color(dataset.samples)
+    channels = 1 if color == "gray" else 3
+    spec = InputSpec(color=color, tile=cfg.input.tile, overlap=cfg.input.overlap,
+                     mean=tuple(cfg.input.mean or [127.5] * channels), std=tuple(cfg.input.std or [64.0] * channels))
+    try:
+        spec.validate()
+    except ValueError as e:
+        raise ConfigError(f"input: {e}") from None
+    train_images, train_masks = load_images(train_s, color)
+    val_images, val_masks = load_images(val_s, color)
+    fingerprint = dataset.fingerprint()
+    say(f"split: {len(train_s)} train / {len(val_s)} val (val_fraction {cfg.data.val_fraction}, seed {cfg.seed}), "
+        f"color {color}")
+
+    # ---------------------------------------------------------------- model, loss, optimizer
+    mcfg = UNetConfig(in_channels=channels, mean=list(spec.mean), std=list(spec.std), **cfg.model.model_dump())
+    init_state = None
+    if init_from is not None:  # fine-tune: the checkpoint's architecture and weights, new data
+        init_model, init_meta = load_model(init_from)
+        if init_meta.model_config.in_channels != channels:
+            raise CheckpointError(f"{init_from}: model has {init_meta.model_config.in_channels} input channel(s) "
+                                  f"but the data is {color}; set input.color to match")
+        mcfg = UNetConfig.from_dict({**init_meta.model_config.to_dict(), "mean": list(spec.mean),
+                                     "std": list(spec.std), "dropout": cfg.model.dropout,
+                                     "deep_supervision": cfg.model.deep_supervision})
+        init_state = init_model.state_dict()
+        say(f"init-from {init_from}: {init_meta.name} {init_meta.version} (epoch {init_meta.epoch})")
+    model = build_model(mcfg)
+    if init_state is not None:
+        missing, unexpected = model.load_state_dict(init_state, strict=False)
+        bad = [k for k in [*missing, *unexpected] if not k.startswith("aux_heads.")]
+        if bad:
+            raise CheckpointError(f"{init_from}: weights do not fit the model: {', '.join(bad[:5])}")
+    raw_model = model
+    loss_fn = build_loss(cfg.loss)
+    opt_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    say(f"model: {count_parameters(model) / 1e6:.3f}M parameters, widths {mcfg.widths()}, "
+        f"{d.world} process(es) x {torch.get_num_threads()} thread(s)")
+
+    # ---------------------------------------------------------------- resume
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "best_score": float("-inf"),
+                             "best_epoch": 0, "bad_validations": 0, "pool": [], "best_metrics": {}}
+    if resume:
+        if not last_path.is_file():
+            raise CheckpointError(f"{last_path}: nothing to resume (no last.pt in {out})")
+        payload = read_checkpoint(last_path)
+        raw_model.load_state_dict(payload["state_dict"])
+        ts = payload.get("training_state") or {}
+        optimizer.load_state_dict(ts["optimizer"])
+        set_rng_state(ts.get("rng", {}) if d.main else {})
+        state.update({k: ts[k] for k in state if k in ts})
+        if payload.get("data_fingerprint") != fingerprint:
+            say("warning: the data differs from the run being resumed (fingerprint changed)")
+        say(f"resume: {last_path} after epoch {state['epoch']} (step {state['step']})")
+    if d.ddp:
+        model = DistributedDataParallel(raw_model)  # also makes rank 0's initial weights everyone's
+
+    # ---------------------------------------------------------------- patches
+    pc = cfg.patches
+    patches = PatchDataset(train_images, train_masks, pc.size, pc.per_epoch, pc.defect_fraction,
+                           pc.hard_negative_fraction, pc.jitter, pc.augment, seed=cfg.seed, rank=d.rank,
+                           world_size=d.world)
+    pool = [p for p in state["pool"]]
+    patches.set_hard_negatives(pool)
+    batch = max(1, pc.batch_size // d.world)
+    loader = DataLoader(patches, batch_size=batch, num_workers=pc.workers, drop_last=True)
+    steps_per_epoch = max(1, len(patches) // batch)
+    budget_s = cfg.schedule.time_budget_min * 60 if cfg.schedule.time_budget_min else None
+    clock = Clock(cfg.schedule.epochs * steps_per_epoch, budget_s, elapsed_s=state["elapsed_s"])
+    log = RunLog(out, cfg.log.tensorboard, resume) if d.main else None
+    train_config = {**cfg.to_yaml_dict(), "val_fraction": cfg.data.val_fraction, "seed": cfg.seed,
+                    "data_root": str(cfg.data.root), "world_size": d.world,
+                    "train_names": [s.name for s in train_s], "val_names": [s.name for s in val_s]}
+    params = PostprocessParams()
+    metrics: dict[str, Any] = {}
+
+    def meta(epoch: int, step: int, p: PostprocessParams, m: dict[str, Any]) -> CheckpointMeta:
+        return CheckpointMeta(name=cfg.name, version=cfg.version, model_config=mcfg, input_spec=spec,
+                              postprocess=p, metrics=m, data_fingerprint=fingerprint,
+                              train_config=train_config, epoch=epoch, step=step)
+
+    # ---------------------------------------------------------------- the loop
+    epoch, step, stopped = state["epoch"], state["step"], ""
+    last_val_t, last_val_step = clock.elapsed(), -1
+    best_probs: list[np.ndarray] | None = None  # maps of the best validation, for the final picture
+    good_train = [i for i, m in enumerate(train_masks) if not m.any()]
+    show = cfg.log.progress and d.main
+    epoch_bar = tqdm(total=None if budget_s else cfg.schedule.epochs, initial=epoch, desc="epochs", unit="ep", disable=not show)
+    while epoch < cfg.schedule.epochs and not stopped:
+        patches.set_epoch(epoch)
+        # hard negatives: where the current model fires on good training parts (ranks share the work)
+        if epoch > 0 and pc.hard_negative_fraction > 0 and pc.mine_images > 0 and good_train:
+            rng = np.random.default_rng([cfg.seed, epoch, 7])
+            chosen = sorted(rng.choice(good_train, min(pc.mine_images, len(good_train)), replace=False).tolist())
+            raw_model.eval()
+            found = mine_hard_negatives(raw_model, train_images, chosen[d.rank :: d.world], pc.mine_per_image,
+                                        spacing=pc.size // 4, min_prob=pc.mine_min_prob, stride=mcfg.stride)
+            if d.ddp:
+                parts: list[Any] = [None] * d.world
+                dist.all_gather_object(parts, found)
+                found = [h for part in parts for h in part]
+            pool = update_pool(pool, found, chosen, pc.pool_size)
+            patches.set_hard_negatives(pool)
+        model.train()
+        losses: list[float] = []
+        lr = cfg.optim.lr
+        step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", unit="step", leave=False,
+                        disable=not show)
+        for x, y in loader:
+            # rank 0's clock decides the lr and the end of the budget, so all ranks agree
+            frac = clock.fraction(step)
+            if d.ddp:
+                frac = broadcast(frac, d)
+            if frac >= 1.0:
+                stopped = "time budget" if budget_s else "epochs"
+                break
+            lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            step_bar.update(1)
+            step_bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}")
+        step_bar.close()
+        epoch += 1
+        epoch_bar.update(1)
+        if not losses and stopped:
+            epoch -= 1  # the budget ran out before this epoch trained at all
+            if step == last_val_step:
+                break  # and these weights were validated already
+        if epoch >= cfg.schedule.epochs:
+            stopped = stopped or "epochs"
+
+        # ------------------------------------------------------------ validate, checkpoint, log
+        due = epoch % cfg.schedule.val_every == 0
+        if cfg.schedule.val_every_s is not None:
+            due = clock.elapsed() - last_val_t >= cfg.schedule.val_every_s
+        if not (due or stopped):
+            continue
+        if d.ddp:  # validate every rank's share with the same weights and BN statistics
+            for b in raw_model.buffers():
+                dist.broadcast(b, 0)
+        v = validate(raw_model, val_images, val_masks, spec, cfg.validation, d)
+        last_val_t, last_val_step = clock.elapsed(), step
+        decision: dict[str, Any] = {"stop": stopped}
+        if v is not None:  # rank 0
+            clock.note_validation(v.seconds)
+            params, metrics = v.params, v.metrics
+            state["bad_validations"] += 1
+            if v.score > state["best_score"]:
+                state.update(best_score=v.score, best_epoch=epoch, bad_validations=0, best_metrics=metrics)
+                best_probs = v.probs
+                save_checkpoint(best_path, raw_model, meta(epoch, step, params, metrics))
+            patience = cfg.schedule.patience
+            if not decision["stop"] and patience and state["bad_validations"] >= patience:
+                decision["stop"] = f"no better score in {patience} validations"
+            state.update(epoch=epoch, step=step, elapsed_s=clock.elapsed(), pool=pool)
+            save_checkpoint(last_path, raw_model, meta(epoch, step, params, metrics), training_state={
+                **state, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                "schedule": {"fraction": clock.fraction(step), "reserve_s": clock.reserve_s}})
+            assert log is not None
+            log.row({"epoch": epoch, "step": step, "time_s": round(clock.elapsed(), 1), "lr": lr,
+                     "train_loss": float(np.mean(losses)) if losses else None, "score": v.score,
+                     "val_s": round(v.seconds, 1), **metrics})
+            log.scalar("train/hard_negatives", len(pool), step)
+            msg = (f"epoch {epoch} step {step} {clock.elapsed():.0f}s lr {lr:.2e} "
+                   f"loss {np.mean(losses) if losses else float('nan'):.4f} | val score {v.score:.4f} "
+                   f"iou {metrics['pixel_iou']:.4f} f1 {metrics['image_f1']:.4f} "
+                   f"acc {metrics['image_accuracy']:.4f} @ thr {params.pixel_threshold} area {params.min_area} "
+                   f"({v.seconds:.0f}s)")
+            if show:
+                tqdm.write(msg)
+            else:
+                print(msg, flush=True)
+        stopped = broadcast(decision, d)["stop"] if d.ddp else decision["stop"]
+    epoch_bar.close()
+
+    # ---------------------------------------------------------------- finish (rank 0)
+    result = TrainResult(out, epochs=epoch, steps=step, elapsed_s=clock.elapsed(), stopped=stopped or "epochs")
+    if d.main:
+        assert log is not None
+        log.close()
+        _finish(out, cfg, spec, val_images, val_masks, val_s, best_probs, result, state, log.csv_path)
+    if d.ddp:
+        dist.barrier()
+    return result
+
+
+def _finish(out: Path, cfg: TrainConfig, spec: InputSpec, val_images: list[np.ndarray],
+            val_masks: list[np.ndarray], val_s: Sequence[Any], best_probs: list[np.ndarray] | None,
+            result: TrainResult, state: dict[str, Any], csv_path: Path) -> None:
+    """Pictures of the best model and summary.json (rank 0 only)."""
+    from training.pictures import save_training_curves, save_validation_grid
+    from training.train_utils import Dist
+
+    best_path = out / "best.pt"
+    result.best_path = best_path if best_path.is_file() else None
+    result.last_path = out / "last.pt"
+    result.best_score, result.best_epoch = state["best_score"], state["best_epoch"]
+    result.best_metrics = state["best_metrics"]
+    save_training_curves(csv_path, out / "curves.png")
+    if result.best_path is not None and cfg.validation.grid_images > 0:
+        best, best_meta = load_model(result.best_path)
+        result.postprocess = best_meta.postprocess.to_dict()
+        if best_probs is None:  # resumed run without a new best: predict again with best.pt
+            v = validate(best, val_images, val_masks, spec, cfg.validation, Dist())
+            assert v is not None
+            best_probs = v.probs
+        save_validation_grid(val_images, val_masks, best_probs, best_meta.postprocess, out / "val_grid.png",
+                             max_rows=cfg.validation.grid_images, names=[s.name for s in val_s])
+    summary = {"run_dir": str(out), "best": str(result.best_path), "best_epoch": result.best_epoch,
+               "best_score": result.best_score, "metrics": result.best_metrics, "postprocess": result.postprocess,
+               "epochs": result.epochs, "steps": result.steps, "elapsed_s": round(result.elapsed_s, 1),
+               "stopped": result.stopped, "config": cfg.to_yaml_dict()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"done: {result.stopped}; best epoch {result.best_epoch} score {result.best_score:.4f} "
+          f"(pixel_iou {result.best_metrics.get('pixel_iou', float('nan')):.4f}, "
+          f"image_accuracy {result.best_metrics.get('image_accuracy', float('nan')):.4f}) -> {best_path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m training train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="training recipe (YAML); default: built-in defaults")
+    ap.add_argument("--data", help="dataset folder (overrides data.root)")
+    ap.add_argument("--out", required=True, help="run directory (checkpoints, logs, pictures)")
+    ap.add_argument("--time-budget", type=float, metavar="MINUTES", help="wall-clock budget; lr follows time")
+    ap.add_argument("--epochs", type=int, help="max epochs")
+    ap.add_argument("--seed", type=int, help="seed of split, patches and weights")
+    ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    ap.add_argument("--init-from", metavar="CHECKPOINT", help="fine-tune: start from these weights")
+    ap.add_argument("--tta", action="store_true", help="flip TTA in validation")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override any config field, e.g. --set optim.lr=0.001 (repeatable)")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    over = parse_overrides(args.set)
+    for key, value in (("data.root", args.data), ("schedule.time_budget_min", args.time_budget),
+                       ("schedule.epochs", args.epochs), ("seed", args.seed),
+                       ("validation.tta", True if args.tta else None)):
+        if value is not None:
+            section, _, leaf = key.rpartition(".")
+            (over.setdefault(section, {}) if section else over)[leaf] = value
+    return load_config(args.config, over)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training train`; 0 = trained, 2 = unusable config, data or checkpoint."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        train(cfg, args.out, resume=args.resume, init_from=args.init_from)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The training config: YAML -> validated pydantic model, with `base:` inheritance and overrides.
+
+Every field has a description and bounds; unknown keys are errors (`extra="forbid"`), and a
+bad value is reported as ``FILE: section.field: message (got VALUE)`` so a typo in line 40 of
+a recipe is found before a 20-minute run starts, not after.
+
+A product recipe can start from another with ``base: default.yaml`` (relative to the file):
+the base is loaded first and the file's sections are merged over it key by key, so
+configs/train/magnetic-tile.yaml holds only what differs from the general recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from training.losses import LossName
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSection(_Section):
+    root: str | None = Field(None, description="dataset folder (generic or MVTec layout); --data overrides")
+    val_fraction: float = Field(0.2, ge=0.05, lt=0.9, description="held-out share, stratified per category")
+    strict: bool = Field(False, description="fail on any unreadable file instead of skipping it")
+
+
+class InputSection(_Section):
+    color: Literal["auto", "gray", "bgr"] = Field("auto", description="model colour mode; auto = from the data")
+    tile: int = Field(256, ge=32, le=2048, multiple_of=16, description="inference tile side (edge input shape)")
+    overlap: int = Field(32, ge=0, le=256, description="pixels shared by neighbouring inference tiles")
+    mean: list[float] | None = Field(None, description="per-channel mean of raw pixels; default 127.5")
+    std: list[float] | None = Field(None, description="per-channel std of raw pixels; default 64")
+
+
+class ModelSection(_Section):
+    base_width: int = Field(16, ge=4, le=128, description="channels of the first stage")
+    depth: int = Field(4, ge=1, le=6, description="number of 2x downsamplings")
+    max_width: int = Field(96, ge=8, le=1024, description="channel cap of the deep stages")
+    separable: bool = Field(False, description="depthwise-separable convs (fewer FLOPs)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout in the bottleneck")
+    deep_supervision: bool = Field(True, description="aux heads on coarse decoder stages (training only)")
+    head_bias: float = Field(-4.0, description="initial logit bias: start near 'no defect'")
+
+
+class PatchSection(_Section):
+    size: int = Field(128, ge=32, le=1024, multiple_of=16, description="training patch side P")
+    batch_size: int = Field(16, ge=1, le=1024, description="patches per step (per DDP rank: divided)")
+    per_epoch: int = Field(1024, ge=1, description="patches per epoch over all ranks")
+    defect_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of defect-centred patches")
+    hard_negative_fraction: float = Field(0.25, ge=0.0, le=1.0,
+                                          description="share of hard-negative patches from good parts")
+    jitter: float = Field(0.35, ge=0.0, le=0.5, description="max offset of the target from the centre, x P")
+    mine_images: int = Field(64, ge=0, description="good training images re-predicted per epoch to mine")
+    mine_per_image: int = Field(4, ge=1, description="false-positive peaks kept per mined image")
+    mine_min_prob: float = Field(0.05, ge=0.0, lt=1.0, description="ignore peaks below this probability")
+    pool_size: int = Field(512, ge=1, description="hard-negative pool capacity (strongest kept)")
+    augment: Literal["none", "light", "default"] = Field("default", description="training.augment strength")
+    workers: int = Field(0, ge=0, le=16, description="DataLoader workers (0 = in the training process)")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> PatchSection:
+        if self.defect_fraction + self.hard_negative_fraction > 1.0:
+            raise ValueError("defect_fraction + hard_negative_fraction must be <= 1")
+        return self
+
+
+class LossSection(_Section):
+    name: LossName = Field("bce_dice", description="bce | dice | bce_dice | focal | focal_dice")
+    pos_weight: float = Field(1.0, gt=0.0, le=1000.0, description="BCE weight of defect pixels")
+    dice_weight: float = Field(1.0, ge=0.0, description="weight of the Dice term in *_dice")
+    focal_gamma: float = Field(2.0, ge=0.0, le=10.0, description="focal focusing parameter")
+    focal_alpha: float | None = Field(0.25, ge=0.0, le=1.0, description="focal class balance (null = off)")
+    aux_weight: float = Field(0.4, ge=0.0, description="weight of the averaged deep-supervision losses")
+
+
+class OptimSection(_Section):
+    optimizer: Literal["adam", "adamw"] = Field("adamw", description="optimiser")
+    lr: float = Field(3e-3, gt=0.0, le=1.0, description="peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="(decoupled for adamw) weight decay")
+    warmup: float = Field(0.05, ge=0.0, lt=1.0, description="warm-up share of the schedule (steps or time)")
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="final lr = lr x this (cosine end)")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="clip the gradient norm (null = off)")
+
+
+class ScheduleSection(_Section):
+    epochs: int = Field(30, ge=1, description="max epochs (with a time budget: an upper bound)")
+    time_budget_min: float | None = Field(None, gt=0.0, description="wall-clock budget; drives the lr")
+    patience: int | None = Field(8, ge=1, description="stop after this many validations without a new best")
+    val_every: int = Field(1, ge=1, description="validate every N epochs")
+    val_every_s: float | None = Field(None, gt=0.0,
+                                      description="or: validate at the first epoch end N s after the last")
+
+
+class ValidationSection(_Section):
+    tta: bool = Field(False, description="flip test-time augmentation in validation (4x slower)")
+    min_recall: float = Field(0.95, gt=0.0, le=1.0, description="calibration: required image recall")
+    score: dict[str, float] = Field(default_factory=lambda: {"pixel_iou": 1.0, "image_f1": 1.0},
+                                    description="'best' = sum of weight x metric at calibrated params")
+    batch: int = Field(8, ge=1, description="tiles per forward pass")
+    grid_images: int = Field(8, ge=0, le=64, description="rows (errors first) of the final val_grid.png")
+
+
+class LogSection(_Section):
+    progress: bool = Field(True, description="tqdm progress bars")
+    tensorboard: bool = Field(True, description="TensorBoard events in RUN_DIR/tb (if installed)")
+    threads: int | None = Field(None, ge=1, description="torch threads per process (default: cores / ranks)")
+
+
+class TrainConfig(_Section):
+    """A training recipe. Sections mirror the YAML file."""
+
+    name: str = Field("defect-unet", min_length=1, description="model name recorded in the checkpoint")
+    version: str = Field("0.1.0", min_length=1, description="model version recorded in the checkpoint")
+    seed: int = Field(0, ge=0, description="seed of the split, the patches and the weights")
+    data: DataSection = Field(default_factory=DataSection)
+    input: InputSection = Field(default_factory=InputSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    patches: PatchSection = Field(default_factory=PatchSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    log: LogSection = Field(default_factory=LogSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        stride = 2**self.model.depth
+        if self.patches.size % stride or self.input.tile % stride:
+            raise ValueError(f"patches.size and input.tile must be multiples of 2**model.depth = {stride}")
+        if self.input.overlap * 2 >= self.input.tile:
+            raise ValueError("input.overlap must be < input.tile / 2")
+        for key in self.validation.score:
+            if key not in SCORE_METRICS:
+                raise ValueError(f"validation.score: unknown metric {key!r} (one of {', '.join(SCORE_METRICS)})")
+        return self
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """Plain dict for best.yaml / the checkpoint (data.root left out: it is per machine)."""
+        d = self.model_dump(mode="json")
+        d["data"].pop("root", None)
+        return d
+
+
+SCORE_METRICS = ("pixel_iou", "pixel_f1", "pixel_precision", "pixel_recall", "image_f1", "image_accuracy",
+                 "image_precision", "image_recall", "image_ap")
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return deep_merge(_read_yaml((path.parent / base).resolve(), (*seen, path)), raw)
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        lines.append(f"{source}: {loc}: {err['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["optim.lr=0.001", "model.separable=true"] -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def config_from_dict(d: dict[str, Any], source: str = "<config>") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(d)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Config file (or the built-in defaults if None) with overrides merged over it."""
+    raw = _read_yaml(Path(path).resolve()) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        raw = deep_merge(raw, overrides)
+        source += " (+ command-line overrides)"
+    return config_from_dict(raw, source)

@@ -1,0 +1,251 @@
+"""The parts of the training loop that are not the loop: processes, schedule, data, validation, logs.
+
+Kept apart so training/train.py reads top to bottom like nanoGPT's train.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from edge.contract import InputSpec, PostprocessParams
+from training.calibrate import calibrate
+from training.data import Sample, load_sample
+from training.evaluate import evaluate_predictions
+from training.predict import predict_image
+
+CSV_COLUMNS = ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "score", "image_f1", "image_accuracy",
+               "pixel_iou", "pixel_f1", "image_recall", "image_precision", "image_ap", "pixel_precision",
+               "pixel_recall", "pixel_threshold", "min_area", "val_s")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits: rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed() -> Dist:
+    """Join the torchrun process group (gloo: CPU only) if launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def broadcast(obj: Any, d: Dist) -> Any:
+    """Rank 0's value of a small picklable object on every rank (identity without DDP)."""
+    if not d.ddp:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if state:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def lr_at(progress: float, lr: float, warmup: float, min_ratio: float) -> float:
+    """Linear warm-up then cosine to lr x min_ratio, as a function of progress in [0, 1].
+
+    Progress is a fraction of steps or of the time budget, so a 2-minute run anneals as
+    fully as a 2-hour one and ends on a low learning rate.
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and p < warmup:
+        return lr * (0.1 + 0.9 * p / warmup)
+    q = (p - warmup) / max(1e-9, 1.0 - warmup)
+    return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * q)))
+
+
+class Clock:
+    """Training progress: the larger of the step fraction and the time-budget fraction.
+
+    `reserve_s` is kept free at the end of the budget for the final validation; it is
+    re-estimated from the measured validation time, so the lr reaches its minimum when the
+    last training step ends, not when the budget does.
+    """
+
+    def __init__(self, total_steps: int, budget_s: float | None, elapsed_s: float = 0.0) -> None:
+        self.total_steps = max(1, total_steps)
+        self.budget_s = budget_s
+        self.start = time.monotonic() - elapsed_s
+        self.reserve_s = 0.1 * budget_s if budget_s else 0.0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def fraction(self, step: int) -> float:
+        f = step / self.total_steps
+        if self.budget_s:
+            f = max(f, self.elapsed() / max(1.0, self.budget_s - self.reserve_s))
+        return f
+
+    def note_validation(self, seconds: float) -> None:
+        if self.budget_s:
+            self.reserve_s = min(0.5 * self.budget_s, 1.25 * seconds + 2.0)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def detect_color(samples: Sequence[Sample], limit: int = 32) -> str:
+    """'bgr' if any of the first images has colour (channels that differ), else 'gray'."""
+    for s in samples[:limit]:
+        img = cv2.imread(str(s.image_path), cv2.IMREAD_UNCHANGED)
+        if img is not None and img.ndim == 3 and img.shape[2] >= 3:
+            b, g, r = (img[:, :, k].astype(np.int16) for k in range(3))
+            if np.abs(b - g).max() > 2 or np.abs(g - r).max() > 2:
+                return "bgr"
+    return "gray"
+
+
+def load_images(samples: Sequence[Sample], color: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """All images and {0,1} masks in memory: the datasets are small and patches need random access."""
+    pairs = [load_sample(s, color) for s in samples]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class Validation:
+    """Result of one validation on rank 0 (other ranks get `None` fields)."""
+
+    probs: list[np.ndarray]
+    metrics: dict[str, Any]
+    params: PostprocessParams
+    report: dict[str, Any]
+    score: float
+    seconds: float
+
+
+def combined_score(metrics: dict[str, Any], weights: dict[str, float]) -> float:
+    """Weighted sum of metrics; an undefined (NaN) metric counts as 0."""
+    total = 0.0
+    for k, w in weights.items():
+        v = float(metrics.get(k, 0.0))
+        total += w * (0.0 if math.isnan(v) else v)
+    return total
+
+
+def pixel_bce(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
+    """Mean per-pixel BCE of the full-resolution maps: a validation loss that needs no logits."""
+    total, n = 0.0, 0
+    for p, m in zip(probs, masks, strict=True):
+        q = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+        total += float(-(m * np.log(q) + (1 - m) * np.log1p(-q)).sum())
+        n += m.size
+    return total / max(n, 1)
+
+
+def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+             spec: InputSpec, cfg: Any, d: Dist) -> Validation | None:
+    """Full-resolution prediction through the edge's tiling (shared over ranks), then, on rank 0,
+    calibration of threshold + min area and the metrics at the calibrated parameters."""
+    t0 = time.monotonic()
+    model.eval()
+    mine = [(i, predict_image(model, images[i], spec, tta=cfg.tta, batch=cfg.batch))
+            for i in range(d.rank, len(images), d.world)]
+    if d.ddp:
+        parts: list[Any] = [None] * d.world if d.main else []
+        dist.gather_object([(i, p.astype(np.float16)) for i, p in mine], parts if d.main else None, dst=0)
+        if not d.main:
+            return None
+        mine = sorted((i, p.astype(np.float32)) for part in parts for i, p in part)
+    probs = [p for _, p in sorted(mine, key=lambda t: t[0])]
+    params, report = calibrate(probs, masks, min_recall=cfg.min_recall)
+    metrics = report.get("metrics") or evaluate_predictions(probs, masks, params)
+    metrics = dict(metrics)
+    metrics["val_loss"] = pixel_bce(probs, masks)
+    score = combined_score(metrics, cfg.score)
+    return Validation(probs, metrics, params, report, score, time.monotonic() - t0)
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """CSV (one row per validation; appended on resume) plus optional TensorBoard."""
+
+    def __init__(self, out: Path, tensorboard: bool, resume: bool) -> None:
+        self.csv_path = out / "log.csv"
+        if not (resume and self.csv_path.is_file()):
+            with open(self.csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(CSV_COLUMNS)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except Exception:  # tensorboard is optional: no events, no failure
+                self.tb = None
+
+    def row(self, values: dict[str, Any]) -> None:
+        def fmt(v: Any) -> str:
+            if v is None:
+                return ""
+            return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+        with open(self.csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([fmt(values.get(c)) for c in CSV_COLUMNS])
+        if self.tb is not None:
+            step = int(values.get("step", 0))
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step") and not math.isnan(float(v)):
+                    self.tb.add_scalar(("train/" if k in ("lr", "train_loss") else "val/") + k, v, step)
+            self.tb.flush()
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
