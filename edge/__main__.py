@@ -64,7 +64,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             continue
         print(f"{path}: OK (station {cfg.station.line}/{cfg.station.name}, source {cfg.source.type}, "
               f"topics {cfg.base_topic}/#)")
+        for warning in environment_warnings(cfg):
+            print(f"  warning: {warning}", file=sys.stderr)
     return code
+
+
+def environment_warnings(cfg: Any) -> list[str]:
+    """What would stop `run` on this machine; warnings only, since configs are often checked elsewhere."""
+    from edge.config import ConfigError, resolve_password
+    from edge.package import PackageError, read_package
+
+    out = []
+    try:
+        read_package(cfg.model.path, verify_hashes=False)
+    except PackageError as e:
+        out.append(f"model.path: {e}")
+    path = getattr(cfg.source, "path", None)
+    if path is not None and not Path(path).exists():
+        out.append(f"source.path: {path} does not exist")
+    try:
+        resolve_password(cfg.mqtt)
+    except ConfigError as e:
+        out += e.errors
+    return out
 
 
 # -- run ---------------------------------------------------------------------------------------------

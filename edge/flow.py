@@ -37,6 +37,8 @@ from edge.station import LoadedModel, SeqStore, expected_size, region_dict, shif
 log = logging.getLogger(__name__)
 
 OUTBOX_ERROR = "outbox_error"
+FRAME_ERROR = "frame_error"  # unreadable/black/wrong-size files from a folder source
+STALE_FRAMES = "stale_frames"  # live frames waited longer than frame_checks.max_age_s
 _STOP = object()  # sentinel through the queues
 
 
@@ -140,8 +142,10 @@ class FrameFlow:
                 bad = check_frame(frame, self.checks)
                 if bad is not None:
                     frame.image, frame.error, frame.error_kind = None, bad, "bad_frame"
-            if self.observe_camera:
+            if self.observe_camera:  # live sources: a bad frame means the camera (or its light) is in trouble
                 self.alarms.observe_camera(frame.error is None, frame.error or "frames arrive again")
+            else:  # files: whoever writes them is in trouble
+                self.alarms.set(FRAME_ERROR, frame.error is not None, frame.error or "readable frames again")
             for f in self.gate.admit(frame):
                 self._put(f)
         for f in self.gate.flush("the daemon stopped before a frame arrived for this part"):
@@ -182,7 +186,10 @@ class FrameFlow:
             job.image_size = (int(img.shape[1]), int(img.shape[0]))
             self._last_size = job.image_size
             age = time.monotonic() - frame.mono_ts
-            if frame.live and self.checks.max_age_s > 0 and age > self.checks.max_age_s:
+            stale = frame.live and self.checks.max_age_s > 0 and age > self.checks.max_age_s
+            if frame.live:  # latched: one raise when frames go stale, one clear when they are fresh again
+                self.alarms.set(STALE_FRAMES, stale, f"frame {age:.2f} s old at inference" if stale else "fresh")
+            if stale:
                 job.error, job.error_kind = f"stale frame: {age:.2f} s old > {self.checks.max_age_s} s", "stale"
             elif self.roi is not None:
                 r = self.roi

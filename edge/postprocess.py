@@ -25,7 +25,7 @@ def _disk(radius: int) -> np.ndarray:
 
 def binarize(prob: np.ndarray, params: PostprocessParams) -> np.ndarray:
     """Threshold plus morphology: uint8 mask (1 = defect) before the area filter."""
-    mask = (prob >= params.pixel_threshold).astype(np.uint8)
+    mask: np.ndarray = (prob >= params.pixel_threshold).astype(np.uint8)
     if params.open_radius > 0:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disk(params.open_radius))
     if params.close_radius > 0:

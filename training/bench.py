@@ -293,6 +293,7 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m training bench`; 0 = done, 2 = unusable input."""
     p = argparse.ArgumentParser(prog="python -m training bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="RUN/best.pt the package was exported from")
     p.add_argument("--model", required=True, help="model package folder (model.xml + fp32/model.xml)")
@@ -302,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="take the tile from this dataset instead of random pixels")
     p.add_argument("--vnni-units", type=int, default=2, help="VNNI instructions per cycle per core for the peak")
     args = p.parse_args(argv)
-    r = bench(args.checkpoint, args.model, args.threads, args.seconds, args.data, args.vnni_units)
+    try:
+        r = bench(args.checkpoint, args.model, args.threads, args.seconds, args.data, args.vnni_units)
+    except (ValueError, OSError) as e:  # PackageError, CheckpointError, DataError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print_table(r)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

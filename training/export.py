@@ -299,9 +299,13 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     gate = m.get("gate", {})
     print(f"gate: {'PASSED' if gate.get('passed') else 'FAILED'} - {gate.get('reason')}"
           + (f" -> fallback {gate['fallback'].upper()}" if gate.get("fallback") else ""))
+    if "verdict_disagreements" in gate:
+        print(f"verdicts differ from FP32 on {gate['verdict_disagreements']}/{gate['n_images']} validation images "
+              f"({len(gate['new_false_alarms'])} new false alarm(s), {len(gate['missed_defective_parts'])} miss(es))")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m training export`; 0 = package written and verified, 2 = failed."""
     p = argparse.ArgumentParser(prog="python -m training export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="RUN/best.pt written by 'python -m training train'")
     p.add_argument("--out", required=True, help="model package folder to (re)create")
@@ -318,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(a.checkpoint, a.out, a.calib_data, a.precision, a.val_data, a.name, a.version, a.max_drop,
                a.calib_size, a.preset, a.seed)
-    except (ExportError, ValueError, OSError) as e:
-        print(f"export failed: {e}", file=sys.stderr)
-        return 1
+    except (ExportError, ValueError, OSError) as e:  # DataError, CheckpointError, PackageError are ValueErrors
+        print(f"error: export failed, no package written: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

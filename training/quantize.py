@@ -234,6 +234,9 @@ def check_gate(ref: Evaluation, cand: Evaluation, max_drop: float) -> dict[str, 
     missed = [n for n, r, c, d in zip(ref.names, ref.flagged, cand.flagged, ref.defective, strict=True)
               if d and r and not c]
     disagree = sum(r != c for r, c in zip(ref.flagged, cand.flagged, strict=True))
+    # informational: a new false alarm costs a re-inspection, a miss ships a bad part
+    false_alarms = [n for n, r, c, d in zip(ref.names, ref.flagged, cand.flagged, ref.defective, strict=True)
+                    if not d and c and not r]
     reasons = []
     if drop > max_drop + 1e-12:
         reasons.append(f"pixel IoU drops by {drop:.4f} (> {max_drop:.4f})")
@@ -248,6 +251,7 @@ def check_gate(ref: Evaluation, cand: Evaluation, max_drop: float) -> dict[str, 
         "pixel_iou_drop": drop,
         "missed_defective_parts": missed,
         "verdict_disagreements": int(disagree),
+        "new_false_alarms": false_alarms,
         "n_images": len(ref.flagged),
         "reason": "; ".join(reasons) or "within limits",
     }

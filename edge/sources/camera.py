@@ -129,14 +129,17 @@ class CameraSource:
 
     def _grab_loop(self) -> None:
         delay = self.cfg.reconnect_min_s
-        first = True
+        first, last_warning = True, 0.0
         while not self._stop.is_set():
             cap = self._open_capture()
             self.connected = cap is not None
             self._first_attempt.set()
             if cap is None:
-                level = logging.WARNING if first or delay >= self.cfg.reconnect_max_s else logging.DEBUG
-                log.log(level, "%s: %s; retrying in %.1f s", self.name, self._last_error, delay)
+                # First failure and then once a minute: a camera unplugged overnight must not flood the journal.
+                loud = first or time.monotonic() - last_warning >= 60.0
+                log.log(logging.WARNING if loud else logging.DEBUG, "%s: %s; retrying in %.1f s",
+                        self.name, self._last_error, delay)
+                last_warning = time.monotonic() if loud else last_warning
                 first = False
                 if self._stop.wait(delay):
                     break
@@ -193,13 +196,13 @@ class CameraSource:
         return delivered
 
     def _deliver(self, image: np.ndarray, index: int) -> None:
-        ts = time.time()
         with self._cond:
             if self.is_file:  # every frame of a file counts (benchmarks, replays): wait for the slot
                 while self._frame is not None and not self._stop.is_set():
                     self._cond.wait(0.5)
             elif self._frame is not None:
                 self.overwritten += 1
+            ts = time.time()
             self._counter += 1
             prefix = Path(self.cfg.path).stem if isinstance(self.cfg, VideoSourceConfig) else "cam"
             # A file frame is not perishable (unless paced like a camera): never dropped, never stale.

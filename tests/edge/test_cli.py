@@ -22,6 +22,7 @@ def edge(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def test_check_config_good_and_bad(tmp_path: Path) -> None:
     good = edge("check-config", str(ROOT / "configs/edge/example.yaml"))
     assert good.returncode == 0 and "OK" in good.stdout
+    assert "warning: model.path" in good.stderr  # the example's package is not on this machine
     bad = tmp_path / "bad.yaml"
     bad.write_text("station:\n  line: l1\n  name: s1\nsource:\n  type: folder\n  path: in\n  pol_interval_s: 1\n"
                    "model:\n  path: pkg\nmqtt:\n  port: high\n  password: s3cret-value\n")

@@ -131,7 +131,7 @@ _paths = st.sampled_from([("station", "line"), ("source",), ("source", "type"), 
                           ("pipeline", "mode"), ("state_dir",), ("evidence", "quota_mb"), ("extra_key",)])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutations=st.lists(st.tuples(_paths, _value), max_size=4), whole=st.one_of(st.none(), _value))
 def test_fuzzed_configs_fail_cleanly(mutations: list[tuple[tuple[str, ...], Any]], whole: Any) -> None:
     data: Any = copy.deepcopy(BASE) if whole is None else whole

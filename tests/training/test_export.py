@@ -203,6 +203,6 @@ def test_failed_export_keeps_old_package(exported: dict[str, Any], tmp_path: Pat
 
     monkeypatch.setattr(q, "quantize_int8", boom)
     assert ex.main(["--checkpoint", str(exported["ckpt"]), "--out", str(out), "--calib-data",
-                    str(exported["data"]), "--calib-size", "16"]) == 1
+                    str(exported["data"]), "--calib-size", "16"]) == 2
     assert (out / "package.json").read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
