@@ -77,13 +77,22 @@ class Inferencer:
         threads: int | None = None,
         hint: str = "THROUGHPUT",
         verify: bool = True,
+        precision_hint: str | None = "auto",
     ) -> None:
-        self.model_dir = Path(model_dir)
+        # resolve once: a `current` link switched mid-load must not pair one version's metadata with another's weights
+        self.model_dir = Path(model_dir).resolve()
         self.meta: PackageMeta = read_package(self.model_dir, verify_hashes=verify)
         self.spec: InputSpec = self.meta.input
         self.params: PostprocessParams = self.meta.postprocess
         model = read_ir(self.model_dir / xml_name, self.spec)
         config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+        precision = self.meta.precision if xml_name == "model.xml" else Path(xml_name).parent.name or "fp32"
+        if precision_hint == "auto":
+            # CPUs with bf16 units run float models in bf16 by default; a package exported as fp32/fp16
+            # must compute as validated. INT8 packages keep the default: the export gate measured them so.
+            precision_hint = "f32" if precision in ("fp32", "fp16") else None
+        if precision_hint:
+            config["INFERENCE_PRECISION_HINT"] = precision_hint
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
@@ -96,7 +105,6 @@ class Inferencer:
         self._queue = ov.AsyncInferQueue(self.compiled, self.num_requests)
         self._queue.set_callback(self._on_tile_done)
         self._lock = threading.Lock()
-        precision = self.meta.precision if xml_name == "model.xml" else Path(xml_name).parent.name or "fp32"
         self.info = ModelInfo(self.meta.name, self.meta.version, package_hash(self.meta), precision)
 
     # -- synchronous use (CLI inspect, evaluation, benchmarks) ------------------------------------

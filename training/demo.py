@@ -535,9 +535,10 @@ def print_summary(s: dict[str, Any], say: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo-out", help="output folder (its demo subfolders are recreated)")
-    p.add_argument("--train-parts", type=int, default=120, help="synthetic training parts")
+    p.add_argument("--train-parts", type=int, default=200, help="synthetic training parts")
     p.add_argument("--size", type=int, default=128, help="part side in pixels (training and conveyor)")
-    p.add_argument("--train-minutes", type=float, default=2.0, help="training time budget")
+    p.add_argument("--train-minutes", type=float, default=3.0, help="training time budget")
+    p.add_argument("--epochs", type=int, default=100, help="epoch cap (the time budget usually ends the run first)")
     p.add_argument("--train-config", default=str(DEFAULT_TRAIN_CONFIG), help="training recipe")
     p.add_argument("--calib-size", type=int, default=200, help="INT8 calibration tiles")
     p.add_argument("--parts", type=int, default=120, help="parts sent down the conveyor")
@@ -605,7 +606,7 @@ def _run(args: argparse.Namespace) -> int:
         # ------------------------------------------------------------------ 2 train
         prog.stage("train", f"train the U-Net ({Path(args.train_config).name}, budget {args.train_minutes:g} min)")
         cmd = [py, "-m", "training", "train", "--config", args.train_config, "--data", str(out / "data"),
-               "--out", str(out / "run"), "--time-budget", f"{args.train_minutes:g}", "--seed", str(args.seed)]
+               "--out", str(out / "run"), "--time-budget", f"{args.train_minutes:g}", "--epochs", str(args.epochs), "--seed", str(args.seed)]
         rc = run_logged(cmd, logs / "train.log", prog)
         best = out / "run" / "best.pt"
         if rc != 0 or not best.is_file():

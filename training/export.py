@@ -175,20 +175,23 @@ def export(checkpoint: str | Path, out: str | Path, calib_data: str | Path | Non
         report["validation"] = {"source": val_source, "images": len(items)}
         (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_meta(staging, meta, name, version, created, report["precision"], report["metrics"])
+        _verify(staging)  # before the swap: a package that fails here never replaces a good one
         _replace_dir(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-    # -- verify as the daemon will: metadata + hashes + XML, then a compiled Inferencer
-    from edge.inference import Inferencer
-
     read_package(out)
-    Inferencer(out, num_requests=1)
-    report["verified"] = True
     print_report(report, out)
     print(f"verified: {out} reads (package.json, SHA-256, XML) and compiles with edge.inference.Inferencer")
     return report
+
+
+def _verify(root: Path) -> None:
+    """Load the package as the daemon will: metadata, hashes, XML, then a compiled Inferencer."""
+    from edge.inference import Inferencer
+
+    read_package(root)
+    Inferencer(root, num_requests=1)
 
 
 def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str, version: str, created: str,
@@ -220,43 +223,48 @@ def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str,
         return ev
 
     final = precision
+    gate: dict[str, Any] = {}
     if precision == "int8":
         calib = q.sample_calibration_tiles(calib_samples, spec, calib_size, seed)
         report["calibration"] = calib.info()
         print(f"quantize: NNCF PTQ on {len(calib.tiles)} tiles ({calib.n_defect_tiles} with defects), "
               f"preset {preset}", file=sys.stderr)
         cand = stage(q.quantize_int8(fp32, calib, preset), "int8")
-        gate = q.check_gate(ref, cand, max_drop)
-        gate["method"] = "nncf.quantize"
+        gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize"}
         if not gate["passed"]:
             print(f"gate: plain INT8 fails ({gate['reason']}); trying accuracy-controlled quantization",
                   file=sys.stderr)
             first = gate
             cand = stage(q.quantize_int8_controlled(fp32, calib, items, spec, params, max_drop, preset), "int8")
-            gate = q.check_gate(ref, cand, max_drop)
-            gate["method"] = "nncf.quantize_with_accuracy_control"
-            gate["plain_int8"] = first
+            gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize_with_accuracy_control",
+                    "plain_int8": first}
         metrics["int8"] = cand.metrics
         if not gate["passed"]:
-            final = "fp16"
-            gate["fallback"] = "fp16"
+            final = gate["fallback"] = "fp16"
             banner([f"INT8 FAILED THE ACCURACY GATE: {gate['reason']}",
-                    "Shipping FP16 instead (slower, not degraded). INT8 metrics are kept in package.json."])
-            metrics["fp16"] = stage(fp32, "fp16", fp16=True).metrics
-        metrics["gate"] = gate
-    elif precision == "fp16":
-        metrics["fp16"] = stage(fp32, "fp16", fp16=True).metrics
-        metrics["gate"] = {"passed": True, "reason": "fp16 requested; no INT8 gate", "not_applicable": True}
-    else:
-        metrics["deployed_fp32"] = stage(fp32, "fp32").metrics
-        metrics["gate"] = {"passed": True, "reason": "fp32 requested; no INT8 gate", "not_applicable": True}
+                    "Shipping FP16 instead. INT8 metrics and the reason are kept in package.json (metrics.gate)."])
+    if final in ("fp16", "fp32"):
+        # FP16/FP32 are judged too: on CPUs with bf16 the daemon runs them in bf16, not f32
+        ev = stage(fp32, final, fp16=final == "fp16")
+        metrics[final if final == "fp16" else "deployed_fp32"] = ev.metrics
+        check = {**q.check_gate(ref, ev, max_drop), "runtime_inference_precision":
+                 ev.metrics["runtime_inference_precision"]}
+        if precision == "int8":
+            gate["fallback_check"] = check
+        else:
+            gate = {**check, "method": f"{final} requested, no quantization"}
+        if not check["passed"]:
+            banner([f"THE {final.upper()} PACKAGE DIFFERS FROM THE F32 REFERENCE: {check['reason']}",
+                    f"(the daemon computes it in {check['runtime_inference_precision']}); review before deploying"])
+    metrics["gate"] = gate
 
     tile = items[0][0]
     tiles, _ = preprocess(tile, spec)
     t = np.ascontiguousarray(tiles[:1])
     speed = {"fp32_ms": median_latency_ms(ov_runner(ref_pred.compiled, t), 1.0)}
     deployed = Inferencer(root, num_requests=1, hint="LATENCY")
-    speed[f"{final}_ms"] = median_latency_ms(ov_runner(deployed.compiled, t), 1.0)
+    key = f"{final}_ms" if final != "fp32" else "deployed_fp32_ms"
+    speed[key] = median_latency_ms(ov_runner(deployed.compiled, t), 1.0)
     report.update({"precision": final, "metrics": metrics, "speed_ms_per_tile": speed,
                    "load_avg": os.getloadavg()[0]})
     return report
@@ -288,11 +296,12 @@ def _replace_dir(staging: Path, out: Path) -> None:
 def print_report(report: dict[str, Any], out: Path) -> None:
     m = report["metrics"]
     keys = ("pixel_iou", "pixel_f1", "image_recall", "image_precision", "image_f1")
-    cols = [k for k in ("fp32", "int8", "fp16") if k in m]
+    cols = [k for k in ("fp32", "int8", "fp16", "deployed_fp32") if k in m]
     print(f"\nexport report ({out}): shipped precision {report['precision'].upper()}")
-    print(f"{'metric':<18}" + "".join(f"{c:>10}" for c in cols))
+    print("(fp32 = f32 reference; the other columns as the daemon runs them, see runtime_inference_precision)")
+    print(f"{'metric':<18}" + "".join(f"{c:>14}" for c in cols))
     for k in keys:
-        print(f"{k:<18}" + "".join(f"{float(m[c].get(k, float('nan'))):>10.4f}" for c in cols))
+        print(f"{k:<18}" + "".join(f"{float(m[c].get(k, float('nan'))):>14.4f}" for c in cols))
     print("median ms per tile (1 request, LATENCY hint): "
           + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in report["speed_ms_per_tile"].items())
           + f" (load avg {report['load_avg']:.1f})")

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from edge.contract import InputSpec, PostprocessParams
 from training.checkpoint import CheckpointError, CheckpointMeta, load_model, read_checkpoint, save_checkpoint
 from training.data import DataError, load_dataset, split_dataset
 from training.losses import build_loss
-from training.patches import PatchDataset, mine_hard_negatives, update_pool
+from training.patches import HardNegative, PatchDataset, mine_hard_negatives, update_pool
 from training.train_config import ConfigError, TrainConfig, load_config, parse_overrides
 from training.train_utils import (
     Clock,
@@ -75,6 +76,7 @@ class TrainResult:
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: str | Path | None = None) -> TrainResult:
     """Run one training as configured; raises ConfigError/DataError/CheckpointError on bad input."""
     # ---------------------------------------------------------------- setup
+    t_start = time.monotonic()  # a time budget covers data loading too
     d = setup_distributed()
     out = Path(out)
     torch.set_num_threads(cfg.log.threads or max(1, (os.cpu_count() or 1) // d.world))
@@ -158,13 +160,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     patches = PatchDataset(train_images, train_masks, pc.size, pc.per_epoch, pc.defect_fraction,
                            pc.hard_negative_fraction, pc.jitter, pc.augment, seed=cfg.seed, rank=d.rank,
                            world_size=d.world)
-    pool = [p for p in state["pool"]]
+    pool = [HardNegative(*t) for t in state["pool"]]
     patches.set_hard_negatives(pool)
     batch = max(1, pc.batch_size // d.world)
     loader = DataLoader(patches, batch_size=batch, num_workers=pc.workers, drop_last=True)
     steps_per_epoch = max(1, len(patches) // batch)
     budget_s = cfg.schedule.time_budget_min * 60 if cfg.schedule.time_budget_min else None
-    clock = Clock(cfg.schedule.epochs * steps_per_epoch, budget_s, elapsed_s=state["elapsed_s"])
+    clock = Clock(cfg.schedule.epochs * steps_per_epoch, budget_s,
+                  elapsed_s=state["elapsed_s"] + time.monotonic() - t_start)
     log = RunLog(out, cfg.log.tensorboard, resume) if d.main else None
     train_config = {**cfg.to_yaml_dict(), "val_fraction": cfg.data.val_fraction, "seed": cfg.seed,
                     "data_root": str(cfg.data.root), "world_size": d.world,
@@ -187,7 +190,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     while epoch < cfg.schedule.epochs and not stopped:
         patches.set_epoch(epoch)
         # hard negatives: where the current model fires on good training parts (ranks share the work)
-        if epoch > 0 and pc.hard_negative_fraction > 0 and pc.mine_images > 0 and good_train:
+        mine = epoch > 0 and pc.hard_negative_fraction > 0 and pc.mine_images > 0 and bool(good_train)
+        if mine and (broadcast(clock.fraction(step), d) if d.ddp else clock.fraction(step)) < 1.0:
             rng = np.random.default_rng([cfg.seed, epoch, 7])
             chosen = sorted(rng.choice(good_train, min(pc.mine_images, len(good_train)), replace=False).tolist())
             raw_model.eval()
@@ -210,7 +214,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             if d.ddp:
                 frac = broadcast(frac, d)
             if frac >= 1.0:
-                stopped = "time budget" if budget_s else "epochs"
+                stopped = "time budget" if budget_s and step < clock.total_steps else "epochs"
                 break
             lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)
             for g in optimizer.param_groups:
@@ -258,7 +262,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             patience = cfg.schedule.patience
             if not decision["stop"] and patience and state["bad_validations"] >= patience:
                 decision["stop"] = f"no better score in {patience} validations"
-            state.update(epoch=epoch, step=step, elapsed_s=clock.elapsed(), pool=pool)
+            state.update(epoch=epoch, step=step, elapsed_s=clock.elapsed(),
+                         pool=[(h.image, h.y, h.x, h.score) for h in pool])
             save_checkpoint(last_path, raw_model, meta(epoch, step, params, metrics), training_state={
                 **state, "optimizer": optimizer.state_dict(), "rng": rng_state(),
                 "schedule": {"fraction": clock.fraction(step), "reserve_s": clock.reserve_s}})

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from training.data import DataError
-from training.train_config import ConfigError, TrainConfig, deep_merge, config_from_dict, load_config
+from training.train_config import ConfigError, TrainConfig, config_from_dict, deep_merge, load_config
 
 WIDTHS = (8, 12, 16, 24)
 PATCH_SIZES = (96, 128, 160, 192)

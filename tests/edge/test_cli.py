@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import yaml
 
-from tests.edge.test_daemon import ROOT, station, write_config
+from tests.daemon_proc import ROOT, station, write_config
 from tests.tiny_package import make_part
 
 

@@ -24,7 +24,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import yaml
 
 from edge.config import validate_config
 from edge.contract import Region
@@ -33,83 +32,19 @@ from edge.events import validate_event
 from edge.evidence import EvidenceStore
 from edge.station import SeqStore, region_dict, shift_regions
 from tests.broker import Broker, Subscriber
+from tests.daemon_proc import (
+    BASE,
+    ROOT,
+    Daemon,
+    alarms,
+    expected,
+    results,
+    station,
+    wait_results,
+    write_config,
+    write_parts,
+)
 from tests.tiny_package import make_part, make_tiny_package
-
-ROOT = Path(__file__).resolve().parents[2]
-BASE = "inspection/l1/s1"
-
-
-# -- helpers (also used by test_cli) --------------------------------------------------------------
-def station(tmp_path: Path, pkg: Path, broker: Broker | None, source: dict[str, Any], **sections: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "station": {"line": "l1", "name": "s1"},
-        "source": source,
-        "model": {"path": str(pkg), "num_requests": 2, "threads": 1},
-        "mqtt": {"host": "127.0.0.1", "port": broker.port if broker else 1, "reconnect_min_s": 0.1,
-                 "reconnect_max_s": 0.5},
-        "metrics": {"enabled": False},
-        "state_dir": str(tmp_path / "state"),
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return data
-
-
-def write_config(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def results(sub: Subscriber) -> list[dict[str, Any]]:
-    return [json.loads(m.payload) for m in sub.on(f"{BASE}/result")]
-
-
-def alarms(sub: Subscriber) -> list[dict[str, Any]]:
-    return [json.loads(m.payload) for m in sub.on(f"{BASE}/alarm")]
-
-
-def wait_results(sub: Subscriber, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-    topic = f"{BASE}/result"
-    assert sub.wait_for(lambda ms: sum(m.topic == topic for m in ms) >= n, timeout), \
-        f"only {len(results(sub))} of {n} results"
-    return results(sub)
-
-
-def expected(part_id: str) -> str:
-    return {"g": "pass", "o": "pass", "d": "fail", "n": "fail"}.get(part_id[0], "error")
-
-
-def write_parts(folder: Path, names: list[str], size: tuple[int, int] = (96, 128)) -> None:
-    for i, name in enumerate(names):
-        if name.startswith("bad"):
-            (folder / f"{name}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
-        elif name.startswith("black"):
-            cv2.imwrite(str(folder / f"{name}.png"), np.zeros(size, np.uint8))
-        else:
-            cv2.imwrite(str(folder / f"{name}.png"), make_part(size, defect=name.startswith("d"), seed=i))
-
-
-class Daemon:
-    """`python -m edge run` as a real subprocess; its log goes to a file shown on failure."""
-
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self._out = open(log, "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=ROOT,
-                                     stdout=self._out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._out.close()
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @contextmanager
