@@ -91,6 +91,9 @@ class FolderSourceConfig(_Model):
                                   description="File name endings picked up (case-insensitive); dotfiles, *.tmp and *.part never are.")
     order: Literal["name", "mtime"] = Field(default="name", description="Processing order of ready files.")
     stop_when_empty: bool = Field(default=False, description="Stop the daemon once the folder is empty (batch runs).")
+    max_pixels: int = Field(default=40_000_000, ge=64, le=1_000_000_000,
+                            description="Files whose header announces more pixels (width x height) get an `error` "
+                                        "verdict without being decoded: a tiny compressed file can decode to GBs.")
 
 
 class SyntheticSourceConfig(_Model):

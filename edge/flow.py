@@ -29,6 +29,7 @@ from edge.metrics import LatencyWindow, Metrics
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox
 from edge.postprocess import postprocess
+from edge.preprocess import FrameError
 from edge.rules import decide
 from edge.sources import Frame, FrameChecks, FrameSource, check_frame
 from edge.sources.gate import FrameGate
@@ -203,7 +204,9 @@ class FrameFlow:
                 try:
                     job.model.inferencer.submit(img, job, self._on_inferred)
                     return
-                except Exception as e:  # FrameError and OpenVINO errors alike: an error verdict
+                except FrameError as e:  # the frame's fault (size, type): not a model error
+                    job.error, job.error_kind, job.t_submit = f"cannot inspect frame: {e}", "bad_frame", 0.0
+                except Exception as e:  # OpenVINO errors: an error verdict and the model_error alarm
                     job.error, job.error_kind = f"cannot inspect frame: {e}", "inference"
         self._results.put(job)
 
@@ -261,8 +264,11 @@ class FrameFlow:
                    "postprocess": round((now - t0) * 1000, 3)}
         width, height = job.image_size or self._last_size or expected_size(self.checks)
         mpp = model.rules.mm_per_pixel
+        seq = self._next_seq(frame.part_id)
+        if seq is None:
+            return  # shutdown while the disk is full: the file stays for the next run
         event = build_result_event(
-            station=self.station, seq=self.seq.next(), part_id=frame.part_id, capture_ts=frame.capture_ts,
+            station=self.station, seq=seq, part_id=frame.part_id, capture_ts=frame.capture_ts,
             verdict=verdict, reasons=reasons, regions=[region_dict(r, mpp) for r in regions],
             total_defect_area=sum(r.area for r in regions), image={"width": width, "height": height},
             model=model.info, rules=model.rules_dict, timings_ms=timings,
@@ -286,6 +292,25 @@ class FrameFlow:
         if job.t_done:
             self.metrics.inference.observe(job.t_done - job.t_submit)
         self.gate.inspected += 1
+
+    def _next_seq(self, part_id: str) -> int | None:
+        """SeqStore.next, retried while its file cannot be written (disk full): the part waits."""
+        warned = False
+        while True:
+            try:
+                seq = self.seq.next()
+            except OSError as e:
+                if not warned:
+                    log.error("cannot reserve sequence numbers for part %s: %s; holding the pipeline", part_id, e)
+                    self.alarms.set(OUTBOX_ERROR, True, f"sequence numbers cannot be stored: {e}")
+                    warned = True
+                if self._abandon.wait(0.5):
+                    log.critical("result of part %s NOT stored at shutdown (no sequence number)", part_id)
+                    return None
+                continue
+            if warned:
+                self.alarms.set(OUTBOX_ERROR, False, "sequence numbers are stored again")
+            return seq
 
     def _store(self, event_id: str, payload: bytes, part_id: str) -> bool | None:
         """Outbox.add, retried while the outbox is full or failing: the part waits, it is not dropped."""

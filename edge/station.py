@@ -4,6 +4,7 @@ the persistent sequence number, and config -> settings conversions used by the d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -88,15 +89,23 @@ class SeqStore:
         self._reserve()
 
     def _reserve(self) -> None:
-        self._reserved = self._next + self.BLOCK
+        """Write the next block's end; only once it is durable may its numbers be handed out."""
+        reserved = self._next + self.BLOCK
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"reserved": self._reserved}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"reserved": reserved}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self._reserved = reserved
 
     def next(self) -> int:
+        """The next number; OSError (disk full) when a new block cannot be reserved - retry later."""
         with self._lock:
             if self._next >= self._reserved:
                 self._reserve()

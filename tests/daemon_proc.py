@@ -8,6 +8,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ import cv2
 import numpy as np
 import yaml
 
+from edge.config import validate_config
+from edge.daemon import Pipeline
 from tests.broker import Broker, Subscriber
 from tests.tiny_package import make_part
 
@@ -92,3 +97,19 @@ class Daemon:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def running(data: dict[str, Any]) -> Iterator[Pipeline]:
+    """An in-process pipeline with its main loop in a thread."""
+    stop = threading.Event()
+    p = Pipeline(validate_config(data), stop)
+    p.start()
+    t = threading.Thread(target=p.run, daemon=True)
+    t.start()
+    try:
+        yield p
+    finally:
+        stop.set()
+        t.join(10)
+        p.shutdown()

@@ -19,6 +19,7 @@ COMMANDS = {
     "export": ("training.export", "main", "checkpoint -> OpenVINO model package"),
     "bench": ("training.bench", "main", "latency / throughput of a model package"),
     "tune": ("training.tune", "main", "Optuna search over the training recipe"),
+    "demo": ("training.demo", "main", "the whole product end to end on synthetic parts (scripts/demo.sh)"),
 }
 
 

@@ -167,8 +167,9 @@ class Broker:
         if os.geteuid() == 0:
             lines.append("user root")  # otherwise mosquitto switches to 'mosquitto' and cannot write its log
         self.conf.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen([self.executable(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=open(self.dir / "mosquitto.stderr", "wb"), start_new_session=True)
+        with open(self.dir / "mosquitto.stderr", "wb") as err:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen([self.executable(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                         stderr=err, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -263,8 +264,8 @@ class Listener:
     def __post_init__(self) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-        from paho.mqtt.properties import Properties
         from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
 
         self.cond = threading.Condition()
         self.subscribed = threading.Event()
@@ -507,8 +508,11 @@ def print_summary(s: dict[str, Any], say: Any) -> None:
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
+    gate = s["model"].get("gate") or {}
+    fallback = f"; INT8 failed its accuracy gate ({gate.get('reason')})" if gate.get("fallback") else ""
     lines = [
-        f"model              {s['model'].get('name')} {s['model'].get('version')} ({s['model'].get('precision')})",
+        f"model              {s['model'].get('name')} {s['model'].get('version')} ({s['model'].get('precision')}"
+        f"{fallback})",
         f"parts              {cv['parts_sent']} sent ({cv['truth']['good']} good, {cv['truth']['defective']} defective)"
         f", {cv['parts_received']} verdicts received over MQTT",
         f"verdicts           pass {c.get('pass', 0)}, fail {c.get('fail', 0)}, error {c.get('error', 0)}",
@@ -523,7 +527,9 @@ def print_summary(s: dict[str, Any], say: Any) -> None:
         f"events lost        {cv['events_lost']} (duplicates dropped by event id: {cv['duplicates']})",
         f"daemon exit        {s['daemon_exit_code']} after SIGTERM",
         f"wall time          {s['wall_time_s']:.0f} s (stages: "
-        + ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items()) + ")",
+        + ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
+        + f"; load average {s['load_average_start']:.1f} at start, {s['load_average'][0]:.1f} at end, "
+        f"{s['cpus']} CPUs)",
     ]
     for k, v in s["pictures"].items():
         if v:
@@ -533,7 +539,10 @@ def print_summary(s: dict[str, Any], say: Any) -> None:
 
 # ----------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training demo", description=__doc__.split("\n\n")[0])
+    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(prog="python -m training demo", description=__doc__, formatter_class=Fmt)
     p.add_argument("--out", default="demo-out", help="output folder (its demo subfolders are recreated)")
     p.add_argument("--train-parts", type=int, default=200, help="synthetic training parts")
     p.add_argument("--size", type=int, default=128, help="part side in pixels (training and conveyor)")
@@ -544,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", type=int, default=120, help="parts sent down the conveyor")
     p.add_argument("--defect-fraction", type=float, default=0.4, help="share of defective conveyor parts")
     p.add_argument("--rate", type=float, default=20.0, help="conveyor pace, parts/s (0 = all at once)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data, training and conveyor seed")
     p.add_argument("--model", help="existing model package: skip data, training and export")
     p.add_argument("--result-timeout", type=float, default=120.0, help="seconds to wait for the last verdict")
     return p
@@ -563,8 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except Interrupted as e:
-        print(f"\ndemo interrupted ({e}); broker and daemon stopped, partial results in {args.out}/",
-              file=sys.stderr)
+        print(f"\ndemo interrupted ({e}); everything it started was stopped; partial results and logs "
+              f"in {args.out}/", file=sys.stderr)
         return 130
     except DemoError as e:
         print(f"\ndemo FAILED: {e}", file=sys.stderr)
@@ -586,8 +595,11 @@ def _run(args: argparse.Namespace) -> int:
     prog = Progress(3 if args.model else 6)
     py = sys.executable
     size = (args.size, args.size)
-    prog.say(f"demo: output in {out}  (python {sys.version.split()[0]}, {os.cpu_count()} CPU(s), "
-             f"load average {os.getloadavg()[0]:.1f})")
+    load0, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    prog.say(f"demo: output in {out}  (python {sys.version.split()[0]}, {cpus} CPU(s), load average {load0:.1f})")
+    if load0 > 0.5 * cpus and not args.model:
+        prog.say(f"   note: this machine is busy (load {load0:.1f} on {cpus} CPUs). Training runs on a time budget,\n"
+                 "   so it gets fewer steps and the model will be less accurate than on an idle machine.")
 
     if args.model:
         model_dir = Path(args.model).resolve()
@@ -606,7 +618,8 @@ def _run(args: argparse.Namespace) -> int:
         # ------------------------------------------------------------------ 2 train
         prog.stage("train", f"train the U-Net ({Path(args.train_config).name}, budget {args.train_minutes:g} min)")
         cmd = [py, "-m", "training", "train", "--config", args.train_config, "--data", str(out / "data"),
-               "--out", str(out / "run"), "--time-budget", f"{args.train_minutes:g}", "--epochs", str(args.epochs), "--seed", str(args.seed)]
+               "--out", str(out / "run"), "--time-budget", f"{args.train_minutes:g}", "--epochs", str(args.epochs),
+               "--seed", str(args.seed)]
         rc = run_logged(cmd, logs / "train.log", prog)
         best = out / "run" / "best.pt"
         if rc != 0 or not best.is_file():
@@ -653,8 +666,8 @@ def _run(args: argparse.Namespace) -> int:
         prog.say(f"   daemon: python -m edge run --config {station}  (pid {daemon.pid}, log {daemon_log})")
         status = listener.wait_status("online", 120, lambda: daemon.poll() is None)
         if status is None:
-            rc = daemon.poll()
-            raise DemoError(("daemon exited with code %s before going online" % rc if rc is not None
+            early = daemon.poll()
+            raise DemoError((f"daemon exited with code {early} before going online" if early is not None
                              else "daemon did not come online within 120 s")
                             + f"; log: {daemon_log}\n{log_tail(daemon_log)}")
         model_info = status.get("model", {})
@@ -675,9 +688,9 @@ def _run(args: argparse.Namespace) -> int:
         feeder.join(timeout=5)
         conveyor_s = time.monotonic() - t_feed
         if not complete:
-            rc = daemon.poll()
+            early = daemon.poll()
             prog.say(f"   !! only {len(listener.by_part)} of {len(parts)} verdicts arrived"
-                     + (f"; the daemon exited with code {rc}" if rc is not None else " in time"))
+                     + (f"; the daemon exited with code {early}" if early is not None else " in time"))
 
         # ------------------------------------------------------------------ 6 stop + summary
         prog.stage("summary", "stop the daemon (SIGTERM), summary and pictures")
@@ -731,6 +744,7 @@ def _run(args: argparse.Namespace) -> int:
         "daemon_exit_code": daemon_rc,
         "wall_time_s": round(time.monotonic() - prog.t0, 1),
         "stage_seconds": prog.stage_times,
+        "load_average_start": round(load0, 2),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cpus": os.cpu_count(),
         "pictures": pictures,

@@ -123,7 +123,11 @@ def check_frame(frame: Frame, checks: FrameChecks, now_mono: float | None = None
         return "frame is empty"
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
         return f"frame has an unexpected shape {img.shape}"
+    if img.dtype not in (np.uint8, np.uint16):
+        return f"frame has an unsupported pixel type {img.dtype} (8 or 16 bit expected)"
     h, w = img.shape[:2]
+    if h < 8 or w < 8:
+        return f"frame is too small ({w}x{h}); at least 8x8 pixels expected"
     if checks.expect_width is not None and w != checks.expect_width:
         return f"frame width {w} != expected {checks.expect_width}"
     if checks.expect_height is not None and h != checks.expect_height:

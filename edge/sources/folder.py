@@ -26,6 +26,60 @@ log = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
 UNREADABLE = "unreadable"
+_BYTES_PER_PIXEL_MAX = 8  # 16-bit BGRA, uncompressed: a bigger file cannot be within max_pixels
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, JPEG, BMP, TIFF or PNM file; None if unknown.
+
+    Reads only the header, so an image's memory cost is known before it is decoded.
+    """
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if data[:2] == b"\xff\xd8":
+            i = 2
+            while i + 9 <= len(data):
+                if data[i] != 0xFF:
+                    return None
+                marker = data[i + 1]
+                if marker == 0xFF:  # fill byte
+                    i += 1
+                    continue
+                if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                    i += 2
+                    continue
+                if marker in _JPEG_SOF:
+                    return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+                i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+            return None
+        if data[:2] == b"BM" and len(data) >= 26:
+            if int.from_bytes(data[14:18], "little") == 12:  # OS/2 header: 16-bit sizes
+                return int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little")
+            return (abs(int.from_bytes(data[18:22], "little", signed=True)),
+                    abs(int.from_bytes(data[22:26], "little", signed=True)))
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            order = "little" if data[:2] == b"II" else "big"
+            ifd = int.from_bytes(data[4:8], order)
+            n = int.from_bytes(data[ifd : ifd + 2], order)
+            dims: dict[int, int] = {}
+            for k in range(n):
+                e = ifd + 2 + 12 * k
+                tag, kind = int.from_bytes(data[e : e + 2], order), int.from_bytes(data[e + 2 : e + 4], order)
+                if tag in (256, 257):
+                    size = 2 if kind == 3 else 4
+                    dims[tag] = int.from_bytes(data[e + 8 : e + 8 + size], order)
+            return (dims[256], dims[257]) if len(dims) == 2 else None
+        if data[:1] == b"P" and data[1:2] in b"123456":
+            tokens: list[bytes] = []
+            for line in data[:1024].split(b"\n"):
+                tokens += line.split(b"#", 1)[0].split()
+                if len(tokens) >= 3:
+                    return int(tokens[1]), int(tokens[2])
+    except (IndexError, ValueError):
+        return None
+    return None
 
 
 class FolderSource:
@@ -115,8 +169,12 @@ class FolderSource:
         """Decode the file; None when it vanished meanwhile (someone took it back: not a part)."""
         path = self.root / name
         part_id = path.stem
+        limit = self.cfg.max_pixels
         try:
             st = path.stat()
+            if st.st_size > limit * _BYTES_PER_PIXEL_MAX + (1 << 20):
+                return self._error_frame(name, part_id, st.st_mtime_ns / 1e9, f"{name} is too large to be an image "
+                                         f"of at most source.max_pixels={limit} pixels ({st.st_size} bytes)")
             data = np.fromfile(str(path), dtype=np.uint8)
         except FileNotFoundError:
             with self._lock:
@@ -125,9 +183,17 @@ class FolderSource:
         except OSError as e:
             return self._error_frame(name, part_id, time.time(), f"cannot read {name}: {e}")
         capture_ts = st.st_mtime_ns / 1e9
+        size = image_size(data[: 1 << 20].tobytes())  # JPEG metadata segments may come before the size
+        if size is not None and size[0] * size[1] > limit:
+            return self._error_frame(name, part_id, capture_ts, f"{name} is {size[0]}x{size[1]} = "
+                                     f"{size[0] * size[1]} pixels > source.max_pixels={limit}; not decoded")
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
         if image is None:
             return self._error_frame(name, part_id, capture_ts, f"{name} is not a readable image ({data.size} bytes)")
+        if image.shape[0] * image.shape[1] > limit:  # a format whose header was not read above
+            h, w = image.shape[:2]
+            return self._error_frame(name, part_id, capture_ts, f"{name} is {w}x{h} = {w * h} pixels > "
+                                     f"source.max_pixels={limit}")
         return Frame(part_id=part_id, capture_ts=capture_ts, image=image, live=False, meta={"file": name})
 
     @staticmethod

@@ -16,8 +16,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import pytest
 
 from edge.config import validate_config
 from edge.contract import Region
-from edge.daemon import Pipeline, run_pipeline
+from edge.daemon import run_pipeline
 from edge.events import validate_event
 from edge.evidence import EvidenceStore
 from edge.station import SeqStore, region_dict, shift_regions
@@ -39,28 +37,13 @@ from tests.daemon_proc import (
     alarms,
     expected,
     results,
+    running,
     station,
     wait_results,
     write_config,
     write_parts,
 )
 from tests.tiny_package import make_part, make_tiny_package
-
-
-@contextmanager
-def running(data: dict[str, Any]) -> Iterator[Pipeline]:
-    """An in-process pipeline with its main loop in a thread."""
-    stop = threading.Event()
-    p = Pipeline(validate_config(data), stop)
-    p.start()
-    t = threading.Thread(target=p.run, daemon=True)
-    t.start()
-    try:
-        yield p
-    finally:
-        stop.set()
-        t.join(10)
-        p.shutdown()
 
 
 # -- isolation ------------------------------------------------------------------------------------

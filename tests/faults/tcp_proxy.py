@@ -14,6 +14,7 @@ One selector thread does everything, so mode changes are atomic with respect to 
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import struct
@@ -136,10 +137,8 @@ class TcpProxy:
                 if self._stop:
                     return
                 if key.data == "wake":
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         self._wake_r.recv(4096)
-                    except BlockingIOError:
-                        pass
                     mode, self._pending_mode = self._pending_mode, None
                     if mode is not None:
                         self._apply(mode)
@@ -192,6 +191,9 @@ class TcpProxy:
             return
         except OSError:
             data = b""
+        if not data and pair.dead:  # a black hole does not carry the FIN to the other side either
+            self._close_one(pair, sock)
+            return
         if not data:  # orderly close by one side: deliver what is still buffered, then close both
             for dest, buf in pair.out.items():
                 if buf and not pair.dead:
@@ -236,15 +238,23 @@ class TcpProxy:
         if self._sel.get_key(sock).events != events:
             self._sel.modify(sock, events, "conn")
 
+    def _close_one(self, pair: _Pair, sock: socket.socket) -> None:
+        if sock in self._pairs:
+            del self._pairs[sock]
+            self._sel.unregister(sock)
+        sock.close()
+        if sock is pair.server:
+            pair.server = None
+
     def _close_pair(self, pair: _Pair, reset: bool) -> None:
         for s in (pair.client, pair.server):
             if s is None or s not in self._pairs:
+                if s is not None:
+                    s.close()
                 continue
             del self._pairs[s]
             self._sel.unregister(s)
             if reset:  # RST instead of FIN, like a network that drops the connection state
-                try:
+                with contextlib.suppress(OSError):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
             s.close()
