@@ -138,6 +138,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         f"{d.world} process(es) x {torch.get_num_threads()} thread(s)")
 
     # ---------------------------------------------------------------- resume
+    params, metrics = PostprocessParams(), {}  # of the latest validation
     state: dict[str, Any] = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "best_score": float("-inf"),
                              "best_epoch": 0, "bad_validations": 0, "pool": [], "best_metrics": {}}
     if resume:
@@ -149,6 +150,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         optimizer.load_state_dict(ts["optimizer"])
         set_rng_state(ts.get("rng", {}) if d.main else {})
         state.update({k: ts[k] for k in state if k in ts})
+        params, metrics = PostprocessParams.from_dict(payload["postprocess"]), payload.get("metrics", {})
         if payload.get("data_fingerprint") != fingerprint:
             say("warning: the data differs from the run being resumed (fingerprint changed)")
         say(f"resume: {last_path} after epoch {state['epoch']} (step {state['step']})")
@@ -172,8 +174,6 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     train_config = {**cfg.to_yaml_dict(), "val_fraction": cfg.data.val_fraction, "seed": cfg.seed,
                     "data_root": str(cfg.data.root), "world_size": d.world,
                     "train_names": [s.name for s in train_s], "val_names": [s.name for s in val_s]}
-    params = PostprocessParams()
-    metrics: dict[str, Any] = {}
 
     def meta(epoch: int, step: int, p: PostprocessParams, m: dict[str, Any]) -> CheckpointMeta:
         return CheckpointMeta(name=cfg.name, version=cfg.version, model_config=mcfg, input_spec=spec,
@@ -186,7 +186,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     best_probs: list[np.ndarray] | None = None  # maps of the best validation, for the final picture
     good_train = [i for i, m in enumerate(train_masks) if not m.any()]
     show = cfg.log.progress and d.main
-    epoch_bar = tqdm(total=None if budget_s else cfg.schedule.epochs, initial=epoch, desc="epochs", unit="ep", disable=not show)
+    epoch_bar = tqdm(total=None if budget_s else cfg.schedule.epochs, initial=epoch, desc="epochs", unit="ep",
+                     disable=not show)
     while epoch < cfg.schedule.epochs and not stopped:
         patches.set_epoch(epoch)
         # hard negatives: where the current model fires on good training parts (ranks share the work)
@@ -243,15 +244,21 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         due = epoch % cfg.schedule.val_every == 0
         if cfg.schedule.val_every_s is not None:
             due = clock.elapsed() - last_val_t >= cfg.schedule.val_every_s
-        if not (due or stopped):
-            continue
-        if d.ddp:  # validate every rank's share with the same weights and BN statistics
-            for b in raw_model.buffers():
-                dist.broadcast(b, 0)
-        v = validate(raw_model, val_images, val_masks, spec, cfg.validation, d)
-        last_val_t, last_val_step = clock.elapsed(), step
+        v = None
+        if due or stopped:
+            if d.ddp:  # validate every rank's share with the same weights and BN statistics
+                for b in raw_model.buffers():
+                    dist.broadcast(b, 0)
+            v = validate(raw_model, val_images, val_masks, spec, cfg.validation, d)
+            last_val_t, last_val_step = clock.elapsed(), step
         decision: dict[str, Any] = {"stop": stopped}
-        if v is not None:  # rank 0
+        if d.main:
+            train_loss = float(np.mean(losses)) if losses else float("nan")
+            assert log is not None
+            log.scalar("train/loss", train_loss, step)
+            log.scalar("train/lr", lr, step)
+            log.scalar("train/hard_negatives", len(pool), step)
+        if v is not None:  # rank 0 after a validation
             clock.note_validation(v.seconds)
             params, metrics = v.params, v.metrics
             state["bad_validations"] += 1
@@ -262,25 +269,23 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             patience = cfg.schedule.patience
             if not decision["stop"] and patience and state["bad_validations"] >= patience:
                 decision["stop"] = f"no better score in {patience} validations"
-            state.update(epoch=epoch, step=step, elapsed_s=clock.elapsed(),
-                         pool=[(h.image, h.y, h.x, h.score) for h in pool])
-            save_checkpoint(last_path, raw_model, meta(epoch, step, params, metrics), training_state={
-                **state, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                "schedule": {"fraction": clock.fraction(step), "reserve_s": clock.reserve_s}})
             assert log is not None
             log.row({"epoch": epoch, "step": step, "time_s": round(clock.elapsed(), 1), "lr": lr,
-                     "train_loss": float(np.mean(losses)) if losses else None, "score": v.score,
-                     "val_s": round(v.seconds, 1), **metrics})
-            log.scalar("train/hard_negatives", len(pool), step)
-            msg = (f"epoch {epoch} step {step} {clock.elapsed():.0f}s lr {lr:.2e} "
-                   f"loss {np.mean(losses) if losses else float('nan'):.4f} | val score {v.score:.4f} "
-                   f"iou {metrics['pixel_iou']:.4f} f1 {metrics['image_f1']:.4f} "
+                     "train_loss": train_loss, "score": v.score, "val_s": round(v.seconds, 1), **metrics})
+            msg = (f"epoch {epoch} step {step} {clock.elapsed():.0f}s lr {lr:.2e} loss {train_loss:.4f} | "
+                   f"val score {v.score:.4f} iou {metrics['pixel_iou']:.4f} f1 {metrics['image_f1']:.4f} "
                    f"acc {metrics['image_accuracy']:.4f} @ thr {params.pixel_threshold} area {params.min_area} "
                    f"({v.seconds:.0f}s)")
             if show:
                 tqdm.write(msg)
             else:
                 print(msg, flush=True)
+        if d.main:  # last.pt after every epoch, so --resume loses at most one epoch
+            state.update(epoch=epoch, step=step, elapsed_s=clock.elapsed(),
+                         pool=[(h.image, h.y, h.x, h.score) for h in pool])
+            save_checkpoint(last_path, raw_model, meta(epoch, step, params, metrics), training_state={
+                **state, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                "schedule": {"fraction": clock.fraction(step), "reserve_s": clock.reserve_s}})
         stopped = broadcast(decision, d)["stop"] if d.ddp else decision["stop"]
     epoch_bar.close()
 
@@ -332,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", help="training recipe (YAML); default: built-in defaults")
     ap.add_argument("--data", help="dataset folder (overrides data.root)")
     ap.add_argument("--out", required=True, help="run directory (checkpoints, logs, pictures)")
-    ap.add_argument("--time-budget", type=float, metavar="MINUTES", help="wall-clock budget; lr follows time")
+    ap.add_argument("--time-budget", type=float, metavar="MINUTES",
+                    help="wall-clock budget; the lr follows time (without --epochs the clock alone ends the run)")
     ap.add_argument("--epochs", type=int, help="max epochs")
     ap.add_argument("--seed", type=int, help="seed of split, patches and weights")
     ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
@@ -345,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     over = parse_overrides(args.set)
+    if args.time_budget is not None and args.epochs is None:
+        args.epochs = 100_000  # the budget, not the recipe's epoch count, ends this run
     for key, value in (("data.root", args.data), ("schedule.time_budget_min", args.time_budget),
                        ("schedule.epochs", args.epochs), ("seed", args.seed),
                        ("validation.tta", True if args.tta else None)):

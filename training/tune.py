@@ -61,7 +61,8 @@ def write_trials_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
-def tune(base: TrainConfig, out: Path, budget_min: float, trial_min: float, seed: int = 0) -> dict[str, Any]:
+def tune(base: TrainConfig, out: Path, budget_min: float, trial_min: float, seed: int = 0,
+         max_trials: int | None = None) -> dict[str, Any]:
     """Run trials while a whole one still fits in the budget; returns the best trial's summary."""
     import optuna
 
@@ -71,9 +72,10 @@ def tune(base: TrainConfig, out: Path, budget_min: float, trial_min: float, seed
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     rows: list[dict[str, Any]] = []
-    overheads: list[float] = [30.0]  # data loading, final pictures: measured after the first trial
+    overheads: list[float] = [15.0]  # data loading, final pictures: measured after the first trial
     t0 = time.monotonic()
-    while time.monotonic() - t0 + trial_min * 60 + max(overheads) <= budget_min * 60:
+    while (time.monotonic() - t0 + trial_min * 60 + max(overheads[-3:]) <= budget_min * 60
+           and (max_trials is None or len(rows) < max_trials)):
         trial = study.ask()
         over = suggest(trial, base)
         cfg = trial_config(base, over, trial_min)
@@ -116,12 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--time-budget", type=float, required=True, metavar="MINUTES", help="whole search")
     ap.add_argument("--trial-minutes", type=float, default=None, metavar="M",
                     help="budget per trial (default: a sixth of the search, at least 1)")
+    ap.add_argument("--trials", type=int, default=None, help="stop after this many trials")
     ap.add_argument("--seed", type=int, default=0, help="sampler seed (the data split follows the config)")
     args = ap.parse_args(argv)
     trial_min = args.trial_minutes or max(1.0, args.time_budget / 6)
     try:
         base = load_config(args.config, {"data": {"root": args.data}})
-        best = tune(base, Path(args.out), args.time_budget, trial_min, args.seed)
+        best = tune(base, Path(args.out), args.time_budget, trial_min, args.seed, args.trials)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

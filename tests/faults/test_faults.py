@@ -237,7 +237,7 @@ def test_daemon_sigkill_at_random_points(p: Profile, tmp_path: Path, tiny_packag
             t_spawn = time.monotonic()
             if k == p.daemon_kills:
                 break
-            if rng.random() < 0.25:  # during startup: imports, model compile, outbox replay
+            if k == 1 or rng.random() < 0.25:  # during startup: imports, model compile, outbox replay
                 delay = rng.uniform(0.1, 3.0)
                 time.sleep(delay)
                 points.append(f"startup+{delay:.2f}s")
