@@ -100,7 +100,8 @@ def make_frames(size: tuple[int, int], distinct: int = 32, seed: int = 0) -> lis
 
 def write_video(path: Path, frames: list[np.ndarray], count: int, fps: float) -> Path:
     h, w = frames[0].shape[:2]
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h), isColor=False)
+    fourcc = cv2.VideoWriter_fourcc(*"MJPG")  # type: ignore[attr-defined]
+    vw = cv2.VideoWriter(str(path), fourcc, fps, (w, h), isColor=False)
     for i in range(count):
         vw.write(frames[i % len(frames)])
     vw.release()
@@ -110,7 +111,7 @@ def write_video(path: Path, frames: list[np.ndarray], count: int, fps: float) ->
 def decoded(path: Path, n: int) -> list[np.ndarray]:
     """The first n frames as the pipeline gets them (OpenCV decode of the same file)."""
     cap = cv2.VideoCapture(str(path))
-    out = []
+    out: list[np.ndarray] = []
     while len(out) < n:
         ok, img = cap.read()
         if not ok:
@@ -177,8 +178,8 @@ class AckProbe:
             probe.last_ack = now
             orig_acked(sink, seqs)
 
-        MqttSink._publish = _publish  # type: ignore[method-assign]
-        MqttSink._acked = _acked  # type: ignore[method-assign]
+        MqttSink._publish = _publish  # type: ignore[method-assign,assignment]
+        MqttSink._acked = _acked  # type: ignore[method-assign,assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -312,9 +313,8 @@ def loss_run(work: Path, pkg: Path, size: tuple[int, int], parts: int, rate: flo
             time.sleep(0.05)
 
     def recovered_after(t: float) -> float | None:
-        sub.wait_for(lambda: sub.first_result_after(t) is not None, min(60.0, max(1.0, deadline - time.monotonic())))
-        first = sub.first_result_after(t)
-        return round(first - t, 3) if first is not None else None
+        took = sub.recovery(t, min(60.0, max(1.0, deadline - time.monotonic())))
+        return None if took is None else round(took, 3)
 
     try:
         for i, share in enumerate((0.15, 0.40, 0.65)):
@@ -400,7 +400,8 @@ def main() -> int:
     pkg = args.model or make_tiny_package(work / "tiny-package")
     meta = json.loads((pkg / "package.json").read_text())
     tile = int(meta["input"]["tile"])
-    size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else (2 * tile, 3 * tile // 2)
+    sw, sh = (int(v) for v in args.size.lower().split("x")) if args.size else (2 * tile, 3 * tile // 2)
+    size = (sw, sh)
     settings = {"num_requests": args.num_requests, "threads": args.threads, "hint": args.hint}
     result: dict[str, Any] = {
         "machine": machine(), "work": str(work),

@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -60,7 +61,7 @@ def image_size(data: bytes) -> tuple[int, int] | None:
             return (abs(int.from_bytes(data[18:22], "little", signed=True)),
                     abs(int.from_bytes(data[22:26], "little", signed=True)))
         if data[:4] in (b"II*\x00", b"MM\x00*"):
-            order = "little" if data[:2] == b"II" else "big"
+            order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
             ifd = int.from_bytes(data[4:8], order)
             n = int.from_bytes(data[ifd : ifd + 2], order)
             dims: dict[int, int] = {}

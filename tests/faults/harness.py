@@ -145,6 +145,12 @@ class PersistentSubscriber:
         times = [e["_t"] for e in self.results() if e["_t"] >= t]
         return min(times) if times else None
 
+    def recovery(self, t: float, timeout: float) -> float | None:
+        """Seconds from `t` (monotonic) to the first result received after it; None on timeout."""
+        self.wait_for(lambda: self.first_result_after(t) is not None, timeout)
+        first = self.first_result_after(t)
+        return None if first is None else first - t
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()

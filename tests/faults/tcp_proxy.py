@@ -208,12 +208,12 @@ class TcpProxy:
         if pair.dead:
             self.bytes_dropped += len(data)
             return
-        dest = self._other(pair, sock)
-        if dest is None:
+        other = self._other(pair, sock)
+        if other is None:
             return
-        buf = pair.out.setdefault(dest, bytearray())
+        buf = pair.out.setdefault(other, bytearray())
         buf += data
-        self._flush(pair, dest)
+        self._flush(pair, other)
 
     def _flush(self, pair: _Pair, dest: socket.socket) -> None:
         buf = pair.out.get(dest)
