@@ -18,6 +18,7 @@ import openvino.opset13 as ops
 
 from edge.contract import InputSpec, PackageMeta, PostprocessParams
 from edge.package import sha256_file, write_package_json
+from edge.sources.synthetic import synth_part
 
 
 def build_dark_spot_model(tile: int = 64) -> ov.Model:
@@ -55,12 +56,5 @@ def make_tiny_package(out: Path, tile: int = 64, version: str = "1.0.0", name: s
 
 
 def make_part(size: tuple[int, int] = (96, 128), defect: bool = False, seed: int = 0) -> np.ndarray:
-    """A light textured part; with `defect`, one dark blob of about 40 px."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    img = (170 + rng.normal(0, 6, size=(h, w))).clip(0, 255).astype(np.uint8)
-    if defect:
-        cy, cx = rng.integers(10, h - 10), rng.integers(10, w - 10)
-        yy, xx = np.ogrid[:h, :w]
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 12] = 40
-    return img
+    """A light textured part; with `defect`, one dark blob of about 40 px (the edge's synthetic source)."""
+    return synth_part(size[0], size[1], defect, np.random.default_rng(seed))

@@ -1,4 +1,4 @@
-"""`python -m training {synth,train,evaluate,export,bench,tune} ...`
+"""`python -m training {synth,train,evaluate,export,bench,tune,demo} ...`
 
 Each command lives in its own module with a `main(argv) -> exit code`; this file only picks
 one. Imports are lazy so that `python -m training synth` (numpy + OpenCV) never pays for, or
