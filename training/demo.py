@@ -25,28 +25,31 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
+from training.demo_report import contact_sheet, print_summary, score
+from training.demo_station import (
+    LINE,
+    STATION,
+    TOPIC_PREFIX,
+    Broker,
+    DemoError,
+    Listener,
+    feed,
+    render_conveyor,
+    station_yaml,
+    stop_process,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRAIN_CONFIG = REPO / "configs" / "train" / "synthetic-demo.yaml"
 OWNED = ("data", "run", "model", "conveyor", "state", "broker", "logs")  # recreated on every run
-LINE, STATION = "demo", "station1"
-TOPIC_PREFIX = "inspection"
-
-
-class DemoError(RuntimeError):
-    """A stage failed; the message says which and where its log is."""
 
 
 class Interrupted(BaseException):
@@ -88,22 +91,6 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------- children
-def _stop_process(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
-    """Signal one child we started and wait; SIGKILL if it does not go. Returns its exit code."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 def run_logged(cmd: Sequence[str], log_path: Path, progress: Progress, prefix: str = "   ") -> int:
     """Run a command, streaming its output (stdout + stderr) to the console and to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +112,7 @@ def run_logged(cmd: Sequence[str], log_path: Path, progress: Progress, prefix: s
                     progress.say(prefix + shown)
             return proc.wait()
         finally:
-            _stop_process(proc)
+            stop_process(proc)
 
 
 def log_tail(path: Path, n: int = 25) -> str:
@@ -134,407 +121,6 @@ def log_tail(path: Path, n: int = 25) -> str:
     except OSError:
         return "(no log)"
     return "\n".join("   | " + line for line in lines[-n:])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Broker:
-    """A private Mosquitto on a free localhost port, config and log in `workdir`."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.host, self.port = "127.0.0.1", free_port()
-        self.conf, self.log = self.dir / "mosquitto.conf", self.dir / "mosquitto.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @staticmethod
-    def executable() -> str:
-        found = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
-        if not found:
-            raise DemoError("mosquitto is not installed: run `bash scripts/setup.sh` (apt-get install mosquitto)")
-        return found
-
-    def start(self, timeout: float = 10.0) -> Broker:
-        lines = [f"listener {self.port} {self.host}", "allow_anonymous true", "persistence false",
-                 f"log_dest file {self.log}", "log_type error", "log_type warning", "log_type notice",
-                 "log_type information"]
-        if os.geteuid() == 0:
-            lines.append("user root")  # otherwise mosquitto switches to 'mosquitto' and cannot write its log
-        self.conf.write_text("\n".join(lines) + "\n")
-        with open(self.dir / "mosquitto.stderr", "wb") as err:  # the child keeps its own copy of the fd
-            self.proc = subprocess.Popen([self.executable(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                         stderr=err, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DemoError(f"mosquitto exited with code {self.proc.returncode}; see {self.dir}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
-                return self
-            time.sleep(0.05)
-        raise DemoError(f"mosquitto did not accept connections on port {self.port}; see {self.dir}")
-
-    def stop(self) -> None:
-        _stop_process(self.proc, timeout=5.0)
-
-
-# ----------------------------------------------------------------------------------- conveyor
-@dataclass
-class Part:
-    part_id: str
-    truth: str  # "good" or a defect type
-    file: Path  # pre-rendered image (outside the hot folder)
-    mask_file: Path | None
-
-    @property
-    def defective(self) -> bool:
-        return self.truth != "good"
-
-
-def render_conveyor(folder: Path, count: int, seed: int, size: tuple[int, int], color: str,
-                    defect_fraction: float) -> list[Part]:
-    """Pre-render `count` new parts (a seed the model never saw) with their truth, neutral part ids."""
-    from training.synth import _assignments, make_part  # the dataset's own assignment of defect types
-
-    staged, masks = folder / "staged", folder / "truth_masks"
-    staged.mkdir(parents=True, exist_ok=True)
-    masks.mkdir(parents=True, exist_ok=True)
-    parts = []
-    for i, kind in enumerate(_assignments(count, seed, defect_fraction)):
-        rng = np.random.default_rng([seed, i])
-        image, mask = make_part(rng, size, color, None if kind == "good" else kind)
-        pid = f"part-{i + 1:04d}"
-        img_path = staged / f"{pid}.png"
-        cv2.imwrite(str(img_path), image)
-        mask_path = None
-        if mask.any():
-            mask_path = masks / f"{pid}.png"
-            cv2.imwrite(str(mask_path), mask * 255)
-        parts.append(Part(pid, kind, img_path, mask_path))
-    truth = {p.part_id: p.truth for p in parts}
-    (folder / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
-    return parts
-
-
-def feed(parts: Sequence[Part], hot: Path, rate: float, stop: threading.Event, sent: list[tuple[str, float]]) -> None:
-    """Drop parts into the hot folder at `rate` parts/s (0 = all at once): write a hidden temp
-    file, then rename, so the daemon never sees half a file."""
-    t0 = time.monotonic()
-    for i, p in enumerate(parts):
-        if stop.is_set():
-            return
-        if rate > 0:
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0 and stop.wait(delay):
-                return
-        tmp = hot / f".{p.part_id}.png.tmp"
-        shutil.copyfile(p.file, tmp)
-        os.replace(tmp, hot / f"{p.part_id}.png")
-        sent.append((p.part_id, time.time()))
-
-
-# ----------------------------------------------------------------------------------- MQTT
-@dataclass
-class Received:
-    event: dict[str, Any]
-    received_ts: float
-
-
-@dataclass
-class Listener:
-    """A real paho MQTT 5 subscriber on <base>/#; prints one line per result as it arrives."""
-
-    host: str
-    port: int
-    base: str
-    truth: dict[str, str]
-    progress: Progress
-    results: dict[str, Received] = field(default_factory=dict)  # event_id -> first copy
-    by_part: dict[str, str] = field(default_factory=dict)  # part_id -> event_id
-    duplicates: int = 0
-    alarms: list[dict[str, Any]] = field(default_factory=list)
-    status: dict[str, Any] = field(default_factory=dict)
-    bad_payloads: int = 0
-
-    def __post_init__(self) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        self.cond = threading.Condition()
-        self.subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-listener-{os.getpid()}",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 600  # a reconnect keeps the session: QoS 1 results queue at the broker
-        self.client.connect(self.host, self.port, keepalive=30, clean_start=False, properties=props)
-        self.client.loop_start()
-        if not self.subscribed.wait(10):
-            self.close()
-            raise DemoError(f"could not subscribe to {self.base}/# on {self.host}:{self.port}")
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if not rc.is_failure:
-            client.subscribe(f"{self.base}/#", qos=1)
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        now = time.time()
-        kind = msg.topic.rsplit("/", 1)[-1]
-        try:
-            body = json.loads(msg.payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            with self.cond:
-                self.bad_payloads += 1
-            return
-        if kind == "status":
-            with self.cond:
-                self.status = body
-                self.cond.notify_all()
-        elif kind == "alarm":
-            with self.cond:
-                self.alarms.append(body)
-            self.progress.say(f"   ALARM {body.get('alarm')} {body.get('state')}: {body.get('message')}")
-        elif kind == "result":
-            with self.cond:
-                eid = body.get("event_id", "")
-                if eid in self.results:
-                    self.duplicates += 1  # at-least-once delivery: consumers drop duplicates by event id
-                    return
-                self.results[eid] = Received(body, now)
-                self.by_part.setdefault(body.get("part_id", ""), eid)
-                n = len(self.by_part)
-                self.cond.notify_all()
-            self.progress.say(self.line(body, n))
-
-    def line(self, ev: dict[str, Any], n: int) -> str:
-        verdict = ev.get("verdict", "?")
-        truth = self.truth.get(ev.get("part_id", ""), "?")
-        if verdict == "error":
-            mark = "ERROR: " + str(ev.get("error"))[:60]
-        elif (verdict == "fail") == (truth != "good"):
-            mark = "ok"
-        else:
-            mark = "MISSED DEFECT" if verdict == "pass" else "FALSE ALARM"
-        lat = ev.get("timings_ms", {}).get("capture_to_result")
-        lat_s = f"{lat:7.1f} ms" if isinstance(lat, (int, float)) else "      ? ms"
-        return (f"   {n:4d}/{len(self.truth)}  {ev.get('part_id', '?'):<10} {verdict.upper():<5} "
-                f"{len(ev.get('regions', [])):2d} region(s) {lat_s}   truth {truth:<8} {mark}")
-
-    def wait_results(self, n: int, timeout: float, alive: Any) -> bool:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.by_part) < n:
-                left = deadline - time.monotonic()
-                if left <= 0 or not alive():
-                    return False
-                self.cond.wait(min(left, 0.5))
-            return True
-
-    def wait_status(self, state: str, timeout: float, alive: Any) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self.status.get("state") != state:
-                left = deadline - time.monotonic()
-                if left <= 0 or not alive():
-                    return None
-                self.cond.wait(min(left, 0.5))
-            return dict(self.status)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.client.disconnect()
-            self.client.loop_stop()
-
-
-# ----------------------------------------------------------------------------------- station
-def station_yaml(out: Path, model: Path, hot: Path, port: int) -> str:
-    """The daemon's config for this demo (every key is checked by edge.config at start)."""
-    cfg = {
-        "station": {"line": LINE, "name": STATION},
-        "source": {"type": "folder", "path": str(hot), "settle_s": 0.2, "poll_interval_s": 0.1},
-        "model": {"path": str(model)},
-        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": TOPIC_PREFIX, "client_id": "edge-demo-station1",
-                 "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
-        "evidence": {"enabled": True, "quota_mb": 200},
-        # the demo's defect mix (about 40% defective) is far above a real line's: keep alarms quiet
-        "alarms": {"consecutive_fails": 10, "fail_rate_window": 50, "fail_rate_max": 0.8},
-        "metrics": {"enabled": True, "port": 0, "stats_interval_s": 5},
-        "pipeline": {"drain_timeout_s": 15},
-        "state_dir": str(out / "state"),
-    }
-    import yaml
-
-    return ("# Written by `python -m training demo`; run by `python -m edge run --config <this file>`.\n"
-            + yaml.safe_dump(cfg, sort_keys=False))
-
-
-# ----------------------------------------------------------------------------------- summary
-def percentiles(values: Sequence[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "max": None}
-    a = np.asarray(values, dtype=np.float64)
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {"p50": round(float(p50), 2), "p95": round(float(p95), 2), "p99": round(float(p99), 2),
-            "max": round(float(a.max()), 2)}
-
-
-def score(parts: Sequence[Part], results: dict[str, Received], by_part: dict[str, str],
-          sent: Sequence[tuple[str, float]]) -> dict[str, Any]:
-    """Everything the summary says about the conveyor run, from the events received over MQTT."""
-    events = {pid: results[eid].event for pid, eid in by_part.items()}
-    recv = {pid: results[eid].received_ts for pid, eid in by_part.items()}
-    sent_ids = {pid for pid, _ in sent}
-    counts = {"pass": 0, "fail": 0, "error": 0}
-    tp = fn = fp = tn = 0
-    for p in parts:
-        ev = events.get(p.part_id)
-        if ev is None:
-            continue
-        v = ev["verdict"]
-        counts[v] = counts.get(v, 0) + 1
-        flagged = v == "fail"
-        if p.defective:
-            tp, fn = tp + flagged, fn + (not flagged)  # an error on a defective part is not a catch
-        else:
-            fp, tn = fp + flagged, tn + (v == "pass")
-    n_def = sum(p.defective for p in parts if p.part_id in events)
-    n_good = sum(not p.defective for p in parts if p.part_id in events)
-    received = len(events)
-    lat = [float(ev["timings_ms"]["capture_to_result"]) for ev in events.values()]
-    e2e = [(recv[pid] - float(ev["capture_ts"])) * 1000 for pid, ev in events.items()]
-    t_first = min((t for _, t in sent), default=0.0)
-    t_last = max(recv.values(), default=t_first)
-    span = max(1e-6, t_last - t_first)
-    per_type: dict[str, dict[str, int]] = {}
-    for p in parts:
-        ev = events.get(p.part_id)
-        if ev is not None:
-            d = per_type.setdefault(p.truth, {"parts": 0, "fail": 0})
-            d["parts"] += 1
-            d["fail"] += ev["verdict"] == "fail"
-    return {
-        "parts_sent": len(sent), "parts_received": received,
-        "events_lost": len(sent_ids - set(events)), "unexpected_events": len(set(events) - sent_ids),
-        "counts": counts,
-        "truth": {"good": n_good, "defective": n_def},
-        "accuracy": {
-            "image_accuracy": round((tp + tn) / received, 4) if received else None,
-            "defect_recall": round(tp / n_def, 4) if n_def else None,
-            "false_alarms": fp, "false_alarm_rate": round(fp / n_good, 4) if n_good else None,
-            "missed_defects": fn, "confusion": {"tp": tp, "fn": fn, "fp": fp, "tn": tn},
-            "per_truth": per_type,
-        },
-        "throughput_parts_per_s": round(received / span, 2),
-        "window_s": round(span, 2),
-        "latency_ms": {"capture_to_result": percentiles(lat), "file_to_mqtt": percentiles(e2e)},
-    }
-
-
-def contact_sheet(parts: Sequence[Part], events: dict[str, dict[str, Any]], evidence_root: Path, done: Path,
-                  png: Path, title: str, max_tiles: int = 40, cols: int = 8) -> int:
-    """Tiles of parts with the predicted defect overlay (red: mask + boxes) and the truth outline
-    (green); the daemon's own evidence mask when there is one, else the event's boxes alone."""
-    tiles = []
-    for p in parts[:max_tiles]:
-        ev = events[p.part_id]
-        img = cv2.imread(str(done / f"{p.part_id}.png"), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            img = cv2.imread(str(p.file), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            continue
-        if img.ndim == 2:
-            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-        pred = None
-        if ev.get("evidence"):
-            m = cv2.imread(str(evidence_root / f"{ev['evidence']}.mask.png"), cv2.IMREAD_GRAYSCALE)
-            if m is not None and m.shape[:2] == img.shape[:2]:
-                pred = m > 0
-        if pred is not None:
-            img[pred] = (0.45 * img[pred] + 0.55 * np.array([0, 0, 255])).astype(np.uint8)
-        for r in ev.get("regions", []):
-            x, y, w, h = (int(v) for v in r["bbox"])
-            cv2.rectangle(img, (x - 2, y - 2), (x + w + 1, y + h + 1), (0, 0, 255), 1)
-        if p.mask_file is not None:
-            tm = cv2.imread(str(p.mask_file), cv2.IMREAD_GRAYSCALE)
-            if tm is not None:
-                contours, _ = cv2.findContours((tm > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-                cv2.drawContours(img, contours, -1, (0, 220, 0), 1)
-        scale = max(1, 192 // max(img.shape[:2]))
-        img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        caption = np.full((34, img.shape[1], 3), 255, np.uint8)
-        cv2.putText(caption, f"{p.part_id} {ev['verdict']}", (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-        ok = (ev["verdict"] == "fail") == p.defective
-        cv2.putText(caption, f"truth {p.truth}, {len(ev.get('regions', []))} reg", (3, 28), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.42, (0, 120, 0) if ok else (0, 0, 200), 1, cv2.LINE_AA)
-        tiles.append(np.vstack([img, caption]))
-    if not tiles:
-        return 0
-    th, tw = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
-    cols = min(cols, len(tiles))
-    rows = (len(tiles) + cols - 1) // cols
-    pad = 4
-    sheet = np.full((40 + rows * (th + pad), cols * (tw + pad) + pad, 3), 255, np.uint8)
-    cv2.putText(sheet, title, (pad, 26), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-    for i, t in enumerate(tiles):
-        r, c = divmod(i, cols)
-        y, x = 40 + r * (th + pad), pad + c * (tw + pad)
-        sheet[y : y + t.shape[0], x : x + t.shape[1]] = t
-    png.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(png), sheet)
-    return len(tiles)
-
-
-def fmt_lat(p: dict[str, float | None]) -> str:
-    if p["p50"] is None:
-        return "n/a"
-    return f"p50 {p['p50']:.1f} / p95 {p['p95']:.1f} / p99 {p['p99']:.1f} ms (max {p['max']:.1f})"
-
-
-def print_summary(s: dict[str, Any], say: Any) -> None:
-    c, a = s["conveyor"]["counts"], s["conveyor"]["accuracy"]
-    cv = s["conveyor"]
-
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
-    gate = s["model"].get("gate") or {}
-    fallback = f"; INT8 failed its accuracy gate ({gate.get('reason')})" if gate.get("fallback") else ""
-    lines = [
-        f"model              {s['model'].get('name')} {s['model'].get('version')} ({s['model'].get('precision')}"
-        f"{fallback})",
-        f"parts              {cv['parts_sent']} sent ({cv['truth']['good']} good, {cv['truth']['defective']} defective)"
-        f", {cv['parts_received']} verdicts received over MQTT",
-        f"verdicts           pass {c.get('pass', 0)}, fail {c.get('fail', 0)}, error {c.get('error', 0)}",
-        f"image accuracy     {pct(a['image_accuracy'])}",
-        f"defect recall      {pct(a['defect_recall'])} ({a['confusion']['tp']} of {cv['truth']['defective']} "
-        f"defective parts failed; {a['missed_defects']} missed)",
-        f"false alarms       {a['false_alarms']} of {cv['truth']['good']} good parts ({pct(a['false_alarm_rate'])})",
-        f"throughput         {cv['throughput_parts_per_s']:.1f} parts/s over {cv['window_s']:.1f} s "
-        f"(conveyor pace {'unpaced' if not s['settings']['rate'] else str(s['settings']['rate']) + ' parts/s'})",
-        f"latency            capture->result {fmt_lat(cv['latency_ms']['capture_to_result'])}",
-        f"                   file->MQTT (incl. hot-folder settle) {fmt_lat(cv['latency_ms']['file_to_mqtt'])}",
-        f"events lost        {cv['events_lost']} (duplicates dropped by event id: {cv['duplicates']})",
-        f"daemon exit        {s['daemon_exit_code']} after SIGTERM",
-        f"wall time          {s['wall_time_s']:.0f} s (stages: "
-        + ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
-        + f"; load average {s['load_average_start']:.1f} at start, {s['load_average'][0]:.1f} at end, "
-        f"{s['cpus']} CPUs)",
-    ]
-    for k, v in s["pictures"].items():
-        if v:
-            lines.append(f"{k:<18} {v}")
-    say("\n".join("   " + line for line in lines))
 
 
 # ----------------------------------------------------------------------------------- main
@@ -694,7 +280,7 @@ def _run(args: argparse.Namespace) -> int:
 
         # ------------------------------------------------------------------ 6 stop + summary
         prog.stage("summary", "stop the daemon (SIGTERM), summary and pictures")
-        daemon_rc = _stop_process(daemon, signal.SIGTERM, timeout=60)
+        daemon_rc = stop_process(daemon, signal.SIGTERM, timeout=60)
         daemon = None
         prog.say(f"   daemon exited with code {daemon_rc}")
         listener.wait_status("offline", 5, lambda: True)
@@ -703,7 +289,7 @@ def _run(args: argparse.Namespace) -> int:
         stop_feed.set()
         if feeder is not None:
             feeder.join(timeout=5)
-        _stop_process(daemon, signal.SIGTERM, timeout=30)
+        stop_process(daemon, signal.SIGTERM, timeout=30)
         if listener is not None:
             listener.close()
         broker.stop()
