@@ -55,6 +55,15 @@ def read_ir(xml_path: Path, spec: InputSpec) -> ov.Model:
     return model
 
 
+def infer_tiles_sync(request: ov.InferRequest, tiles: np.ndarray) -> np.ndarray:
+    """N x C x T x T raw tiles -> N x T x T probabilities, one request after another."""
+    out = np.empty((tiles.shape[0], tiles.shape[2], tiles.shape[3]), dtype=np.float32)
+    for i in range(tiles.shape[0]):
+        res = request.infer({0: tiles[i : i + 1]}, share_inputs=True)
+        out[i] = res[0][0, 0]
+    return out
+
+
 @dataclass
 class _FrameJob:
     layout: TileLayout
@@ -109,12 +118,7 @@ class Inferencer:
 
     # -- synchronous use (CLI inspect, evaluation, benchmarks) ------------------------------------
     def infer_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        """N x C x T x T raw tiles -> N x T x T probabilities, one request after another."""
-        out = np.empty((tiles.shape[0], tiles.shape[2], tiles.shape[3]), dtype=np.float32)
-        for i in range(tiles.shape[0]):
-            res = self._sync_request.infer({0: tiles[i : i + 1]}, share_inputs=True)
-            out[i] = res[0][0, 0]
-        return out
+        return infer_tiles_sync(self._sync_request, tiles)
 
     def predict(self, frame: np.ndarray) -> np.ndarray:
         """Frame -> HxW probability map of the whole frame."""

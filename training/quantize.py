@@ -27,6 +27,7 @@ import openvino as ov
 from tqdm import tqdm
 
 from edge.contract import InputSpec, PostprocessParams
+from edge.inference import core, infer_tiles_sync
 from edge.preprocess import preprocess, stitch
 from training.data import Sample, load_sample
 
@@ -35,16 +36,6 @@ MIN_CALIB_IMAGES = 20
 # Reference FP32 must really be FP32: on CPUs with avx512_bf16/AMX OpenVINO's default
 # INFERENCE_PRECISION_HINT is bf16, which is not the reference the gate compares against.
 F32_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-
-_CORE: ov.Core | None = None
-
-
-def core() -> ov.Core:
-    global _CORE
-    if _CORE is None:
-        _CORE = ov.Core()
-    return _CORE
-
 
 def warn(msg: str) -> None:
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)
@@ -70,11 +61,7 @@ class OVPredictor:
         self._request = self.compiled.create_infer_request()
 
     def infer_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        out = np.empty((tiles.shape[0], tiles.shape[2], tiles.shape[3]), dtype=np.float32)
-        for i in range(tiles.shape[0]):
-            res = self._request.infer({0: tiles[i : i + 1]}, share_inputs=True)
-            out[i] = res[0][0, 0]
-        return out
+        return infer_tiles_sync(self._request, tiles)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         tiles, layout = preprocess(image, self.spec)
