@@ -20,6 +20,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -135,7 +137,9 @@ class Subscriber:
     """A real paho client that records every message it receives (thread-safe)."""
 
     def __init__(self, broker: Broker, topics: Iterable[str] = ("#",), *, username: str | None = None,
-                 password: str | None = None, client_id: str = "") -> None:
+                 password: str | None = None, client_id: str = "", session_expiry: int = 0) -> None:
+        """`session_expiry` > 0: a persistent session (clean_start=False), so a broker with persistence
+        keeps queued messages for this subscriber across its own SIGKILL."""
         self.messages: list[Received] = []
         self._cond = threading.Condition()
         self._topics = list(topics)
@@ -149,7 +153,12 @@ class Subscriber:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self.client.connect_async(broker.host, broker.port, keepalive=10)
+        props = None
+        if session_expiry:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry
+        self.client.connect_async(broker.host, broker.port, keepalive=10, clean_start=not session_expiry,
+                                  properties=props)
         self.client.loop_start()
         if not self.subscribed.wait(10):
             self.close()
