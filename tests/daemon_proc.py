@@ -98,6 +98,11 @@ class Daemon:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """Test teardown: SIGKILL the daemon if it is still running (a failed assertion left it up)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
 
 @contextmanager
 def running(data: dict[str, Any]) -> Iterator[Pipeline]:

@@ -79,8 +79,7 @@ def test_folder_daemon_every_part_one_event(tmp_path: Path, tiny_package: Path, 
         d.signal(signal.SIGTERM)
         assert d.wait() == 0, d.text()
     finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
+        d.kill()
         sub.close()
     got = results(sub)
     assert sorted(e["part_id"] for e in got) == sorted(first + later), d.text()
@@ -136,8 +135,7 @@ def test_sigkill_and_restart_lose_no_part(tmp_path: Path, tiny_package: Path, br
         d.signal(signal.SIGTERM)
         assert d.wait() == 0, d.text()
     finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
+        d.kill()
         sub.close()
     got = results(sub)
     assert left > 0, "the kill came after the last part: nothing was tested"
@@ -177,8 +175,7 @@ def test_sighup_swaps_model_and_sigterm_drains(tmp_path: Path, tiny_package: Pat
         d.signal(signal.SIGTERM)
         assert d.wait() == 0, d.text()
     finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
+        d.kill()
         sub.close()
     got = results(sub)
     versions = [e["model"]["version"] for e in sorted(got, key=lambda e: e["seq"])]

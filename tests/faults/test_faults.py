@@ -154,8 +154,7 @@ def test_broker_sigkill_and_restart(p: Profile, tmp_path: Path, tiny_package: Pa
         assert ok, f"{entry}\n{d.text()[-3000:]}"
         assert stop_daemon(d) == 0, d.text()
     finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
+        d.kill()
         sub.close()
         broker.kill()
     check(entry)
@@ -209,8 +208,7 @@ def test_network_cut_and_blackhole(p: Profile, tmp_path: Path, tiny_package: Pat
         assert ok, f"{entry}\n{d.text()[-3000:]}"
         assert stop_daemon(d) == 0, d.text()
     finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
+        d.kill()
         sub.close()
         proxy.close()
         broker.kill()
@@ -268,8 +266,8 @@ def test_daemon_sigkill_at_random_points(p: Profile, tmp_path: Path, tiny_packag
         assert stop_daemon(d) == 0, d.text()
     finally:
         feeder.stop()
-        if d is not None and d.proc.poll() is None:
-            d.proc.kill()
+        if d is not None:
+            d.kill()
         sub.close()
         broker.kill()
     check(entry)
@@ -332,9 +330,8 @@ def test_disk_full_holds_parts_until_space_is_back(tmp_path: Path, tiny_package:
             assert t_cleared is not None
             assert stop_daemon(d) == 0, d.text()
         finally:
-            if d.proc.poll() is None:
-                d.proc.kill()
-                d.wait()
+            d.kill()
+            d.wait()
             sub.close()
             broker.kill()
         check(entry)
@@ -433,8 +430,7 @@ def test_corrupt_package_exit_78_and_sighup_keeps_the_old_model(tmp_path: Path, 
         assert sub.wait_count(n + 10, 30), "the old model must keep inspecting"
         assert stop_daemon(d) == 0, d.text()
     finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
+        d.kill()
         sub.close()
     results = sub.results()
     indices = sorted(int(e["part_id"][3:]) for e in results)
@@ -497,8 +493,7 @@ def test_garbage_files_get_error_verdicts_without_oom(tmp_path: Path, tiny_packa
         peak_mb = vm_hwm_mb(d.proc.pid)
         assert stop_daemon(d) == 0, d.text()
     finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
+        d.kill()
         sub.close()
     results = sub.results()
     entry = tally("garbage files in the hot folder", stems, results, daemon_peak_rss_mb=round(peak_mb, 1),
@@ -550,8 +545,7 @@ def test_camera_stall_and_disconnect(tmp_path: Path, tiny_package: Path, broker:
         time.sleep(0.5)
         assert stop_daemon(d) == 0, d.text()
     finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
+        d.kill()
         cam.close()
         sub.close()
     results = sub.results()
@@ -605,8 +599,7 @@ def test_acl_denied_publish_is_kept_and_delivered_after_the_fix(tmp_path: Path, 
         cleared = sub.wait_alarm("publish_rejected", "cleared", 10)
         assert stop_daemon(d) == 0, d.text()
     finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
+        d.kill()
         sub.close()
         broker.kill()
     entry = tally("ACL-denied publish, then ACL fixed", names, sub.results(), kept_in_outbox=kept,
