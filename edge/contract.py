@@ -24,11 +24,15 @@ class InputSpec:
 
     The network normalises inside its own graph, so the daemon feeds raw pixel values
     (float32, 0..255); `mean`/`std` are recorded here for information and checks.
+    `scale` < 1 resizes the frame before tiling (the network then sees more of the part per
+    tile, at the cost of fine detail); the probability map is resized back to the frame, so
+    regions and areas are always in frame pixels. `tile` and `overlap` count model pixels.
     """
 
     color: ColorMode = "gray"
     tile: int = 256  # square tile side fed to the network (static input shape)
     overlap: int = 32  # pixels shared by neighbouring tiles; predictions are blended there
+    scale: float = 1.0  # frame -> model resolution factor, in (0, 1]
     multiple_of: int = 16  # network stride: tile must be divisible by it
     mean: tuple[float, ...] = (127.5,)
     std: tuple[float, ...] = (64.0,)
@@ -49,6 +53,8 @@ class InputSpec:
             raise ValueError(f"input.mean/std need {self.channels} value(s) for color {self.color!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError("input.std values must be > 0")
+        if not 0.05 <= self.scale <= 1.0:
+            raise ValueError(f"input.scale must be in [0.05, 1], got {self.scale}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -60,7 +66,8 @@ class InputSpec:
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
         known = {k: d[k] for k in ("color", "tile", "overlap", "multiple_of", "layout") if k in d}
         spec = cls(mean=tuple(float(x) for x in d.get("mean", (127.5,))),
-                   std=tuple(float(x) for x in d.get("std", (64.0,))), **known)
+                   std=tuple(float(x) for x in d.get("std", (64.0,))),
+                   scale=float(d.get("scale", 1.0)), **known)
         spec.validate()
         return spec
 

@@ -3,18 +3,22 @@
 Input contract (the same for training validation and the daemon):
 - A frame is a numpy uint8 array, HxW (grayscale) or HxWx3 (BGR, OpenCV order), any size
   of at least 8x8 pixels. 16-bit frames are scaled to 8 bit; HxWx4 (BGRA) drops alpha.
-- It is converted to the package's colour mode, then cut into square tiles of
-  `spec.tile` pixels overlapping by `spec.overlap` (frames smaller than a tile are padded by
-  reflection). Pixels stay raw (float32 0..255): the network normalises inside its graph.
+- It is converted to the package's colour mode and, if the package's `scale` is below 1,
+  resized by that factor (area interpolation: what a lower-resolution camera would see).
+- It is cut into square tiles of `spec.tile` pixels overlapping by `spec.overlap` (images
+  smaller than a tile are padded by reflection). Pixels stay raw (float32 0..255): the
+  network normalises inside its graph.
 - Tile outputs (probabilities) are blended back with a weight that falls off towards tile
-  borders, giving a probability map of exactly the frame's height and width.
+  borders and resized back (bilinear), giving a probability map of exactly the frame's height
+  and width.
 
-Nothing is resized, so a defect of a few pixels stays a few pixels.
+At the default scale 1 nothing is resized, so a defect of a few pixels stays a few pixels.
+Training resizes its images and masks with `scale_image` / `scale_mask`, the same functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -30,12 +34,14 @@ class FrameError(ValueError):
 class TileLayout:
     """Where each tile came from, to stitch the outputs back."""
 
-    height: int  # original frame size
+    height: int  # image size at model scale
     width: int
     padded_height: int
     padded_width: int
-    origins: tuple[tuple[int, int], ...]  # (y, x) of each tile in the padded frame
+    origins: tuple[tuple[int, int], ...]  # (y, x) of each tile in the padded image
     tile: int
+    frame_height: int = 0  # original frame size (0: same as the model-scale size)
+    frame_width: int = 0
 
 
 def to_model_color(frame: np.ndarray, color: str) -> np.ndarray:
@@ -62,6 +68,43 @@ def to_model_color(frame: np.ndarray, color: str) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(height, width) of a frame at model scale; identity at scale 1."""
+    if scale == 1.0:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def scale_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """Resize an image to model scale (area interpolation); unchanged at scale 1."""
+    h, w = image.shape[:2]
+    sh, sw = scaled_size(h, w, scale)
+    if (sh, sw) == (h, w):
+        return image
+    return cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA)
+
+
+def scale_mask(mask: np.ndarray, scale: float) -> np.ndarray:
+    """Resize a defect mask to model scale: uint8 0/1, a pixel is defect if >= half of it is.
+
+    A defect too small to cover half a pixel at model scale keeps its strongest pixel, so a
+    3 px blowhole still has a target at scale 0.25 instead of vanishing from training.
+    """
+    m = (np.asarray(mask) > 0).astype(np.uint8)
+    if scaled_size(*m.shape[:2], scale) == m.shape[:2]:
+        return m
+    frac = scale_image(m.astype(np.float32), scale)
+    out = (frac >= 0.5).astype(np.uint8)
+    n, labels = cv2.connectedComponents((frac > 0).astype(np.uint8), connectivity=8)
+    for k in range(1, n):
+        inside = labels == k
+        if not out[inside].any():
+            ys, xs = np.nonzero(inside)
+            j = int(np.argmax(frac[ys, xs]))
+            out[ys[j], xs[j]] = 1
+    return out
+
+
 def _starts(length: int, tile: int, stride: int) -> list[int]:
     if length <= tile:
         return [0]
@@ -82,10 +125,17 @@ def plan_tiles(height: int, width: int, spec: InputSpec) -> TileLayout:
 def preprocess(frame: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, TileLayout]:
     """Frame -> (tiles float32 Nx C x tile x tile, layout). Raw pixel values, NCHW."""
     img = to_model_color(frame, spec.color)
+    fh, fw = img.shape[:2]
+    if fh < 8 or fw < 8:
+        raise FrameError(f"frame is too small ({fw}x{fh}); at least 8x8 pixels expected")
+    img = scale_image(img, spec.scale)
     h, w = img.shape[:2]
     if h < 8 or w < 8:
-        raise FrameError(f"frame is too small ({w}x{h}); at least 8x8 pixels expected")
+        raise FrameError(f"frame is too small ({fw}x{fh}) for the model's scale {spec.scale}: "
+                         f"{w}x{h} at model scale, at least 8x8 expected")
     layout = plan_tiles(h, w, spec)
+    if (h, w) != (fh, fw):
+        layout = replace(layout, frame_height=fh, frame_width=fw)
     if (layout.padded_height, layout.padded_width) != (h, w):
         mode = cv2.BORDER_REFLECT_101 if min(h, w) > 1 else cv2.BORDER_REPLICATE
         img = cv2.copyMakeBorder(img, 0, layout.padded_height - h, 0, layout.padded_width - w, mode)
@@ -116,6 +166,13 @@ def _blend_weight(tile: int, overlap: int) -> np.ndarray:
 
 def stitch(outputs: np.ndarray, layout: TileLayout, overlap: int) -> np.ndarray:
     """Tile outputs (N x tile x tile, or N x 1 x tile x tile) -> HxW float32 map of the frame."""
+    prob = _blend(outputs, layout, overlap)
+    if layout.frame_height and (layout.frame_height, layout.frame_width) != prob.shape:
+        prob = cv2.resize(prob, (layout.frame_width, layout.frame_height), interpolation=cv2.INTER_LINEAR)
+    return prob
+
+
+def _blend(outputs: np.ndarray, layout: TileLayout, overlap: int) -> np.ndarray:
     out = np.asarray(outputs, dtype=np.float32)
     if out.ndim == 4:
         out = out[:, 0]

@@ -32,7 +32,7 @@ def build_dark_spot_model(tile: int = 64) -> ov.Model:
 
 
 def make_tiny_package(out: Path, tile: int = 64, version: str = "1.0.0", name: str = "tiny-dark-spot",
-                      min_area: int = 4) -> Path:
+                      min_area: int = 4, scale: float = 1.0) -> Path:
     """Write a valid package folder (model.xml/.bin + package.json) and return it."""
     out = Path(out)
     if out.exists():
@@ -44,7 +44,7 @@ def make_tiny_package(out: Path, tile: int = 64, version: str = "1.0.0", name: s
         version=version,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         precision="fp32",
-        input=InputSpec(color="gray", tile=tile, overlap=8, multiple_of=16, mean=(0.0,), std=(1.0,)),
+        input=InputSpec(color="gray", tile=tile, overlap=8, multiple_of=16, mean=(0.0,), std=(1.0,), scale=scale),
         postprocess=PostprocessParams(pixel_threshold=0.5, min_area=min_area, open_radius=0, close_radius=1),
         files={f: sha256_file(out / f) for f in ("model.xml", "model.bin")},
         metrics={},

@@ -88,7 +88,7 @@ class PatchDataset(IterableDataset):
         self.components: dict[int, list[np.ndarray]] = {}
         for i, m in enumerate(masks):
             if m.any():
-                n, labels = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
+                n, labels = cv2.connectedComponents((m > 0).astype(np.uint8), connectivity=8)
                 self.components[i] = [np.argwhere(labels == k) for k in range(1, n)]
         self.defective = sorted(self.components)
 

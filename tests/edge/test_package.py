@@ -11,10 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edge.inference import Inferencer
 from edge.package import REQUIRED_KEYS, PackageError, read_package, sha256_file
+from tests.tiny_package import make_tiny_package
 
 
 @pytest.fixture
@@ -90,6 +92,7 @@ def test_missing_field_is_refused(pkg: Path, key: str) -> None:
     (lambda d: d.__setitem__("format", "other"), "'format' must be"),
     (lambda d: d.__setitem__("format_version", 99), "'format_version' 99 is not supported"),
     (lambda d: d["input"].__setitem__("tile", 60), "field 'input' is invalid: input.tile must be a positive multiple"),
+    (lambda d: d["input"].__setitem__("scale", 2.0), "field 'input' is invalid: input.scale must be in"),
     (lambda d: d["postprocess"].__setitem__("pixel_threshold", 1.5), "field 'postprocess' is invalid"),
     (lambda d: d["files"].pop("model.bin"), "field 'files' must list model.xml and model.bin"),
 ])
@@ -116,3 +119,17 @@ def test_input_shape_inconsistent_with_package_json(pkg: Path, change: Callable[
     read_package(pkg)  # the metadata alone is fine
     with pytest.raises(PackageError, match=r"model\.xml: input shape \[1,1,64,64\] does not match package\.json input " + want):
         Inferencer(pkg)
+
+
+def test_scaled_package_maps_defects_in_frame_pixels(tmp_path: Path) -> None:
+    """A package with input.scale 0.5 runs on half-size tiles but reports frame-size maps and regions."""
+    pkg = make_tiny_package(tmp_path / "half", scale=0.5, min_area=4)
+    frame = np.full((200, 300), 200, np.uint8)
+    frame[120:132, 40:52] = 20  # a 12x12 px dark spot -> 6x6 at model scale
+    inf = Inferencer(pkg, num_requests=1)
+    prob = inf.predict(frame)
+    assert prob.shape == (200, 300)
+    det = inf.inspect(frame)
+    assert len(det.regions) == 1
+    x, y, w, h = det.regions[0].bbox
+    assert abs(x - 40) <= 2 and abs(y - 120) <= 2 and 10 <= w <= 14 and 10 <= h <= 14

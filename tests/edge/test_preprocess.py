@@ -1,4 +1,4 @@
-"""The shared input contract: colour conversion, tiling and stitching at full resolution."""
+"""The shared input contract: colour conversion, scaling, tiling and stitching."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge.contract import InputSpec
-from edge.preprocess import FrameError, plan_tiles, preprocess, stitch, to_model_color
+from edge.preprocess import FrameError, plan_tiles, preprocess, scale_mask, stitch, to_model_color
 
 
 @pytest.mark.parametrize("shape", [(8, 8), (63, 64), (64, 64), (100, 250), (300, 421), (1, 1000)])
@@ -65,5 +65,41 @@ def test_input_spec_validation() -> None:
         InputSpec(tile=100).validate()
     with pytest.raises(ValueError, match="mean/std"):
         InputSpec(color="bgr").validate()
-    spec = InputSpec(tile=128, overlap=16)
+    with pytest.raises(ValueError, match="scale"):
+        InputSpec(scale=0.0).validate()
+    with pytest.raises(ValueError, match="scale"):
+        InputSpec(scale=1.5).validate()
+    spec = InputSpec(tile=128, overlap=16, scale=0.5)
     assert InputSpec.from_dict(spec.to_dict()) == spec
+    assert InputSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "scale"}).scale == 1.0
+
+
+@pytest.mark.parametrize("shape", [(300, 421), (101, 57)])
+def test_scaled_frames_tile_at_model_scale_and_stitch_back_to_frame_size(shape: tuple[int, int]) -> None:
+    spec = InputSpec(tile=64, overlap=16, scale=0.5)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    frame = (xx * 255 // shape[1]).astype(np.uint8)  # a smooth ramp survives down- and upscaling
+    tiles, layout = preprocess(frame, spec)
+    assert (layout.height, layout.width) == (round(shape[0] / 2), round(shape[1] / 2))
+    assert (layout.frame_height, layout.frame_width) == shape
+    full = preprocess(frame, InputSpec(tile=64, overlap=16))[0]
+    assert len(tiles) < len(full)  # fewer tiles: that is what the scale is for
+    back = stitch(tiles[:, 0] / 255.0, layout, spec.overlap)
+    assert back.shape == shape
+    np.testing.assert_allclose(back, frame / 255.0, atol=2.5 / 255 + 255 / shape[1] / 255)
+
+
+def test_too_small_at_model_scale_is_a_frame_error() -> None:
+    with pytest.raises(FrameError, match="scale 0.1"):
+        preprocess(np.zeros((40, 40), np.uint8), InputSpec(tile=32, overlap=0, scale=0.1))
+
+
+def test_scaled_mask_keeps_defects_too_small_for_one_model_pixel() -> None:
+    mask = np.zeros((200, 200), np.uint8)
+    mask[100:102, 50:52] = 1  # 2x2 px: 1/16 of a model pixel at scale 0.25
+    mask[0:100, 100:200] = 255  # a large region, any value > 0 is defect
+    small = scale_mask(mask, 0.25)
+    assert small.shape == (50, 50) and small.dtype == np.uint8 and set(np.unique(small)) == {0, 1}
+    assert small[25, 12] == 1 and small[25, 13] == 0  # the tiny defect keeps exactly one pixel
+    assert small[:25, 25:].all() and not small[26:, 14:].any()
+    np.testing.assert_array_equal(scale_mask(mask, 1.0), (mask > 0).astype(np.uint8))
