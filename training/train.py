@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from edge.contract import InputSpec, PostprocessParams
+from edge.preprocess import scale_image, scale_mask
 from training.checkpoint import CheckpointError, CheckpointMeta, load_model, read_checkpoint, save_checkpoint
 from training.data import DataError, load_dataset, split_dataset
 from training.losses import build_loss
@@ -43,6 +44,7 @@ from training.train_config import ConfigError, TrainConfig, load_config, parse_o
 from training.train_utils import (
     Clock,
     RunLog,
+    autocast_dtype,
     broadcast,
     detect_color,
     load_images,
@@ -51,6 +53,7 @@ from training.train_utils import (
     seed_everything,
     set_rng_state,
     setup_distributed,
+    to_float,
     validate,
 )
 from training.unet import UNetConfig, build_model, count_parameters
@@ -99,7 +102,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         raise DataError(f"{cfg.data.root}: too few images for a train/val split ({len(dataset.samples)})")
     color = cfg.input.color if cfg.input.color != "auto" else detect_color(dataset.samples)
     channels = 1 if color == "gray" else 3
-    spec = InputSpec(color=color, tile=cfg.input.tile, overlap=cfg.input.overlap,
+    spec = InputSpec(color=color, tile=cfg.input.tile, overlap=cfg.input.overlap, scale=cfg.input.scale,
                      mean=tuple(cfg.input.mean or [127.5] * channels), std=tuple(cfg.input.std or [64.0] * channels))
     try:
         spec.validate()
@@ -107,6 +110,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         raise ConfigError(f"input: {e}") from None
     train_images, train_masks = load_images(train_s, color)
     val_images, val_masks = load_images(val_s, color)
+    # patches and mining work at model scale; validation predicts full frames through the edge
+    train_images = [scale_image(im, spec.scale) for im in train_images]
+    train_masks = [scale_mask(m, spec.scale) for m in train_masks]
     fingerprint = dataset.fingerprint()
     say(f"split: {len(train_s)} train / {len(val_s)} val (val_fraction {cfg.data.val_fraction}, seed {cfg.seed}), "
         f"color {color}")
@@ -134,8 +140,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     loss_fn = build_loss(cfg.loss)
     opt_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    amp = autocast_dtype(cfg.optim.autocast)
     say(f"model: {count_parameters(model) / 1e6:.3f}M parameters, widths {mcfg.widths()}, "
-        f"{d.world} process(es) x {torch.get_num_threads()} thread(s)")
+        f"{d.world} process(es) x {torch.get_num_threads()} thread(s), "
+        f"forward in {'bf16 (autocast)' if amp else 'fp32'}, input scale {spec.scale}")
 
     # ---------------------------------------------------------------- resume
     params, metrics = PostprocessParams(), {}  # of the latest validation
@@ -182,6 +190,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
 
     # ---------------------------------------------------------------- the loop
     epoch, step, stopped = state["epoch"], state["step"], ""
+    lr = lr_at(clock.fraction(step), cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)  # as logged
     last_val_t, last_val_step = clock.elapsed(), -1
     best_probs: list[np.ndarray] | None = None  # maps of the best validation, for the final picture
     good_train = [i for i, m in enumerate(train_masks) if not m.any()]
@@ -206,7 +215,6 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             patches.set_hard_negatives(pool)
         model.train()
         losses: list[float] = []
-        lr = cfg.optim.lr
         step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", unit="step", leave=False,
                         disable=not show)
         for x, y in loader:
@@ -220,7 +228,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss = loss_fn(model(x), y)
+            with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                pred = model(x)
+            loss = loss_fn(to_float(pred), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip:

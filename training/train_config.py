@@ -38,6 +38,8 @@ class InputSection(_Section):
     color: Literal["auto", "gray", "bgr"] = Field("auto", description="model colour mode; auto = from the data")
     tile: int = Field(256, ge=32, le=2048, multiple_of=16, description="inference tile side (edge input shape)")
     overlap: int = Field(32, ge=0, le=256, description="pixels shared by neighbouring inference tiles")
+    scale: float = Field(1.0, ge=0.05, le=1.0,
+                         description="frame -> model resolution (<1: more context per tile, less detail)")
     mean: list[float] | None = Field(None, description="per-channel mean of raw pixels; default 127.5")
     std: list[float] | None = Field(None, description="per-channel std of raw pixels; default 64")
 
@@ -90,6 +92,8 @@ class OptimSection(_Section):
     warmup: float = Field(0.05, ge=0.0, lt=1.0, description="warm-up share of the schedule (steps or time)")
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="final lr = lr x this (cosine end)")
     grad_clip: float | None = Field(1.0, gt=0.0, description="clip the gradient norm (null = off)")
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="forward pass in bf16 (weights stay fp32); auto = where the CPU has bf16 units")
 
 
 class ScheduleSection(_Section):

@@ -9,6 +9,7 @@ import csv
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +88,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- schedule
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where bf16 matrix math runs in hardware (AVX512-BF16 or AMX), so autocast pays off.
+
+    Elsewhere oneDNN emulates bf16 and a bf16 step is slower than an fp32 one.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags)) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def autocast_dtype(mode: str) -> torch.dtype | None:
+    """The dtype training runs its forward pass in: bf16 for 'bf16', and for 'auto' where native."""
+    if mode == "bf16" or (mode == "auto" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def to_float(out: Any) -> Any:
+    """Model outputs (logits, or (logits, [aux])) back in fp32, so losses are computed in fp32."""
+    if isinstance(out, tuple):
+        return out[0].float(), [a.float() for a in out[1]]
+    return out.float()
 
 
 def lr_at(progress: float, lr: float, warmup: float, min_ratio: float) -> float:
