@@ -30,6 +30,7 @@ from training.train_config import ConfigError, TrainConfig, config_from_dict, de
 WIDTHS = (8, 12, 16, 24)
 PATCH_SIZES = (96, 128, 160, 192)
 LOSSES = ("bce_dice", "focal_dice", "bce")
+SCALES = (0.25, 0.375, 0.5, 1.0)  # input.scale: context and steps per minute vs. fine detail
 
 
 def suggest(trial: Any, base: TrainConfig) -> dict[str, Any]:
@@ -37,7 +38,8 @@ def suggest(trial: Any, base: TrainConfig) -> dict[str, Any]:
     stride = 2**base.model.depth
     sizes = [s for s in PATCH_SIZES if s % stride == 0] or [base.patches.size]
     return {
-        "optim": {"lr": trial.suggest_float("lr", 1e-3, 2e-2, log=True)},
+        "input": {"scale": trial.suggest_categorical("scale", list(SCALES))},
+        "optim": {"lr": trial.suggest_float("lr", 2e-4, 5e-3, log=True)},
         "model": {"base_width": trial.suggest_categorical("base_width", list(WIDTHS))},
         "loss": {"name": trial.suggest_categorical("loss", list(LOSSES))},
         "patches": {"size": trial.suggest_categorical("patch_size", sizes),

@@ -1,0 +1,38 @@
+"""The real-data recipe on Magnetic-Tile: 20 minutes of training on this machine's 2 cores.
+
+Slow (about 21 minutes) and needs ../shared/data/magnetic-tile, so it is not in the default run:
+
+    scripts/test.sh -m slow tests/training/test_real_data.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from training.train import main
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("MAGNETIC_TILE", ROOT.parent / "shared" / "data" / "magnetic-tile"))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (DATA / "images").is_dir(), reason=f"no Magnetic-Tile data at {DATA}"),
+]
+
+
+def test_magnetic_tile_recipe_in_twenty_minutes(tmp_path: Path) -> None:
+    assert main(["--config", str(ROOT / "configs" / "train" / "magnetic-tile.yaml"), "--data", str(DATA),
+                 "--out", str(tmp_path), "--time-budget", "20", "--set", "log.progress=false"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    m = summary["metrics"]
+    assert summary["elapsed_s"] < 20 * 60 + 60
+    # issue 2's pixel target is 0.60 (goal 0.70); measured 0.73 on a quiet machine
+    assert m["pixel_iou"] >= 0.60, m
+    # the image target is 0.95; measured 0.88-0.90 at the recall >= 0.95 calibration (not met yet:
+    # small border breaks and faint cracks, see docs/benchmarks.md). This guards the level reached.
+    assert m["image_accuracy"] >= 0.85 and m["image_recall"] >= 0.9, m
+    assert (tmp_path / "val_grid.png").is_file() and (tmp_path / "curves.png").is_file()
