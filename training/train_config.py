@@ -87,7 +87,7 @@ class LossSection(_Section):
 
 class OptimSection(_Section):
     optimizer: Literal["adam", "adamw"] = Field("adamw", description="optimiser")
-    lr: float = Field(3e-3, gt=0.0, le=1.0, description="peak learning rate")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="peak learning rate")
     weight_decay: float = Field(1e-4, ge=0.0, description="(decoupled for adamw) weight decay")
     warmup: float = Field(0.05, ge=0.0, lt=1.0, description="warm-up share of the schedule (steps or time)")
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="final lr = lr x this (cosine end)")
