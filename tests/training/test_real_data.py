@@ -20,6 +20,7 @@ DATA = Path(os.environ.get("MAGNETIC_TILE", ROOT.parent / "shared" / "data" / "m
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(1800),  # 20 min of training + data loading and pictures (default timeout: 600 s)
     pytest.mark.skipif(not (DATA / "images").is_dir(), reason=f"no Magnetic-Tile data at {DATA}"),
 ]
 
