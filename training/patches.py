@@ -1,9 +1,10 @@
-"""Training patches cut at full resolution from images held in memory.
+"""Training patches cut at model resolution from images held in memory.
 
 Why patches and not whole images: parts come in any size, defects are a few pixels wide, and
-resizing a 600 px part to the network's input would erase a 10 px blowhole. Cutting P x P
-patches (P a multiple of the network stride) keeps the pixels as the edge sees them and lets
-us choose *what* the network looks at, which matters more than how long it trains:
+squeezing a 600 px part into a fixed input would erase a 10 px blowhole. The trainer hands over
+images at the package's `input.scale` (1 = frame pixels; edge.preprocess resizes frames the same
+way), and cutting P x P patches (P a multiple of the network stride) keeps the pixels as the edge
+sees them and lets us choose *what* the network looks at:
 
 - defect patches: centred on a random pixel of a random defect component, shifted by a random
   offset so the defect is not always in the middle (the network must not learn "centre = bad");
