@@ -229,15 +229,22 @@ def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str,
         report["calibration"] = calib.info()
         print(f"quantize: NNCF PTQ on {len(calib.tiles)} tiles ({calib.n_defect_tiles} with defects), "
               f"preset {preset}", file=sys.stderr)
-        cand = stage(q.quantize_int8(fp32, calib, preset), "int8")
-        gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize"}
+        plain = q.quantize_int8(fp32, calib, preset)
+        cand = stage(plain, "int8")
+        n_plain = q.count_quantized(plain)
+        gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize", "quantizers": n_plain}
         if not gate["passed"]:
             print(f"gate: plain INT8 fails ({gate['reason']}); trying accuracy-controlled quantization",
                   file=sys.stderr)
             first = gate
-            cand = stage(q.quantize_int8_controlled(fp32, calib, items, spec, params, max_drop, preset), "int8")
+            controlled = q.quantize_int8_controlled(fp32, calib, items, spec, params, max_drop, preset)
+            cand = stage(controlled, "int8")
+            n_kept = q.count_quantized(controlled)
             gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize_with_accuracy_control",
-                    "plain_int8": first}
+                    "quantizers": n_kept, "plain_int8": first}
+            if gate["passed"] and n_kept < n_plain / 2:
+                banner([f"THE INT8 PACKAGE KEEPS ONLY {n_kept} OF {n_plain} QUANTIZERS: accuracy control",
+                        "reverted the rest to float, so it runs mostly in float; check its speed with bench"])
         metrics["int8"] = cand.metrics
         if not gate["passed"]:
             final = gate["fallback"] = "fp16"

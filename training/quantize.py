@@ -197,6 +197,11 @@ def quantize_int8_controlled(model: ov.Model, calib: CalibrationTiles,
 # --------------------------------------------------------------------------- evaluation + gate
 
 
+def count_quantized(model: ov.Model) -> int:
+    """FakeQuantize nodes in an NNCF-quantized model: how much of it actually runs in INT8."""
+    return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+
+
 def metrics_of(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams) -> dict[str, Any]:
     """THE metric definition lives in training.evaluate; this only adapts the call."""
     from training.evaluate import evaluate_predictions

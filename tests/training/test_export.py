@@ -115,6 +115,10 @@ def test_package_contents(exported: dict[str, Any]) -> None:
     assert meta.extra["train_config"]["val_fraction"] == 0.25 and "model_config" in meta.extra
     gate = meta.metrics["gate"]
     assert gate["passed"] and gate["pixel_iou_drop"] <= 0.01 and not gate["missed_defective_parts"]
+    # the shipped model really is quantized: its FakeQuantize count is recorded and matches the IR
+    shipped = ov.Core().read_model(str(exported["out"] / "model.xml"))
+    assert gate["quantizers"] == q.count_quantized(shipped) > 0
+    assert q.count_quantized(ov.Core().read_model(str(exported["out"] / "fp32" / "model.xml"))) == 0
     for key in ("fp32", "int8"):
         assert {"pixel_iou", "image_f1", "image_recall", "n_images", "n_defective"} <= set(meta.metrics[key])
     assert meta.metrics["fp32"]["image_recall"] >= 0.8  # the model has really learned the blobs
