@@ -96,12 +96,14 @@ def scale_mask(mask: np.ndarray, scale: float) -> np.ndarray:
     frac = scale_image(m.astype(np.float32), scale)
     out = (frac >= 0.5).astype(np.uint8)
     n, labels = cv2.connectedComponents((frac > 0).astype(np.uint8), connectivity=8)
-    for k in range(1, n):
-        inside = labels == k
-        if not out[inside].any():
-            ys, xs = np.nonzero(inside)
-            j = int(np.argmax(frac[ys, xs]))
-            out[ys[j], xs[j]] = 1
+    if n > 1:  # one pass over the pixels, not one per component: masks may hold thousands of specks
+        lab, f = labels.ravel(), frac.ravel()
+        order = np.lexsort((-f, lab))  # by component, strongest pixel first
+        comps, first = np.unique(lab[order], return_index=True)
+        kept = np.zeros(n, bool)
+        kept[lab[out.ravel() > 0]] = True
+        rescue = order[first[(comps > 0) & ~kept[comps]]]
+        out.flat[rescue] = 1
     return out
 
 
@@ -126,13 +128,11 @@ def preprocess(frame: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, TileLayo
     """Frame -> (tiles float32 Nx C x tile x tile, layout). Raw pixel values, NCHW."""
     img = to_model_color(frame, spec.color)
     fh, fw = img.shape[:2]
-    if fh < 8 or fw < 8:
-        raise FrameError(f"frame is too small ({fw}x{fh}); at least 8x8 pixels expected")
-    img = scale_image(img, spec.scale)
-    h, w = img.shape[:2]
+    h, w = scaled_size(fh, fw, spec.scale)
     if h < 8 or w < 8:
-        raise FrameError(f"frame is too small ({fw}x{fh}) for the model's scale {spec.scale}: "
-                         f"{w}x{h} at model scale, at least 8x8 expected")
+        at_scale = f" for the model's scale {spec.scale}: {w}x{h} at model scale," if spec.scale != 1.0 else ";"
+        raise FrameError(f"frame is too small ({fw}x{fh}){at_scale} at least 8x8 pixels expected")
+    img = scale_image(img, spec.scale)
     layout = plan_tiles(h, w, spec)
     if (h, w) != (fh, fw):
         layout = replace(layout, frame_height=fh, frame_width=fw)

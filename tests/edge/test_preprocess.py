@@ -77,7 +77,7 @@ def test_input_spec_validation() -> None:
 @pytest.mark.parametrize("shape", [(300, 421), (101, 57)])
 def test_scaled_frames_tile_at_model_scale_and_stitch_back_to_frame_size(shape: tuple[int, int]) -> None:
     spec = InputSpec(tile=64, overlap=16, scale=0.5)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    _, xx = np.mgrid[: shape[0], : shape[1]]
     frame = (xx * 255 // shape[1]).astype(np.uint8)  # a smooth ramp survives down- and upscaling
     tiles, layout = preprocess(frame, spec)
     assert (layout.height, layout.width) == (round(shape[0] / 2), round(shape[1] / 2))
