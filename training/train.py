@@ -103,6 +103,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     color = cfg.input.color if cfg.input.color != "auto" else detect_color(dataset.samples)
     channels = 1 if color == "gray" else 3
     spec = InputSpec(color=color, tile=cfg.input.tile, overlap=cfg.input.overlap, scale=cfg.input.scale,
+                     multiple_of=cfg.model.stride,
                      mean=tuple(cfg.input.mean or [127.5] * channels), std=tuple(cfg.input.std or [64.0] * channels))
     try:
         spec.validate()

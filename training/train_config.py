@@ -52,6 +52,14 @@ class ModelSection(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout in the bottleneck")
     deep_supervision: bool = Field(True, description="aux heads on coarse decoder stages (training only)")
     head_bias: float = Field(-4.0, description="initial logit bias: start near 'no defect'")
+    space_to_depth: Literal[1, 2, 4] = Field(
+        1, description="fold s x s pixel blocks into channels: the network runs at 1/s resolution but sees "
+                       "every pixel (small defects survive, unlike input.scale)")
+
+    @property
+    def stride(self) -> int:
+        """Input sides (patches, tiles) must be multiples of this."""
+        return 2**self.depth * self.space_to_depth
 
 
 class PatchSection(_Section):
@@ -138,9 +146,10 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        stride = 2**self.model.depth
+        stride = self.model.stride
         if self.patches.size % stride or self.input.tile % stride:
-            raise ValueError(f"patches.size and input.tile must be multiples of 2**model.depth = {stride}")
+            raise ValueError(f"patches.size and input.tile must be multiples of the network stride "
+                             f"2**model.depth * model.space_to_depth = {stride}")
         if self.input.overlap * 2 >= self.input.tile:
             raise ValueError("input.overlap must be < input.tile / 2")
         for key in self.validation.score:

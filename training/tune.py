@@ -35,7 +35,7 @@ SCALES = (0.25, 0.375, 0.5, 1.0)  # input.scale: context and steps per minute vs
 
 def suggest(trial: Any, base: TrainConfig) -> dict[str, Any]:
     """The trial's overrides of the base config (nested like the YAML)."""
-    stride = 2**base.model.depth
+    stride = base.model.stride
     sizes = [s for s in PATCH_SIZES if s % stride == 0] or [base.patches.size]
     return {
         "input": {"scale": trial.suggest_categorical("scale", list(SCALES))},

@@ -3,7 +3,13 @@
 Order as in timm: blocks, then the model, then its config and `build_model(cfg)`.
 The network takes raw pixels (0..255) and normalises inside the graph with buffers, so
 the exported IR carries its own normalisation and the edge feeds frames as they are.
-Only static-shape, export-friendly ops (conv, BN, ReLU, max-pool, bilinear upsample, concat).
+Only static-shape, export-friendly ops (conv, BN, ReLU, max-pool, bilinear upsample, concat,
+pixel (un)shuffle).
+
+`space_to_depth` s > 1 folds each s x s block of pixels into channels before the stem (the
+"Focus"/space-to-depth stem of YOLOv5 and TResNet) and upsamples the logits bilinearly back to the
+input size: the network runs at 1/s resolution (the cost of `input.scale` = 1/s), yet every input
+pixel reaches it, so a blowhole of a few pixels is not averaged away as a resize would.
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ class UNet(nn.Module):
         widths = cfg.widths()
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.stem = DoubleConv(cfg.in_channels, widths[0], separable=False)
+        s = cfg.space_to_depth
+        self.stem = DoubleConv(cfg.in_channels * s * s, widths[0], separable=False)
         self.down = nn.ModuleList(
             DoubleConv(widths[i], widths[i + 1], cfg.separable, cfg.dropout if i + 1 == cfg.depth else 0.0)
             for i in range(cfg.depth)
@@ -81,7 +88,10 @@ class UNet(nn.Module):
         nn.init.constant_(self.head.bias, cfg.head_bias)
 
     def forward(self, x: torch.Tensor) -> Any:
+        size = x.shape[-2:]
         x = (x - self.mean) / self.std
+        if self.cfg.space_to_depth > 1:
+            x = F.pixel_unshuffle(x, self.cfg.space_to_depth)
         skips = [self.stem(x)]
         for stage in self.down:
             skips.append(stage(F.max_pool2d(skips[-1], 2)))
@@ -90,9 +100,11 @@ class UNet(nn.Module):
         for i, up in enumerate(self.up):
             y = up(y, skips.pop())
             if self.training and self.aux_heads and i < len(self.aux_heads):
-                aux.append(F.interpolate(self.aux_heads[i](y), size=x.shape[-2:], mode="bilinear",
+                aux.append(F.interpolate(self.aux_heads[i](y), size=size, mode="bilinear",
                                          align_corners=False))
         logits = self.head(y)
+        if self.cfg.space_to_depth > 1:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         if self.training and self.aux_heads:
             return logits, aux
         return logits
@@ -104,7 +116,7 @@ class UNetConfig:
 
     in_channels: int = 1
     base_width: int = 16
-    depth: int = 4  # number of 2x downsamplings; input sides must be multiples of 2**depth
+    depth: int = 4  # number of 2x downsamplings; input sides must be multiples of `stride`
     max_width: int = 96  # caps the deep stages: default ~0.8M parameters
     separable: bool = False
     dropout: float = 0.1
@@ -112,13 +124,15 @@ class UNetConfig:
     mean: list[float] = field(default_factory=lambda: [127.5])
     std: list[float] = field(default_factory=lambda: [64.0])
     head_bias: float = -4.0  # start predicting "no defect" (defects are rare): stable early training
+    space_to_depth: int = 1  # fold s x s pixel blocks into channels: runs at 1/s resolution, sees every pixel
 
     def widths(self) -> list[int]:
         return [min(self.base_width * 2**i, self.max_width) for i in range(self.depth + 1)]
 
     @property
     def stride(self) -> int:
-        return 2**self.depth
+        """Input sides must be multiples of this."""
+        return 2**self.depth * self.space_to_depth
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +147,8 @@ class UNetConfig:
 
 
 def build_model(cfg: UNetConfig) -> UNet:
+    if cfg.space_to_depth not in (1, 2, 4):
+        raise ValueError(f"model space_to_depth must be 1, 2 or 4, got {cfg.space_to_depth}")
     if len(cfg.mean) != cfg.in_channels or len(cfg.std) != cfg.in_channels:
         raise ValueError(f"model mean/std need {cfg.in_channels} value(s)")
     return UNet(cfg)

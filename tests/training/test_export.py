@@ -104,6 +104,19 @@ def test_openvino_fp32_matches_torch(exported: dict[str, Any]) -> None:
         assert np.abs(pt - pred.infer_tiles(x)).max() < 1e-4
 
 
+def test_space_to_depth_model_converts_exactly() -> None:
+    """pixel_unshuffle / bilinear upsample go through the PyTorch frontend unchanged (tile 64,
+    stride 2**2 * 4 = 16), checked with random weights and pixels."""
+    torch.manual_seed(0)
+    module = build_model(UNetConfig(base_width=4, depth=2, max_width=16, space_to_depth=4)).eval()
+    meta = type("Meta", (), {"input_spec": SPEC})()
+    pred = q.OVPredictor(ex.convert(module, meta), SPEC)
+    x = np.random.default_rng(2).uniform(0, 255, (2, 1, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        pt = torch.sigmoid(module(torch.from_numpy(x)))[:, 0].numpy()
+    assert np.abs(pt - pred.infer_tiles(x)).max() < 1e-4
+
+
 def test_package_contents(exported: dict[str, Any]) -> None:
     out: Path = exported["out"]
     meta = read_package(out)

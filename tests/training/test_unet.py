@@ -15,6 +15,9 @@ VARIANTS = {
     "separable": dict(base_width=4, depth=3, max_width=16, separable=True),
     "dropout": dict(base_width=4, depth=2, max_width=16, dropout=0.3),
     "deep_supervision": dict(base_width=4, depth=3, max_width=16, deep_supervision=True),
+    "space_to_depth": dict(base_width=4, depth=2, max_width=16, space_to_depth=2),
+    "space_to_depth_bgr": dict(base_width=4, depth=2, max_width=16, space_to_depth=4, in_channels=3,
+                               mean=[127.5] * 3, std=[64.0] * 3),
     "bgr": dict(base_width=4, depth=2, max_width=16, in_channels=3, mean=[127.5] * 3, std=[64.0] * 3),
 }
 
@@ -54,6 +57,23 @@ def test_default_model_is_small_and_starts_near_no_defect() -> None:
     with torch.no_grad():
         p = torch.sigmoid(model(torch.full((1, 1, 32, 32), 128.0)))
     assert float(p.mean()) < 0.1  # head bias: rare defects, so start from "good"
+
+
+def test_space_to_depth_sees_every_pixel_at_a_fraction_of_the_cost() -> None:
+    """s = 4: the stem runs on 16 folded channels at 1/4 resolution, and a one-pixel change in the
+    input changes the output there (a plain resize by 1/4 would average it away)."""
+    cfg = UNetConfig(base_width=4, depth=2, max_width=16, space_to_depth=4)
+    assert cfg.stride == 16
+    model = build_model(cfg).eval()
+    assert model.stem[0][0].in_channels == 16
+    x = torch.full((1, 1, 32, 32), 128.0)
+    y = x.clone()
+    y[0, 0, 13, 6] = 0.0
+    with torch.no_grad():
+        diff = (model(x) - model(y)).abs()[0, 0]
+    assert diff.shape == (32, 32) and float(diff[13, 6]) > 0
+    with pytest.raises(ValueError, match="space_to_depth"):
+        build_model(UNetConfig(space_to_depth=3))
 
 
 def test_config_round_trip_and_unknown_option() -> None:
