@@ -13,7 +13,14 @@ sees them and lets us choose *what* the network looks at:
   first mining, or without good images, these slots fall back to random good patches;
 - random patches anywhere, so the plain background keeps its true frequency.
 
-Images smaller than P are reflect-padded (bottom/right, as edge.preprocess pads frames).
+Every image is reflect-padded on the bottom and right by P/2 (and at least to P x P), and
+patches may reach into that margin. Why: edge.preprocess pads frames bottom/right by reflection
+up to its tile grid, so at the edge a defect on a part's right or bottom border is followed by
+mirrored surface. Patches clamped inside the image would only ever show such a defect against
+the patch border (the convolutions' zero padding), and the network would meet mirrored
+context for the first time on the line: a blowhole 5 px from the right border was missed that
+way on Magnetic-Tile. Top/left borders need nothing: there the edge's first tile starts at the
+frame border too.
 Each patch goes through the joint augmentation of training.augment. Items are raw pixels:
 float32 C x P x P in 0..255 (the model normalises inside its graph) and a float32 1 x P x P mask.
 
@@ -45,12 +52,14 @@ class HardNegative:
     score: float  # the false-positive probability there
 
 
-def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
+def _pad_bottom_right(a: np.ndarray, margin: int, size: int) -> np.ndarray:
+    """Reflect-pad by `margin` below and to the right, and at least to size x size."""
     h, w = a.shape[:2]
-    if h >= size and w >= size:
+    pad_h, pad_w = max(margin, size - h), max(margin, size - w)
+    if pad_h <= 0 and pad_w <= 0:
         return a
     mode = cv2.BORDER_REFLECT_101 if min(h, w) > 1 else cv2.BORDER_REPLICATE
-    out = cv2.copyMakeBorder(a, 0, max(0, size - h), 0, max(0, size - w), mode)
+    out = cv2.copyMakeBorder(a, 0, pad_h, 0, pad_w, mode)
     # copyMakeBorder keeps the channel axis only when there is more than one channel
     return out if out.ndim == a.ndim else out[:, :, None]
 
@@ -71,9 +80,9 @@ class PatchDataset(IterableDataset):
         if not 0 <= jitter <= 0.5:
             raise ValueError(f"jitter must be in [0, 0.5], got {jitter}")
         self.size = patch_size
-        self.images = [_pad_to(im, patch_size) for im in images]
-        self.masks = [_pad_to(m, patch_size) for m in masks]
-        self.orig_shapes = [m.shape[:2] for m in masks]
+        margin = patch_size // 2
+        self.images = [_pad_bottom_right(im, margin, patch_size) for im in images]
+        self.masks = [_pad_bottom_right(m, margin, patch_size) for m in masks]
         self.patches_per_epoch = patches_per_epoch
         self.defect_fraction = defect_fraction
         self.hard_negative_fraction = hard_negative_fraction

@@ -40,12 +40,20 @@ def test_defect_patches_contain_the_defect_off_centre() -> None:
     assert np.std(np.array(centres), axis=0).min() > 2.0  # not always at the same spot
 
 
-def test_small_images_are_reflect_padded() -> None:
+def test_images_are_reflect_padded_bottom_right_like_edge_frames() -> None:
+    """A 40x50 image with 64 px patches: padded by P/2 = 32 below and right (as the edge pads
+    frames up to its tile grid), so patches show the border followed by mirrored surface."""
     images, masks = _data()
-    ds = PatchDataset(images[1:2], masks[1:2], 64, 4, augment="none")
+    ds = PatchDataset(images[1:2], masks[1:2], 64, 64, augment="none")
+    padded = ds.images[0][:, :, 0] if ds.images[0].ndim == 3 else ds.images[0]
+    assert padded.shape == (72, 82)
+    np.testing.assert_array_equal(padded[:40, :50], images[1])
+    np.testing.assert_array_equal(padded[40, :50], images[1][38])  # reflect-101, as edge.preprocess
+    np.testing.assert_array_equal(padded[:40, 50], images[1][:, 48])
+    origins = {ds.choose(np.random.default_rng(k))[2:] for k in range(200)}
+    assert max(y for y, _ in origins) > 0 and max(x for _, x in origins) > 0  # not pinned to the image
     x, _ = next(iter(ds))
     assert x.shape == (1, 64, 64)
-    np.testing.assert_array_equal(x[0, :40, :50].numpy(), images[1].astype(np.float32))
 
 
 def test_hard_negatives_are_sampled_around_the_pool() -> None:
