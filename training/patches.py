@@ -53,11 +53,9 @@ class HardNegative:
 
 
 def _pad_bottom_right(a: np.ndarray, margin: int, size: int) -> np.ndarray:
-    """Reflect-pad by `margin` below and to the right, and at least to size x size."""
+    """Reflect-pad by `margin` (> 0) below and to the right, and at least to size x size."""
     h, w = a.shape[:2]
     pad_h, pad_w = max(margin, size - h), max(margin, size - w)
-    if pad_h <= 0 and pad_w <= 0:
-        return a
     mode = cv2.BORDER_REFLECT_101 if min(h, w) > 1 else cv2.BORDER_REPLICATE
     out = cv2.copyMakeBorder(a, 0, pad_h, 0, pad_w, mode)
     # copyMakeBorder keeps the channel axis only when there is more than one channel

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.losses import LossName
+from training.unet import network_stride
 
 
 class ConfigError(ValueError):
@@ -59,7 +60,7 @@ class ModelSection(_Section):
     @property
     def stride(self) -> int:
         """Input sides (patches, tiles) must be multiples of this."""
-        return 2**self.depth * self.space_to_depth
+        return network_stride(self.depth, self.space_to_depth)
 
 
 class PatchSection(_Section):

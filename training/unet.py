@@ -132,7 +132,7 @@ class UNetConfig:
     @property
     def stride(self) -> int:
         """Input sides must be multiples of this."""
-        return 2**self.depth * self.space_to_depth
+        return network_stride(self.depth, self.space_to_depth)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +144,11 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"unknown model option(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def network_stride(depth: int, space_to_depth: int = 1) -> int:
+    """Total downsampling of the network: the one rule for valid patch and tile sides."""
+    return 2**depth * space_to_depth
 
 
 def build_model(cfg: UNetConfig) -> UNet:

@@ -90,7 +90,7 @@ def test_scaled_frames_tile_at_model_scale_and_stitch_back_to_frame_size(shape: 
 
 
 def test_too_small_at_model_scale_is_a_frame_error() -> None:
-    with pytest.raises(FrameError, match="scale 0.1"):
+    with pytest.raises(FrameError, match=r"scale 0\.1"):
         preprocess(np.zeros((40, 40), np.uint8), InputSpec(tile=32, overlap=0, scale=0.1))
 
 

@@ -92,6 +92,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"tmp": tmp, "data": data, "ckpt": ckpt, "out": out}
 
 
+def _ov_torch_gap(module: torch.nn.Module, pred: q.OVPredictor, x: np.ndarray) -> float:
+    """Largest probability difference between the torch module and its OpenVINO conversion."""
+    with torch.no_grad():
+        pt = torch.sigmoid(module(torch.from_numpy(x)))[:, 0].numpy()
+    return float(np.abs(pt - pred.infer_tiles(x)).max())
+
+
 def test_openvino_fp32_matches_torch(exported: dict[str, Any]) -> None:
     module, meta = load_model(exported["ckpt"])
     pred = q.OVPredictor(ex.convert(module, meta), SPEC)
@@ -99,9 +106,7 @@ def test_openvino_fp32_matches_torch(exported: dict[str, Any]) -> None:
     tiles, _ = ex.preprocess(image, SPEC)
     rnd = np.random.default_rng(1).uniform(0, 255, (2, 1, 64, 64)).astype(np.float32)
     for x in (tiles, rnd, np.zeros_like(rnd), np.full_like(rnd, 255.0)):
-        with torch.no_grad():
-            pt = torch.sigmoid(module(torch.from_numpy(x)))[:, 0].numpy()
-        assert np.abs(pt - pred.infer_tiles(x)).max() < 1e-4
+        assert _ov_torch_gap(module, pred, x) < 1e-4
 
 
 def test_space_to_depth_model_converts_exactly() -> None:
@@ -112,9 +117,7 @@ def test_space_to_depth_model_converts_exactly() -> None:
     meta = type("Meta", (), {"input_spec": SPEC})()
     pred = q.OVPredictor(ex.convert(module, meta), SPEC)
     x = np.random.default_rng(2).uniform(0, 255, (2, 1, 64, 64)).astype(np.float32)
-    with torch.no_grad():
-        pt = torch.sigmoid(module(torch.from_numpy(x)))[:, 0].numpy()
-    assert np.abs(pt - pred.infer_tiles(x)).max() < 1e-4
+    assert _ov_torch_gap(module, pred, x) < 1e-4
 
 
 def test_package_contents(exported: dict[str, Any]) -> None:

@@ -137,7 +137,7 @@ def test_bad_config_names_the_field_and_file(tmp_path: Path, capsys: pytest.Capt
         load_config(DEMO, {"model": {"depth": 5}, "patches": {"size": 48}})  # 48 % 2**5 != 0
     with pytest.raises(ConfigError, match="= 64"):  # space-to-depth multiplies the stride: 2**4 * 4
         load_config(DEMO, {"model": {"depth": 4, "space_to_depth": 4}, "patches": {"size": 96}})
-    with pytest.raises(ConfigError, match="model.space_to_depth"):
+    with pytest.raises(ConfigError, match=r"model\.space_to_depth"):
         load_config(DEMO, {"model": {"space_to_depth": 3}})
     with pytest.raises(ConfigError, match=r"patches\.size"):
         load_config(DEMO, {"patches": {"size": 40}})
