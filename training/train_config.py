@@ -56,6 +56,8 @@ class ModelSection(_Section):
     space_to_depth: Literal[1, 2, 4] = Field(
         1, description="fold s x s pixel blocks into channels: the network runs at 1/s resolution but sees "
                        "every pixel (small defects survive, unlike input.scale)")
+    upsample: Literal["bilinear", "nearest"] = Field(
+        "bilinear", description="decoder upsampling; nearest trains faster on a CPU (no costly bilinear backward)")
 
     @property
     def stride(self) -> int:
@@ -101,6 +103,10 @@ class OptimSection(_Section):
     warmup: float = Field(0.05, ge=0.0, lt=1.0, description="warm-up share of the schedule (steps or time)")
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="final lr = lr x this (cosine end)")
     grad_clip: float | None = Field(1.0, gt=0.0, description="clip the gradient norm (null = off)")
+    ema: float | None = Field(
+        None, ge=0.5, lt=1.0, description="decay of an exponential moving average of the weights (and BN "
+                                          "statistics) that is validated and saved instead of the raw weights "
+                                          "(null = off)")
     autocast: Literal["auto", "bf16", "off"] = Field(
         "auto", description="forward pass in bf16 (weights stay fp32); auto = where the CPU has bf16 units")
 

@@ -109,11 +109,12 @@ def test_openvino_fp32_matches_torch(exported: dict[str, Any]) -> None:
         assert _ov_torch_gap(module, pred, x) < 1e-4
 
 
-def test_space_to_depth_model_converts_exactly() -> None:
-    """pixel_unshuffle / bilinear upsample go through the PyTorch frontend unchanged (tile 64,
-    stride 2**2 * 4 = 16), checked with random weights and pixels."""
+@pytest.mark.parametrize("options", [dict(space_to_depth=4), dict(upsample="nearest")], ids=str)
+def test_model_options_convert_exactly(options: dict[str, Any]) -> None:
+    """pixel_unshuffle and bilinear / nearest upsampling go through the PyTorch frontend unchanged
+    (tile 64; stride 2**2 * 4 = 16 with space-to-depth), checked with random weights and pixels."""
     torch.manual_seed(0)
-    module = build_model(UNetConfig(base_width=4, depth=2, max_width=16, space_to_depth=4)).eval()
+    module = build_model(UNetConfig(base_width=4, depth=2, max_width=16, **options)).eval()
     meta = type("Meta", (), {"input_spec": SPEC})()
     pred = q.OVPredictor(ex.convert(module, meta), SPEC)
     x = np.random.default_rng(2).uniform(0, 255, (2, 1, 64, 64)).astype(np.float32)

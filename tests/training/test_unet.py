@@ -18,6 +18,7 @@ VARIANTS = {
     "space_to_depth": dict(base_width=4, depth=2, max_width=16, space_to_depth=2),
     "space_to_depth_bgr": dict(base_width=4, depth=2, max_width=16, space_to_depth=4, in_channels=3,
                                mean=[127.5] * 3, std=[64.0] * 3),
+    "nearest_upsample": dict(base_width=4, depth=3, max_width=16, upsample="nearest"),
     "bgr": dict(base_width=4, depth=2, max_width=16, in_channels=3, mean=[127.5] * 3, std=[64.0] * 3),
 }
 
@@ -74,6 +75,21 @@ def test_space_to_depth_sees_every_pixel_at_a_fraction_of_the_cost() -> None:
     assert diff.shape == (32, 32) and float(diff[13, 6]) > 0
     with pytest.raises(ValueError, match="space_to_depth"):
         build_model(UNetConfig(space_to_depth=3))
+
+
+def test_upsample_option_changes_the_decoder_only_and_is_checked() -> None:
+    """Same weights, other decoder upsampling: another output, same shape; unknown modes fail."""
+    torch.manual_seed(0)
+    bilinear = build_model(UNetConfig(base_width=4, depth=2, max_width=16)).eval()
+    nearest = build_model(UNetConfig(base_width=4, depth=2, max_width=16, upsample="nearest")).eval()
+    nearest.load_state_dict(bilinear.state_dict())
+    x = torch.rand(1, 1, 32, 48) * 255
+    with torch.no_grad():
+        a, b = bilinear(x), nearest(x)
+    assert a.shape == b.shape == (1, 1, 32, 48)
+    assert float((a - b).abs().max()) > 1e-4
+    with pytest.raises(ValueError, match="upsample must be 'bilinear' or 'nearest'"):
+        build_model(UNetConfig(upsample="bicubic"))
 
 
 def test_config_round_trip_and_unknown_option() -> None:

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Training-step benchmark: how many steps a minute the recipe's network gets on this CPU.
+
+    .venv/bin/python scripts/bench_train_step.py [--config configs/train/magnetic-tile.yaml] [--rounds 5]
+
+With a time budget, steps per minute decide how far a run gets, so layout and decoder choices are
+measured here side by side, in one process, rounds interleaved (the machine is shared and noisy):
+
+  nchw/bilinear   the layout and decoder before NHWC training (the reference, ratio 1.00)
+  nhwc/bilinear   what `train` does now with model.upsample = bilinear
+  nhwc/nearest    the same with model.upsample = nearest
+
+Each step is a real training step of the config's model, loss, optimiser and autocast setting on
+random patches of the config's size and batch: forward, loss, backward, clip, AdamW. Prints the
+median ms per step and the ratio to the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.losses import build_loss  # noqa: E402
+from training.train_config import TrainConfig, load_config  # noqa: E402
+from training.train_utils import autocast_dtype, to_float  # noqa: E402
+from training.unet import UNetConfig, build_model  # noqa: E402
+
+VARIANTS = {"nchw/bilinear": (False, "bilinear"), "nhwc/bilinear": (True, "bilinear"),
+            "nhwc/nearest": (True, "nearest")}
+
+
+def make_step(cfg: TrainConfig, channels_last: bool, upsample: str) -> Callable[[], None]:
+    """One training step of the config's network, as train.py runs it, on fixed random patches."""
+    torch.manual_seed(0)
+    model = build_model(UNetConfig(**{**cfg.model.model_dump(), "upsample": upsample})).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.optim.weight_decay)
+    loss_fn = build_loss(cfg.loss)
+    amp = autocast_dtype(cfg.optim.autocast)
+    size, batch = cfg.patches.size, cfg.patches.batch_size
+    x = (torch.rand(batch, 1, size, size) * 255).contiguous(memory_format=fmt)
+    y = (torch.rand(batch, 1, size, size) > 0.97).float()
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            pred = model(x)
+        loss = loss_fn(to_float(pred), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or 1e9)
+        optimizer.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "train" / "magnetic-tile.yaml"))
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median over rounds)")
+    ap.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    amp = autocast_dtype(cfg.optim.autocast)
+    print(f"{args.config}: {cfg.patches.batch_size} x {cfg.patches.size} px patches, "
+          f"{'bf16 autocast' if amp else 'fp32'}, {torch.get_num_threads()} thread(s)")
+    steps = {name: make_step(cfg, *v) for name, v in VARIANTS.items()}
+    for step in steps.values():  # warm-up: oneDNN picks and caches its kernels
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in tqdm(range(args.rounds), desc="rounds", unit="round"):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[name].append((time.perf_counter() - t) / args.steps)
+    ref = statistics.median(times["nchw/bilinear"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:14s} {med * 1000:7.1f} ms/step  ratio {med / ref:.2f}  ({60 / med:,.0f} steps/min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
