@@ -138,8 +138,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         bad = [k for k in [*missing, *unexpected] if not k.startswith("aux_heads.")]
         if bad:
             raise CheckpointError(f"{init_from}: weights do not fit the model: {', '.join(bad[:5])}")
-    # NHWC is the layout oneDNN's CPU convolutions run fastest in: a step took 0.77x the time of
-    # NCHW here, in bf16 and in fp32 alike (measured side by side); results are the same
+    # NHWC is the layout oneDNN's CPU convolutions run fastest in: a step took 0.75x the time of
+    # NCHW here, in bf16 and in fp32 alike (scripts/bench_train_step.py); the maths is the same up to rounding
     model = model.to(memory_format=torch.channels_last)
     raw_model = model
     loss_fn = build_loss(cfg.loss)

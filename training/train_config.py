@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.losses import LossName
-from training.unet import network_stride
+from training.unet import Upsample, network_stride
 
 
 class ConfigError(ValueError):
@@ -56,7 +56,7 @@ class ModelSection(_Section):
     space_to_depth: Literal[1, 2, 4] = Field(
         1, description="fold s x s pixel blocks into channels: the network runs at 1/s resolution but sees "
                        "every pixel (small defects survive, unlike input.scale)")
-    upsample: Literal["bilinear", "nearest"] = Field(
+    upsample: Upsample = Field(
         "bilinear", description="decoder upsampling; nearest trains faster on a CPU (no costly bilinear backward)")
 
     @property
@@ -123,7 +123,7 @@ class ScheduleSection(_Section):
 class ValidationSection(_Section):
     tta: bool = Field(False, description="flip test-time augmentation in validation (4x slower)")
     min_recall: float = Field(0.95, gt=0.0, le=1.0, description="calibration: required image recall")
-    score: dict[str, float] = Field(default_factory=lambda: {"pixel_iou": 1.0, "image_f1": 1.0},
+    score: dict[str, float] = Field(default_factory=lambda: {"pixel_iou": 1.0, "image_f1": 1.0, "image_ap": 1.0},
                                     description="'best' = sum of weight x metric at calibrated params")
     batch: int = Field(8, ge=1, description="tiles per forward pass")
     grid_images: int = Field(8, ge=0, le=64, description="rows (errors first) of the final val_grid.png")

@@ -15,11 +15,13 @@ pixel reaches it, so a blowhole of a few pixels is not averaged away as a resize
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+Upsample = Literal["bilinear", "nearest"]  # the decoder's x2 upsampling
 
 
 class ConvBNAct(nn.Sequential):
@@ -56,7 +58,7 @@ class Up(nn.Module):
     """
 
     def __init__(self, cin: int, cskip: int, cout: int, separable: bool = False, dropout: float = 0.0,
-                 mode: str = "bilinear") -> None:
+                 mode: Upsample = "bilinear") -> None:
         super().__init__()
         self.mode = mode
         self.fuse = DoubleConv(cin + cskip, cout, separable, dropout)
@@ -136,7 +138,7 @@ class UNetConfig:
     std: list[float] = field(default_factory=lambda: [64.0])
     head_bias: float = -4.0  # start predicting "no defect" (defects are rare): stable early training
     space_to_depth: int = 1  # fold s x s pixel blocks into channels: runs at 1/s resolution, sees every pixel
-    upsample: str = "bilinear"  # decoder upsampling: bilinear | nearest (cheaper to train on a CPU)
+    upsample: Upsample = "bilinear"  # nearest is cheaper to train on a CPU
 
     def widths(self) -> list[int]:
         return [min(self.base_width * 2**i, self.max_width) for i in range(self.depth + 1)]
