@@ -236,6 +236,7 @@ def test_tune_writes_trials_and_a_usable_best_config(synth_data: Path, tmp_path:
     assert code == 0
     with open(tmp_path / "trials.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 and {"lr", "base_width", "loss", "patch_size", "score"} <= set(rows[0])
+    assert len(rows) == 2 and {"lr", "base_width", "upsample", "loss", "patch_size", "score"} <= set(rows[0])
     best = load_config(tmp_path / "best.yaml")  # loads as a training config as it is
     assert best.model.base_width in (8, 12, 16, 24) and best.model.depth == load_config(DEMO).model.depth
+    assert best.model.upsample in ("bilinear", "nearest")
