@@ -32,15 +32,15 @@ sys.path.insert(0, str(ROOT))
 
 from training.losses import build_loss  # noqa: E402
 from training.train_config import TrainConfig, load_config  # noqa: E402
-from training.train_utils import autocast_dtype, to_float  # noqa: E402
+from training.train_utils import autocast_dtype, train_step  # noqa: E402
 from training.unet import UNetConfig, build_model  # noqa: E402
 
 VARIANTS = {"nchw/bilinear": (False, "bilinear"), "nhwc/bilinear": (True, "bilinear"),
             "nhwc/nearest": (True, "nearest")}
 
 
-def make_step(cfg: TrainConfig, channels_last: bool, upsample: str) -> Callable[[], None]:
-    """One training step of the config's network, as train.py runs it, on fixed random patches."""
+def make_step(cfg: TrainConfig, channels_last: bool, upsample: str) -> Callable[[], object]:
+    """One training step of the config's network (train.py's own `train_step`) on fixed random patches."""
     torch.manual_seed(0)
     model = build_model(UNetConfig(**{**cfg.model.model_dump(), "upsample": upsample})).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -52,16 +52,7 @@ def make_step(cfg: TrainConfig, channels_last: bool, upsample: str) -> Callable[
     x = (torch.rand(batch, 1, size, size) * 255).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 1, size, size) > 0.97).float()
 
-    def step() -> None:
-        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
-            pred = model(x)
-        loss = loss_fn(to_float(pred), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or 1e9)
-        optimizer.step()
-
-    return step
+    return lambda: train_step(model, optimizer, loss_fn, x, y, amp, cfg.optim.grad_clip)
 
 
 def main(argv: list[str] | None = None) -> int:

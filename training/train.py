@@ -54,7 +54,7 @@ from training.train_utils import (
     seed_everything,
     set_rng_state,
     setup_distributed,
-    to_float,
+    train_step,
     validate,
 )
 from training.unet import UNetConfig, build_model, count_parameters
@@ -243,14 +243,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
-                pred = model(x)
-            loss = loss_fn(to_float(pred), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
+            loss = train_step(model, optimizer, loss_fn, x, y, amp, cfg.optim.grad_clip)
             if ema is not None:
                 ema.update_parameters(raw_model)
             step += 1

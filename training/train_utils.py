@@ -116,6 +116,23 @@ def to_float(out: Any) -> Any:
     return out.float()
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any, x: torch.Tensor,
+               y: torch.Tensor, amp: torch.dtype | None, grad_clip: float | None) -> torch.Tensor:
+    """One optimisation step: forward (in `amp` if set), fp32 loss, backward, clip, update.
+
+    Shared by `train` and scripts/bench_train_step.py, so the benchmark times the real step.
+    """
+    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        pred = model(x)
+    loss = loss_fn(to_float(pred), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss
+
+
 def lr_at(progress: float, lr: float, warmup: float, min_ratio: float) -> float:
     """Linear warm-up then cosine to lr x min_ratio, as a function of progress in [0, 1].
 

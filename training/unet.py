@@ -15,7 +15,7 @@ pixel reaches it, so a blowhole of a few pixels is not averaged away as a resize
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -61,13 +61,11 @@ class Up(nn.Module):
                  mode: Upsample = "bilinear") -> None:
         super().__init__()
         self.mode = mode
+        self.align_corners = False if mode == "bilinear" else None  # nearest takes no align_corners
         self.fuse = DoubleConv(cin + cskip, cout, separable, dropout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        if self.mode == "nearest":
-            x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
-        else:
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=skip.shape[-2:], mode=self.mode, align_corners=self.align_corners)
         return self.fuse(torch.cat([x, skip], dim=1))
 
 
@@ -168,7 +166,7 @@ def network_stride(depth: int, space_to_depth: int = 1) -> int:
 def build_model(cfg: UNetConfig) -> UNet:
     if cfg.space_to_depth not in (1, 2, 4):
         raise ValueError(f"model space_to_depth must be 1, 2 or 4, got {cfg.space_to_depth}")
-    if cfg.upsample not in ("bilinear", "nearest"):
+    if cfg.upsample not in get_args(Upsample):
         raise ValueError(f"model upsample must be 'bilinear' or 'nearest', got {cfg.upsample!r}")
     if len(cfg.mean) != cfg.in_channels or len(cfg.std) != cfg.in_channels:
         raise ValueError(f"model mean/std need {cfg.in_channels} value(s)")
