@@ -12,6 +12,12 @@ usual remedies, all available here and selected by name from the training config
 - `bce_dice` / `focal_dice`: a pixel-wise term for calibrated probabilities plus Dice for
   overlap; the usual robust default.
 
+Image term (`image_weight` > 0): a part is judged by the peak of its map (edge.postprocess),
+but a pixel loss averages over ~10^4 pixels, so one confident false spot on a good part, or
+a faint small defect, barely moves it. The image term is BCE between each patch's highest
+logit and whether the patch holds any defect pixel: it trains the very statistic that ranks
+parts (multiple-instance learning with max pooling), at no cost in the exported graph.
+
 Deep supervision: the model may return `(logits, [aux logits])`; the aux losses are averaged
 and added with weight `aux_weight`, so coarse decoder stages learn to localise early on.
 """
@@ -55,22 +61,35 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
     return loss.mean()
 
 
+def peak_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of each sample's highest logit against "the sample holds a defect pixel".
+
+    Only the peak pixel of each sample gets a gradient: pushed down on good patches (the
+    confident false spot), up on defective ones (the faint defect's strongest pixel).
+    """
+    peak = logits.flatten(1).amax(dim=1)
+    label = (target.flatten(1).amax(dim=1) > 0).to(peak.dtype)
+    return F.binary_cross_entropy_with_logits(peak, label)
+
+
 class SegmentationLoss(nn.Module):
     """One configured loss, applied to the main output and (weighted) to deep-supervision outputs."""
 
     def __init__(self, name: LossName = "bce_dice", pos_weight: float = 1.0, dice_weight: float = 1.0,
-                 focal_gamma: float = 2.0, focal_alpha: float | None = 0.25, aux_weight: float = 0.4) -> None:
+                 focal_gamma: float = 2.0, focal_alpha: float | None = 0.25, aux_weight: float = 0.4,
+                 image_weight: float = 0.0) -> None:
         super().__init__()
         if name not in LOSS_NAMES:
             raise ValueError(f"loss name must be one of {', '.join(LOSS_NAMES)}, got {name!r}")
-        if pos_weight <= 0 or dice_weight < 0 or aux_weight < 0 or focal_gamma < 0:
-            raise ValueError("pos_weight must be > 0; dice_weight, aux_weight and focal_gamma >= 0")
+        if pos_weight <= 0 or min(dice_weight, aux_weight, focal_gamma, image_weight) < 0:
+            raise ValueError("pos_weight must be > 0; dice_weight, aux_weight, focal_gamma and image_weight >= 0")
         self.name = name
         self.pos_weight = pos_weight
         self.dice_weight = dice_weight
         self.focal_gamma = focal_gamma
         self.focal_alpha = focal_alpha
         self.aux_weight = aux_weight
+        self.image_weight = image_weight
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of one logits map (no deep supervision)."""
@@ -86,17 +105,17 @@ class SegmentationLoss(nn.Module):
 
     def forward(self, output: torch.Tensor | tuple[torch.Tensor, Sequence[torch.Tensor]],
                 target: torch.Tensor) -> torch.Tensor:
-        if isinstance(output, (tuple, list)):
-            logits, aux = output
-            loss = self.single(logits, target)
-            if aux and self.aux_weight > 0:
-                loss = loss + self.aux_weight * torch.stack([self.single(a, target) for a in aux]).mean()
-            return loss
-        return self.single(output, target)
+        logits, aux = output if isinstance(output, (tuple, list)) else (output, ())
+        loss = self.single(logits, target)
+        if aux and self.aux_weight > 0:
+            loss = loss + self.aux_weight * torch.stack([self.single(a, target) for a in aux]).mean()
+        if self.image_weight > 0:
+            loss = loss + self.image_weight * peak_loss(logits, target)
+        return loss
 
 
 def build_loss(cfg: Any) -> SegmentationLoss:
     """Loss from the `loss:` section of the training config (any object with those attributes)."""
     return SegmentationLoss(name=cfg.name, pos_weight=cfg.pos_weight, dice_weight=cfg.dice_weight,
                             focal_gamma=cfg.focal_gamma, focal_alpha=cfg.focal_alpha,
-                            aux_weight=cfg.aux_weight)
+                            aux_weight=cfg.aux_weight, image_weight=cfg.image_weight)

@@ -206,6 +206,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     epoch, step, stopped = state["epoch"], state["step"], ""
     lr = lr_at(clock.fraction(step), cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)  # as logged
     last_val_t, last_val_step = clock.elapsed(), -1
+    since_row: list[float] = []  # step losses since the last CSV row: its train_loss covers them all
     best_probs: list[np.ndarray] | None = None  # maps of the best validation, for the final picture
     good_train = [i for i, m in enumerate(train_masks) if not m.any()]
     show = cfg.log.progress and d.main
@@ -248,6 +249,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
                 ema.update_parameters(raw_model)
             step += 1
             losses.append(loss.item())
+            if d.main:
+                since_row.append(losses[-1])
             step_bar.update(1)
             step_bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}")
         step_bar.close()
@@ -273,9 +276,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             last_val_t, last_val_step = clock.elapsed(), step
         decision: dict[str, Any] = {"stop": stopped}
         if d.main:
-            train_loss = float(np.mean(losses)) if losses else float("nan")
             assert log is not None
-            log.scalar("train/loss", train_loss, step)
+            if losses:  # an epoch the budget ended before its first step has no loss to log
+                log.scalar("train/loss", float(np.mean(losses)), step)
             log.scalar("train/lr", lr, step)
             log.scalar("train/hard_negatives", len(pool), step)
         if v is not None:  # rank 0 after a validation
@@ -290,6 +293,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             if not decision["stop"] and patience and state["bad_validations"] >= patience:
                 decision["stop"] = f"no better score in {patience} validations"
             assert log is not None
+            train_loss = float(np.mean(since_row)) if since_row else float("nan")
+            since_row.clear()
             log.row({"epoch": epoch, "step": step, "time_s": round(clock.elapsed(), 1), "lr": lr,
                      "train_loss": train_loss, "score": v.score, "val_s": round(v.seconds, 1), **metrics})
             msg = (f"epoch {epoch} step {step} {clock.elapsed():.0f}s lr {lr:.2e} loss {train_loss:.4f} | "

@@ -94,6 +94,8 @@ class LossSection(_Section):
     focal_gamma: float = Field(2.0, ge=0.0, le=10.0, description="focal focusing parameter")
     focal_alpha: float | None = Field(0.25, ge=0.0, le=1.0, description="focal class balance (null = off)")
     aux_weight: float = Field(0.4, ge=0.0, description="weight of the averaged deep-supervision losses")
+    image_weight: float = Field(0.0, ge=0.0, le=100.0,
+                                description="weight of the per-patch peak-logit BCE (trains the part score)")
 
 
 class OptimSection(_Section):

@@ -32,6 +32,7 @@ WIDTHS = (8, 12, 16, 24)
 PATCH_SIZES = (96, 128, 160, 192)
 LOSSES = ("bce_dice", "focal_dice", "bce")
 SCALES = (0.25, 0.375, 0.5, 1.0)  # input.scale: context and steps per minute vs. fine detail
+IMAGE_WEIGHTS = (0.0, 0.1, 0.3, 1.0)  # loss.image_weight: part ranking vs. pixel masks
 
 
 def suggest(trial: Any, base: TrainConfig) -> dict[str, Any]:
@@ -43,7 +44,8 @@ def suggest(trial: Any, base: TrainConfig) -> dict[str, Any]:
         "optim": {"lr": trial.suggest_float("lr", 2e-4, 5e-3, log=True)},
         "model": {"base_width": trial.suggest_categorical("base_width", list(WIDTHS)),
                   "upsample": trial.suggest_categorical("upsample", list(get_args(Upsample)))},
-        "loss": {"name": trial.suggest_categorical("loss", list(LOSSES))},
+        "loss": {"name": trial.suggest_categorical("loss", list(LOSSES)),
+                 "image_weight": trial.suggest_categorical("image_weight", list(IMAGE_WEIGHTS))},
         "patches": {"size": trial.suggest_categorical("patch_size", sizes),
                     "hard_negative_fraction": trial.suggest_float("hard_negative_fraction", 0.0, 0.5, step=0.05)},
     }

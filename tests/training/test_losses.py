@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.losses import SegmentationLoss, bce_loss, dice_loss, focal_loss
+from training.losses import SegmentationLoss, bce_loss, dice_loss, focal_loss, peak_loss
 
 BIG = 30.0  # a logit this large is a certain prediction
 
@@ -76,8 +76,40 @@ def test_deep_supervision_adds_weighted_aux_losses() -> None:
     assert a.grad is not None and a.grad.abs().sum() > 0
 
 
+def test_peak_loss_is_bce_of_each_patch_peak_against_its_label() -> None:
+    t = _target()  # sample 0 holds a defect, sample 1 is good
+    logits = torch.full_like(t, -6.0)
+    logits[0, 0, 7, 7] = 1.0  # defective patch: peak 1.0, and not on the defect
+    logits[1, 0, 0, 3] = 2.0  # good patch: a confident false spot
+    want = 0.5 * (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(2.0)))
+    assert float(peak_loss(logits, t)) == pytest.approx(want, rel=1e-6)
+
+
+def test_image_term_adds_gradient_only_at_each_peak() -> None:
+    t = _target()
+    base = torch.full_like(t, -6.0)
+    base[1, 0, 5, 6] = 3.0  # the false spot on the good patch
+    grads = {}
+    for w in (0.0, 2.0):
+        x = base.clone().requires_grad_(True)
+        SegmentationLoss("bce_dice", image_weight=w)(x, t).backward()
+        assert x.grad is not None
+        grads[w] = x.grad
+    extra = grads[2.0] - grads[0.0]  # d(w x mean BCE(peak))/d logit, batch of 2
+    sig = lambda v: torch.sigmoid(torch.tensor(v)).item()  # noqa: E731
+    # the good patch: its false spot is pushed down, no other pixel is touched
+    assert float(extra[1, 0, 5, 6]) == pytest.approx(2.0 * sig(3.0) / 2, rel=1e-4)
+    elsewhere = torch.ones_like(extra[1], dtype=torch.bool)
+    elsewhere[0, 5, 6] = False
+    assert float(extra[1][elsewhere].abs().max()) == pytest.approx(0.0, abs=1e-7)
+    # the defective patch is flat at -6 (all pixels tie for the peak): its peak is pushed up
+    assert float(extra[0].sum()) == pytest.approx(2.0 * (sig(-6.0) - 1) / 2, rel=1e-4)
+
+
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="loss name"):
         SegmentationLoss("l2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pos_weight"):
         SegmentationLoss("bce", pos_weight=0.0)
+    with pytest.raises(ValueError, match="image_weight"):
+        SegmentationLoss("bce", image_weight=-1.0)

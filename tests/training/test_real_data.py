@@ -31,11 +31,12 @@ def test_magnetic_tile_recipe_in_twenty_minutes(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     m = summary["metrics"]
     assert summary["elapsed_s"] < 20 * 60 + 60
-    # issue 2's pixel target is 0.60 (goal 0.70); the recipe measured 0.757-0.786 in five runs,
-    # so this guards the level reached rather than the target
+    # issue 2's targets: pixel IoU >= 0.60 (goal 0.70), image accuracy >= 0.95 (goal 0.98). With the
+    # image term (loss.image_weight 0.3) five runs measured IoU 0.738-0.772, accuracy 0.953-0.968,
+    # recall 0.879-0.897 and AP 0.950-0.977 (docs/benchmarks.md). The IoU guard sits at the level
+    # reached, the accuracy guard at the target itself (the weakest run made the 9 errors of 190
+    # it allows: a failure here says the target did not hold), recall and AP below the runs.
     assert m["pixel_iou"] >= 0.70, m
-    # the image target is 0.95, met in one of five runs (0.958; the others 0.947, 0.942, 0.916 and
-    # 0.905, recall 0.914-0.966, AP 0.952-0.965; see docs/benchmarks.md). This guards the level reached,
-    # with room for the run-to-run spread of bf16, timed epochs and the recall-first calibration.
-    assert m["image_accuracy"] >= 0.88 and m["image_recall"] >= 0.85 and m["image_ap"] >= 0.92, m
+    assert m["image_accuracy"] >= 0.95, m
+    assert m["image_recall"] >= 0.85 and m["image_ap"] >= 0.94, m
     assert (tmp_path / "val_grid.png").is_file() and (tmp_path / "curves.png").is_file()
