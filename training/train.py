@@ -206,7 +206,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     epoch, step, stopped = state["epoch"], state["step"], ""
     lr = lr_at(clock.fraction(step), cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)  # as logged
     last_val_t, last_val_step = clock.elapsed(), -1
-    since_row: list[float] = []  # step losses since the last CSV row: its train_loss covers them all
+    row_sum, row_n = 0.0, 0  # step losses since the last CSV row: its train_loss covers them all
     best_probs: list[np.ndarray] | None = None  # maps of the best validation, for the final picture
     good_train = [i for i, m in enumerate(train_masks) if not m.any()]
     show = cfg.log.progress and d.main
@@ -249,11 +249,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
                 ema.update_parameters(raw_model)
             step += 1
             losses.append(loss.item())
-            if d.main:
-                since_row.append(losses[-1])
             step_bar.update(1)
             step_bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}")
         step_bar.close()
+        row_sum, row_n = row_sum + sum(losses), row_n + len(losses)
         epoch += 1
         epoch_bar.update(1)
         if not losses and stopped:
@@ -293,8 +292,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             if not decision["stop"] and patience and state["bad_validations"] >= patience:
                 decision["stop"] = f"no better score in {patience} validations"
             assert log is not None
-            train_loss = float(np.mean(since_row)) if since_row else float("nan")
-            since_row.clear()
+            train_loss = row_sum / row_n if row_n else float("nan")
+            row_sum, row_n = 0.0, 0
             log.row({"epoch": epoch, "step": step, "time_s": round(clock.elapsed(), 1), "lr": lr,
                      "train_loss": train_loss, "score": v.score, "val_s": round(v.seconds, 1), **metrics})
             msg = (f"epoch {epoch} step {step} {clock.elapsed():.0f}s lr {lr:.2e} loss {train_loss:.4f} | "
