@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edge import DECODER_MAX_PIXELS
+
 TOPIC_SAFE = r"^[A-Za-z0-9_.-]+$"  # no '/', '+', '#' or spaces: these end up inside MQTT topics
 CREDENTIAL_NAME = "mqtt-password"
 
@@ -91,9 +93,20 @@ class FolderSourceConfig(_Model):
                                   description="File name endings picked up (case-insensitive); dotfiles, *.tmp and *.part never are.")
     order: Literal["name", "mtime"] = Field(default="name", description="Processing order of ready files.")
     stop_when_empty: bool = Field(default=False, description="Stop the daemon once the folder is empty (batch runs).")
-    max_pixels: int = Field(default=40_000_000, ge=64, le=1_000_000_000,
+    max_pixels: int = Field(default=DECODER_MAX_PIXELS, ge=64, le=1_000_000_000,
                             description="Files whose header announces more pixels (width x height) get an `error` "
-                                        "verdict without being decoded: a tiny compressed file can decode to GBs.")
+                                        "verdict without being decoded: a tiny compressed file can decode to GBs. "
+                                        "Formats whose header is not read are held by OpenCV's own limit, the "
+                                        "environment variable OPENCV_IO_MAX_IMAGE_PIXELS (default 40000000): "
+                                        "raise it too when raising this.")
+    memory_reserve_mb: float = Field(default=128.0, ge=0, le=1_000_000,
+                                     description="A file is not decoded (`error` verdict) when inspecting it would "
+                                                 "leave less than this free under the service's cgroup memory limit "
+                                                 "(systemd MemoryMax); no limit, no check.")
+    quarantine_after_crashes: int = Field(default=3, ge=1, le=100,
+                                          description="A file that was being inspected during this many daemon "
+                                                      "crashes in a row goes to failed/ with an `error` verdict "
+                                                      "instead of being inspected again (state_dir/folder-crashes.json).")
 
 
 class SyntheticSourceConfig(_Model):
@@ -165,6 +178,9 @@ class PipelineConfig(_Model):
                                                    "triggered: a message on <base>/trigger names the part of the next frame.")
     every_nth: int = Field(default=1, ge=1, le=10_000, description="free_run: inspect every Nth frame.")
     max_fps: float = Field(default=0.0, ge=0, le=1000, description="free_run: at most this many inspections per second (0 = no limit).")
+    event_max_regions: int = Field(default=50, ge=0, le=500, description="Regions listed in a result event (the largest "
+                                   "first); region_count and regions_truncated say how many there were. Keeps every "
+                                   "event far below the broker's message size limit.")
     queue_size: int = Field(default=8, ge=1, le=1000, description="Frames waiting for inference; live frames beyond it are "
                                                           "dropped and counted, parts (folder, trigger) wait instead.")
     trigger_timeout_s: float = Field(default=5.0, gt=0, le=3600, description="A trigger with no frame within this -> `error` verdict.")

@@ -18,6 +18,11 @@ ColorMode = Literal["gray", "bgr"]
 Verdict = Literal["pass", "fail", "error"]
 
 
+class NonFiniteError(ValueError):
+    """The model produced NaN or infinite values. `prob >= threshold` is False for NaN, so
+    without this check such a model would pass every part: the part gets `error` instead."""
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How a frame becomes model input tiles (see edge.preprocess for the contract).

@@ -76,7 +76,7 @@ class Pipeline:
         if cfg.metrics.enabled:
             self.server = MetricsServer(self.metrics, self.health, cfg.metrics.host, cfg.metrics.port)
             self.server.start()
-        self.source = make_source(cfg.source)
+        self.source = make_source(cfg.source, cfg.state_dir, lambda: self.model.inferencer.spec)
         self.source.open()  # SourceError (missing folder/file) -> exit 78
         self.flow = FrameFlow(
             station=self.station, result_topic=f"{cfg.base_topic}/result", source=self.source, gate=self.gate,

@@ -18,9 +18,14 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from edge.text import safe_part_id, safe_text
+
 SCHEMA_VERSION = 1
 SCHEMA_FILE = "event.schema.json"
 VERDICTS = ("pass", "fail", "error")
+# An event stays far below the broker's message limit (deploy/mosquitto: message_size_limit 1 MiB):
+# regions are capped (pipeline.event_max_regions) and free text is clipped (edge.text).
+EVENT_MAX_BYTES = 256 * 1024
 
 # Fixed namespace: the same (station, part, capture time) gives the same id on any host/run.
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:defect-inspection:result-event")
@@ -36,7 +41,10 @@ def event_id_for(station: str, part_id: str, capture_ts: float) -> str:
     Re-inspecting the same captured part after a crash yields the same id, so the outbox
     keeps one row and consumers see at most duplicates of one verdict. The time is
     formatted to microseconds so a float that went through JSON still maps to the same id.
+    The part id is taken as it appears in the event (edge.text.safe_part_id), so a file
+    name that is not UTF-8 has an id too, and the same one on every run.
     """
+    part_id = safe_part_id(part_id)
     key = f"{station}\x1f{part_id}\x1f{float(capture_ts):.6f}"
     return str(uuid.uuid5(_NAMESPACE, key))
 
@@ -64,17 +72,22 @@ def build_result_event(
     evidence: str | None = None,
     event_id: str | None = None,
     created_ts: float | None = None,
+    region_count: int | None = None,
 ) -> dict[str, Any]:
     """Assemble one result event (see edge/event.schema.json).
 
     `station` is {"line": ..., "name": ...}; the default event id is
     event_id_for(f"{line}/{name}", part_id, capture_ts). An `error` verdict always carries
-    an error message (a broken camera must never be silent).
+    an error message (a broken camera must never be silent). `regions` may be the top N of
+    `region_count` regions; the part id, reasons and error are escaped and clipped
+    (edge.text), so any input gives valid, bounded UTF-8.
     """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
     if verdict == "error" and not error:
         error = "unspecified error"
+    part_id = safe_part_id(part_id)
+    count = len(regions) if region_count is None else int(region_count)
     st = {"line": str(station["line"]), "name": str(station["name"])}
     if event_id is None:
         event_id = event_id_for(f"{st['line']}/{st['name']}", part_id, capture_ts)
@@ -84,19 +97,21 @@ def build_result_event(
         "event_id": event_id,
         "seq": int(seq),
         "station": st,
-        "part_id": str(part_id),
+        "part_id": part_id,
         "capture_ts": round(float(capture_ts), 6),
         "capture_time": iso_utc(capture_ts),
         "created_ts": round(created, 6),
         "verdict": verdict,
-        "reasons": [str(r) for r in reasons],
+        "reasons": [safe_text(r) for r in reasons],
         "regions": list(regions),
+        "region_count": max(count, len(regions)),
+        "regions_truncated": count > len(regions),
         "total_defect_area": int(total_defect_area),
         "image": {"width": int(image["width"]), "height": int(image["height"])},
         "model": dict(model),
         "rules": dict(rules),
         "timings_ms": dict(timings_ms),
-        "error": error,
+        "error": None if error is None else safe_text(error),
         "evidence": evidence,
     }
 

@@ -16,14 +16,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edge.alarms import AlarmTracker
 from edge.config import RoiConfig
-from edge.contract import Region
-from edge.events import build_result_event, encode, event_id_for
+from edge.contract import NonFiniteError, Region, Verdict
+from edge.events import EVENT_MAX_BYTES, build_result_event, encode, event_id_for
 from edge.evidence import EvidenceStore
 from edge.metrics import LatencyWindow, Metrics
 from edge.mqtt import MqttSink
@@ -34,13 +35,26 @@ from edge.rules import decide
 from edge.sources import Frame, FrameChecks, FrameSource, check_frame
 from edge.sources.gate import FrameGate
 from edge.station import LoadedModel, SeqStore, expected_size, region_dict, shift_regions
+from edge.text import safe_part_id, safe_text
 
 log = logging.getLogger(__name__)
 
 OUTBOX_ERROR = "outbox_error"
 FRAME_ERROR = "frame_error"  # unreadable/black/wrong-size files from a folder source
 STALE_FRAMES = "stale_frames"  # live frames waited longer than frame_checks.max_age_s
+NON_FINITE = "non_finite"  # error kind: the model's map held NaN/inf (raises model_error like inference errors)
+INTERNAL = "internal"  # error kind: building this part's event failed; the part still gets an error event
 _STOP = object()  # sentinel through the queues
+
+
+@dataclass
+class Outcome:
+    """What one part's inspection decided (before it becomes an event)."""
+
+    verdict: Verdict
+    reasons: list[str] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
+    mask: np.ndarray | None = None
 
 
 class Job:
@@ -233,50 +247,31 @@ class FrameFlow:
                 self.last_progress = time.monotonic()
 
     def _finish(self, job: Job) -> None:
-        frame, model = job.frame, job.model
-        t0 = time.monotonic()
-        verdict: str = "error"
-        reasons: list[str] = []
-        regions: list[Region] = []
-        mask: np.ndarray | None = None
-        if job.error is None and job.prob is not None:
+        """Verdict, event, outbox, commit of one part. Whatever goes wrong while deciding or building
+        this part's event (a name that cannot be encoded, a non-finite map, a bug) gives this part an
+        `error` event (kind "internal") and its file goes to failed/: no single input stops the line."""
+        frame, t0 = job.frame, time.monotonic()
+        try:
+            outcome = self._outcome(job)
+            built = self._event(job, outcome, t0, with_evidence=True)
+        except Exception as e:
+            outcome = self._internal_error(job, e)
             try:
-                det = postprocess(job.prob, model.params)
-                verdict, reasons = decide(det, model.rules)
-                regions, mask = shift_regions(det.regions, job.offset), det.mask
-            except Exception as e:
-                job.error, job.error_kind = f"postprocess failed: {e}", "inference"
-        if job.error_kind == "inference" or job.t_submit:
-            self.alarms.observe_inference(job.error is None, job.error or "")
-        if job.error is not None:
-            verdict, reasons, regions, mask = "error", [], [], None
-            self.metrics.errors.labels(job.error_kind or "other").inc()
-            log.warning("part %s: error verdict: %s", frame.part_id, job.error)
-        now = time.monotonic()
-        event_id = event_id_for(self.station_key, frame.part_id, frame.capture_ts)
-        evidence = None
-        if self.evidence is not None and self.evidence.wanted(verdict):
-            evidence = self.evidence.save(event_id, frame.capture_ts, frame.image, mask, regions, verdict,
-                                          job.offset)
-        timings = {"capture_to_result": round((now - frame.mono_ts) * 1000, 3),
-                   "queue": round(max(0.0, (job.t_submit or now) - frame.mono_ts) * 1000, 3),
-                   "inference": round(max(0.0, job.t_done - job.t_submit) * 1000, 3) if job.t_done else 0.0,
-                   "postprocess": round((now - t0) * 1000, 3)}
-        width, height = job.image_size or self._last_size or expected_size(self.checks)
-        mpp = model.rules.mm_per_pixel
-        seq = self._next_seq(frame.part_id)
-        if seq is None:
+                built = self._event(job, outcome, t0, with_evidence=False)
+            except Exception:  # not even an error event: still never stop the thread for one part
+                log.exception("part %s: no result event can be built; moving it to failed/ without one",
+                              safe_part_id(frame.part_id))
+                self._commit(frame, ok=False)
+                return
+        if built is None:
             return  # shutdown while the disk is full: the file stays for the next run
-        event = build_result_event(
-            station=self.station, seq=seq, part_id=frame.part_id, capture_ts=frame.capture_ts,
-            verdict=verdict, reasons=reasons, regions=[region_dict(r, mpp) for r in regions],
-            total_defect_area=sum(r.area for r in regions), image={"width": width, "height": height},
-            model=model.info, rules=model.rules_dict, timings_ms=timings,
-            error=job.error, evidence=evidence, event_id=event_id)
-        added = self._store(event_id, encode(event), frame.part_id)
+        event_id, payload = built
+        verdict = outcome.verdict
+        now = time.monotonic()
+        added = self._store(event_id, payload, safe_part_id(frame.part_id))
         if added is None:
             return  # could not be stored (shutdown with a full outbox): the file stays for the next run
-        self.source.commit(frame, ok=verdict != "error")
+        self._commit(frame, ok=verdict != "error")
         if self.sink is not None:
             self.sink.notify_new()
         if added:
@@ -292,6 +287,75 @@ class FrameFlow:
         if job.t_done:
             self.metrics.inference.observe(job.t_done - job.t_submit)
         self.gate.inspected += 1
+
+    def _outcome(self, job: Job) -> Outcome:
+        """Verdict of one part from its map (or its error); feeds the inference alarm."""
+        model = job.model
+        outcome = Outcome("error")
+        if job.error is None and job.prob is not None:
+            try:
+                det = postprocess(job.prob, model.params)
+                verdict, reasons = decide(det, model.rules)
+                outcome = Outcome(verdict, reasons, shift_regions(det.regions, job.offset), det.mask)
+            except NonFiniteError as e:  # a model emitting NaN would otherwise pass every part
+                job.error, job.error_kind = f"model output rejected: {e}", NON_FINITE
+            except Exception as e:
+                job.error, job.error_kind = f"postprocess failed: {e}", "inference"
+        if job.error_kind in ("inference", NON_FINITE) or job.t_submit:
+            self.alarms.observe_inference(job.error is None, job.error or "")
+        if job.error is not None:
+            outcome = Outcome("error")
+            self.metrics.errors.labels(job.error_kind or "other").inc()
+            log.warning("part %s: error verdict: %s", safe_part_id(job.frame.part_id), safe_text(job.error))
+        return outcome
+
+    def _internal_error(self, job: Job, exc: Exception) -> Outcome:
+        log.exception("part %s: cannot build its result event; it gets an error verdict instead",
+                      safe_part_id(job.frame.part_id))
+        job.error, job.error_kind = f"internal error while building the result: {type(exc).__name__}: {exc}", INTERNAL
+        self.metrics.errors.labels(INTERNAL).inc()
+        return Outcome("error")
+
+    def _event(self, job: Job, outcome: Outcome, t0: float, with_evidence: bool) -> tuple[str, bytes] | None:
+        """(event_id, encoded event) of one part, or None when no sequence number could be had at shutdown.
+
+        At most `model.max_regions` regions (the largest) go into the event, with the count of all."""
+        frame, model = job.frame, job.model
+        part_id = safe_part_id(frame.part_id)
+        event_id = event_id_for(self.station_key, part_id, frame.capture_ts)
+        evidence = None
+        if with_evidence and self.evidence is not None and self.evidence.wanted(outcome.verdict):
+            evidence = self.evidence.save(event_id, frame.capture_ts, frame.image, outcome.mask, outcome.regions,
+                                          outcome.verdict, job.offset)
+        now = time.monotonic()
+        timings = {"capture_to_result": round((now - frame.mono_ts) * 1000, 3),
+                   "queue": round(max(0.0, (job.t_submit or now) - frame.mono_ts) * 1000, 3),
+                   "inference": round(max(0.0, job.t_done - job.t_submit) * 1000, 3) if job.t_done else 0.0,
+                   "postprocess": round((now - t0) * 1000, 3)}
+        width, height = job.image_size or self._last_size or expected_size(self.checks)
+        mpp = model.rules.mm_per_pixel
+        seq = self._next_seq(part_id)
+        if seq is None:
+            return None
+        regions = outcome.regions
+        event = build_result_event(
+            station=self.station, seq=seq, part_id=part_id, capture_ts=frame.capture_ts,
+            verdict=outcome.verdict, reasons=outcome.reasons,
+            regions=[region_dict(r, mpp) for r in regions[: model.max_regions]], region_count=len(regions),
+            total_defect_area=sum(r.area for r in regions), image={"width": width, "height": height},
+            model=model.info, rules=model.rules_dict, timings_ms=timings,
+            error=job.error, evidence=evidence, event_id=event_id)
+        payload = encode(event)
+        if len(payload) > EVENT_MAX_BYTES:
+            raise ValueError(f"result event is {len(payload)} bytes > {EVENT_MAX_BYTES}")
+        return event_id, payload
+
+    def _commit(self, frame: Frame, ok: bool) -> None:
+        """source.commit that never stops the result thread (the file then stays until a restart)."""
+        try:
+            self.source.commit(frame, ok=ok)
+        except Exception:
+            log.exception("part %s: cannot commit its file", safe_part_id(frame.part_id))
 
     def _next_seq(self, part_id: str) -> int | None:
         """SeqStore.next, retried while its file cannot be written (disk full): the part waits."""

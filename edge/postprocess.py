@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from edge.contract import Detection, PostprocessParams, Region
+from edge.contract import Detection, NonFiniteError, PostprocessParams, Region
 
 _KERNELS: dict[int, np.ndarray] = {}
 
@@ -33,11 +33,27 @@ def binarize(prob: np.ndarray, params: PostprocessParams) -> np.ndarray:
     return mask
 
 
+def check_finite(prob: np.ndarray) -> None:
+    """Raise NonFiniteError when the map holds NaN or +-inf (they would fail open: NaN >= t is False).
+
+    min and max propagate NaN and reveal +-inf in two passes without a full-size temporary;
+    only a bad map pays for counting.
+    """
+    if prob.size and np.isfinite(prob.min()) and np.isfinite(prob.max()):
+        return
+    if not prob.size:
+        raise NonFiniteError("probability map is empty")
+    nan = int(np.isnan(prob).sum())
+    inf = int(np.isinf(prob).sum())
+    raise NonFiniteError(f"model output is not finite: {nan} NaN and {inf} infinite of {prob.size} values")
+
+
 def postprocess(prob: np.ndarray, params: PostprocessParams) -> Detection:
-    """Regions of one probability map (HxW float in [0, 1])."""
+    """Regions of one probability map (HxW float in [0, 1]); NonFiniteError for NaN/inf."""
     if prob.ndim != 2:
         raise ValueError(f"probability map must be HxW, got shape {prob.shape}")
     prob = prob.astype(np.float32, copy=False)
+    check_finite(prob)
     mask = binarize(prob, params)
     regions: list[Region] = []
     if mask.any():

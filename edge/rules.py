@@ -6,10 +6,11 @@ override any of them in the station config without re-exporting the model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edge.contract import Detection, Verdict
+from edge.contract import Detection, NonFiniteError, Verdict
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,14 @@ class Rules:
 
 
 def decide(det: Detection, rules: Rules) -> tuple[Verdict, list[str]]:
-    """Return the verdict and the reasons for a fail (empty for a pass)."""
+    """Return the verdict and the reasons for a fail (empty for a pass).
+
+    NonFiniteError when the score or a region score is NaN/inf: a comparison with NaN is
+    False, so such a detection would pass; the caller turns it into an `error` verdict.
+    """
+    scores = [det.score, *(s for r in det.regions for s in (r.max_score, r.mean_score))]
+    if not all(math.isfinite(s) for s in scores):
+        raise NonFiniteError(f"detection score is not finite (score {det.score}, {len(det.regions)} region(s))")
     reasons: list[str] = []
     if len(det.regions) > rules.max_defects:
         reasons.append(f"{len(det.regions)} defect region(s) > max_defects {rules.max_defects}")

@@ -34,6 +34,7 @@ class LoadedModel:
     rules: Rules
     info: dict[str, Any]  # name, version, sha256, precision: recorded in every event
     rules_dict: dict[str, Any]  # every limit that decides a verdict: recorded in every event
+    max_regions: int = 50  # regions listed in an event (the largest; pipeline.event_max_regions)
 
 
 def load_model(cfg: Config) -> LoadedModel:
@@ -61,7 +62,8 @@ def load_model(cfg: Config) -> LoadedModel:
     except (TypeError, ValueError) as e:
         raise PackageError(f"{m.path}: rules are invalid: {e}") from e
     roi = None if cfg.roi is None else [cfg.roi.x, cfg.roi.y, cfg.roi.w, cfg.roi.h]
-    return LoadedModel(inf, params, rules, inf.info.to_dict(), {**params.to_dict(), **rules.to_dict(), "roi": roi})
+    return LoadedModel(inf, params, rules, inf.info.to_dict(), {**params.to_dict(), **rules.to_dict(), "roi": roi},
+                       cfg.pipeline.event_max_regions)
 
 
 class SeqStore:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from edge.config import (
     CameraSourceConfig,
     FolderSourceConfig,
     SyntheticSourceConfig,
     VideoSourceConfig,
 )
+from edge.contract import InputSpec
 from edge.sources.base import Frame, FrameChecks, FrameSource, SourceError, check_frame, parse_trigger
 from edge.sources.camera import CameraSource
 from edge.sources.folder import FolderSource
@@ -29,10 +33,13 @@ __all__ = [
 
 def make_source(
     cfg: CameraSourceConfig | VideoSourceConfig | FolderSourceConfig | SyntheticSourceConfig,
+    state_dir: Path | None = None,
+    model_spec: Callable[[], InputSpec] | None = None,
 ) -> FrameSource:
-    """The source for a `source:` config section (not opened yet)."""
+    """The source for a `source:` config section (not opened yet). A folder keeps its crash counter
+    in `state_dir` and sizes its memory check with `model_spec` (the current model's input)."""
     if isinstance(cfg, CameraSourceConfig | VideoSourceConfig):
         return CameraSource(cfg)
     if isinstance(cfg, FolderSourceConfig):
-        return FolderSource(cfg)
+        return FolderSource(cfg, state_dir=state_dir, model_spec=model_spec)
     return SyntheticSource(cfg)
