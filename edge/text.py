@@ -52,8 +52,8 @@ def clip(text: str, max_chars: int, *, hashed: bool = False) -> str:
     if hashed:
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
         return f"{text[: max_chars - 9]}~{digest}"
-    tail = f"... ({len(text) - max_chars} more characters)"
-    return text[: max(0, max_chars - len(tail))] + tail
+    keep = max(0, max_chars - len(f"... ({len(text)} more characters)"))  # the count's digits are at most these
+    return f"{text[:keep]}... ({len(text) - keep} more characters)"
 
 
 def safe_text(text: object, max_chars: int = MESSAGE_MAX, *, hashed: bool = False) -> str:

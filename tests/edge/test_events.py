@@ -133,3 +133,61 @@ def test_distinct_parts_get_distinct_ids() -> None:
     ids = {event_id_for("l/s", f"P{i}", 1000.0) for i in range(1000)}
     assert len(ids) == 1000
     assert events.SCHEMA_VERSION == 1
+
+
+# -- untrusted text: file names and messages (issue 14) ---------------------------------------------
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("P-0001", "P-0001"),
+    ("part-\udcff\udcfe", "part-\\xff\\xfe"),  # bytes that were not UTF-8 (os.fsdecode / surrogateescape)
+    ("line\nbreak\ttab\r", "line\\nbreak\\ttab\\r"),
+    ("esc\x1b[31m", "esc\\x1b[31m"),
+    ("unicodé ü ☃", "unicodé ü ☃"),
+    ("rtl\u202e", "rtl\\u202e"),
+])
+def test_safe_part_id_escapes_only_what_needs_it(raw: str, shown: str) -> None:
+    from edge.text import safe_part_id
+
+    assert safe_part_id(raw) == shown
+    assert safe_part_id(shown) == shown  # idempotent: the source and the event may both apply it
+    shown.encode("utf-8")
+
+
+def test_long_ids_are_clipped_with_a_hash_and_messages_say_what_was_cut() -> None:
+    from edge.text import PART_ID_EVENT_MAX, safe_part_id, safe_text
+
+    a, b = "\udcfe" * 200 + "a", "\udcfe" * 200 + "b"
+    ia, ib = safe_part_id(a), safe_part_id(b)
+    assert len(ia) == len(ib) == PART_ID_EVENT_MAX and ia != ib and ia[-9] == "~"
+    assert safe_part_id(a) == ia  # stable
+    msg = safe_text("x" * 5000, 100)
+    assert len(msg) == 100 and msg.endswith("x... (4926 more characters)")
+
+
+@given(st.text(min_size=0, max_size=400))
+@settings(max_examples=200, deadline=None)
+def test_any_part_id_gives_a_valid_encodable_event(part_id: str) -> None:
+    ev = _event(part_id=part_id, verdict="error", error=f"cannot read {part_id}\n" * 50, reasons=[part_id])
+    validate_event(ev)
+    back = json.loads(encode(ev))
+    assert back["part_id"].isprintable() and len(back["part_id"]) <= 256 and len(back["error"]) <= 1000
+    assert back["event_id"] == event_id_for("line1/station3", part_id, 1_700_000_000.123456)
+
+
+def test_event_id_of_a_non_utf8_name_is_stable_and_equals_its_escaped_ids() -> None:
+    raw = "part-\udcff\udcfe"
+    assert event_id_for("l/s", raw, 1.5) == event_id_for("l/s", raw, 1.5) == event_id_for("l/s", "part-\\xff\\xfe", 1.5)
+
+
+def test_region_count_and_truncation_are_reported_and_validated() -> None:
+    region = {"area": 4, "bbox": [1, 2, 2, 2], "centroid": [1.5, 2.5], "max_score": 0.9, "mean_score": 0.8}
+    full = _event()
+    assert full["region_count"] == 1 and full["regions_truncated"] is False
+    cut = _event(regions=[region] * 3, region_count=4000)
+    validate_event(cut)
+    assert cut["region_count"] == 4000 and cut["regions_truncated"] is True
+    with pytest.raises(EventValidationError, match="regions"):
+        validate_event({**cut, "regions": [region] * 501})
+    with pytest.raises(EventValidationError, match="part_id"):
+        validate_event({**cut, "part_id": "x" * 257})
+    old = {k: v for k, v in cut.items() if k not in ("region_count", "regions_truncated")}
+    validate_event(old)  # optional: events of earlier versions still validate

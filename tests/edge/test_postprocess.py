@@ -59,3 +59,28 @@ def test_rules() -> None:
     assert verdict == "fail" and "total defect area 51" in reasons[0]
     assert decide(det, Rules(max_defects=5, max_region_area_mm2=1.0, mm_per_pixel=0.1))[0] == "pass"
     assert decide(det, Rules(max_defects=5, max_region_area_mm2=0.4, mm_per_pixel=0.1))[0] == "fail"
+
+
+# -- non-finite model output fails closed (issue 14) -------------------------------------------------
+@pytest.mark.parametrize(("bad", "words"), [
+    (np.nan, "1 NaN and 0 infinite of 3000 values"),
+    (np.inf, "0 NaN and 1 infinite"),
+    (-np.inf, "0 NaN and 1 infinite"),
+])
+def test_non_finite_map_raises_instead_of_passing(bad: float, words: str) -> None:
+    from edge.contract import NonFiniteError
+
+    prob = _map_with_blobs()
+    prob[0, 0] = bad
+    with pytest.raises(NonFiniteError, match=words):
+        postprocess(prob, PostprocessParams(pixel_threshold=0.5))
+    with pytest.raises(NonFiniteError):
+        postprocess(np.full((8, 8), np.nan, np.float32), PostprocessParams(pixel_threshold=0.5))
+
+
+def test_decide_refuses_a_non_finite_score() -> None:
+    from edge.contract import Detection, NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="not finite"):
+        decide(Detection(regions=[], mask=None, score=float("nan")), Rules())
+    assert decide(Detection(regions=[], mask=None, score=0.1), Rules()) == ("pass", [])

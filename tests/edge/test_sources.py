@@ -228,3 +228,168 @@ def test_missing_camera_gives_repeated_camera_lost_frames() -> None:
     assert len(frames) == 2
     assert all(f.error_kind == "camera_lost" and f.image is None and f.live for f in frames)
     assert frames[0].part_id != frames[1].part_id and src.reconnects >= 1
+
+
+# -- memory check against the cgroup limit (issue 14) ---------------------------------------------
+def _cgroup_v1(root: Path, rel: str, limit: int, usage: int, inactive: int = 0) -> None:
+    d = root / "memory" / rel.strip("/")
+    d.mkdir(parents=True)
+    (d / "memory.limit_in_bytes").write_text(f"{limit}\n")
+    (d / "memory.usage_in_bytes").write_text(f"{usage}\n")
+    (d / "memory.stat").write_text(f"cache 5\ntotal_inactive_file {inactive}\n")
+
+
+def test_read_budget_cgroup_v2_v1_and_unlimited(tmp_path: Path) -> None:
+    from edge.memory import MiB, read_budget
+
+    v2 = tmp_path / "v2"
+    (v2 / "system.slice" / "edge.service").mkdir(parents=True)
+    (v2 / "memory.max").write_text("max\n")
+    (v2 / "memory.current").write_text("1\n")
+    unit = v2 / "system.slice" / "edge.service"
+    (unit / "memory.max").write_text(f"{1024 * MiB}\n")
+    (unit / "memory.current").write_text(f"{700 * MiB}\n")
+    (unit / "memory.stat").write_text(f"anon 1\ninactive_file {100 * MiB}\nactive_file 7\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/system.slice/edge.service\n")
+    b = read_budget(v2, proc)
+    assert b is not None and b.limit == 1024 * MiB and b.usage == 600 * MiB and b.free == 424 * MiB
+    assert b.source == str(unit / "memory.max")
+
+    (v2 / "system.slice" / "memory.max").write_text(f"{800 * MiB}\n")  # a tighter parent slice wins
+    (v2 / "system.slice" / "memory.current").write_text(f"{700 * MiB}\n")
+    b = read_budget(v2, proc)
+    assert b is not None and b.free == 100 * MiB
+
+    v1 = tmp_path / "v1"
+    _cgroup_v1(v1, "/", 9223372036854771712, 5)  # "no limit" in v1
+    _cgroup_v1(v1, "/process_api/x", 512 * MiB, 300 * MiB, inactive=50 * MiB)
+    proc.write_text("4:memory:/process_api/x\n1:cpu:/\n0::/\n")
+    b = read_budget(v1, proc)
+    assert b is not None and b.limit == 512 * MiB and b.free == 262 * MiB
+
+    proc.write_text("4:memory:/\n")
+    assert read_budget(v1, proc) is None  # unlimited: no check
+    assert read_budget(tmp_path / "nothing", proc) is None
+
+
+def test_inspection_bytes_bounds_what_the_pipeline_allocates() -> None:
+    import tracemalloc
+
+    from edge.contract import InputSpec, PostprocessParams
+    from edge.memory import inspection_bytes, refusal
+    from edge.postprocess import postprocess
+    from edge.preprocess import preprocess, stitch
+
+    spec = InputSpec(color="gray", tile=64, overlap=8, mean=(0.0,), std=(1.0,))
+    h, w = 600, 800
+    cost = inspection_bytes(w, h, spec)
+    assert inspection_bytes(2 * w, 2 * h, spec) > 3.9 * cost  # ~ proportional to pixels
+    assert inspection_bytes(w, h, InputSpec(color="bgr", tile=64, overlap=8, mean=(0, 0, 0), std=(1, 1, 1))) > cost
+    frame = np.dstack([make_part((h, w), seed=1)] * 3)
+    tracemalloc.start()
+    try:
+        tiles, layout = preprocess(frame, spec)
+        prob = stitch(tiles[:, 0] / 255.0, layout, spec.overlap)
+        det = postprocess(prob, PostprocessParams(pixel_threshold=0.5))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert det.mask.shape == (h, w)
+    assert peak + frame.nbytes < cost, (peak, cost)  # numpy's own allocations (OpenCV's are not traced)
+    assert 30 < cost / (h * w) < 80, cost / (h * w)  # bytes per pixel: not absurdly loose either
+
+    from edge.memory import MemoryBudget, MiB
+
+    budget = MemoryBudget(limit=1024 * MiB, usage=960 * MiB, source="/sys/fs/cgroup/memory.max")
+    why = refusal(w, h, 100 * MiB, budget, 16 * MiB)
+    assert why is not None and "800x600 frame needs about 100 MiB" in why and "64 MiB of the service's 1024 MiB" in why
+    assert refusal(w, h, 40 * MiB, budget, 16 * MiB) is None
+    assert refusal(w, h, 10**12, None, 0) is None
+
+
+# -- crash counter and quarantine (issue 14) ---------------------------------------------------------
+def test_crash_ledger_counts_files_in_flight_at_a_crash_and_resets_on_commit(tmp_path: Path) -> None:
+    from edge.sources.crashes import CrashLedger
+
+    weird = "part-\udcff\n.png"
+    first = CrashLedger(tmp_path)
+    first.open()
+    for name in ("a.png", weird):
+        first.handed_out(name)
+    first.committed("a.png")
+    # the process dies here: `weird` stays recorded
+    second = CrashLedger(tmp_path)
+    second.open()
+    assert second.count(weird) == 1 and second.count("a.png") == 0
+    second.handed_out(weird)
+    third = CrashLedger(tmp_path)
+    third.open()
+    assert third.count(weird) == 2
+    third.open()  # opening again without a crash in between counts nothing
+    assert third.count(weird) == 2
+    third.handed_out(weird)
+    third.committed(weird)
+    assert CrashLedger(tmp_path).count(weird) == 0
+    fourth = CrashLedger(tmp_path)
+    fourth.open()
+    assert fourth.count(weird) == 0 and not list((tmp_path / "folder-inflight").iterdir())
+    (tmp_path / "folder-crashes.json").write_text("{not json")
+    CrashLedger(tmp_path).open()  # a corrupt counter file starts again, it does not stop the daemon
+
+
+def test_folder_inspects_suspects_alone_and_quarantines_after_n_crashes(tmp_path: Path) -> None:
+    from edge.sources.crashes import CrashLedger
+
+    inbox, state = tmp_path / "in", tmp_path / "state"
+    inbox.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        cv2.imwrite(str(inbox / name), make_part(seed=1))
+    os.utime(inbox / "c.png", (time.time() - 5, time.time() - 5))
+    ledger = CrashLedger(state)
+    ledger.open()
+    ledger.handed_out("c.png")  # c was in flight when the daemon died: a suspect
+    cfg = FolderSourceConfig(type="folder", path=inbox, settle_s=0.0, poll_interval_s=0.01, quarantine_after_crashes=2)
+    src = FolderSource(cfg, state_dir=state)
+    src.open()
+    first = read_all(src, 5, 1)[0]
+    assert first.part_id == "c"  # suspects first ...
+    assert src.read(0.3) is None  # ... and alone: nothing else while it is in flight
+    src.commit(first, ok=True)
+    rest = read_all(src, 5, 2)
+    assert [f.part_id for f in rest] == ["a", "b"]
+    for f in rest:
+        src.commit(f, ok=True)
+
+    cv2.imwrite(str(inbox / "p.png"), make_part(seed=2))
+    for _ in range(2):  # p in flight during two crashes in a row
+        led = CrashLedger(state)
+        led.open()
+        led.handed_out("p.png")
+    src = FolderSource(cfg, state_dir=state)
+    src.open()
+    f = read_all(src, 5, 1)[0]
+    assert f.image is None and f.error_kind == "quarantined" and "died 2 times in a row" in (f.error or "")
+    src.commit(f, ok=False)
+    assert (inbox / "failed" / "p.png").exists() and CrashLedger(state).count("p.png") == 0
+
+
+def test_folder_gives_non_regular_entries_an_error_frame_and_never_follows_links(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    outside = tmp_path / "secret.png"
+    cv2.imwrite(str(outside), make_part(seed=1))
+    (inbox / "link.png").symlink_to(outside)
+    (inbox / "dir.png").mkdir()
+    os.mkfifo(inbox / "fifo.png")
+    src = FolderSource(FolderSourceConfig(type="folder", path=inbox, settle_s=0.0, poll_interval_s=0.01))
+    src.open()
+    frames = {f.part_id: f for f in read_all(src, 5, 3)}
+    assert "is a symbolic link" in (frames["link"].error or "") and frames["link"].image is None
+    assert "is a directory" in (frames["dir"].error or "")
+    assert "is a FIFO" in (frames["fifo"].error or "")
+    assert {f.error_kind for f in frames.values()} == {"not_a_file"}
+    for f in frames.values():
+        src.commit(f, ok=False)
+    assert (inbox / "failed" / "link.png").is_symlink() and outside.exists()
+    assert sorted(p.name for p in (inbox / "failed").iterdir()) == ["dir.png", "fifo.png", "link.png"]
