@@ -421,3 +421,19 @@ def test_a_part_whose_event_cannot_be_built_gets_an_error_event(tmp_path: Path, 
     assert e["verdict"] == "error" and "internal error" in e["error"] and "evidence writer exploded" in e["error"]
     assert (inbox / "failed" / "odd.png").exists()
     assert all(by_id(sub.results())[g]["verdict"] != "error" for g in GOOD[:6])
+
+
+def test_systemd_restarts_long_enough_for_the_quarantine() -> None:
+    """StartLimitBurst must leave room for the crashes a poison file causes before it is quarantined
+    (several poison files in a row, not only one), within StartLimitIntervalSec."""
+    from edge.config import FolderSourceConfig
+    from tests.deploy.test_systemd_unit import UNIT, parse_unit, values
+
+    unit = parse_unit(UNIT.read_text())
+    burst = int(values(unit, "Unit", "StartLimitBurst")[0])
+    interval = int(values(unit, "Unit", "StartLimitIntervalSec")[0])
+    restart = float(values(unit, "Service", "RestartSec")[0])
+    n = FolderSourceConfig.model_fields["quarantine_after_crashes"].default
+    poison_files = (burst - 1) // n
+    assert poison_files >= 3, f"StartLimitBurst={burst} covers only {poison_files} poison file(s) of {n} crashes"
+    assert burst * (restart + 10.0) < interval, "the burst must fit in the interval with ~10 s per start"
