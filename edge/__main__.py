@@ -37,8 +37,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+def escape_message(record: logging.LogRecord) -> bool:
+    """Log filter: one record = one line of valid text. A file name with a newline, a terminal
+    escape or bytes that are not UTF-8 must not forge log lines or break the encoder (edge.text)."""
+    from edge.text import escape
+
+    record.msg, record.args = escape(record.getMessage()), None
+    return True
+
+
 def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(escape_message)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

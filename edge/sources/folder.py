@@ -237,7 +237,7 @@ class FolderSource:
             self._vanished(name)
             return None
         except OSError as e:
-            return self._error_frame(name, time.time(), f"cannot read {shown}: {e}")
+            return self._error_frame(name, time.time(), f"cannot read {shown}: {safe_text(e)}")
         ts = st.st_mtime_ns / 1e9
         if not stat.S_ISREG(st.st_mode):
             return self._error_frame(name, ts, f"{shown} is {_file_kind(st.st_mode)}, not an image file; not read "
@@ -251,7 +251,7 @@ class FolderSource:
             self._vanished(name)
             return None
         except Exception as e:  # a decoder that raises (cv2.error, MemoryError, ...) still gives one error part
-            return self._error_frame(name, ts, f"cannot decode {shown}: {type(e).__name__}: {e}")
+            return self._error_frame(name, ts, f"cannot decode {shown}: {type(e).__name__}: {safe_text(e)}")
 
     def _decode(self, name: str, shown: str, ts: float) -> Frame:
         limit = self.cfg.max_pixels

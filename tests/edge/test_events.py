@@ -191,3 +191,23 @@ def test_region_count_and_truncation_are_reported_and_validated() -> None:
         validate_event({**cut, "part_id": "x" * 257})
     old = {k: v for k, v in cut.items() if k not in ("region_count", "regions_truncated")}
     validate_event(old)  # optional: events of earlier versions still validate
+
+
+def test_log_lines_carry_hostile_names_escaped_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from edge.__main__ import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        for fmt in ("text", "json"):
+            setup_logging(fmt)
+            logging.getLogger("edge.test").warning("cannot move %s", "bad\nname-\udcff\x1b.png")
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "\x1b" not in err, err
+            msg = json.loads(err)["msg"] if fmt == "json" else err
+            assert "cannot move bad\\nname-\\xff\\x1b.png" in msg, err
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
