@@ -393,8 +393,18 @@ def test_thousands_of_specks_give_a_bounded_event(tmp_path: Path, tiny_package: 
 def test_a_part_whose_event_cannot_be_built_gets_an_error_event(tmp_path: Path, tiny_package: Path, broker: Broker,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Something unforeseen raises while one part's event is built (here: saving its evidence). That
-    part gets an `error` event (internal) and goes to failed/; the thread and the other parts go on."""
-    save = EvidenceStore.save
+    part gets an `error` event (internal) and goes to failed/; the thread and the other parts go on.
+    When not even the error event can be built (`worst`), the file still goes to failed/, logged."""
+    import edge.flow
+
+    save, build = EvidenceStore.save, edge.flow.build_result_event
+
+    def failing_build(**kw: Any) -> Any:
+        if kw["part_id"] == "worst":
+            raise RuntimeError("event builder exploded")
+        return build(**kw)
+
+    monkeypatch.setattr(edge.flow, "build_result_event", failing_build)
 
     def failing_save(self: EvidenceStore, event_id: str, capture_ts: float, image: Any, *a: Any, **kw: Any) -> Any:
         if image is not None and image.shape == (97, 128):
@@ -405,6 +415,7 @@ def test_a_part_whose_event_cannot_be_built_gets_an_error_event(tmp_path: Path, 
     inbox = tmp_path / "in"
     inbox.mkdir()
     write_atomic(inbox, "odd.png", encode(".png", make_part((97, 128), defect=True, seed=1)), mtime=time.time() - 5)
+    write_atomic(inbox, "worst.png", part_png(2), mtime=time.time() - 5)
     write_good(inbox, GOOD[:6])
     data = station(tmp_path, tiny_package, broker, {"type": "folder", "path": str(inbox), "settle_s": 0.0,
                                                     "poll_interval_s": 0.05})
@@ -413,6 +424,7 @@ def test_a_part_whose_event_cannot_be_built_gets_an_error_event(tmp_path: Path, 
         with running(data) as pipe:
             assert pipe.flow is not None
             ok = sub.wait_parts({"odd", *GOOD[:6]}, 60)
+            ok = ok and sub.wait_for(lambda: (inbox / "failed" / "worst.png").exists(), 30)
             fatal = pipe.flow.fatal
     finally:
         sub.close()
@@ -421,6 +433,7 @@ def test_a_part_whose_event_cannot_be_built_gets_an_error_event(tmp_path: Path, 
     assert e["verdict"] == "error" and "internal error" in e["error"] and "evidence writer exploded" in e["error"]
     assert (inbox / "failed" / "odd.png").exists()
     assert all(by_id(sub.results())[g]["verdict"] != "error" for g in GOOD[:6])
+    assert "worst" not in by_id(sub.results())
 
 
 def test_systemd_restarts_long_enough_for_the_quarantine() -> None:
