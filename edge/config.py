@@ -193,6 +193,12 @@ class MqttConfig(_Model):
     max_inflight: int = Field(default=20, ge=1, le=65535, description="QoS 1 messages awaiting acknowledgement.")
     reconnect_min_s: float = Field(default=1.0, gt=0, le=600, description="First reconnect delay.")
     reconnect_max_s: float = Field(default=60.0, gt=0, le=3600, description="Upper bound of the reconnect delay.")
+    # -- delivery promise (issue 14, broker side) --
+    no_subscribers: Literal["retry", "deliver"] = Field(
+        default="retry", description="MQTT 5 PUBACK 0x10 (no matching subscribers: the broker dropped the result). "
+        "retry: keep it in the outbox, retry with backoff, raise `no_subscribers` (nothing lost: with the shipped "
+        "broker config consumers hold persistent sessions, so 0x10 means no consumer session exists at all); "
+        "deliver: count it as delivered (benches without consumers).")
 
     @field_validator("protocol", mode="before")
     @classmethod
