@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge.redact import RedactingFilter
+
 EX_OK, EX_FAILURE, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
 log = logging.getLogger("edge")
@@ -43,6 +45,7 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())  # safety net: no camera password in any log line
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
