@@ -122,6 +122,16 @@ class ModelConfig(_Model):
     threads: int = Field(default=0, ge=0, le=256, description="Inference threads (0 = OpenVINO default).")
     hint: Literal["THROUGHPUT", "LATENCY"] = Field(default="THROUGHPUT", description="OpenVINO performance hint.")
     verify_hashes: bool = Field(default=True, description="Check the SHA-256 of every package file at load.")
+    public_key: Path | None = Field(default=None, description="Ed25519 public key (PEM). When set, a package loads "
+                                    "only with a valid package.json.sig made by the matching private key "
+                                    "(`python -m training export --sign KEY`); needs verify_hashes.")
+
+    @model_validator(mode="after")
+    def _signed_needs_hashes(self) -> ModelConfig:
+        if self.public_key is not None and not self.verify_hashes:
+            raise ValueError("verify_hashes: false would let files change under a signed package.json; "
+                             "keep it true when public_key is set")
+        return self
 
 
 class RulesConfig(_Model):

@@ -20,6 +20,7 @@ from edge.inference import Inferencer
 from edge.mqtt import MqttSettings
 from edge.package import PackageError
 from edge.rules import Rules
+from edge.signature import verify_package_signature
 from edge.sources.base import FrameChecks
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class LoadedModel:
 def load_model(cfg: Config) -> LoadedModel:
     """Compile the package; config rules override the package's calibrated values one by one."""
     m = cfg.model
+    if m.public_key is not None:  # before anything trusts package.json's hashes
+        verify_package_signature(m.path, m.public_key)
     inf = Inferencer(m.path, xml_name=m.file, device=m.device, num_requests=m.num_requests,
                      threads=m.threads or None, hint=m.hint, verify=m.verify_hashes)
     r, base = cfg.rules, inf.params
