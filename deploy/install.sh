@@ -328,16 +328,33 @@ REQUESTS=()
 remove_requests() { if [[ ${#REQUESTS[@]} -gt 0 ]]; then rm -f "${REQUESTS[@]}"; fi; }
 trap remove_requests EXIT
 
-# Have every running station load versions/<id> BEFORE `current` points at it: write
-# <state>/model-request.json, SIGHUP, then wait for <state>/loaded-model.json (edge/model_state.py)
-# to report that request. Returns 1 (after saying why) if any station failed or did not answer.
-confirm_stations() {  # target (versions/<id>)
-    local target=$1 req_id line name how state stations=() rc=0
+# Have every running station load versions/<id> BEFORE `current` points at it. If one refuses
+# or does not answer, the stations that did load it are asked to load the old target again
+# (`current` has not moved, so nothing else needs undoing). Returns 1 after saying why.
+confirm_stations() {  # target (versions/<id>) old-target (may be empty)
+    local target=$1 old=$2 line stations=() back=()
     mapfile -t stations < <(running_stations)
     if [[ ${#stations[@]} -eq 0 ]]; then
         say "no running station to confirm ${target#versions/} with; stations load it at their next start"
         return 0
     fi
+    ask_stations "$target" "${stations[@]}" && return 0
+    for line in "${stations[@]}"; do
+        if [[ " ${CONFIRMED[*]} " == *" ${line%%$'\t'*} "* ]]; then back+=("$line"); fi
+    done
+    if [[ -n $old && ${#back[@]} -gt 0 ]]; then
+        say "rolling back the stations that loaded ${target#versions/} to ${old#versions/}"
+        ask_stations "$old" "${back[@]}" || say "warning: rollback incomplete; restart those stations"
+    fi
+    return 1
+}
+
+# Write <state>/model-request.json, SIGHUP, then wait for <state>/loaded-model.json
+# (edge/model_state.py) to report that request. Sets CONFIRMED to the stations that loaded it.
+CONFIRMED=()
+ask_stations() {  # target station-line...
+    local target=$1 req_id line name how state stations=("${@:2}") rc=0
+    CONFIRMED=()
     req_id="install-$$-$(date +%s%N)"
     for line in "${stations[@]}"; do
         name=${line%%$'\t'*} how=${line#*$'\t'}
@@ -361,7 +378,7 @@ EOF
         name=${line%%$'\t'*}
         [[ -d $ROOT$STATE/$name ]] || continue
         "$PYTHON" - "$ROOT$STATE/$name/loaded-model.json" "$req_id" "${target##*-}" "$RELOAD_TIMEOUT" "$name" \
-            <<'EOF' || rc=1
+            <<'EOF' && CONFIRMED+=("$name") || rc=1
 import json, sys, time
 path, req_id, hash8, timeout, name = sys.argv[1:]
 deadline = time.monotonic() + float(timeout)
@@ -413,7 +430,7 @@ do_model() {
         say "model $id is already current"
         return 0
     fi
-    confirm_stations "versions/$id" \
+    confirm_stations "versions/$id" "$old" \
         || die "model $id not activated: \`current\` stays ${old:-unset}; stations keep the model they run"
     if [[ -n $old ]]; then switch_link previous "$old"; fi
     switch_link current "versions/$id"
@@ -426,7 +443,7 @@ do_rollback() {
     prev=$(readlink "$ROOT$MODELS/previous" 2>/dev/null) || die "no previous model to roll back to"
     cur=$(readlink "$ROOT$MODELS/current" 2>/dev/null) || die "no current model"
     [[ -d $ROOT$MODELS/$prev ]] || die "previous model $prev is missing from the store"
-    confirm_stations "$prev" || die "rollback to ${prev#versions/} not done: \`current\` stays ${cur#versions/}"
+    confirm_stations "$prev" "$cur" || die "rollback to ${prev#versions/} not done: \`current\` stays ${cur#versions/}"
     # current first: if interrupted between the two renames the station already runs the
     # rollback target, and `previous` still names it.
     switch_link current "$prev"

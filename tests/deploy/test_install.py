@@ -276,21 +276,40 @@ def test_model_becomes_current_only_after_the_daemon_loaded_it(tmp_path: Path, p
         sub.close()
 
 
-def test_a_station_that_does_not_answer_blocks_the_switch(tmp_path: Path, packages: tuple[Path, Path]) -> None:
+def test_a_station_that_does_not_answer_blocks_the_switch(tmp_path: Path, packages: tuple[Path, Path],
+                                                          broker: Broker) -> None:
+    """Two stations: s1 (a real daemon) loads the new model, s2 never answers. `current` stays, and
+    s1 is asked to load the old model again, so the line does not run two models."""
     root = tmp_path / "root"
     install(root, "--no-venv")
     install(root, "--model", str(packages[0]))
-    (root / "var/lib/edge-inspect/s1").mkdir(parents=True)
+    store, s1, s2 = root / MODELS, root / "var/lib/edge-inspect/s1", root / "var/lib/edge-inspect/s2"
+    s1.mkdir(parents=True)
+    s2.mkdir(parents=True)
+    sub = Subscriber(broker, [f"{BASE}/result"])
+    data = station_config(tmp_path, store / "current", broker, {"type": "synthetic", "count": 100_000, "fps": 10,
+                                                               "stop_at_end": False},
+                          state_dir=str(s1), evidence={"enabled": False})
+    d = Daemon(write_config(tmp_path / "s1.yaml", data), tmp_path / "daemon.log")
     deaf = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_IGN);"
                              " time.sleep(120)"])
     try:
+        wait_results(sub, 2, 60)
         before = snapshot(root)
-        r = install(root, "--model", str(packages[1]), "--station-pid", f"s1={deaf.pid}", "--reload-timeout", "2",
-                    check=False)
+        r = install(root, "--model", str(packages[1]), "--station-pid", f"s1={d.proc.pid}",
+                    "--station-pid", f"s2={deaf.pid}", "--reload-timeout", "5", check=False)
+        assert r.returncode != 0 and "station s2 did not report within 5 s" in r.stderr, r.stdout + r.stderr
+        assert "station s1 loaded tiny-dark-spot 2.0.0" in r.stdout
+        assert "rolling back" in r.stdout and "station s1 loaded tiny-dark-spot 1.0.0" in r.stdout, r.stdout
+        assert json.loads((s1 / "loaded-model.json").read_text())["version"] == "1.0.0"
+        n = len(results(sub))
+        wait_results(sub, n + 3)
+        assert results(sub)[-1]["model"]["version"] == "1.0.0"
     finally:
         deaf.kill()
         deaf.wait()
-    assert r.returncode != 0 and "did not report within 2 s" in r.stderr
+        d.kill()
+        sub.close()
     after = snapshot(root)
-    assert after.pop(f"{MODELS}/current") == before.pop(f"{MODELS}/current")
-    assert {k for k in after if "model-request" in k} == set(), "request left behind"
+    assert after[f"{MODELS}/current"] == before[f"{MODELS}/current"]
+    assert not any("model-request" in k for k in after), "request left behind"
