@@ -78,10 +78,13 @@ def environment_warnings(cfg: Any) -> list[str]:
     """What would stop `run` on this machine; warnings only, since configs are often checked elsewhere."""
     from edge.config import ConfigError, resolve_password
     from edge.package import PackageError, read_package
+    from edge.signature import verify_package_signature
 
     out = []
     try:
         read_package(cfg.model.path, verify_hashes=False)
+        if cfg.model.public_key is not None:
+            verify_package_signature(cfg.model.path, cfg.model.public_key)
     except PackageError as e:
         out.append(f"model.path: {e}")
     path = getattr(cfg.source, "path", None)

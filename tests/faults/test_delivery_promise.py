@@ -27,6 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge.mqtt import MqttSettings, MqttSink
+from edge.outbox import Outbox
 from tests.broker import MOSQUITTO, MOSQUITTO_PASSWD, Broker, Subscriber, free_port
 from tests.daemon_proc import Daemon, alarms, station, wait_results, write_config
 from tests.deploy.test_mqtt_tls import _ca, _leaf, _listening, _wait
@@ -254,3 +256,32 @@ def test_mqtt_311_warns_loudly_at_start(tmp_path: Path, tiny_package: Path, brok
         sub.close()
     errors = [line for line in d.text().splitlines() if "ERROR" in line and "3.1.1" in line]
     assert len(errors) == 1, d.text()
+
+
+@pytest.mark.parametrize("mode", ["retry", "deliver"])
+def test_puback_0x10_follows_the_config_choice(mode: str, tmp_path: Path, broker: Broker) -> None:
+    """The sink alone against a real broker with nobody subscribed: 0x10 is kept (retry) or acked (deliver)."""
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    raised: list[tuple[str, bool, str]] = []
+    sink = MqttSink(MqttSettings(host=broker.host, port=broker.port, client_id=f"t-{mode}", reconnect_min=0.1,
+                                 reconnect_max=0.3, no_subscribers=mode), outbox, BASE, {},
+                    on_alarm=lambda *a: raised.append(a))
+    sink.start()
+    try:
+        outbox.add("ev-1", f"{BASE}/result", b'{"event_id": "ev-1"}')
+        sink.notify_new()
+        assert _wait(lambda: sink.counters()["no_subscribers"] >= (2 if mode == "retry" else 1), 15)
+        if mode == "retry":
+            assert outbox.count() == 1 and ("no_subscribers", True) in [(n, a) for n, a, _ in raised]
+            sub = Subscriber(broker, [f"{BASE}/result"])
+            try:
+                assert _wait(lambda: outbox.count() == 0, 15)
+                assert sub.wait_for(lambda ms: len(ms) == 1, 5)
+            finally:
+                sub.close()
+            assert _wait(lambda: ("no_subscribers", False) in [(n, a) for n, a, _ in raised], 5)
+        else:
+            assert _wait(lambda: outbox.count() == 0, 5) and not raised
+    finally:
+        sink.stop(drain_timeout=0)
+        outbox.close()
