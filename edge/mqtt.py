@@ -416,8 +416,10 @@ class MqttSink:
         s = self.settings
         delay = min(s.reconnect_max, max(1.0, s.reconnect_min) * 2 ** min(attempts - 1, 10))
         retry[seq] = time.monotonic() + delay
-        log.warning("broker did not deliver event seq %d (%s); kept in the outbox, retry in %.1fs", seq, reason, delay)
         held = self._held[alarm]
+        # Loud once per episode (the alarm says the rest); every retry would flood the journal.
+        log.log(logging.DEBUG if held else logging.WARNING,
+                "broker did not deliver event seq %d (%s); kept in the outbox, retry in %.1fs", seq, reason, delay)
         if not held:
             what = "no consumer session subscribes to" if alarm == NO_SUBSCRIBERS else "broker rejected publish to"
             self._alarm(alarm, True, f"{what} {self.topic_result}: {reason}; events kept in the outbox")
