@@ -16,6 +16,10 @@ MASK = "***"
 # scheme://userinfo@ - the userinfo is greedy up to the last '@' before the path, so an
 # unescaped '@' inside a password (common in hand-written camera URIs) is masked too.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#@]*(?:@[^\s/?#@]*)*)@")
+# Cameras also take the password as a query parameter (video.cgi?user=admin&password=...) and
+# GStreamer's rtspsrc as a property (user-pw=...).
+_PARAM = re.compile(r"(?P<key>(?:^|(?<=[?&;\s]))(?:password|passwd|pass|pwd|user-pw|user_pw)=)[^&\s!]+",
+                    re.IGNORECASE)
 
 
 def _mask(m: re.Match[str]) -> str:
@@ -25,8 +29,11 @@ def _mask(m: re.Match[str]) -> str:
 
 
 def redact_uri(text: str) -> str:
-    """`rtsp://admin:secret@10.0.0.5/s` -> `rtsp://admin:***@10.0.0.5/s`; a lone user/token -> `***@`."""
-    return _USERINFO.sub(_mask, text) if "://" in text else text
+    """`rtsp://admin:secret@10.0.0.5/s` -> `rtsp://admin:***@10.0.0.5/s`; a lone user/token -> `***@`;
+    `...?password=secret` and rtspsrc `user-pw=secret` -> `password=***`, `user-pw=***`."""
+    if "://" in text:
+        text = _USERINFO.sub(_mask, text)
+    return _PARAM.sub(lambda m: m.group("key") + MASK, text) if "=" in text else text
 
 
 class RedactingFilter(logging.Filter):

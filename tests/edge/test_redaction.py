@@ -23,7 +23,12 @@ def test_redact_uri_masks_userinfo_only() -> None:
     assert redact_uri("camera:rtsp://admin:secret@10.0.0.5/stream") == "camera:rtsp://admin:***@10.0.0.5/stream"
     assert redact_uri("rtsp://admin:p@ss@10.0.0.5:554/s") == "rtsp://admin:***@10.0.0.5:554/s"  # unescaped '@'
     assert redact_uri("open 'rtsp://tokenonly@cam/s' failed") == "open 'rtsp://***@cam/s' failed"
-    for untouched in ("rtsp://10.0.0.5/stream", "http://host/a@b", "camera:0", "/dev/video0", "user@host"):
+    assert redact_uri("http://cam/video.cgi?user=admin&password=secret&res=1") == \
+        "http://cam/video.cgi?user=admin&password=***&res=1"
+    assert redact_uri("rtspsrc location=rtsp://cam/s user-id=admin user-pw=secret ! appsink") == \
+        "rtspsrc location=rtsp://cam/s user-id=admin user-pw=*** ! appsink"
+    for untouched in ("rtsp://10.0.0.5/stream", "http://host/a@b", "camera:0", "/dev/video0", "user@host",
+                      "max_pixels=1000", "bypass=1"):
         assert redact_uri(untouched) == untouched
 
 
