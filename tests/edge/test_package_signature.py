@@ -183,3 +183,21 @@ def test_symlink_out_of_the_package_is_refused_by_the_daemon(tmp_path: Path, tin
     d = Daemon(write_config(tmp_path / "station.yaml", data), tmp_path / "daemon.log")
     assert d.wait(120) == EX_CONFIG, d.text()
     assert "outside the package" in d.text()
+
+
+def test_training_export_sign(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """`python -m training export --sign KEY` writes a signature the station accepts (needs torch)."""
+    pytest.importorskip("torch")
+    from tests.training.test_export import make_checkpoint, make_dataset
+    from training import export as ex
+
+    data = make_dataset(tmp_path / "data", n=8)
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt")  # untrained: only the packaging matters here
+    out = tmp_path / "model"
+    assert ex.main(["--checkpoint", str(ckpt), "--out", str(out), "--calib-data", str(data), "--precision", "fp32",
+                    "--sign", str(keys["key"])]) == 0
+    verify_package_signature(out, keys["pub"])
+    read_package(out)
+    assert ex.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "nokey"), "--calib-data", str(data),
+                    "--precision", "fp32", "--sign", str(tmp_path / "missing.key")]) == 2
+    assert not (tmp_path / "nokey").exists(), "a failed signature must not leave a package behind"
