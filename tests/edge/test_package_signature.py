@@ -201,3 +201,11 @@ def test_training_export_sign(tmp_path: Path, keys: dict[str, Path]) -> None:
     assert ex.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "nokey"), "--calib-data", str(data),
                     "--precision", "fp32", "--sign", str(tmp_path / "missing.key")]) == 2
     assert not (tmp_path / "nokey").exists(), "a failed signature must not leave a package behind"
+
+
+def test_check_config_warns_about_an_unsigned_package(tmp_path: Path, tiny_package: Path,
+                                                      keys: dict[str, Path]) -> None:
+    data = station(tmp_path, tiny_package, None, {"type": "synthetic", "count": 1},
+                   model={"public_key": str(keys["pub"])})
+    r = edge_cli("check-config", str(write_config(tmp_path / "s.yaml", data)))
+    assert r.returncode == 0 and "package.json.sig: missing" in r.stderr, r.stderr
