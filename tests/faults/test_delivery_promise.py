@@ -285,3 +285,20 @@ def test_puback_0x10_follows_the_config_choice(mode: str, tmp_path: Path, broker
     finally:
         sink.stop(drain_timeout=0)
         outbox.close()
+
+
+def test_queue_overflow_is_visible_to_monitoring(tmp_path: Path) -> None:
+    """What docs/deploy.md says to alarm on when a consumer's queue overflows: Mosquitto drops silently
+    for the publisher, but logs it and counts it in $SYS/broker/publish/messages/dropped."""
+    b = Broker(tmp_path / "broker", persistence=True, extra=("max_queued_messages 5", "sys_interval 1")).start()
+    try:
+        away = Subscriber(b, [f"{BASE}/result"], client_id="mes-away", session_expiry=3600)
+        away.close()  # offline with a persistent session: the broker queues for it, up to 5
+        pub = Subscriber(b, ["$SYS/broker/publish/messages/dropped"])
+        for i in range(20):
+            pub.publish(f"{BASE}/result", json.dumps({"i": i}))  # every PUBACK is a success
+        assert pub.wait_for(lambda ms: any(int(m.payload) >= 10 for m in ms), 15), pub.messages
+        pub.close()
+        assert "Outgoing messages are being dropped for client mes-away" in b.log_text()
+    finally:
+        b.kill()
