@@ -2,7 +2,7 @@
 # Install, update or remove the edge inspection daemon on a line PC. Safe to run again.
 #
 #   sudo deploy/install.sh --station station3              # install/update + config for station3
-#   sudo deploy/install.sh --model /media/usb/pkg-1.4.0    # copy + activate a model package
+#   sudo deploy/install.sh --model /media/usb/pkg-1.4.0    # copy, have running stations load it, then activate
 #   sudo deploy/install.sh --rollback                      # back to the previous model
 #   sudo deploy/install.sh --uninstall [--purge]           # remove (keeps config + state unless --purge)
 #
@@ -26,13 +26,17 @@ PYTHON=python3
 MODEL_SRC=
 CONFIG_TEMPLATE=
 STATIONS=()
+STATION_PIDS=()               # NAME=PID: stations not run by systemd that must confirm a model switch
+RELOAD_TIMEOUT=120
 
 usage() {
     cat <<'EOF'
 Usage: install.sh [options]
   (no action)            install or update: user, directories, venv, unit, configs
-  --model DIR            copy the model package DIR into the store and make it `current`
-  --rollback             make the previous model `current` again (a second rollback undoes it)
+  --model DIR            copy the model package DIR into the store; every running station loads
+                         it (SIGHUP) and only when all confirm does it become `current`
+  --rollback             make the previous model `current` again, confirmed the same way
+                         (a second rollback undoes it)
   --uninstall            remove the unit and /opt/edge-inspect; keeps /etc/edge-inspect and
                          /var/lib/edge-inspect (configs, outboxes, evidence, models)
   --purge                with --uninstall: also remove configs, state, models and the user
@@ -45,6 +49,9 @@ Usage: install.sh [options]
   --wheel-dir DIR        offline install: pip --no-index --find-links DIR
   --python PY            interpreter for the venv (default python3, needs >= 3.10)
   --config-template F    station config template (default configs/edge/example.yaml)
+  --station-pid NAME=PID with --model/--rollback: also confirm with this station daemon, which is
+                         not run by systemd (SIGHUP to PID; state in /var/lib/edge-inspect/NAME)
+  --reload-timeout S     seconds to wait for each station to report the load (default 120)
   -h, --help             this text
 EOF
 }
@@ -58,6 +65,10 @@ while [[ $# -gt 0 ]]; do
         --rollback) ACTION=rollback ;;
         --uninstall) ACTION=uninstall ;;
         --purge) PURGE=1 ;;
+        --station-pid) [[ $# -ge 2 && $2 =~ ^[^=]+=[0-9]+$ ]] || die "--station-pid needs NAME=PID"
+            STATION_PIDS+=("$2"); shift ;;
+        --reload-timeout) [[ $# -ge 2 && $2 =~ ^[0-9]+$ ]] || die "--reload-timeout needs seconds"
+            RELOAD_TIMEOUT=$2; shift ;;
         --station) [[ $# -ge 2 ]] || die "--station needs a name"; STATIONS+=("$2"); shift ;;
         --prefix) [[ $# -ge 2 ]] || die "--prefix needs a folder"; ROOT=$2; shift ;;
         --no-systemd) SYSTEMD=0 ;;
@@ -82,6 +93,8 @@ else
 fi
 [[ $PURGE -eq 0 || $ACTION == uninstall ]] || die "--purge only goes with --uninstall"
 [[ ${#STATIONS[@]} -eq 0 || $ACTION == install ]] || die "--station goes with an install, not with --$ACTION"
+[[ ${#STATION_PIDS[@]} -eq 0 || $ACTION == model || $ACTION == rollback ]] \
+    || die "--station-pid goes with --model or --rollback"
 for s in "${STATIONS[@]}"; do
     [[ $s =~ $STATION_RE ]] || die "station name '$s': use letters, digits, '-' and '_' (max 64)"
     [[ $s != models ]] || die "station name 'models' is reserved for the model store"
@@ -273,6 +286,10 @@ if "model.xml" not in files or "model.bin" not in files:
     sys.exit(f"{root}/package.json: 'files' must list model.xml and model.bin")
 for rel, expected in files.items():
     path = root / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        sys.exit(f"{root}/package.json: file name {rel!r} must be a relative path inside the package")
+    if not str(path.resolve()).startswith(str(root.resolve()) + "/"):
+        sys.exit(f"{path}: resolves outside the package (a symlink must not leave the package)")
     if not path.is_file():
         sys.exit(f"{path}: listed in package.json but missing")
     h = hashlib.sha256()
@@ -295,18 +312,93 @@ switch_link() {  # link target
     mv -Tf "$tmp" "$ROOT$MODELS/$1"
 }
 
-# SIGHUP (systemctl reload) makes running stations re-read their config and load `current`.
-reload_stations() {
-    if [[ $SYSTEMD -eq 0 ]]; then
-        say "not reloading stations (no systemd); running daemons pick the model up on SIGHUP or restart"
-        return 0
-    fi
-    local unit
+# Running stations as "NAME<TAB>unit:<unit>" or "NAME<TAB>pid:<pid>".
+running_stations() {
+    local spec unit name
+    for spec in "${STATION_PIDS[@]}"; do printf '%s\tpid:%s\n' "${spec%%=*}" "${spec#*=}"; done
+    [[ $SYSTEMD -eq 1 ]] || return 0
     while read -r unit _; do
         [[ -n $unit ]] || continue
-        say "reloading $unit"
-        systemctl reload "$unit" || say "warning: reload of $unit failed; see journalctl -u $unit"
+        name=${unit#edge-inspect@}
+        printf '%s\tunit:%s\n' "${name%.service}" "$unit"
     done < <(systemctl list-units --type=service --state=active --plain --no-legend 'edge-inspect@*.service')
+}
+
+REQUESTS=()
+remove_requests() { if [[ ${#REQUESTS[@]} -gt 0 ]]; then rm -f "${REQUESTS[@]}"; fi; }
+trap remove_requests EXIT
+
+# Have every running station load versions/<id> BEFORE `current` points at it. If one refuses
+# or does not answer, the stations that did load it are asked to load the old target again
+# (`current` has not moved, so nothing else needs undoing). Returns 1 after saying why.
+confirm_stations() {  # target (versions/<id>) old-target (may be empty)
+    local target=$1 old=$2 line stations=() back=()
+    mapfile -t stations < <(running_stations)
+    if [[ ${#stations[@]} -eq 0 ]]; then
+        say "no running station to confirm ${target#versions/} with; stations load it at their next start"
+        return 0
+    fi
+    ask_stations "$target" "${stations[@]}" && return 0
+    for line in "${stations[@]}"; do
+        if [[ " ${CONFIRMED[*]} " == *" ${line%%$'\t'*} "* ]]; then back+=("$line"); fi
+    done
+    if [[ -n $old && ${#back[@]} -gt 0 ]]; then
+        say "rolling back the stations that loaded ${target#versions/} to ${old#versions/}"
+        ask_stations "$old" "${back[@]}" || say "warning: rollback incomplete; restart those stations"
+    fi
+    return 1
+}
+
+# Write <state>/model-request.json, SIGHUP, then wait for <state>/loaded-model.json
+# (edge/model_state.py) to report that request. Sets CONFIRMED to the stations that loaded it.
+CONFIRMED=()
+ask_stations() {  # target station-line...
+    local target=$1 req_id line name how state stations=("${@:2}") rc=0
+    CONFIRMED=()
+    req_id="install-$$-$(date +%s%N)"
+    for line in "${stations[@]}"; do
+        name=${line%%$'\t'*} how=${line#*$'\t'}
+        state=$ROOT$STATE/$name
+        [[ -d $state ]] || { say "error: station $name: no state dir $state"; rc=1; continue; }
+        REQUESTS+=("$state/model-request.json")
+        "$PYTHON" - "$state/model-request.json" "$req_id" "$ROOT$MODELS/$target" <<'EOF'
+import json, os, sys
+out, req_id, path = sys.argv[1:]
+with open(out + ".tmp", "w") as f:
+    json.dump({"id": req_id, "path": path}, f)
+os.replace(out + ".tmp", out)
+EOF
+        say "asking $name to load ${target#versions/}"
+        case $how in
+            unit:*) systemctl reload "${how#unit:}" || { say "error: reload of ${how#unit:} failed"; rc=1; } ;;
+            pid:*) kill -HUP "${how#pid:}" || { say "error: station $name: no process ${how#pid:}"; rc=1; } ;;
+        esac
+    done
+    for line in "${stations[@]}"; do
+        name=${line%%$'\t'*}
+        [[ -d $ROOT$STATE/$name ]] || continue
+        "$PYTHON" - "$ROOT$STATE/$name/loaded-model.json" "$req_id" "${target##*-}" "$RELOAD_TIMEOUT" "$name" \
+            <<'EOF' && CONFIRMED+=("$name") || rc=1
+import json, sys, time
+path, req_id, hash8, timeout, name = sys.argv[1:]
+deadline = time.monotonic() + float(timeout)
+while time.monotonic() < deadline:
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        state = {}
+    if state.get("request") == req_id:
+        if state.get("ok") and str(state.get("sha256") or "").startswith(hash8):
+            print(f"install.sh: station {name} loaded {state.get('name')} {state.get('version')}")
+            sys.exit(0)
+        sys.exit(f"install.sh: error: station {name} did not load the model: {state.get('error')}")
+    time.sleep(0.2)
+sys.exit(f"install.sh: error: station {name} did not report within {timeout} s ({path})")
+EOF
+    done
+    remove_requests
+    return $rc
 }
 
 do_model() {
@@ -338,10 +430,11 @@ do_model() {
         say "model $id is already current"
         return 0
     fi
+    confirm_stations "versions/$id" "$old" \
+        || die "model $id not activated: \`current\` stays ${old:-unset}; stations keep the model they run"
     if [[ -n $old ]]; then switch_link previous "$old"; fi
     switch_link current "versions/$id"
     say "current model: $id${old:+ (previous: ${old#versions/})}"
-    reload_stations
 }
 
 do_rollback() {
@@ -350,12 +443,12 @@ do_rollback() {
     prev=$(readlink "$ROOT$MODELS/previous" 2>/dev/null) || die "no previous model to roll back to"
     cur=$(readlink "$ROOT$MODELS/current" 2>/dev/null) || die "no current model"
     [[ -d $ROOT$MODELS/$prev ]] || die "previous model $prev is missing from the store"
+    confirm_stations "$prev" "$cur" || die "rollback to ${prev#versions/} not done: \`current\` stays ${cur#versions/}"
     # current first: if interrupted between the two renames the station already runs the
     # rollback target, and `previous` still names it.
     switch_link current "$prev"
     switch_link previous "$cur"
     say "current model: ${prev#versions/} (rolled back from ${cur#versions/})"
-    reload_stations
 }
 
 # --- uninstall ----------------------------------------------------------------------------

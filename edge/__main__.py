@@ -3,6 +3,8 @@
     python -m edge run --config station.yaml          the daemon (systemd Type=notify)
     python -m edge check-config station.yaml          exit 0 if valid, 78 (EX_CONFIG) with the field and line
     python -m edge inspect --model PKG img.png ...    inspect files once, print verdicts, write overlays
+    python -m edge keygen --out DIR                   Ed25519 key pair for signing model packages
+    python -m edge sign --key KEY PKG                 (re)sign a package (what `training export --sign` does)
 
 Exit codes: 0 ok, 1 runtime failure (or an image that could not be inspected), 2 usage,
 78 bad config or bad model package. Heavy modules (OpenVINO) load only for the commands
@@ -20,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from edge.redact import RedactingFilter
 
 EX_OK, EX_FAILURE, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
@@ -53,6 +57,7 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())  # safety net: no camera password in any log line
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -83,10 +88,13 @@ def environment_warnings(cfg: Any) -> list[str]:
     """What would stop `run` on this machine; warnings only, since configs are often checked elsewhere."""
     from edge.config import ConfigError, resolve_password
     from edge.package import PackageError, read_package
+    from edge.signature import verify_package_signature
 
     out = []
     try:
         read_package(cfg.model.path, verify_hashes=False)
+        if cfg.model.public_key is not None:
+            verify_package_signature(cfg.model.path, cfg.model.public_key)
     except PackageError as e:
         out.append(f"model.path: {e}")
     path = getattr(cfg.source, "path", None)
@@ -204,6 +212,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EX_FAILURE if errors else EX_OK
 
 
+# -- model signing -------------------------------------------------------------------------------------
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from edge.package import PackageError
+    from edge.signature import generate_keypair
+
+    try:
+        priv, pub = generate_keypair(args.out, args.name)
+    except (PackageError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EX_FAILURE
+    print(f"private key: {priv} (mode 0600: keep it off the line PCs, e.g. on the build machine)")
+    print(f"public key:  {pub} (copy to each station and set model.public_key)")
+    return EX_OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from edge.package import PackageError, read_package
+    from edge.signature import sign_package
+
+    try:
+        read_package(args.package)  # sign only what verifies: the signature vouches for these hashes
+        print(f"signed: {sign_package(args.package, args.key)}")
+    except (PackageError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EX_CONFIG
+    return EX_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge", description="Edge defect inspection runtime.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -225,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--max-defects", type=int, default=0, help="regions allowed before a part fails")
     i.add_argument("images", nargs="+")
     i.set_defaults(fn=cmd_inspect)
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing model packages")
+    k.add_argument("--out", required=True, help="folder for <name>.key (private, 0600) and <name>.pub")
+    k.add_argument("--name", default="model-signing", help="file name stem (default model-signing)")
+    k.set_defaults(fn=cmd_keygen)
+    g = sub.add_parser("sign", help="write PKG/package.json.sig with an Ed25519 private key (PEM)")
+    g.add_argument("--key", required=True, help="private key made by `python -m edge keygen`")
+    g.add_argument("package", help="model package folder (verified before it is signed)")
+    g.set_defaults(fn=cmd_sign)
     return p
 
 

@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge.redact import redact_uri
+
 log = logging.getLogger(__name__)
 
 CONSECUTIVE_FAILS = "consecutive_fails"
@@ -120,6 +122,7 @@ class AlarmTracker:
     def _set(self, changes: list[tuple[str, bool, str]], name: str, active: bool, message: str) -> None:
         if active == (name in self._active):
             return  # latch: only transitions are reported
+        message = redact_uri(message)  # alarm texts reach logs, MQTT, stats and health
         if active:
             self._active[name] = message
         else:

@@ -135,6 +135,16 @@ class ModelConfig(_Model):
     threads: int = Field(default=0, ge=0, le=256, description="Inference threads (0 = OpenVINO default).")
     hint: Literal["THROUGHPUT", "LATENCY"] = Field(default="THROUGHPUT", description="OpenVINO performance hint.")
     verify_hashes: bool = Field(default=True, description="Check the SHA-256 of every package file at load.")
+    public_key: Path | None = Field(default=None, description="Ed25519 public key (PEM). When set, a package loads "
+                                    "only with a valid package.json.sig made by the matching private key "
+                                    "(`python -m training export --sign KEY`); needs verify_hashes.")
+
+    @model_validator(mode="after")
+    def _signed_needs_hashes(self) -> ModelConfig:
+        if self.public_key is not None and not self.verify_hashes:
+            raise ValueError("verify_hashes: false would let files change under a signed package.json; "
+                             "keep it true when public_key is set")
+        return self
 
 
 class RulesConfig(_Model):
@@ -209,6 +219,12 @@ class MqttConfig(_Model):
     max_inflight: int = Field(default=20, ge=1, le=65535, description="QoS 1 messages awaiting acknowledgement.")
     reconnect_min_s: float = Field(default=1.0, gt=0, le=600, description="First reconnect delay.")
     reconnect_max_s: float = Field(default=60.0, gt=0, le=3600, description="Upper bound of the reconnect delay.")
+    # -- delivery promise (issue 14, broker side) --
+    no_subscribers: Literal["retry", "deliver"] = Field(
+        default="retry", description="MQTT 5 PUBACK 0x10 (no matching subscribers: the broker dropped the result). "
+        "retry: keep it in the outbox, retry with backoff, raise `no_subscribers` (nothing lost: with the shipped "
+        "broker config consumers hold persistent sessions, so 0x10 means no consumer session exists at all); "
+        "deliver: count it as delivered (benches without consumers).")
 
     @field_validator("protocol", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from edge import __version__
+from edge import __version__, model_state
 from edge.alarms import AlarmSettings, AlarmTracker
 from edge.config import Config, ConfigError, load_config
 from edge.evidence import EvidenceStore
@@ -58,6 +58,7 @@ class Pipeline:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.notifier.status("loading model")
         self.model = load_model(cfg)  # PackageError -> exit 78 before touching the camera
+        model_state.record(cfg.state_dir, None, path=cfg.model.path, info=self.model.info)
         log.info("model %s %s (%s) from %s, rules %s", self.model.info["name"], self.model.info["version"],
                  self.model.info["precision"], cfg.model.path, self.model.rules_dict)
         self.metrics.model.info({k: str(v) for k, v in self.model.info.items()})
@@ -183,8 +184,9 @@ class Pipeline:
     def _reload(self) -> None:
         """Build the new model first; swap only on success, so a bad package never stops the line."""
         self.notifier.reloading()
+        request = model_state.pending(self.cfg.state_dir)  # install.sh: try this package, `current` not yet switched
         try:
-            new_cfg = load_config(self.config_path) if self.config_path else self.cfg
+            new_cfg = model_state.apply(load_config(self.config_path) if self.config_path else self.cfg, request)
             for section in ("station", "source", "mqtt", "state_dir", "outbox", "metrics", "pipeline", "evidence",
                             "alarms", "logging"):
                 if getattr(new_cfg, section) != getattr(self.cfg, section):
@@ -192,10 +194,12 @@ class Pipeline:
             new_model = load_model(new_cfg)
         except (ConfigError, PackageError, OSError, RuntimeError) as e:
             self.metrics.reloads.labels("failed").inc()
+            model_state.record(self.cfg.state_dir, request, error=str(e))
             self.alarms.set(MODEL_RELOAD, True, f"reload failed, still running {self.model.info['version']}: {e}")
             self.notifier.ready(f"reload failed: {str(e).splitlines()[0]}")
             return
         old, self.model = self.model, new_model
+        model_state.record(self.cfg.state_dir, request, path=new_cfg.model.path, info=new_model.info)
         self.cfg = self.cfg.model_copy(update={"model": new_cfg.model, "rules": new_cfg.rules, "roi": new_cfg.roi,
                                                "frame_checks": new_cfg.frame_checks})
         self.checks = frame_checks(self.cfg)

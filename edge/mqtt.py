@@ -8,7 +8,11 @@ Design (why it looks like this):
   sender's state: they enqueue events, and a single sender thread owns the mid -> seq map.
 - A PUBACK reason code >= 0x80 (MQTT 5, e.g. 0x87 not authorized by an ACL) is not a delivery:
   the row stays, is retried with backoff, and the `publish_rejected` alarm is raised. MQTT
-  3.1.1 cannot report this (brokers ack and drop), which is why MQTT 5 is the default.
+  3.1.1 cannot report this (brokers ack and drop), which is why MQTT 5 is the default; under
+  3.1.1 the sink logs an error once at start and raises `mqtt_unverified_acks`.
+- PUBACK 0x10 (no matching subscribers) is not a failure code, but the broker dropped the
+  result: nobody had a session subscribed to it. With `no_subscribers="retry"` (the default)
+  the row is treated like a rejection under the `no_subscribers` alarm; "deliver" acks it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from edge.outbox import Outbox, OutboxRow
 log = logging.getLogger(__name__)
 
 PUBLISH_REJECTED = "publish_rejected"
+NO_SUBSCRIBERS = "no_subscribers"
+MQTT_UNVERIFIED_ACKS = "mqtt_unverified_acks"
+_RC_NO_MATCHING_SUBSCRIBERS = 0x10
 _RESERVED_INFLIGHT = 2  # slots left for status/alarm messages under the broker's Receive Maximum
 
 
@@ -53,6 +60,7 @@ class MqttSettings:
     max_inflight: int = 20
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
+    no_subscribers: str = "retry"  # PUBACK 0x10: "retry" keeps the row, "deliver" acks it
 
     def validate(self) -> None:
         if self.protocol not in ("5", "3.1.1"):
@@ -65,6 +73,8 @@ class MqttSettings:
             raise ValueError("mqtt.tls_key needs mqtt.tls_cert")
         if self.password is not None and self.username is None:
             raise ValueError("mqtt.password needs mqtt.username")
+        if self.no_subscribers not in ("retry", "deliver"):
+            raise ValueError(f"mqtt.no_subscribers must be 'retry' or 'deliver', got {self.no_subscribers!r}")
 
     @property
     def tls(self) -> bool:
@@ -95,11 +105,12 @@ class MqttSink:
         self._v5 = settings.protocol == "5"
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._counters = {"published": 0, "acked": 0, "rejected": 0, "reconnects": 0, "inflight": 0}
+        self._counters = {"published": 0, "acked": 0, "rejected": 0, "no_subscribers": 0, "reconnects": 0,
+                          "inflight": 0}
         self._connected = False
         self._connects = 0
         self._window = settings.max_inflight
-        self._rejected_seqs: set[int] = set()
+        self._held: dict[str, set[int]] = {PUBLISH_REJECTED: set(), NO_SUBSCRIBERS: set()}  # alarm -> seqs kept
         self._ack_timeout = max(30.0, 2.0 * settings.keepalive)
         self._thread: threading.Thread | None = None
         self._started = False
@@ -148,6 +159,11 @@ class MqttSink:
         s = self.settings
         log.info("mqtt connecting to %s:%d (MQTT %s%s) as %r", s.host, s.port, s.protocol,
                  ", TLS" if s.tls else "", s.username)
+        if not self._v5:
+            msg = ("MQTT 3.1.1: a PUBACK cannot report an ACL denial or a missing subscriber; the broker acks and "
+                   "drops such results, so 'nothing lost' is not verified: use mqtt.protocol 5")
+            log.error(msg)
+            self._alarm(MQTT_UNVERIFIED_ACKS, True, msg)
         self._thread = threading.Thread(target=self._sender, name="mqtt-sender", daemon=True)
         self._thread.start()
         self._client.connect_async(s.host, s.port, keepalive=s.keepalive)
@@ -220,12 +236,12 @@ class MqttSink:
         if self._connected:
             self._client.publish(self.topic_status, self._status_bytes("online"), qos=1, retain=True)
 
-    def _alarm(self, active: bool, message: str) -> None:
+    def _alarm(self, name: str, active: bool, message: str) -> None:
         if self._on_alarm is None:
-            self.publish_alarm(PUBLISH_REJECTED, active, message)
+            self.publish_alarm(name, active, message)
             return
         try:
-            self._on_alarm(PUBLISH_REJECTED, active, message)
+            self._on_alarm(name, active, message)
         except Exception:
             log.exception("on_alarm callback failed")
 
@@ -263,7 +279,11 @@ class MqttSink:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
                     properties: Any) -> None:
-        self._events.put(("puback", mid, bool(reason_code.is_failure), f"{reason_code} (0x{reason_code.value:02X})"))
+        code = int(getattr(reason_code, "value", 0))
+        kind = "rejected" if reason_code.is_failure else "ok"
+        if code == _RC_NO_MATCHING_SUBSCRIBERS and self._v5:
+            kind = "no_subscribers"
+        self._events.put(("puback", mid, kind, f"{reason_code} (0x{code:02X})"))
 
     def _on_trigger_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self._on_trigger is None:
@@ -287,8 +307,15 @@ class MqttSink:
                     entry = inflight.pop(ev[1], None)
                     if entry is None:
                         continue  # from a connection we already gave up on; the row was resent
-                    if ev[2]:
-                        self._rejected(entry[0], ev[3], retry)
+                    if ev[2] == "no_subscribers":
+                        self._count("no_subscribers")
+                        if self.settings.no_subscribers == "deliver":
+                            acks.append(entry[0])
+                        else:
+                            self._hold(NO_SUBSCRIBERS, entry[0], ev[3], retry)
+                    elif ev[2] == "rejected":
+                        self._count("rejected")
+                        self._hold(PUBLISH_REJECTED, entry[0], ev[3], retry)
                     else:
                         acks.append(entry[0])
                 elif ev[0] in ("connected", "disconnected"):
@@ -375,24 +402,28 @@ class MqttSink:
     def _acked(self, seqs: list[int]) -> None:
         self.outbox.ack_many(seqs)
         self._count("acked", len(seqs))
-        if self._rejected_seqs:
-            had = bool(self._rejected_seqs)
-            self._rejected_seqs.difference_update(seqs)
-            if had and not self._rejected_seqs:
-                self._alarm(False, "previously rejected events were accepted by the broker")
+        for name, held in self._held.items():
+            if held:
+                held.difference_update(seqs)
+                if not held:
+                    self._alarm(name, False, "previously held events were delivered")
 
-    def _rejected(self, seq: int, reason: str, retry: dict[int, float]) -> None:
-        self._count("rejected")
+    def _hold(self, alarm: str, seq: int, reason: str, retry: dict[int, float]) -> None:
+        """Keep a PUBACKed-but-not-delivered row in the outbox and retry it with backoff."""
         self.outbox.mark_attempt(seq)
         row = self.outbox.get(seq)
         attempts = row.attempts if row else 1
         s = self.settings
         delay = min(s.reconnect_max, max(1.0, s.reconnect_min) * 2 ** min(attempts - 1, 10))
         retry[seq] = time.monotonic() + delay
-        log.warning("broker rejected event seq %d (%s); kept in the outbox, retry in %.1fs", seq, reason, delay)
-        if not self._rejected_seqs:
-            self._alarm(True, f"broker rejected publish to {self.topic_result}: {reason}; events kept in the outbox")
-        self._rejected_seqs.add(seq)
+        held = self._held[alarm]
+        # Loud once per episode (the alarm says the rest); every retry would flood the journal.
+        log.log(logging.DEBUG if held else logging.WARNING,
+                "broker did not deliver event seq %d (%s); kept in the outbox, retry in %.1fs", seq, reason, delay)
+        if not held:
+            what = "no consumer session subscribes to" if alarm == NO_SUBSCRIBERS else "broker rejected publish to"
+            self._alarm(alarm, True, f"{what} {self.topic_result}: {reason}; events kept in the outbox")
+        held.add(seq)
 
     def _set_inflight(self, n: int) -> None:
         with self._lock:

@@ -85,6 +85,21 @@ def parse_meta(data: dict[str, Any], where: str) -> PackageMeta:
     )
 
 
+def confined(root: Path, rel: str, meta_path: Path) -> Path:
+    """root/rel, refused unless it stays inside the package (no absolute path, '..' or symlink out)."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise PackageError(f"{meta_path}: file name {rel!r} in 'files' must be a relative path inside the package "
+                           "(no absolute path, no '..')")
+    path = root / rel
+    try:
+        path.resolve(strict=False).relative_to(root.resolve())
+    except (ValueError, OSError, RuntimeError):
+        raise PackageError(f"{path}: resolves to {path.resolve(strict=False)}, outside the package {root} "
+                           "(a symlink must not leave the package)") from None
+    return path
+
+
 def read_package(model_dir: str | Path, verify_hashes: bool = True) -> PackageMeta:
     """Load `package.json`, check every listed file exists, hashes match and the XML parses."""
     root = Path(model_dir)
@@ -93,6 +108,7 @@ def read_package(model_dir: str | Path, verify_hashes: bool = True) -> PackageMe
     meta_path = root / PACKAGE_JSON
     if not meta_path.is_file():
         raise PackageError(f"{meta_path}: missing (is {root} a model package made by 'training export'?)")
+    confined(root, PACKAGE_JSON, meta_path)
     try:
         data = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -101,7 +117,7 @@ def read_package(model_dir: str | Path, verify_hashes: bool = True) -> PackageMe
         raise PackageError(f"{meta_path}: expected a JSON object")
     meta = parse_meta(data, str(meta_path))
     for rel, expected in meta.files.items():
-        path = root / rel
+        path = confined(root, rel, meta_path)
         if not path.is_file():
             raise PackageError(f"{path}: listed in package.json but missing")
         if verify_hashes:

@@ -20,6 +20,7 @@ from edge.inference import Inferencer
 from edge.mqtt import MqttSettings
 from edge.package import PackageError
 from edge.rules import Rules
+from edge.signature import verify_package_signature
 from edge.sources.base import FrameChecks
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class LoadedModel:
 def load_model(cfg: Config) -> LoadedModel:
     """Compile the package; config rules override the package's calibrated values one by one."""
     m = cfg.model
+    if m.public_key is not None:  # before anything trusts package.json's hashes
+        verify_package_signature(m.path, m.public_key)
     inf = Inferencer(m.path, xml_name=m.file, device=m.device, num_requests=m.num_requests,
                      threads=m.threads or None, hint=m.hint, verify=m.verify_hashes)
     r, base = cfg.rules, inf.params
@@ -122,7 +125,8 @@ def mqtt_settings(cfg: Config) -> MqttSettings:
         host=m.host, port=m.port, client_id=m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}",
         username=m.username, password=resolve_password(m), protocol=m.protocol, keepalive=m.keepalive,
         tls_ca=_s(m.tls_ca), tls_cert=_s(m.tls_cert), tls_key=_s(m.tls_key), tls_insecure=m.tls_insecure,
-        max_inflight=m.max_inflight, reconnect_min=m.reconnect_min_s, reconnect_max=m.reconnect_max_s)
+        max_inflight=m.max_inflight, reconnect_min=m.reconnect_min_s, reconnect_max=m.reconnect_max_s,
+        no_subscribers=m.no_subscribers)
 
 
 def _s(path: Path | None) -> str | None:

@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 
+from edge.redact import redact_uri
+
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +42,7 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto("\n".join(lines).encode("utf-8"), self._address)
+            self._sock.sendto(redact_uri("\n".join(lines)).encode("utf-8"), self._address)
             return True
         except OSError as e:  # a notify failure must never take the station down
             log.debug("sd_notify failed: %s", e)

@@ -35,6 +35,7 @@ import torch
 from edge.contract import PackageMeta
 from edge.package import read_package, sha256_file, write_package_json
 from edge.preprocess import preprocess
+from edge.signature import sign_package
 from training import quantize as q
 from training.bench import median_latency_ms, ov_runner
 from training.checkpoint import CheckpointMeta, load_model
@@ -130,8 +131,9 @@ def _load_items(samples: list[Any], color: str) -> list[tuple[np.ndarray, np.nda
 def export(checkpoint: str | Path, out: str | Path, calib_data: str | Path | None, precision: str = "int8",
            val_data: str | Path | None = None, name: str | None = None, version: str | None = None,
            max_drop: float = 0.01, calib_size: int = 300, preset: str = "performance",
-           seed: int = 0) -> dict[str, Any]:
-    """Build the package at `out`; returns the report (also written to out/export_report.json)."""
+           seed: int = 0, sign_key: str | Path | None = None) -> dict[str, Any]:
+    """Build the package at `out`; returns the report (also written to out/export_report.json).
+    With `sign_key` (Ed25519 PEM) package.json.sig is written over the final package.json."""
     if precision not in ("int8", "fp16", "fp32"):
         raise ExportError(f"--precision must be int8, fp16 or fp32, got {precision!r}")
     out = Path(out)
@@ -175,6 +177,8 @@ def export(checkpoint: str | Path, out: str | Path, calib_data: str | Path | Non
         report["validation"] = {"source": val_source, "images": len(items)}
         (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_meta(staging, meta, name, version, created, report["precision"], report["metrics"])
+        if sign_key is not None:  # inside the staging dir: a signed package appears whole or not at all
+            sign_package(staging, sign_key)
         _verify(staging)  # before the swap: a package that fails here never replaces a good one
         _replace_dir(staging, out)
     finally:
@@ -334,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-size", type=int, default=300, help="number of calibration tiles")
     p.add_argument("--preset", default="performance", choices=("performance", "mixed"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM, `python -m edge keygen`): write "
+                   "package.json.sig for stations with model.public_key")
     a = p.parse_args(argv)
     try:
         export(a.checkpoint, a.out, a.calib_data, a.precision, a.val_data, a.name, a.version, a.max_drop,
-               a.calib_size, a.preset, a.seed)
+               a.calib_size, a.preset, a.seed, a.sign)
     except (ExportError, ValueError, OSError) as e:  # DataError, CheckpointError, PackageError are ValueErrors
         print(f"error: export failed, no package written: {e}", file=sys.stderr)
         return 2

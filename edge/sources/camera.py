@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from edge.config import CameraSourceConfig, VideoSourceConfig
+from edge.redact import redact_uri
 from edge.sources.base import Frame, SourceError, now_part_id
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class CameraSource:
     def __init__(self, cfg: CameraSourceConfig | VideoSourceConfig) -> None:
         self.cfg = cfg
         self.is_file = isinstance(cfg, VideoSourceConfig)
-        self.name = f"video:{cfg.path.name}" if isinstance(cfg, VideoSourceConfig) else f"camera:{cfg.uri}"
+        # The name goes into logs, events, status and health: never with the URI's password.
+        self.name = f"video:{cfg.path.name}" if isinstance(cfg, VideoSourceConfig) else f"camera:{redact_uri(str(cfg.uri))}"
         self.overwritten = 0  # live frames replaced before the pipeline took them
         self.reconnects = 0
         self._cond = threading.Condition()
@@ -114,7 +116,7 @@ class CameraSource:
         try:
             cap = cv2.VideoCapture(target, api, params)
         except cv2.error as e:
-            self._last_error = f"open failed: {e}"
+            self._last_error = f"open failed: {redact_uri(str(e))}"  # OpenCV echoes the URL
             return None
         if not cap.isOpened():
             cap.release()

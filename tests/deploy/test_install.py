@@ -4,10 +4,12 @@ never overwritten, atomic model activation with rollback, uninstall that keeps c
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +17,9 @@ import pytest
 
 from edge.config import load_config
 from edge.package import read_package
+from tests.broker import Broker, Subscriber
+from tests.daemon_proc import BASE, Daemon, results, wait_results, write_config
+from tests.daemon_proc import station as station_config
 from tests.deploy.test_systemd_unit import UNIT, one, parse_unit
 from tests.tiny_package import make_tiny_package
 
@@ -212,3 +217,99 @@ def test_uninstall_keeps_configs_and_state_unless_purged(tmp_path: Path, package
     assert not (root / "etc/edge-inspect").exists()
     assert not (root / "var/lib/edge-inspect").exists()
     assert (units / "unrelated.service").is_file()
+
+
+# -- a model switch confirmed by the running daemon ------------------------------------------------
+def test_model_becomes_current_only_after_the_daemon_loaded_it(tmp_path: Path, packages: tuple[Path, Path],
+                                                               broker: Broker) -> None:
+    """install.sh asks the running station (SIGHUP + model-request.json) to load the new package and
+    switches `current` only when loaded-model.json confirms it; a package the daemon refuses, or a
+    station that never answers, leaves `current` (and the running model) where they were."""
+    root = tmp_path / "root"
+    install(root, "--no-venv")
+    store = root / MODELS
+    v1, v2 = packages
+    install(root, "--model", str(v1))
+    state = root / "var/lib/edge-inspect/s1"
+    state.mkdir(parents=True)
+    sub = Subscriber(broker, [f"{BASE}/result"])
+    data = station_config(tmp_path, store / "current", broker, {"type": "synthetic", "count": 100_000, "fps": 10,
+                                                        "stop_at_end": False},
+                   state_dir=str(state), evidence={"enabled": False})
+    d = Daemon(write_config(tmp_path / "s1.yaml", data), tmp_path / "daemon.log")
+    pid = f"s1={d.proc.pid}"
+    try:
+        wait_results(sub, 2, 60)
+        assert json.loads((state / "loaded-model.json").read_text())["version"] == "1.0.0"
+
+        # A package that verifies for install.sh (hashes) but that the daemon refuses.
+        bad = tmp_path / "bad"
+        shutil.copytree(v2, bad)
+        meta = json.loads((bad / "package.json").read_text())
+        meta.update(version="3.0.0", format_version=999)
+        (bad / "package.json").write_text(json.dumps(meta))
+        before = os.readlink(store / "current")
+        r = install(root, "--model", str(bad), "--station-pid", pid, check=False)
+        assert r.returncode != 0 and "station s1 did not load the model" in r.stderr, r.stdout + r.stderr
+        assert "format_version" in r.stderr and "not activated" in r.stderr
+        assert os.readlink(store / "current") == before
+        assert not (state / "model-request.json").exists()
+        n = len(results(sub))
+        wait_results(sub, n + 3)
+        assert {e["model"]["version"] for e in results(sub)[n:]} == {"1.0.0"}, "the station kept its model"
+
+        r = install(root, "--model", str(v2), "--station-pid", pid)
+        assert "station s1 loaded tiny-dark-spot 2.0.0" in r.stdout
+        id2 = f"tiny-dark-spot-2.0.0-{read_package(v2).files['model.bin'][:8]}"
+        assert os.readlink(store / "current") == f"versions/{id2}"
+        loaded = json.loads((state / "loaded-model.json").read_text())
+        assert loaded["ok"] and loaded["version"] == "2.0.0" and loaded["resolved"] == str(store / "versions" / id2)
+        n = len(results(sub))
+        wait_results(sub, n + 3)
+        assert results(sub)[-1]["model"]["version"] == "2.0.0"
+
+        r = install(root, "--rollback", "--station-pid", pid)  # confirmed the same way
+        assert "station s1 loaded tiny-dark-spot 1.0.0" in r.stdout
+        assert read_package(store / "current").version == "1.0.0"
+    finally:
+        d.kill()
+        sub.close()
+
+
+def test_a_station_that_does_not_answer_blocks_the_switch(tmp_path: Path, packages: tuple[Path, Path],
+                                                          broker: Broker) -> None:
+    """Two stations: s1 (a real daemon) loads the new model, s2 never answers. `current` stays, and
+    s1 is asked to load the old model again, so the line does not run two models."""
+    root = tmp_path / "root"
+    install(root, "--no-venv")
+    install(root, "--model", str(packages[0]))
+    store, s1, s2 = root / MODELS, root / "var/lib/edge-inspect/s1", root / "var/lib/edge-inspect/s2"
+    s1.mkdir(parents=True)
+    s2.mkdir(parents=True)
+    sub = Subscriber(broker, [f"{BASE}/result"])
+    data = station_config(tmp_path, store / "current", broker, {"type": "synthetic", "count": 100_000, "fps": 10,
+                                                               "stop_at_end": False},
+                          state_dir=str(s1), evidence={"enabled": False})
+    d = Daemon(write_config(tmp_path / "s1.yaml", data), tmp_path / "daemon.log")
+    deaf = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_IGN);"
+                             " time.sleep(120)"])
+    try:
+        wait_results(sub, 2, 60)
+        before = snapshot(root)
+        r = install(root, "--model", str(packages[1]), "--station-pid", f"s1={d.proc.pid}",
+                    "--station-pid", f"s2={deaf.pid}", "--reload-timeout", "5", check=False)
+        assert r.returncode != 0 and "station s2 did not report within 5 s" in r.stderr, r.stdout + r.stderr
+        assert "station s1 loaded tiny-dark-spot 2.0.0" in r.stdout
+        assert "rolling back" in r.stdout and "station s1 loaded tiny-dark-spot 1.0.0" in r.stdout, r.stdout
+        assert json.loads((s1 / "loaded-model.json").read_text())["version"] == "1.0.0"
+        n = len(results(sub))
+        wait_results(sub, n + 3)
+        assert results(sub)[-1]["model"]["version"] == "1.0.0"
+    finally:
+        deaf.kill()
+        deaf.wait()
+        d.kill()
+        sub.close()
+    after = snapshot(root)
+    assert after[f"{MODELS}/current"] == before[f"{MODELS}/current"]
+    assert not any("model-request" in k for k in after), "request left behind"
