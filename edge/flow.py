@@ -253,7 +253,8 @@ class FrameFlow:
             self.metrics.errors.labels(job.error_kind or "other").inc()
             log.warning("part %s: error verdict: %s", frame.part_id, job.error)
         now = time.monotonic()
-        event_id = event_id_for(self.station_key, frame.part_id, frame.capture_ts)
+        # A triggered part's id is keyed by its trigger, so a restart's error result for it has the same id.
+        event_id = event_id_for(self.station_key, frame.part_id, frame.meta.get("trigger_ts", frame.capture_ts))
         evidence = None
         if self.evidence is not None and self.evidence.wanted(verdict):
             evidence = self.evidence.save(event_id, frame.capture_ts, frame.image, mask, regions, verdict,
@@ -277,6 +278,7 @@ class FrameFlow:
         if added is None:
             return  # could not be stored (shutdown with a full outbox): the file stays for the next run
         self.source.commit(frame, ok=verdict != "error")
+        self.gate.commit(frame)
         if self.sink is not None:
             self.sink.notify_new()
         if added:

@@ -120,7 +120,8 @@ def mqtt_settings(cfg: Config) -> MqttSettings:
         host=m.host, port=m.port, client_id=m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}",
         username=m.username, password=resolve_password(m), protocol=m.protocol, keepalive=m.keepalive,
         tls_ca=_s(m.tls_ca), tls_cert=_s(m.tls_cert), tls_key=_s(m.tls_key), tls_insecure=m.tls_insecure,
-        max_inflight=m.max_inflight, reconnect_min=m.reconnect_min_s, reconnect_max=m.reconnect_max_s)
+        max_inflight=m.max_inflight, reconnect_min=m.reconnect_min_s, reconnect_max=m.reconnect_max_s,
+        session_expiry=m.session_expiry_s)
 
 
 def _s(path: Path | None) -> str | None:
