@@ -67,6 +67,7 @@ class FrameGate:
                                        "retained", "late", "invalid", "sequence_gap", "sequence_error",
                                        "recovered"), 0)
         self._last_seq = self.store.last_seq()
+        self._raised: set[str] = set()  # alarms raised by this gate (MQTT thread only)
         if self.triggered:
             recovered = self.store.recover(RESTARTED)
             if recovered:
@@ -193,6 +194,10 @@ class FrameGate:
         return self.triggers[outcome]
 
     def _alarm(self, name: str, active: bool, message: str) -> None:
+        """Raise, or clear what this gate raised (not a clear per trigger)."""
+        if active == (name in self._raised):
+            return
+        (self._raised.add if active else self._raised.discard)(name)
         if self._on_alarm is not None:
             try:
                 self._on_alarm(name, active, message)

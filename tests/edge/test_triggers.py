@@ -1,0 +1,250 @@
+"""Trigger integrity: the durable trigger store, the gate's decisions (duplicates, retained, PLC
+sequence, late triggers, restarts, overflow) and the MQTT sink's persistent session with manual acks."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge.config import PipelineConfig
+from edge.metrics import Metrics
+from edge.mqtt import MqttSettings, MqttSink
+from edge.outbox import Outbox
+from edge.sources.base import Frame, parse_trigger_fields
+from edge.sources.gate import RESUME_GRACE_S, TRIGGER_LATE, TRIGGER_SEQUENCE, FrameGate
+from edge.triggers import TriggerMessage, TriggerStore
+from tests.broker import Broker, Subscriber
+from tests.faults.tcp_proxy import TcpProxy
+from tests.tiny_package import make_part
+
+BASE = "inspection/l1/s1"
+
+
+def cfg(**kw: Any) -> PipelineConfig:
+    return PipelineConfig(mode="triggered", **kw)
+
+
+def trig(part: str, seq: int | None = None, ts: float | None = None) -> bytes:
+    body: dict[str, Any] = {"part_id": part}
+    if seq is not None:
+        body["seq"] = seq
+    if ts is not None:
+        body["ts"] = ts
+    return json.dumps(body).encode()
+
+
+def frame() -> Frame:
+    return Frame("cam", time.time(), make_part())
+
+
+class Alarms:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool, str]] = []
+
+    def __call__(self, name: str, active: bool, message: str) -> None:
+        self.calls.append((name, active, message))
+
+    def raised(self, name: str) -> list[str]:
+        return [m for n, a, m in self.calls if n == name and a]
+
+
+def taken(gate: FrameGate, n: int) -> list[str]:
+    return [f.part_id for _ in range(n) for f in gate.admit(frame())]
+
+
+# -- payload ---------------------------------------------------------------------------------------
+def test_trigger_payload_seq_and_ts_are_optional_and_checked() -> None:
+    assert parse_trigger_fields(b"SN-1").seq is None
+    f = parse_trigger_fields(trig("A", 7, 1.7e9))
+    assert (f.part_id, f.seq, f.ts, f.problem) == ("A", 7, 1.7e9, None)
+    for bad in ({"seq": -1}, {"seq": "7"}, {"seq": True}, {"ts": "now"}, {"ts": float("nan")}):
+        f = parse_trigger_fields(json.dumps({"part_id": "A", **bad}).encode())
+        assert f.part_id == "A" and f.problem is not None  # a known part: error verdict, not dropped
+
+
+# -- store -------------------------------------------------------------------------------------------
+def test_store_deduplicates_open_and_recent_parts_across_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "triggers.sqlite3"
+    store = TriggerStore(path, dedup_s=0.3)
+    now = time.time()
+    store.add("A", now, 1)
+    assert store.duplicate("A", now + 100)  # open: a duplicate however late
+    store.done("A", now)
+    assert store.duplicate("A", time.time())
+    store.close()
+    store = TriggerStore(path, dedup_s=0.3)  # the window survives a restart
+    assert store.duplicate("A", time.time()) and store.last_seq() == 1
+    time.sleep(0.35)
+    assert not store.duplicate("A", time.time())  # a new visit of the part after the window
+    store.add("A", time.time(), 2)
+    assert store.open_count() == 1 and store.last_seq() == 2
+    store.close()
+
+
+# -- gate ----------------------------------------------------------------------------------------------
+def test_duplicate_trigger_takes_no_frame_so_later_parts_keep_their_frames() -> None:
+    gate = FrameGate(cfg(), Metrics())
+    for payload in (trig("A"), trig("A"), b"A", trig("B")):
+        gate.on_trigger(payload)
+    assert taken(gate, 3) == ["A", "B"]  # without de-duplication B would get A's second frame
+    assert gate.triggers["duplicate"] == 2 and gate.triggers["accepted"] == 2
+
+
+def test_retained_trigger_is_counted_never_inspected() -> None:
+    gate = FrameGate(cfg(), Metrics())
+    gate.on_trigger(TriggerMessage(trig("R"), retain=True))
+    assert taken(gate, 2) == [] and gate.expired_triggers() == [] and gate.triggers["retained"] == 1
+
+
+def test_sequence_gap_is_alarmed_with_expected_and_received() -> None:
+    alarms = Alarms()
+    gate = FrameGate(cfg(), Metrics(), on_alarm=alarms)
+    for i in (1, 2, 5):
+        gate.on_trigger(trig(f"P{i}", i))
+    assert alarms.raised(TRIGGER_SEQUENCE) == ["PLC trigger sequence gap: expected 3, received 5 for part P5: "
+                                               "2 trigger(s) never arrived"]
+    assert taken(gate, 3) == ["P1", "P2", "P5"]  # the gap's parts never arrived; P5 itself is fine
+    gate.on_trigger(trig("P6", 6))
+    assert alarms.calls[-1][:2] == (TRIGGER_SEQUENCE, False)  # in order again: cleared
+    assert gate.triggers["sequence_gap"] == 1
+
+
+def test_sequence_repeat_with_another_part_id_is_an_error_not_a_guess() -> None:
+    alarms = Alarms()
+    gate = FrameGate(cfg(), Metrics(), on_alarm=alarms)
+    gate.on_trigger(trig("P1", 1))
+    gate.on_trigger(trig("P1", 1))  # the same part again: a duplicate, no alarm
+    assert alarms.raised(TRIGGER_SEQUENCE) == []
+    gate.on_trigger(trig("X9", 1))  # seq 1 again, another part id
+    assert "expected 2, received 1 for part X9" in alarms.raised(TRIGGER_SEQUENCE)[0]
+    assert taken(gate, 2) == ["P1"]  # X9 takes no frame
+    errors = gate.expired_triggers()
+    assert [(f.part_id, f.error_kind) for f in errors] == [("X9", "trigger_sequence")]
+    gate.on_trigger(trig("P2", 2))  # resynchronised on the received number
+    assert taken(gate, 1) == ["P2"] and gate.triggers["sequence_error"] == 1
+
+
+def test_late_and_possibly_queued_triggers_get_error_verdicts() -> None:
+    alarms = Alarms()
+    gate = FrameGate(cfg(trigger_max_age_s=1.0), Metrics(), on_alarm=alarms)
+    now = time.time()
+    gate.on_trigger(trig("OLD", ts=now - 5))  # queued by the broker while the station was away
+    gate.on_trigger(trig("FUTURE", ts=now + 5))  # clocks apart
+    gate.on_trigger(TriggerMessage(trig("REDELIVERED"), dup=True))  # no ts: cannot tell, so not trusted
+    gate.on_trigger(TriggerMessage(trig("AFTER-RESUME"), resumed_s=RESUME_GRACE_S / 10))
+    gate.on_trigger(TriggerMessage(trig("FRESH", ts=time.time()), dup=True))  # the ts says it is fresh
+    gate.on_trigger(TriggerMessage(trig("LATER"), resumed_s=RESUME_GRACE_S + 1))
+    assert taken(gate, 3) == ["FRESH", "LATER"]
+    errors = {f.part_id: f for f in gate.expired_triggers()}
+    assert set(errors) == {"OLD", "FUTURE", "REDELIVERED", "AFTER-RESUME"}
+    assert "5.0" in (errors["OLD"].error or "") and errors["OLD"].error_kind == "late_trigger"
+    assert alarms.raised(TRIGGER_LATE) and alarms.calls[-1][:2] == (TRIGGER_LATE, False)
+
+
+def test_frame_delay_skips_frames_grabbed_within_the_stream_latency() -> None:
+    gate = FrameGate(cfg(trigger_frame_delay_s=0.2), Metrics())
+    gate.on_trigger(b"A")
+    assert taken(gate, 1) == []  # grabbed right after the trigger: exposed before it
+    time.sleep(0.21)
+    assert taken(gate, 1) == ["A"]
+
+
+def test_restart_turns_open_triggers_into_errors_never_into_new_frames(tmp_path: Path) -> None:
+    path = tmp_path / "triggers.sqlite3"
+    gate = FrameGate(cfg(), Metrics(), TriggerStore(path))
+    for i, part in enumerate(("TAKEN", "DONE", "WAITING"), 1):
+        gate.on_trigger(trig(part, i))
+    assert taken(gate, 1) == ["TAKEN"]  # took a frame, but the daemon dies before its result is stored
+    done = gate.admit(frame())[0]
+    gate.commit(done)  # DONE's result is in the outbox
+    gate.store.close()  # SIGKILL; WAITING still waits for a frame
+    gate = FrameGate(cfg(), Metrics(), TriggerStore(path))
+    assert taken(gate, 3) == []  # frames after the restart show other parts
+    errors = gate.expired_triggers()
+    assert sorted(f.part_id for f in errors) == ["TAKEN", "WAITING"]
+    assert all("restarted" in (f.error or "") and f.meta["trigger_ts"] == f.capture_ts for f in errors)
+    assert gate.triggers["recovered"] == 2
+    for f in errors:
+        gate.commit(f)
+    for part in ("TAKEN", "DONE", "WAITING"):  # redelivered after the restart: duplicates
+        gate.on_trigger(TriggerMessage(trig(part), dup=True))
+    assert gate.triggers["duplicate"] == 3 and gate.expired_triggers() == [] and taken(gate, 2) == []
+    assert gate.store.open_count() == 0
+
+
+def test_overflowed_triggers_each_get_an_error_with_bounded_memory() -> None:
+    gate = FrameGate(cfg(trigger_max_pending=2), Metrics())
+    n = 2000
+    for i in range(n):
+        gate.on_trigger(f"P{i}".encode())
+    assert len(gate._pending) == 2 and not hasattr(gate, "_rejected")  # nothing else held in memory
+    seen: list[str] = []
+    for _ in range(n):  # the capture loop's turns: a batch each
+        batch = gate.expired_triggers()
+        assert len(batch) <= 32
+        seen += [f.part_id for f in batch]
+        if not batch:
+            break
+    assert sorted(seen) == sorted(f"P{i}" for i in range(2, n)) and len(seen) == len(set(seen))
+    assert gate.triggers["overflow"] == n - 2
+    assert all(f.error_kind == "no_frame" for f in gate.flush("stop")) and gate.expired_triggers() == []
+
+
+# -- MQTT: persistent session, manual ack --------------------------------------------------------------
+@pytest.fixture
+def proxied(tmp_path: Path) -> Any:
+    broker = Broker(tmp_path / "broker").start()
+    proxy = TcpProxy(broker.port).start()
+    try:
+        yield broker, proxy
+    finally:
+        proxy.close()
+        broker.kill()
+
+
+def test_sink_resumes_its_session_and_acks_a_trigger_only_once_it_is_taken(proxied: Any, tmp_path: Path) -> None:
+    broker, proxy = proxied
+    got: list[TriggerMessage] = []
+    fail_first = [True]
+
+    def on_trigger(t: TriggerMessage) -> None:
+        if fail_first[0]:
+            fail_first[0] = False
+            raise OSError("disk full")  # not stored: must not be acked
+        got.append(t)
+
+    settings = MqttSettings(host="127.0.0.1", port=proxy.port, client_id="edge-l1-s1", keepalive=5,
+                            reconnect_min=0.1, reconnect_max=0.3, session_expiry=600)
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    sink = MqttSink(settings, outbox, BASE, {"station": "s1"}, on_trigger=on_trigger)
+    plc = Subscriber(broker, [f"{BASE}/status"])
+    sink.start()
+    try:
+        assert plc.wait_for(lambda ms: any(b'"online"' in m.payload for m in ms), 10)
+        time.sleep(0.2)
+        plc.publish(f"{BASE}/trigger", trig("UNSTORED"))
+        time.sleep(0.5)
+        assert got == []
+        proxy.set_mode("cut")
+        plc.publish(f"{BASE}/trigger", trig("WHILE-AWAY"))  # queued by the broker in the station's session
+        time.sleep(0.5)
+        proxy.set_mode("pass")
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        parts = {parse_trigger_fields(t.payload).part_id: t for t in got}
+        assert set(parts) == {"UNSTORED", "WHILE-AWAY"}, got
+        assert parts["UNSTORED"].dup  # the broker's redelivery of what we did not ack
+        assert all(t.resumed_s is not None and t.resumed_s < RESUME_GRACE_S for t in got)
+        proxy.set_mode("cut")
+        proxy.set_mode("pass")
+        time.sleep(1.5)  # acked now: nothing is redelivered after another reconnect
+        assert len(got) == 2
+    finally:
+        sink.stop(drain_timeout=1)
+        plc.close()
+        outbox.close()
