@@ -14,9 +14,12 @@ the message is that part's image. Every trigger that names a part gets exactly o
 An optional PLC sequence number ("seq") detects triggers that never arrived (gap) and repeats
 or reordering (the `trigger_sequence` alarm, with the expected and received numbers).
 
-Frame time: a camera frame's mono_ts/capture_ts is taken when OpenCV hands it to the grabber
-thread (edge/sources/camera.py), which reads continuously so no backlog builds up in FFmpeg;
-the exposure was earlier by the stream's latency, which `trigger_frame_delay_s` covers.
+Frame time: OpenCV gives no exposure time, only the moment read() returns a frame. A stream
+hands over old frames in a burst at open (FFmpeg's probe buffer) and after the reader fell
+behind, so the camera source backdates frames by their delay measured in stream time and marks
+the burst after an open `buffered` (edge/sources/camera.py _StreamClock); buffered frames are
+never given to a trigger. The constant latency of camera and network, which no stream time
+shows, is what `trigger_frame_delay_s` is for.
 """
 
 from __future__ import annotations
@@ -220,7 +223,7 @@ class FrameGate:
             return [frame]
         with self._lock:
             due = self._pending and frame.mono_ts >= self._pending[0][2] + self.cfg.trigger_frame_delay_s
-            if frame.error_kind == CAMERA_LOST or not due:
+            if frame.error_kind == CAMERA_LOST or not due or frame.meta.get("buffered"):
                 # A stall alone is not a part; waiting triggers time out with an error verdict.
                 if frame.error is None:
                     self.skipped += 1

@@ -10,14 +10,16 @@ from typing import Any
 
 import pytest
 
-from edge.config import PipelineConfig
+from edge.config import CameraSourceConfig, PipelineConfig
 from edge.metrics import Metrics
 from edge.mqtt import MqttSettings, MqttSink
 from edge.outbox import Outbox
 from edge.sources.base import Frame, parse_trigger_fields
+from edge.sources.camera import CameraSource, _StreamClock
 from edge.sources.gate import RESUME_GRACE_S, TRIGGER_LATE, TRIGGER_SEQUENCE, FrameGate
 from edge.triggers import TriggerMessage, TriggerStore
 from tests.broker import Broker, Subscriber
+from tests.faults.netcam import FFMPEG, NetCamera
 from tests.faults.tcp_proxy import TcpProxy
 from tests.tiny_package import make_part
 
@@ -248,3 +250,48 @@ def test_sink_resumes_its_session_and_acks_a_trigger_only_once_it_is_taken(proxi
         sink.stop(drain_timeout=1)
         plc.close()
         outbox.close()
+
+
+# -- a network camera's buffered frames ------------------------------------------------------------------
+@pytest.mark.skipif(not Path(FFMPEG).exists(), reason="ffmpeg is not installed (scripts/setup.sh)")
+def test_frames_from_the_stream_buffer_are_marked_and_never_given_to_a_trigger(tmp_path: Path) -> None:
+    """FFmpeg hands over what it buffered while probing in one burst at open: those frames were
+    exposed before they were grabbed, so a trigger that came in between must not get one."""
+    cam = NetCamera(tmp_path).start()
+    src = CameraSource(CameraSourceConfig(type="camera", uri=cam.uri, backend="ffmpeg", open_timeout_s=5,
+                                          read_timeout_s=5))
+    gate = FrameGate(cfg(), Metrics())
+    frames: list[tuple[float, Frame]] = []
+    try:
+        gate.on_trigger(b"P1")  # waiting before the stream opens
+        src.open()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.0:
+            f = src.read(1.0)
+            if f is not None and f.error is None:
+                frames.append((f.mono_ts - t0, f))
+                if f.part_id != "P1":
+                    gate.admit(f)
+    finally:
+        src.close()
+        cam.close()
+    assert frames and frames[0][1].meta.get("buffered"), "the first frame after an open comes from the buffer"
+    first_for_p1 = next(f for _, f in frames if f.part_id == "P1")
+    assert not first_for_p1.meta.get("buffered")
+    late = [f for t, f in frames if t > frames[0][0] + 1.5]
+    assert late and not any(f.meta.get("buffered") for f in late), "caught up: the stream is live"
+
+
+def test_stream_clock_backdates_a_backlog_by_stream_time() -> None:
+    clock, t = _StreamClock(), 100.0
+    # at open: 10 frames of 40 ms stream time in one burst, then live at 25 fps
+    ages = [clock.age(t + i * 0.001, i * 0.04) for i in range(10)]
+    assert ages == [None] * 10  # the probe buffer: no estimate, never given to a trigger
+    t += 0.4
+    ages = [clock.age(t + i * 0.04, 0.4 + i * 0.04) for i in range(10)]
+    assert ages[0] == 0.0 and all(a is not None and abs(a) < 1e-6 for a in ages)
+    # the reader stalls 1 s, then drains the socket: the drained frames are up to 1 s older than their grab
+    t, st = t + 0.4 + 1.0, 0.8  # frame 0.8 s of stream time was due at t + 0.4
+    drained = [clock.age(t + i * 0.001, st + i * 0.04) for i in range(25)]
+    assert drained[0] == pytest.approx(1.0, abs=0.01) and drained[-1] == pytest.approx(1.0 - 24 * 0.039, abs=0.01)
+    assert clock.age(t + 10.0, st + 20.0) is None  # a jump in stream time: a new stream, a new burst

@@ -11,70 +11,23 @@ for a duplicate, and every non-error result is of a frame captured after its tri
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import subprocess
-import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import cv2
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from tests.broker import Broker, free_port
+from tests.broker import Broker
 from tests.daemon_proc import Daemon, station, write_config
 from tests.faults.harness import BASE, PersistentSubscriber, check, tally
+from tests.faults.netcam import FFMPEG, NetCamera
 from tests.faults.tcp_proxy import TcpProxy
-from tests.tiny_package import make_part
 
-FFMPEG = shutil.which("ffmpeg") or "/usr/bin/ffmpeg"
 pytestmark = pytest.mark.skipif(not Path(FFMPEG).exists(), reason="ffmpeg is not installed (scripts/setup.sh)")
-
-
-class NetCamera:
-    """An IP camera: ffmpeg streams a still part image as MPEG-TS at 25 fps to whoever connects to
-    tcp://127.0.0.1:port. ffmpeg serves one client and exits when it goes away (a SIGKILLed
-    daemon), so a thread starts it again, like a camera accepting the next connection."""
-
-    def __init__(self, workdir: Path, fps: int = 25) -> None:
-        self.port = free_port()
-        self.image = workdir / "part.png"
-        cv2.imwrite(str(self.image), make_part((96, 128), defect=False, seed=3))  # the tiny model passes it
-        self.fps = fps
-        self.served = 0
-        self._stop = threading.Event()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._thread = threading.Thread(target=self._run, name="net-camera", daemon=True)
-
-    @property
-    def uri(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
-
-    def start(self) -> NetCamera:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._proc = subprocess.Popen(
-                [FFMPEG, "-hide_banner", "-loglevel", "error", "-re", "-loop", "1", "-framerate", str(self.fps),
-                 "-i", str(self.image), "-pix_fmt", "yuv420p", "-q:v", "2", "-f", "mpegts",
-                 f"{self.uri}?listen=1"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)
-            self._proc.wait()
-            self.served += 1
-            self._stop.wait(0.05)
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(5)
-        self._thread.join(5)
 
 
 class Plc:
