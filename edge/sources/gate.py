@@ -25,6 +25,7 @@ shows, is what `trigger_frame_delay_s` is for.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 CAMERA_LOST = "camera_lost"
 TRIGGER_SEQUENCE = "trigger_sequence"  # alarm: the PLC's sequence numbers skipped or went back
 TRIGGER_LATE = "trigger_late"  # alarm: triggers arrive too late (or too early) for their frame
+TRIGGER_STORE = "trigger_store"  # alarm: triggers cannot be stored, so they are not acknowledged
 NO_FRAME = "no_frame"
 RESUME_GRACE_S = 1.0  # a broker flushes what it queued for us right after the CONNACK
 _REJECTED_BATCH = 32  # error parts per capture-loop turn: a flood of overflowed triggers never holds capture
@@ -97,15 +99,23 @@ class FrameGate:
         now, mono = time.time(), time.monotonic()
         alarms: list[tuple[str, bool, str]] = []
         with self._lock:  # one trigger at a time: store, sequence and pending list stay consistent
-            if self.store.duplicate(fields.part_id, now):
-                outcome, reason = "duplicate", None
-            else:
-                outcome, reason, kind = self._judge(fields, msg, now, alarms)
-                self.store.add(fields.part_id, now, fields.seq, reason, kind)
-                if reason is None:
-                    self._pending.append((fields.part_id, now, mono))
-                else:
-                    self._rejected_due = True
+            last_seq = self._last_seq
+            try:
+                outcome, reason, kind = "duplicate", None, NO_FRAME
+                if not self.store.duplicate(fields.part_id, now):
+                    outcome, reason, kind = self._judge(fields, msg, now, alarms)
+                    self.store.add(fields.part_id, now, fields.seq, reason, kind)
+                    if reason is None:
+                        self._pending.append((fields.part_id, now, mono))
+                    else:
+                        self._rejected_due = True
+                failure = None
+            except sqlite3.Error as e:  # disk full, I/O error: not acked, so the broker keeps the trigger
+                self._last_seq, failure = last_seq, e
+        self._stored(failure is None, f"triggers cannot be stored ({failure}); the broker redelivers them "
+                                      f"after a reconnect" if failure else "triggers are stored again")
+        if failure is not None:
+            raise failure
         if outcome == "duplicate":
             self._note("duplicate", "duplicate trigger for part %r ignored (open or seen within %.0f s)",
                        fields.part_id, self.cfg.trigger_dedup_s)
@@ -115,6 +125,11 @@ class FrameGate:
             self._count(outcome)
         for alarm in alarms:
             self._alarm(*alarm)
+
+    def _stored(self, ok: bool, message: str) -> None:
+        if not ok:
+            log.error("%s", message)
+        self._alarm(TRIGGER_STORE, not ok, message)
 
     def _judge(self, f: TriggerFields, msg: TriggerMessage, now: float,
                alarms: list[tuple[str, bool, str]]) -> tuple[str, str | None, str]:

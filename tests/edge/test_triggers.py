@@ -4,6 +4,7 @@ sequence, late triggers, restarts, overflow) and the MQTT sink's persistent sess
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from edge.mqtt import MqttSettings, MqttSink
 from edge.outbox import Outbox
 from edge.sources.base import Frame, parse_trigger_fields
 from edge.sources.camera import CameraSource, _StreamClock
-from edge.sources.gate import RESUME_GRACE_S, TRIGGER_LATE, TRIGGER_SEQUENCE, FrameGate
+from edge.sources.gate import RESUME_GRACE_S, TRIGGER_LATE, TRIGGER_SEQUENCE, TRIGGER_STORE, FrameGate
 from edge.triggers import TriggerMessage, TriggerStore
 from tests.broker import Broker, Subscriber
 from tests.faults.netcam import FFMPEG, NetCamera
@@ -176,6 +177,21 @@ def test_restart_turns_open_triggers_into_errors_never_into_new_frames(tmp_path:
         gate.on_trigger(TriggerMessage(trig(part), dup=True))
     assert gate.triggers["duplicate"] == 3 and gate.expired_triggers() == [] and taken(gate, 2) == []
     assert gate.store.open_count() == 0
+
+
+def test_a_trigger_that_cannot_be_stored_is_not_acknowledged_and_counts_nothing(tmp_path: Path) -> None:
+    alarms = Alarms()
+    path = tmp_path / "triggers.sqlite3"
+    gate = FrameGate(cfg(), Metrics(), TriggerStore(path), on_alarm=alarms)
+    gate.on_trigger(trig("P1", 1))
+    gate.store.close()  # the database fails (a real sqlite3 error, as on a full disk)
+    with pytest.raises(sqlite3.Error):  # the sink then leaves the trigger unacked: the broker keeps it
+        gate.on_trigger(trig("P2", 2))
+    assert alarms.raised(TRIGGER_STORE) and taken(gate, 1) == ["P1"] and taken(gate, 1) == []
+    gate.store = TriggerStore(path)
+    gate.on_trigger(TriggerMessage(trig("P2", 2, ts=time.time()), dup=True))  # the broker's redelivery
+    assert taken(gate, 1) == ["P2"] and alarms.raised(TRIGGER_SEQUENCE) == []  # P2 was never half-counted
+    assert alarms.calls[-1][:2] == (TRIGGER_STORE, False)
 
 
 def test_overflowed_triggers_each_get_an_error_with_bounded_memory() -> None:
