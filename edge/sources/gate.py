@@ -270,13 +270,13 @@ class FrameGate:
         self._rejected_after = row.id
         return _error_part(row.part_id, row.received, row.kind or NO_FRAME, row.reason or "trigger rejected")
 
-    def flush(self, reason: str) -> list[Frame]:
-        """All waiting triggers as error parts (shutdown)."""
+    def flush(self, reason: str, max_rejected: int = 1000) -> list[Frame]:
+        """Waiting triggers as error parts (shutdown); rejected ones beyond `max_rejected` stay stored
+        and get their error result at the next start, so a flood cannot stretch the shutdown."""
         with self._lock:
             out = [_error_part(p, ts, NO_FRAME, reason) for p, ts, _ in self._pending]
             self._pending = deque()
-            while rows := self.store.rejected(self._rejected_after, 1000):
-                out += [self._rejected_part(r) for r in rows]
+            out += [self._rejected_part(r) for r in self.store.rejected(self._rejected_after, max_rejected)]
         return out
 
     def commit(self, frame: Frame) -> None:
