@@ -124,9 +124,22 @@ def parse_trigger_fields(payload: bytes) -> TriggerFields:
 
 
 def _optional_fields(part: str, fields: dict[str, Any]) -> TriggerFields:
+    """PLCs often send numbers as text: "12" and ISO-8601 times with a zone are taken too. A value
+    that still does not fit is not ignored (it claims to order or date the part): `problem`."""
     seq, ts = fields.get("seq"), fields.get("ts")
+    if isinstance(seq, str) and seq.strip().isdigit():
+        seq = int(seq)
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63):
         return TriggerFields(part, problem=f'trigger field "seq" must be an integer >= 0, got {seq!r:.40}')
+    if isinstance(ts, str):
+        try:
+            when = dt.datetime.fromisoformat(ts.strip())
+            ts = when.timestamp() if when.tzinfo is not None else None
+        except ValueError:
+            ts = None
+        if ts is None:
+            return TriggerFields(part, problem=f'trigger field "ts" must be epoch seconds or ISO-8601 with a '
+                                               f'time zone, got {fields["ts"]!r:.40}')
     if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)
                            or ts <= 0):
         return TriggerFields(part, problem=f'trigger field "ts" must be epoch seconds, got {ts!r:.40}')

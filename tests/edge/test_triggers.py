@@ -64,7 +64,10 @@ def test_trigger_payload_seq_and_ts_are_optional_and_checked() -> None:
     assert parse_trigger_fields(b"SN-1").seq is None
     f = parse_trigger_fields(trig("A", 7, 1.7e9))
     assert (f.part_id, f.seq, f.ts, f.problem) == ("A", 7, 1.7e9, None)
-    for bad in ({"seq": -1}, {"seq": "7"}, {"seq": True}, {"ts": "now"}, {"ts": float("nan")}):
+    f = parse_trigger_fields(json.dumps({"part_id": "A", "seq": " 12", "ts": "2026-01-02T03:04:05Z"}).encode())
+    assert (f.seq, f.ts, f.problem) == (12, 1767323045.0, None)  # PLCs often send text
+    for bad in ({"seq": -1}, {"seq": "7a"}, {"seq": True}, {"ts": "now"}, {"ts": "2026-01-02T03:04:05"},
+                {"ts": float("nan")}):
         f = parse_trigger_fields(json.dumps({"part_id": "A", **bad}).encode())
         assert f.part_id == "A" and f.problem is not None  # a known part: error verdict, not dropped
 
