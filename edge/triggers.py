@@ -15,15 +15,21 @@ States: pending (accepted; the gate holds it in memory until a frame or its time
 row stays pending until the result is durable), rejected (must become an `error` result; the
 reason is stored, not held in memory - this bounds the gate's footprint however many triggers
 overflow), done (result durable; kept for the de-duplication window).
+
+A store that cannot be read at start (a torn file) is moved aside and a new one is started, with
+the `trigger_store` alarm: refusing to start would stop the line in a restart loop.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS triggers (
@@ -72,12 +78,32 @@ class TriggerStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        for statement in _SCHEMA:
-            self._db.execute(statement)
+        self.moved_aside: str | None = None  # where a corrupt store went (the gate raises an alarm)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as e:  # corrupt: a crash loop would stop the line for good
+            self.moved_aside = f"{self.path}.corrupt-{int(time.time())}"
+            for suffix in ("", "-wal", "-shm"):
+                if Path(self.path + suffix).exists():
+                    Path(self.path + suffix).replace(self.moved_aside + suffix)
+            log.error("trigger store %s is unreadable (%s): moved aside to %s; triggers that were open "
+                      "there get no error result, de-duplication starts empty", self.path, e, self.moved_aside)
+            self._db = self._open()
         self._next_purge = 0.0
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+            for statement in _SCHEMA:
+                db.execute(statement)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def duplicate(self, part_id: str, now: float) -> bool:
         """True if this part id is open, or its trigger or result is younger than the dedup window."""

@@ -73,6 +73,10 @@ class FrameGate:
                                        "recovered"), 0)
         self._last_seq = self.store.last_seq()
         self._raised: set[str] = set()  # alarms raised by this gate (MQTT thread only)
+        self._store_ok = True  # the last write to the trigger store worked
+        if self.store.moved_aside:
+            self._alarm(TRIGGER_STORE, True, f"the trigger store was corrupt and moved aside to "
+                                             f"{self.store.moved_aside}: triggers open in it got no result")
         if self.triggered:
             recovered = self.store.recover(RESTARTED)
             if recovered:
@@ -127,6 +131,11 @@ class FrameGate:
             self._alarm(*alarm)
 
     def _stored(self, ok: bool, message: str) -> None:
+        """Raise trigger_store on a write failure, clear it on the next success (a corrupt store found
+        at start stays raised until the next start: the triggers lost with it need a person)."""
+        if ok == self._store_ok:
+            return
+        self._store_ok = ok
         if not ok:
             log.error("%s", message)
         self._alarm(TRIGGER_STORE, not ok, message)

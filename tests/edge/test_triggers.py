@@ -197,6 +197,17 @@ def test_a_trigger_that_cannot_be_stored_is_not_acknowledged_and_counts_nothing(
     assert alarms.calls[-1][:2] == (TRIGGER_STORE, False)
 
 
+def test_a_corrupt_store_is_moved_aside_with_an_alarm_not_a_crash_loop(tmp_path: Path) -> None:
+    path = tmp_path / "triggers.sqlite3"
+    path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)  # a torn file after a power cut
+    alarms = Alarms()
+    gate = FrameGate(cfg(), Metrics(), TriggerStore(path), on_alarm=alarms)
+    assert "moved aside" in alarms.raised(TRIGGER_STORE)[0]
+    assert list(tmp_path.glob("triggers.sqlite3.corrupt-*"))
+    gate.on_trigger(b"P1")  # works on the new store
+    assert taken(gate, 1) == ["P1"] and alarms.calls[-1][:2] == (TRIGGER_STORE, True)  # stays raised
+
+
 def test_overflowed_triggers_each_get_an_error_with_bounded_memory() -> None:
     gate = FrameGate(cfg(trigger_max_pending=2), Metrics())
     n = 2000
