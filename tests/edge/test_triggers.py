@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from edge.config import CameraSourceConfig, PipelineConfig
+from edge.events import event_id_for
 from edge.metrics import Metrics
 from edge.mqtt import MqttSettings, MqttSink
 from edge.outbox import Outbox
@@ -164,7 +165,8 @@ def test_restart_turns_open_triggers_into_errors_never_into_new_frames(tmp_path:
     gate = FrameGate(cfg(), Metrics(), TriggerStore(path))
     for i, part in enumerate(("TAKEN", "DONE", "WAITING"), 1):
         gate.on_trigger(trig(part, i))
-    assert taken(gate, 1) == ["TAKEN"]  # took a frame, but the daemon dies before its result is stored
+    taken_frame = gate.admit(frame())[0]  # took a frame, but the daemon dies before its result is stored
+    assert taken_frame.part_id == "TAKEN"
     done = gate.admit(frame())[0]
     gate.commit(done)  # DONE's result is in the outbox
     gate.store.close()  # SIGKILL; WAITING still waits for a frame
@@ -173,6 +175,11 @@ def test_restart_turns_open_triggers_into_errors_never_into_new_frames(tmp_path:
     errors = gate.expired_triggers()
     assert sorted(f.part_id for f in errors) == ["TAKEN", "WAITING"]
     assert all("restarted" in (f.error or "") and f.meta["trigger_ts"] == f.capture_ts for f in errors)
+    # The same event id as the lost result would have had (flow keys it by trigger_ts): had that result
+    # reached the outbox just before the kill, the error is a redelivery of its id, not a second result.
+    key = "l1/s1"
+    assert event_id_for(key, "TAKEN", taken_frame.meta["trigger_ts"]) == event_id_for(
+        key, "TAKEN", next(f for f in errors if f.part_id == "TAKEN").meta["trigger_ts"])
     assert gate.triggers["recovered"] == 2
     for f in errors:
         gate.commit(f)
