@@ -195,6 +195,21 @@ class PipelineConfig(_Model):
                                                           "dropped and counted, parts (folder, trigger) wait instead.")
     trigger_timeout_s: float = Field(default=5.0, gt=0, le=3600, description="A trigger with no frame within this -> `error` verdict.")
     trigger_max_pending: int = Field(default=64, ge=1, le=10_000, description="Triggers waiting for a frame; overflow -> `error` verdict.")
+    # Trigger integrity (issue 14): each trigger gets exactly one result, never another part's frame.
+    trigger_dedup_s: float = Field(default=300.0, ge=0, le=86_400,
+                                   description="A trigger for a part id that is still open, or whose trigger or result "
+                                               "is younger than this, is a duplicate: acknowledged and counted, but no "
+                                               "second frame and no second result. Longer than a reconnect plus a "
+                                               "restart (redeliveries), shorter than a part's way back to the station.")
+    trigger_max_age_s: float = Field(default=2.0, ge=0, le=3600,
+                                     description="A trigger whose PLC time stamp (`ts` in the payload) differs from the "
+                                                 "station clock by more than this arrived too late (queued by the "
+                                                 "broker during an outage): its part has passed the camera, so it gets "
+                                                 "an `error` verdict instead of a later part's frame. 0 = no check.")
+    trigger_frame_delay_s: float = Field(default=0.0, ge=0, le=10,
+                                         description="Frames grabbed less than this after a trigger are not used for it: "
+                                                     "set it to the camera's stream latency (a network camera hands a "
+                                                     "frame over some 0.1-0.5 s after its exposure).")
     drain_timeout_s: float = Field(default=10.0, ge=0, le=600, description="On stop, time allowed to finish frames in flight "
                                                                    "and to send the outbox backlog.")
 
@@ -225,6 +240,11 @@ class MqttConfig(_Model):
         "retry: keep it in the outbox, retry with backoff, raise `no_subscribers` (nothing lost: with the shipped "
         "broker config consumers hold persistent sessions, so 0x10 means no consumer session exists at all); "
         "deliver: count it as delivered (benches without consumers).")
+    session_expiry_s: int = Field(default=3600, ge=0, le=4_294_967_295,
+                                  description="Persistent MQTT session: the broker keeps the station's subscription and "
+                                              "queues QoS 1 triggers for this long while it is away (MQTT 5 session "
+                                              "expiry; 3.1.1 keeps the session until the broker expires it). "
+                                              "0 = clean session: triggers sent while the station reconnects are lost.")
 
     @field_validator("protocol", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ from edge.sources import SourceError, make_source
 from edge.sources.gate import FrameGate
 from edge.station import SeqStore, frame_checks, load_model, mqtt_settings
 from edge.systemd import Notifier
+from edge.triggers import TriggerStore
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Pipeline:
         self.sink: MqttSink | None = None
         self.server: MetricsServer | None = None
         self.evidence: EvidenceStore | None = None
+        self.triggers: TriggerStore | None = None
 
     # -- startup: a flat list of steps; any failure here is a startup failure ------------------
     def start(self) -> None:
@@ -70,7 +72,11 @@ class Pipeline:
             self.evidence = EvidenceStore(ev.dir or cfg.state_dir / "evidence", int(ev.quota_mb * 1024 * 1024),
                                           ev.format, ev.save_fail, ev.save_error, ev.pass_sample_every)
         self.alarms = AlarmTracker(AlarmSettings(**cfg.alarms.model_dump()), self._on_alarm)
-        self.gate = FrameGate(cfg.pipeline, self.metrics)
+        # Triggers are durable before they are acknowledged; open ones of a previous run are resolved
+        # here, before the MQTT session (which may redeliver them) is resumed.
+        self.triggers = TriggerStore(cfg.state_dir / "triggers.sqlite3", cfg.pipeline.trigger_dedup_s) \
+            if cfg.pipeline.mode == "triggered" else None
+        self.gate = FrameGate(cfg.pipeline, self.metrics, self.triggers, on_alarm=self.alarms.set)
         self.sink = MqttSink(mqtt_settings(cfg), self.outbox, cfg.base_topic, self._status_payload(),
                              on_alarm=self.alarms.set, on_trigger=self.gate.on_trigger)
         self.sink.start()
@@ -229,6 +235,8 @@ class Pipeline:
             self.sink.stop(drain_timeout=max(0.5, deadline - time.monotonic()))
         if hasattr(self, "outbox"):
             self.outbox.close()
+        if self.triggers is not None:
+            self.triggers.close()
         if self.server is not None:
             self.server.stop()
         log.info("station %s stopped: %s", self.station_key, self.counts)

@@ -261,7 +261,7 @@ class FrameFlow:
             except Exception:  # not even an error event: still never stop the thread for one part
                 log.exception("part %s: no result event can be built; moving it to failed/ without one",
                               safe_part_id(frame.part_id))
-                self._commit(frame, ok=False)
+                self._commit(frame, ok=False, trigger=False)  # its trigger stays open: error result at restart
                 return
         if built is None:
             return  # shutdown while the disk is full: the file stays for the next run
@@ -322,7 +322,8 @@ class FrameFlow:
         At most `model.max_regions` regions (the largest) go into the event, with the count of all."""
         frame, model = job.frame, job.model
         part_id = safe_part_id(frame.part_id)
-        event_id = event_id_for(self.station_key, part_id, frame.capture_ts)
+        # A triggered part's id is keyed by its trigger, so a restart's error result for it has the same id.
+        event_id = event_id_for(self.station_key, part_id, frame.meta.get("trigger_ts", frame.capture_ts))
         evidence = None
         if with_evidence and self.evidence is not None and self.evidence.wanted(outcome.verdict):
             evidence = self.evidence.save(event_id, frame.capture_ts, frame.image, outcome.mask, outcome.regions,
@@ -350,12 +351,15 @@ class FrameFlow:
             raise ValueError(f"result event is {len(payload)} bytes > {EVENT_MAX_BYTES}")
         return event_id, payload
 
-    def _commit(self, frame: Frame, ok: bool) -> None:
-        """source.commit that never stops the result thread (the file then stays until a restart)."""
+    def _commit(self, frame: Frame, ok: bool, trigger: bool = True) -> None:
+        """source.commit and gate.commit (the stored trigger is done) once the result is durable; never
+        stops the result thread (a file then stays until a restart, a trigger gets its error result there)."""
         try:
             self.source.commit(frame, ok=ok)
+            if trigger:
+                self.gate.commit(frame)
         except Exception:
-            log.exception("part %s: cannot commit its file", safe_part_id(frame.part_id))
+            log.exception("part %s: cannot commit it", safe_part_id(frame.part_id))
 
     def _next_seq(self, part_id: str) -> int | None:
         """SeqStore.next, retried while its file cannot be written (disk full): the part waits."""

@@ -6,6 +6,10 @@ Design (why it looks like this):
   the same event_id, loss is impossible because a row is deleted only after its PUBACK.
 - paho calls on_publish while holding its internal message lock, so callbacks never touch the
   sender's state: they enqueue events, and a single sender thread owns the mid -> seq map.
+- Persistent session (session_expiry > 0, stable client id): the broker queues QoS 1 triggers
+  while the station is away. Incoming triggers are acked manually, only after `on_trigger`
+  returned, i.e. after the gate stored them durably; a redelivery (DUP) of a trigger the
+  broker sent before is de-duplicated by the gate, not here.
 - A PUBACK reason code >= 0x80 (MQTT 5, e.g. 0x87 not authorized by an ACL) is not a delivery:
   the row stays, is retried with backoff, and the `publish_rejected` alarm is raised. MQTT
   3.1.1 cannot report this (brokers ack and drop), which is why MQTT 5 is the default; under
@@ -34,6 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.outbox import Outbox, OutboxRow
+from edge.triggers import TriggerMessage
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class MqttSettings:
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     no_subscribers: str = "retry"  # PUBACK 0x10: "retry" keeps the row, "deliver" acks it
+    session_expiry: int = 0  # s; > 0: persistent session (clean_start False), the broker queues triggers
 
     def validate(self) -> None:
         if self.protocol not in ("5", "3.1.1"):
@@ -71,6 +77,8 @@ class MqttSettings:
             raise ValueError("mqtt.reconnect_min must be > 0 and <= reconnect_max")
         if self.tls_key and not self.tls_cert:
             raise ValueError("mqtt.tls_key needs mqtt.tls_cert")
+        if self.session_expiry < 0:
+            raise ValueError("mqtt.session_expiry must be >= 0")
         if self.password is not None and self.username is None:
             raise ValueError("mqtt.password needs mqtt.username")
         if self.no_subscribers not in ("retry", "deliver"):
@@ -91,7 +99,7 @@ class MqttSink:
         base_topic: str,
         status_payload: dict[str, Any],
         on_alarm: Callable[[str, bool, str], None] | None = None,
-        on_trigger: Callable[[bytes], None] | None = None,
+        on_trigger: Callable[[TriggerMessage], None] | None = None,
     ) -> None:
         settings.validate()
         self.settings = settings
@@ -109,6 +117,7 @@ class MqttSink:
                           "inflight": 0}
         self._connected = False
         self._connects = 0
+        self._resumed_at: float | None = None  # monotonic time of a CONNACK that resumed a stored session
         self._window = settings.max_inflight
         self._held: dict[str, set[int]] = {PUBLISH_REJECTED: set(), NO_SUBSCRIBERS: set()}  # alarm -> seqs kept
         self._ack_timeout = max(30.0, 2.0 * settings.keepalive)
@@ -119,11 +128,14 @@ class MqttSink:
     # --- setup --------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
         s = self.settings
+        if s.session_expiry and not s.client_id:
+            log.warning("mqtt.session_expiry set without a fixed client id: the session can never be resumed")
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id or f"edge-{socket.gethostname()}-{id(self):x}",
             protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if self._v5 else True,
+            clean_session=None if self._v5 else not s.session_expiry,
+            manual_ack=True,  # a trigger is acked only once the gate has stored it
         )
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
@@ -138,6 +150,7 @@ class MqttSink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.message_callback_add(self.topic_trigger, self._on_trigger_message)
+        client.on_message = self._on_other_message
         return client
 
     def _set_will(self, client: mqtt.Client) -> None:
@@ -166,7 +179,12 @@ class MqttSink:
             self._alarm(MQTT_UNVERIFIED_ACKS, True, msg)
         self._thread = threading.Thread(target=self._sender, name="mqtt-sender", daemon=True)
         self._thread.start()
-        self._client.connect_async(s.host, s.port, keepalive=s.keepalive)
+        session: dict[str, Any] = {}
+        if self._v5:  # 3.1.1: clean_session was set on the client
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = s.session_expiry
+            session = {"clean_start": not s.session_expiry, "properties": props}
+        self._client.connect_async(s.host, s.port, keepalive=s.keepalive, **session)
         self._client.loop_start()
 
     def stop(self, drain_timeout: float = 5.0) -> None:
@@ -260,6 +278,10 @@ class MqttSink:
         self._window = self.settings.max_inflight
         if recv_max is not None and recv_max - _RESERVED_INFLIGHT < self._window:
             self._window = max(1, int(recv_max) - _RESERVED_INFLIGHT)
+        resumed = bool(getattr(flags, "session_present", False))
+        self._resumed_at = time.monotonic() if resumed else None
+        if self.settings.session_expiry and not resumed and self._connects:
+            log.warning("mqtt broker kept no session for us: triggers sent while the station was away are lost")
         client.subscribe(self.topic_trigger, qos=1)
         client.publish(self.topic_status, self._status_bytes("online"), qos=1, retain=True)
         self._connects += 1
@@ -286,12 +308,19 @@ class MqttSink:
         self._events.put(("puback", mid, kind, f"{reason_code} (0x{code:02X})"))
 
     def _on_trigger_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if self._on_trigger is None:
-            return
-        try:
-            self._on_trigger(bytes(msg.payload))
-        except Exception:
-            log.exception("on_trigger callback failed")
+        """Hand the trigger over, then ack it: it is durable by then (or deliberately ignored)."""
+        if self._on_trigger is not None:
+            resumed = None if self._resumed_at is None else time.monotonic() - self._resumed_at
+            try:
+                self._on_trigger(TriggerMessage(bytes(msg.payload), bool(msg.retain), bool(msg.dup), resumed))
+            except Exception:  # e.g. the trigger store cannot write: no ack, the broker redelivers on reconnect
+                log.exception("on_trigger callback failed; trigger left unacknowledged for redelivery")
+                return
+        client.ack(msg.mid, msg.qos)
+
+    def _on_other_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """A message on a topic we no longer want (a subscription left in a resumed session): ack it."""
+        client.ack(msg.mid, msg.qos)
 
     # --- sender thread --------------------------------------------------------------------
     def _sender(self) -> None:

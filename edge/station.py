@@ -126,7 +126,7 @@ def mqtt_settings(cfg: Config) -> MqttSettings:
         username=m.username, password=resolve_password(m), protocol=m.protocol, keepalive=m.keepalive,
         tls_ca=_s(m.tls_ca), tls_cert=_s(m.tls_cert), tls_key=_s(m.tls_key), tls_insecure=m.tls_insecure,
         max_inflight=m.max_inflight, reconnect_min=m.reconnect_min_s, reconnect_max=m.reconnect_max_s,
-        no_subscribers=m.no_subscribers)
+        no_subscribers=m.no_subscribers, session_expiry=m.session_expiry_s)
 
 
 def _s(path: Path | None) -> str | None:

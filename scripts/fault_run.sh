@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The long fault run: the whole fault suite (tests/faults) with its slow profile included - 10 broker
 # SIGKILLs, 5 network cut + black-hole cycles, 25 daemon SIGKILLs at random points, thousands of parts -
-# plus the short cases (disk full, corrupt package, garbage files, camera stall, ACL) against the real
+# plus the short cases (disk full, corrupt package, garbage files, camera stall, ACL, triggered parts over
+# an ffmpeg network camera with resends, a link cut and a daemon SIGKILL) against the real
 # daemon, a real Mosquitto and a real subscriber. About 8 minutes on 2 cores. Needs root for the tmpfs
 # disk-full cases (skipped otherwise). The report (parts generated/delivered/missing/duplicates, recovery times) is
 # printed at the end and written to $FAULT_REPORT (default fault-run/report.json).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup of a fresh Debian/Ubuntu machine for development, the demo and the tests:
-# the Mosquitto broker (tests and the demo start their own instance), a venv with the CPU
+# the Mosquitto broker (tests and the demo start their own instance), ffmpeg (a network camera
+# for the triggered-mode fault test), a venv with the CPU
 # build of torch (pinned: a plain "torch" requirement can pull a multi-GB CUDA build), and
 # this project with its train + dev extras.
 set -euo pipefail
@@ -13,6 +14,13 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   $SUDO apt-get install -y -q mosquitto >/dev/null 2>&1 || { $SUDO apt-get update -q && $SUDO apt-get install -y -q mosquitto; }
   # the tests start their own broker; the distribution's service is not needed
   $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+fi
+
+if ! command -v ffmpeg >/dev/null 2>&1 && [ ! -x /usr/bin/ffmpeg ]; then
+  echo "== installing ffmpeg (Debian package; the triggered-mode fault test streams a network camera with it)"
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get install -y -q ffmpeg >/dev/null 2>&1 || { $SUDO apt-get update -q && $SUDO apt-get install -y -q ffmpeg; }
 fi
 
 if [ ! -x .venv/bin/python ]; then

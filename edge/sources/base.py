@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -75,11 +76,30 @@ def valid_part_id(value: Any) -> str | None:
     return value
 
 
+@dataclass(frozen=True)
+class TriggerFields:
+    """What a trigger message says: the part id, and optionally the PLC's sequence number and send time.
+
+    `problem` names an optional field that is present but unusable: the part id is known, so the
+    part gets an `error` verdict (the PLC waits for a result) rather than being dropped as malformed.
+    """
+
+    part_id: str
+    seq: int | None = None  # PLC counter, +1 per part: a gap or a repeat is detected and alarmed
+    ts: float | None = None  # PLC send time, epoch seconds: a trigger that arrives late is detected
+    problem: str | None = None
+
+
 def parse_trigger(payload: bytes) -> str:
     """Part id of a trigger message: JSON {"part_id": "..."} or the plain text id.
 
     Raises ValueError with a short reason for anything else; the caller counts and logs it.
     """
+    return parse_trigger_fields(payload).part_id
+
+
+def parse_trigger_fields(payload: bytes) -> TriggerFields:
+    """Like parse_trigger, plus the optional JSON fields "seq" (integer >= 0) and "ts" (epoch seconds)."""
     if len(payload) > 4096:
         raise ValueError(f"payload too large ({len(payload)} bytes)")
     try:
@@ -92,16 +112,38 @@ def parse_trigger(payload: bytes) -> str:
             data = json.loads(stripped)
         except (json.JSONDecodeError, RecursionError):
             raise ValueError("payload looks like JSON but does not parse") from None
-        if isinstance(data, dict):
-            data = data.get("part_id")
-        part = valid_part_id(data)
+        fields = data if isinstance(data, dict) else {}
+        part = valid_part_id(fields.get("part_id") if isinstance(data, dict) else data)
         if part is None:
             raise ValueError('JSON trigger needs {"part_id": "<1-128 printable characters, no slashes>"}')
-        return part
+        return _optional_fields(part, fields)
     part = valid_part_id(stripped)
     if part is None:
         raise ValueError("plain-text part id must be 1-128 printable characters without slashes")
-    return part
+    return TriggerFields(part)
+
+
+def _optional_fields(part: str, fields: dict[str, Any]) -> TriggerFields:
+    """PLCs often send numbers as text: "12" and ISO-8601 times with a zone are taken too. A value
+    that still does not fit is not ignored (it claims to order or date the part): `problem`."""
+    seq, ts = fields.get("seq"), fields.get("ts")
+    if isinstance(seq, str) and seq.strip().isdigit():
+        seq = int(seq)
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63):
+        return TriggerFields(part, problem=f'trigger field "seq" must be an integer >= 0, got {seq!r:.40}')
+    if isinstance(ts, str):
+        try:
+            when = dt.datetime.fromisoformat(ts.strip())
+            ts = when.timestamp() if when.tzinfo is not None else None
+        except ValueError:
+            ts = None
+        if ts is None:
+            return TriggerFields(part, problem=f'trigger field "ts" must be epoch seconds or ISO-8601 with a '
+                                               f'time zone, got {fields["ts"]!r:.40}')
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)
+                           or ts <= 0):
+        return TriggerFields(part, problem=f'trigger field "ts" must be epoch seconds, got {ts!r:.40}')
+    return TriggerFields(part, seq, None if ts is None else float(ts))
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,7 @@ class CameraSource:
         pace = 1.0 / fps if isinstance(self.cfg, VideoSourceConfig) and self.cfg.realtime and fps > 0 else 0.0
         next_due = time.monotonic()
         index = delivered = 0
+        clock = _StreamClock()
         while not self._stop.is_set():
             ok, image = cap.read()
             if not ok or image is None:
@@ -194,21 +195,65 @@ class CameraSource:
                     break
             index += 1
             delivered += 1
-            self._deliver(np.asarray(image), index)
+            age = 0.0 if self.is_file else clock.age(time.monotonic(), cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0)
+            self._deliver(np.asarray(image), index, age)
         return delivered
 
-    def _deliver(self, image: np.ndarray, index: int) -> None:
+    def _deliver(self, image: np.ndarray, index: int, age: float | None = 0.0) -> None:
+        """Hand a frame over, stamped with its estimated production time (age: see _StreamClock)."""
         with self._cond:
             if self.is_file:  # every frame of a file counts (benchmarks, replays): wait for the slot
                 while self._frame is not None and not self._stop.is_set():
                     self._cond.wait(0.5)
             elif self._frame is not None:
                 self.overwritten += 1
-            ts = time.time()
+            older = age or 0.0  # a frame from a backlog was taken before read() returned it
+            ts = time.time() - older
             self._counter += 1
             prefix = Path(self.cfg.path).stem if isinstance(self.cfg, VideoSourceConfig) else "cam"
             # A file frame is not perishable (unless paced like a camera): never dropped, never stale.
             live = not self.is_file or bool(getattr(self.cfg, "realtime", False))
             self._frame = Frame(part_id=now_part_id(prefix, ts, self._counter), capture_ts=ts, image=image,
-                                live=live, meta={"frame_index": index})
+                                mono_ts=time.monotonic() - older, live=live,
+                                meta={"frame_index": index, **({"buffered": True} if age is None else {})})
             self._cond.notify_all()
+
+
+class _StreamClock:
+    """How long ago a live frame was produced, from the stream's own time stamps.
+
+    OpenCV stamps nothing: a frame's time is when read() returned it. Measured on an MPEG-TS
+    stream: at open FFmpeg hands over what it buffered while probing (~0.75 s of frames in one
+    burst), and a reader that fell behind drains its socket the same way. So (grab time - stream
+    time) is tracked; its running minimum is the freshest delivery seen, and a frame's excess over
+    it is how much older it is than its grab time. Frames of the burst after an open (they come
+    faster than their stream time advances) have no usable estimate: None, the gate never gives
+    them to a trigger. The minimum may rise by SLACK s/s, as the camera's clock may be slower than
+    ours. Streams without time stamps report no interval and are taken as fresh (age 0).
+    """
+
+    SLACK = 0.001
+    JUMP_S = 5.0  # a larger step of the stream time is a new stream (camera restart, wrap-around)
+
+    def __init__(self) -> None:
+        self._prev: tuple[float, float] | None = None  # (monotonic, stream seconds) of the previous frame
+        self._offset: float | None = None
+        self._caught_up = False
+
+    def age(self, now: float, stream_s: float) -> float | None:
+        prev, self._prev = self._prev, (now, stream_s)
+        if prev is None:
+            return None
+        dt, interval = now - prev[0], stream_s - prev[1]
+        if interval <= 0:
+            return 0.0
+        if interval > self.JUMP_S:
+            self._offset, self._caught_up = None, False
+            return None
+        if not self._caught_up:
+            if dt < interval / 2:
+                return None  # still draining what was buffered at open
+            self._caught_up = True
+        off = now - stream_s
+        self._offset = off if self._offset is None else min(off, self._offset + self.SLACK * dt)
+        return off - self._offset

@@ -177,7 +177,7 @@ class Station:
             tls_key=str(tls_key) if tls_key else None, reconnect_min=0.2, reconnect_max=0.5,
         )
         self.sink = MqttSink(settings, self.outbox, base, {"station": base.rsplit("/", 1)[-1], "line": "line1"},
-                             on_alarm=lambda *a: self.alarms.append(a), on_trigger=self.triggers.append)
+                             on_alarm=lambda *a: self.alarms.append(a), on_trigger=lambda t: self.triggers.append(t.payload))
 
     def send(self, event_id: str, topic: str = f"{BASE}/result") -> None:
         self.outbox.add(event_id, topic, f'{{"event_id": "{event_id}"}}'.encode())

@@ -254,7 +254,7 @@ def test_acl_denied_publish_raises_alarm_and_keeps_event(tmp_path: Path, outbox:
 
 def test_trigger_reaches_on_trigger(broker: Broker, sub: Subscriber, outbox: Outbox) -> None:
     got: list[bytes] = []
-    sink = MqttSink(_settings(broker), outbox, BASE, {"station": "s1"}, on_trigger=got.append)
+    sink = MqttSink(_settings(broker), outbox, BASE, {"station": "s1"}, on_trigger=lambda t: got.append(t.payload))
     sink.start()
     try:
         assert sub.wait_for(lambda ms: any(m.topic == STATUS for m in ms))  # connected and subscribed

@@ -99,7 +99,7 @@ def test_gate_assigns_triggers_to_the_next_frames_and_expires_the_rest() -> None
     time.sleep(0.25)
     expired = gate.expired_triggers()
     assert [f.part_id for f in expired] == ["P2"] and "no frame within" in (expired[0].error or "")
-    assert gate.triggers == {"accepted": 2, "malformed": 1, "ignored": 0, "expired": 1, "overflow": 1}
+    assert {k: v for k, v in gate.triggers.items() if v} == {"accepted": 2, "malformed": 1, "expired": 1, "overflow": 1}
 
 
 def test_gate_free_run_every_nth_and_errors_always_pass() -> None:
