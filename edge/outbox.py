@@ -8,6 +8,7 @@ duplicate delivery (same event_id, consumers de-duplicate), never to a lost verd
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -59,16 +60,39 @@ class Outbox:
         self.max_events = max_events
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # isolation_level=None: autocommit, every statement is its own durable transaction.
-        self._db: sqlite3.Connection | None = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
+        self.recovery: str | None = None  # what a corrupt file's salvage found (for the outbox_recovered alarm)
+        try:
+            self._db: sqlite3.Connection | None = _open(self.path)
+        except sqlite3.DatabaseError as e:
+            if not _is_corrupt(e):
+                raise
+            self._db = self._recover(e)
         self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         if self._count:
             log.info("outbox %s reopened with %d undelivered event(s)", self.path, self._count)
+
+    def _recover(self, error: sqlite3.DatabaseError) -> sqlite3.Connection:
+        """A corrupt file would crash every start: move it aside (with -wal/-shm), start a new one
+        and copy into it every row that can still be read, saying what was recovered and lost."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        while aside.exists():  # corrupt twice within a second: keep both copies
+            aside = aside.with_name(aside.name + "x")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                src.rename(f"{aside}{suffix}")
+        db = _open(self.path)
+        rows, unreadable, note = salvage(aside)
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany("INSERT OR IGNORE INTO outbox (seq, event_id, topic, payload, qos, created, attempts) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        db.execute("COMMIT")
+        lost = (f"unreadable seq ranges {_ranges(unreadable)} (up to {sum(b - a + 1 for a, b in unreadable)} "
+                f"events lost)" if unreadable else note or "nothing unreadable")
+        self.recovery = (f"outbox {self.path} was corrupt ({error}); moved to {aside}; recovered {len(rows)} "
+                         f"undelivered event(s); {lost}")
+        log.error("%s", self.recovery)
+        return db
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -159,6 +183,99 @@ class Outbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    """Connect (autocommit: every statement is its own durable transaction) and check the file.
+
+    Raises sqlite3.DatabaseError for a corrupt file. When the shared-memory index cannot be made
+    (disk full), fall back to exclusive locking, which keeps it in memory: reads work and writes
+    fail (the pipeline holds parts with an alarm) instead of the daemon failing to start."""
+    exclusive = False
+    while True:
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            if exclusive:
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check}")
+            db.execute(_SCHEMA)
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            if exclusive or _is_corrupt(e):
+                raise
+            log.warning("outbox %s: %s; opening it with exclusive locking (disk full?)", path, e)
+            exclusive = True
+        except BaseException:
+            db.close()
+            raise
+
+
+def _is_corrupt(e: sqlite3.DatabaseError) -> bool:
+    """SQLITE_CORRUPT / SQLITE_NOTADB, or our own failed quick_check (a plain DatabaseError)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return (code is not None and code & 0xFF in (11, 26)) or type(e) is sqlite3.DatabaseError
+
+
+_COLUMNS = "seq, event_id, topic, payload, qos, created, attempts"
+_SALVAGE_QUERIES = 20_000  # bisection budget: a corrupt root page makes every range fail
+
+
+def salvage(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]], str | None]:
+    """Every readable row of a corrupt outbox, read by seq range and bisecting around bad pages.
+
+    Returns (rows, unreadable seq ranges, note when the extent of the loss is unknown)."""
+    try:
+        db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
+    except sqlite3.Error as e:
+        return [], [], f"the file cannot be opened ({e}): the number of lost events is unknown"
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        hi = 0
+        for q in ("SELECT max(seq) FROM outbox", "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"):
+            with contextlib.suppress(sqlite3.Error):
+                hi = max(hi, int((db.execute(q).fetchone() or [0])[0] or 0))
+    except sqlite3.Error as e:
+        db.close()
+        return [], [], f"nothing readable ({e}): the number of lost events is unknown"
+    rows: list[tuple[Any, ...]] = []
+    bad: list[tuple[int, int]] = []
+    todo, budget = [(1, hi or 1 << 31)], _SALVAGE_QUERIES
+    while todo:
+        a, b = todo.pop()
+        budget -= 1
+        try:
+            if budget < 0:
+                raise sqlite3.DatabaseError("salvage query budget used up")
+            rows += db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq BETWEEN ? AND ?", (a, b)).fetchall()
+        except sqlite3.Error:
+            if a == b or budget < 0:
+                bad.append((a, b))
+            else:  # lower half popped first: rows come out in order
+                mid = (a + b) // 2
+                todo += [(mid + 1, b), (a, mid)]
+    db.close()
+    note = None if hi else "the highest seq was unreadable: events past the readable ones may be lost"
+    return sorted(rows), _merge(bad), note
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _ranges(ranges: list[tuple[int, int]]) -> str:
+    shown = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges[:10])
+    return shown + (f" and {len(ranges) - 10} more" if len(ranges) > 10 else "")
 
 
 def _row(r: Any) -> OutboxRow:
