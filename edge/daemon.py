@@ -21,7 +21,7 @@ from edge.evidence import EvidenceStore
 from edge.flow import FrameFlow
 from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
-from edge.outbox import Outbox
+from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
 from edge.sources import SourceError, make_source
 from edge.sources.gate import FrameGate
@@ -253,7 +253,7 @@ def run_pipeline(cfg: Config, stop_event: threading.Event, *, config_path: str |
     pipeline = Pipeline(cfg, stop_event, config_path=config_path, reload_event=reload_event, notifier=notifier)
     try:
         pipeline.start()
-    except (PackageError, SourceError, ConfigError, LockHeld) as e:
+    except (PackageError, SourceError, ConfigError, LockHeld, OutboxUnwritable) as e:
         log.error("cannot start station %s/%s: %s", cfg.station.line, cfg.station.name, e)
         pipeline.shutdown()
         return EX_CONFIG

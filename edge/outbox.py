@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -33,6 +34,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 # AUTOINCREMENT (not a bare rowid) so seq never goes backwards after the table empties:
 # the sender's "after_seq" cursor relies on new rows always getting larger numbers.
+
+
+class OutboxUnwritable(RuntimeError):
+    """The outbox file or its folder is read-only: a deployment error that no restart fixes."""
 
 
 class OutboxFull(RuntimeError):
@@ -62,9 +67,12 @@ class Outbox:
         self._lock = threading.Lock()
         self.recovery: str | None = None  # what a corrupt file's salvage found (for the outbox_recovered alarm)
         try:
+            if _truncated_to_nothing(self.path):
+                raise sqlite3.DatabaseError("the file is empty (0 bytes): truncated by a crash or a copy?")
             self._db: sqlite3.Connection | None = _open(self.path)
         except sqlite3.DatabaseError as e:
             if not _is_corrupt(e):
+                _raise_if_read_only(self.path, e)
                 raise
             self._db = self._recover(e)
         self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
@@ -84,12 +92,14 @@ class Outbox:
         db = _open(self.path)
         rows, unreadable, note = salvage(aside)
         db.execute("BEGIN IMMEDIATE")
+        before = db.total_changes
         db.executemany("INSERT OR IGNORE INTO outbox (seq, event_id, topic, payload, qos, created, attempts) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         db.execute("COMMIT")
+        kept = db.total_changes - before
         lost = (f"unreadable seq ranges {_ranges(unreadable)} (up to {sum(b - a + 1 for a, b in unreadable)} "
                 f"events lost)" if unreadable else note or "nothing unreadable")
-        self.recovery = (f"outbox {self.path} was corrupt ({error}); moved to {aside}; recovered {len(rows)} "
+        self.recovery = (f"outbox {self.path} was corrupt ({error}); moved to {aside}; recovered {kept} "
                          f"undelivered event(s); {lost}")
         log.error("%s", self.recovery)
         return db
@@ -215,6 +225,20 @@ def _open(path: Path) -> sqlite3.Connection:
             raise
 
 
+def _raise_if_read_only(path: Path, error: Exception) -> None:
+    for p in (path.parent, path):
+        if p.exists() and not os.access(p, os.W_OK):
+            raise OutboxUnwritable(f"outbox {path}: {p} is read-only ({error}); the outbox needs a writable "
+                                   "file and folder (state_dir / outbox.path)") from error
+
+
+def _truncated_to_nothing(path: Path) -> bool:
+    """SQLite would take a 0-byte file for a new, empty database and silently forget its events;
+    it never leaves one itself (the first write makes page 1), so one with no WAL beside it was cut."""
+    wal = Path(f"{path}-wal")
+    return path.exists() and path.stat().st_size == 0 and not (wal.exists() and wal.stat().st_size > 0)
+
+
 def _is_corrupt(e: sqlite3.DatabaseError) -> bool:
     """SQLITE_CORRUPT / SQLITE_NOTADB, or our own failed quick_check (a plain DatabaseError)."""
     code = getattr(e, "sqlite_errorcode", None)
@@ -229,6 +253,7 @@ def salvage(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]], s
     """Every readable row of a corrupt outbox, read by seq range and bisecting around bad pages.
 
     Returns (rows, unreadable seq ranges, note when the extent of the loss is unknown)."""
+    _pad_truncated(path)
     try:
         db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
     except sqlite3.Error as e:
@@ -251,7 +276,8 @@ def salvage(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]], s
         try:
             if budget < 0:
                 raise sqlite3.DatabaseError("salvage query budget used up")
-            rows += db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq BETWEEN ? AND ?", (a, b)).fetchall()
+            got = db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq BETWEEN ? AND ?", (a, b)).fetchall()
+            rows += [r for r in got if _plausible(r, a, b)]  # a damaged page can yield stray cells
         except sqlite3.Error:
             if a == b or budget < 0:
                 bad.append((a, b))
@@ -261,6 +287,30 @@ def salvage(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]], s
     db.close()
     note = None if hi else "the highest seq was unreadable: events past the readable ones may be lost"
     return sorted(rows), _merge(bad), note
+
+
+def _plausible(r: tuple[Any, ...], lo: int, hi: int) -> bool:
+    seq, event_id, topic, payload, qos = r[:5]
+    return (isinstance(seq, int) and lo <= seq <= hi and isinstance(event_id, str) and bool(event_id)
+            and isinstance(topic, str) and bool(topic) and isinstance(payload, bytes) and qos in (0, 1, 2))
+
+
+def _pad_truncated(path: Path) -> None:
+    """A file cut short makes SQLite refuse its whole schema (root pages past the end): pad it with
+    zero pages to the size its header records, so only the missing pages are unreadable."""
+    try:
+        with open(path, "r+b") as f:
+            head = f.read(100)
+            if len(head) < 100 or not head.startswith(b"SQLite format 3\0"):
+                return
+            page = int.from_bytes(head[16:18], "big")
+            want = (65536 if page == 1 else page) * int.from_bytes(head[28:32], "big")
+            size = f.seek(0, 2)
+            if size < want:
+                f.truncate(want)
+                log.warning("outbox %s is cut short (%d of %d bytes); padded with zeros to salvage it", path, size, want)
+    except OSError as e:
+        log.warning("cannot pad %s for salvage: %s", path, e)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
