@@ -9,6 +9,7 @@ duplicate delivery (same event_id, consumers de-duplicate), never to a lost verd
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -97,7 +98,7 @@ class Outbox:
                        "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         db.execute("COMMIT")
         kept = db.total_changes - before
-        lost = (f"unreadable seq ranges {_ranges(unreadable)} (up to {sum(b - a + 1 for a, b in unreadable)} "
+        lost = (f"unreadable or missing seq {_ranges(unreadable)} (up to {sum(b - a + 1 for a, b in unreadable)} "
                 f"events lost)" if unreadable else note or "nothing unreadable")
         self.recovery = (f"outbox {self.path} was corrupt ({error}); moved to {aside}; recovered {kept} "
                          f"undelivered event(s); {lost}")
@@ -259,7 +260,9 @@ def salvage(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]], s
     except sqlite3.Error as e:
         return [], [], f"the file cannot be opened ({e}): the number of lost events is unknown"
     try:
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'outbox'").fetchone():
+            db.close()
+            return [], [], "no outbox table in the file: the number of lost events is unknown"
         hi = 0
         for q in ("SELECT max(seq) FROM outbox", "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"):
             with contextlib.suppress(sqlite3.Error):
@@ -269,6 +272,7 @@ def salvage(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]], s
         return [], [], f"nothing readable ({e}): the number of lost events is unknown"
     rows: list[tuple[Any, ...]] = []
     bad: list[tuple[int, int]] = []
+    damaged: list[int] = []
     todo, budget = [(1, hi or 1 << 31)], _SALVAGE_QUERIES
     while todo:
         a, b = todo.pop()
@@ -277,7 +281,11 @@ def salvage(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]], s
             if budget < 0:
                 raise sqlite3.DatabaseError("salvage query budget used up")
             got = db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq BETWEEN ? AND ?", (a, b)).fetchall()
-            rows += [r for r in got if _plausible(r, a, b)]  # a damaged page can yield stray cells
+            for r in got:  # a damaged page can yield stray cells or cut payloads
+                if _plausible(r, a, b):
+                    rows.append(r)
+                elif isinstance(r[0], int) and a <= r[0] <= b:
+                    damaged.append(r[0])
         except sqlite3.Error:
             if a == b or budget < 0:
                 bad.append((a, b))
@@ -285,14 +293,26 @@ def salvage(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]], s
                 mid = (a + b) // 2
                 todo += [(mid + 1, b), (a, mid)]
     db.close()
-    note = None if hi else "the highest seq was unreadable: events past the readable ones may be lost"
-    return sorted(rows), _merge(bad), note
+    lost = bad + [(s, s) for s in damaged]
+    if not hi:
+        return sorted(rows), _merge(lost), "the highest seq was unreadable: events past the readable ones may be lost"
+    # A zeroed page can read as an empty one: seq numbers used (<= hi) but absent from the undelivered
+    # span (from the first row or bad range on) are counted as lost too - acks delete mostly in order.
+    seen = {r[0] for r in rows}
+    start = min([*seen, *(a for a, _ in lost)], default=hi + 1)
+    lost += [(s, s) for s in range(start, hi + 1) if s not in seen]
+    return sorted(rows), _merge(lost), None
 
 
 def _plausible(r: tuple[Any, ...], lo: int, hi: int) -> bool:
     seq, event_id, topic, payload, qos = r[:5]
-    return (isinstance(seq, int) and lo <= seq <= hi and isinstance(event_id, str) and bool(event_id)
-            and isinstance(topic, str) and bool(topic) and isinstance(payload, bytes) and qos in (0, 1, 2))
+    if not (isinstance(seq, int) and lo <= seq <= hi and isinstance(event_id, str) and bool(event_id)
+            and isinstance(topic, str) and bool(topic) and isinstance(payload, bytes) and qos in (0, 1, 2)):
+        return False
+    try:  # every event is a JSON object: one cut short (zeroed overflow page) is not sent as if whole
+        return isinstance(json.loads(payload), dict)
+    except ValueError:
+        return False
 
 
 def _pad_truncated(path: Path) -> None:
