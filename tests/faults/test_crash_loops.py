@@ -170,9 +170,10 @@ def test_full_disk_keeps_the_watchdog_fed_and_a_restart_comes_up_alarmed(tmp_pat
             t_restart = time.monotonic()  # the disk is still full
             d2 = Daemon(cfg, tmp_path / "daemon2.log", notify.env(2.0))
             assert notify.wait("READY=1", t_restart, 60), f"no READY=1 on a full disk\n{d2.text()}"
-            assert sub.wait_alarm("outbox_error", "raised", 30, after=t_restart) is not None, d2.text()
-            time.sleep(6)
-            pings_restart = notify.count("WATCHDOG=1", t_restart + 8)
+            t_raised2 = sub.wait_alarm("outbox_error", "raised", 30, after=t_restart)
+            assert t_raised2 is not None, d2.text()
+            time.sleep(7)  # past hang_timeout_s again
+            pings_restart = notify.count("WATCHDOG=1", t_raised2 + 1)
             assert d2.proc.poll() is None and pings_restart >= 4, (pings_restart, d2.text())
             assert set(held) <= files(inbox) and not sub.part_ids() & set(held)
 
@@ -195,7 +196,6 @@ def test_full_disk_keeps_the_watchdog_fed_and_a_restart_comes_up_alarmed(tmp_pat
         report(entry)
         assert ok and t_cleared is not None and rc2 == 0, (entry, d2.text() if d2 else "")
         check(entry)
-        assert "outbox" in d2.text() and "exclusive locking" in d2.text()
 
 
 # -- SIGTERM with everything stuck ---------------------------------------------------------------------
@@ -439,7 +439,7 @@ def test_burst_of_big_frames_stays_within_max_queued_mb(tmp_path: Path, tiny_pac
     behind a full outbox; now the frame path holds at most pipeline.max_queued_mb."""
     inbox = tmp_path / "in"
     inbox.mkdir()
-    small = [f"a{i:04d}" for i in range(100)]
+    small = [f"a{i:04d}" for i in range(110)]  # 100 fill the outbox, the rest are held
     big = [f"b{i:04d}" for i in range(80)]
     write_parts(inbox, small)
     max_mb = 40
