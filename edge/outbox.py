@@ -217,7 +217,7 @@ def _open(path: Path) -> sqlite3.Connection:
             return db
         except sqlite3.OperationalError as e:
             db.close()
-            if exclusive or _is_corrupt(e):
+            if exclusive or _is_corrupt(e) or "locked" in str(e):  # locked: another process, not the disk
                 raise
             log.warning("outbox %s: %s; opening it with exclusive locking (disk full?)", path, e)
             exclusive = True

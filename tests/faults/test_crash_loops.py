@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from tests.broker import Broker, Subscriber
-from tests.daemon_proc import Daemon, alarms, results, station, write_config
+from tests.daemon_proc import Daemon, alarms, results, running, station, write_config
 from tests.faults.harness import (
     PersistentSubscriber,
     check,
@@ -196,6 +196,29 @@ def test_full_disk_keeps_the_watchdog_fed_and_a_restart_comes_up_alarmed(tmp_pat
         report(entry)
         assert ok and t_cleared is not None and rc2 == 0, (entry, d2.text() if d2 else "")
         check(entry)
+
+
+def test_a_real_hang_still_starves_the_watchdog(tmp_path: Path, tiny_package: Path, broker: Broker) -> None:
+    """The other side of the rule above: a result thread stuck with no backpressure reason (here: the
+    outbox lock held, as by a hung disk write) must stop the pings, and they resume once it moves."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    data = station(tmp_path, tiny_package, broker, folder(inbox), evidence={"enabled": False},
+                   pipeline={"hang_timeout_s": 2})
+    sub = Subscriber(broker, ["inspection/l1/s1/#"])
+    try:
+        with running(data) as pipe:
+            write_parts(inbox, ["p0"])
+            assert sub.wait_for(lambda ms: len(results(sub)) == 1, 30)
+            assert pipe._healthy_for_watchdog()
+            with pipe.outbox._lock:  # the result thread blocks inside Outbox.add
+                write_parts(inbox, ["p1", "p2"])
+                assert wait_until(lambda: not pipe._healthy_for_watchdog(), 20), "a hang must starve the watchdog"
+                assert pipe.flow is not None and not pipe.alarms.is_active("outbox_error")
+            assert wait_until(pipe._healthy_for_watchdog, 20)
+            assert sub.wait_for(lambda ms: len(results(sub)) == 3, 30)
+    finally:
+        sub.close()
 
 
 # -- SIGTERM with everything stuck ---------------------------------------------------------------------
