@@ -219,7 +219,7 @@ class FrameFlow:
 
     def _give_up(self, frame: Frame, force: bool) -> bool:
         if self.fatal or self._abandon.is_set():
-            log.warning("part %s not queued before the stop: left for the next start", frame.part_id)
+            log.warning("part %s not queued (the pipeline is stopping): left for the next start", frame.part_id)
             return True
         return self._capture_stop.is_set() and not force and frame.live
 
