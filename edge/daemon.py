@@ -9,6 +9,7 @@ outbox before saying offline. `run_pipeline` is the entry for the CLI, tests and
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -20,10 +21,11 @@ from edge.evidence import EvidenceStore
 from edge.flow import FrameFlow
 from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
-from edge.outbox import Outbox
+from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
 from edge.sources import SourceError, make_source
 from edge.sources.gate import FrameGate
+from edge.statelock import LockHeld, ProcessLock, client_id_lock, state_lock
 from edge.station import SeqStore, frame_checks, load_model, mqtt_settings
 from edge.systemd import Notifier
 from edge.triggers import TriggerStore
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 EX_OK, EX_FAILURE, EX_CONFIG = 0, 1, 78
 MODEL_RELOAD = "model_reload"
+OUTBOX_RECOVERED = "outbox_recovered"  # a corrupt outbox was moved aside; the message says what was saved
+HARD_STOP_GRACE_S = 15.0  # past drain_timeout_s: a stop that still hangs ends the process anyway
 
 
 class Pipeline:
@@ -53,11 +57,15 @@ class Pipeline:
         self.server: MetricsServer | None = None
         self.evidence: EvidenceStore | None = None
         self.triggers: TriggerStore | None = None
+        self.locks: list[ProcessLock] = []
 
     # -- startup: a flat list of steps; any failure here is a startup failure ------------------
     def start(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.locks.append(state_lock(cfg.state_dir))  # LockHeld -> exit 78: a second daemon on this station
+        ms = mqtt_settings(cfg)
+        self.locks.append(client_id_lock(ms.host, ms.port, ms.client_id))
         self.notifier.status("loading model")
         self.model = load_model(cfg)  # PackageError -> exit 78 before touching the camera
         model_state.record(cfg.state_dir, None, path=cfg.model.path, info=self.model.info)
@@ -77,9 +85,11 @@ class Pipeline:
         self.triggers = TriggerStore(cfg.state_dir / "triggers.sqlite3", cfg.pipeline.trigger_dedup_s) \
             if cfg.pipeline.mode == "triggered" else None
         self.gate = FrameGate(cfg.pipeline, self.metrics, self.triggers, on_alarm=self.alarms.set)
-        self.sink = MqttSink(mqtt_settings(cfg), self.outbox, cfg.base_topic, self._status_payload(),
+        self.sink = MqttSink(ms, self.outbox, cfg.base_topic, self._status_payload(),
                              on_alarm=self.alarms.set, on_trigger=self.gate.on_trigger)
         self.sink.start()
+        if self.outbox.recovery:
+            self.alarms.set(OUTBOX_RECOVERED, True, self.outbox.recovery)
         if cfg.metrics.enabled:
             self.server = MetricsServer(self.metrics, self.health, cfg.metrics.host, cfg.metrics.port)
             self.server.start()
@@ -89,7 +99,8 @@ class Pipeline:
             station=self.station, result_topic=f"{cfg.base_topic}/result", source=self.source, gate=self.gate,
             model=self.model, checks=self.checks, roi=cfg.roi, outbox=self.outbox, sink=self.sink,
             alarms=self.alarms, metrics=self.metrics, evidence=self.evidence, seq=self.seq, latency=self.latency,
-            queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder")
+            queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder",
+            max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)))
         self.flow.start()
         self.notifier.ready(f"inspecting {self.source.name} with {self.model.info['name']} {self.model.info['version']}")
         log.info("station %s ready: source %s, topics %s/#", self.station_key, self.source.name, cfg.base_topic)
@@ -124,12 +135,16 @@ class Pipeline:
         return EX_OK
 
     def _healthy_for_watchdog(self) -> bool:
-        """No ping when a thread died or results stopped coming while parts wait: systemd restarts us."""
+        """No ping when a thread died or results stopped coming while parts wait: systemd restarts us.
+
+        Holding parts on purpose (full outbox or disk: the result thread retries, outbox_error is
+        raised) is not a hang: a restart would not free space, and on a full disk we could not
+        even start again. Only a thread stuck with no such reason stops the pings."""
         flow = self.flow
         if flow is None or not all(t.is_alive() for t in flow.threads[1:]):
             return False
-        hang_s = max(60.0, 3 * float(getattr(self.cfg.source, "stall_timeout_s", 5.0)))
-        return flow.idle() or time.monotonic() - flow.last_progress < hang_s
+        hang_s = self.cfg.pipeline.hang_timeout_s or max(60.0, 3 * float(getattr(self.cfg.source, "stall_timeout_s", 5.0)))
+        return flow.idle() or time.monotonic() - max(flow.last_progress, flow.hold_beat) < hang_s
 
     def _refresh_gauges(self) -> None:
         overwritten = int(getattr(self.source, "overwritten", 0))
@@ -219,7 +234,7 @@ class Pipeline:
         log.info("reloaded: model %s %s -> %s %s, rules %s", old.info["name"], old.info["version"],
                  new_model.info["name"], new_model.info["version"], new_model.rules_dict)
         self.notifier.ready(f"running {new_model.info['name']} {new_model.info['version']}")
-        old.inferencer.wait_all()  # frames in flight on the old model finish before it is released
+        old.inferencer.close()  # frames in flight on the old model finish, then its memory and threads go
 
     # -- shutdown ----------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -239,6 +254,8 @@ class Pipeline:
             self.triggers.close()
         if self.server is not None:
             self.server.stop()
+        for lock in self.locks:
+            lock.release()
         log.info("station %s stopped: %s", self.station_key, self.counts)
 
 
@@ -248,7 +265,7 @@ def run_pipeline(cfg: Config, stop_event: threading.Event, *, config_path: str |
     pipeline = Pipeline(cfg, stop_event, config_path=config_path, reload_event=reload_event, notifier=notifier)
     try:
         pipeline.start()
-    except (PackageError, SourceError, ConfigError) as e:
+    except (PackageError, SourceError, ConfigError, LockHeld, OutboxUnwritable) as e:
         log.error("cannot start station %s/%s: %s", cfg.station.line, cfg.station.name, e)
         pipeline.shutdown()
         return EX_CONFIG
@@ -259,4 +276,18 @@ def run_pipeline(cfg: Config, stop_event: threading.Event, *, config_path: str |
     try:
         return pipeline.run()
     finally:
+        _hard_deadline(cfg.pipeline.drain_timeout_s + HARD_STOP_GRACE_S)
         pipeline.shutdown()
+
+
+def _hard_deadline(seconds: float) -> None:
+    """The last bound on a stop: every wait in shutdown has its own deadline, but a stop that
+    hangs anyway (a stuck driver, a lock) must not keep systemd waiting until it SIGKILLs us."""
+    def expire() -> None:
+        log.critical("stop did not finish within %.0f s; exiting now (unfinished parts stay uncommitted)", seconds)
+        logging.shutdown()
+        os._exit(EX_FAILURE)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()

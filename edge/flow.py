@@ -26,6 +26,8 @@ from edge.config import RoiConfig
 from edge.contract import NonFiniteError, Region, Verdict
 from edge.events import EVENT_MAX_BYTES, build_result_event, encode, event_id_for
 from edge.evidence import EvidenceStore
+from edge.inference import ModelClosed
+from edge.membudget import MemoryBudget, frame_cost
 from edge.metrics import LatencyWindow, Metrics
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox
@@ -60,7 +62,8 @@ class Outcome:
 class Job:
     """One part on its way through the pipeline (slots: created per frame)."""
 
-    __slots__ = ("error", "error_kind", "frame", "image_size", "model", "offset", "prob", "t_done", "t_submit")
+    __slots__ = ("error", "error_kind", "frame", "image_size", "model", "nbytes", "offset", "prob", "t_done",
+                 "t_submit")
 
     def __init__(self, frame: Frame, model: LoadedModel) -> None:
         self.frame, self.model = frame, model
@@ -70,6 +73,7 @@ class Job:
         self.offset = (0, 0)
         self.image_size: tuple[int, int] | None = None  # (width, height) of the full frame
         self.t_submit = self.t_done = 0.0
+        self.nbytes = frame_cost(frame.image)  # held in the memory budget until the result is stored
 
 
 class FrameFlow:
@@ -79,7 +83,8 @@ class FrameFlow:
     def __init__(self, *, station: dict[str, str], result_topic: str, source: FrameSource, gate: FrameGate,
                  model: LoadedModel, checks: FrameChecks, roi: RoiConfig | None, outbox: Outbox,
                  sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceStore | None,
-                 seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool) -> None:
+                 seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool,
+                 max_queued_bytes: int = 256 << 20) -> None:
         self.station, self.station_key = station, f"{station['line']}/{station['name']}"
         self.result_topic, self.source, self.gate = result_topic, source, gate
         self.model, self.checks, self.roi = model, checks, roi
@@ -88,13 +93,15 @@ class FrameFlow:
         self.observe_camera = observe_camera
         self.counts = {"pass": 0, "fail": 0, "error": 0, "duplicate": 0}
         self.fatal: str | None = None
-        self.last_progress = time.monotonic()
+        self.last_progress = self.hold_beat = time.monotonic()  # hold_beat: a full outbox/disk is retried
         self._frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
-        self._results: queue.Queue[Any] = queue.Queue(maxsize=64)
+        # Unbounded: the budget admits at most queue_size + 64 parts, so it never blocks a callback.
+        self._results: queue.Queue[Any] = queue.Queue()
+        self.budget = MemoryBudget(max_queued_bytes, queue_size + 64)
         self._inflight = 0
         self._inflight_cond = threading.Condition()
         self._capture_stop = threading.Event()
-        self._abandon = threading.Event()  # drain timed out: stop retrying a full outbox
+        self._abandon = threading.Event()  # drain deadline: stop waiting, leave the rest uncommitted
         self._last_size: tuple[int, int] | None = None
         self.threads = [threading.Thread(target=self._guard, args=(fn,), name=name, daemon=True)
                         for name, fn in (("capture", self._capture_loop), ("submit", self._submit_loop),
@@ -120,20 +127,48 @@ class FrameFlow:
             return self._inflight == 0 and self._frames.empty()
 
     def drain(self, deadline: float, keepalive: Callable[[], Any]) -> None:
-        """Stop capture, then finish every part already taken (until `deadline`, monotonic)."""
+        """Stop capture, then finish every part already taken until `deadline` (monotonic).
+
+        No wait here outlives the deadline: parts not finished by then are given up and logged,
+        uncommitted (a folder file stays for the next start; nothing is lost)."""
         self._capture_stop.set()
-        self.threads[0].join(max(1.0, deadline - time.monotonic()))
-        self._frames.put(_STOP)
-        self.threads[1].join(max(1.0, deadline - time.monotonic()))
+        self._join(self.threads[0], deadline, keepalive)
+        while not self._abandon.is_set():  # _STOP behind the last queued frame
+            try:
+                self._frames.put(_STOP, timeout=0.2)
+                break
+            except queue.Full:
+                self._tick(deadline, keepalive)
+        self._join(self.threads[1], deadline, keepalive)
         with self._inflight_cond:
-            while self._inflight > 0 and time.monotonic() < deadline:
-                keepalive()
+            while self._inflight > 0 and not self._abandon.is_set():
                 self._inflight_cond.wait(0.2)
+                self._tick(deadline, keepalive)
             if self._inflight:
                 log.error("%d part(s) still in flight at the drain deadline", self._inflight)
         self._abandon.set()
         self._results.put(_STOP)
-        self.threads[2].join(timeout=5.0)
+        self._join(self.threads[2], time.monotonic() + 5.0, keepalive)
+        left = [f.part_id for f in _empty(self._frames) if f is not _STOP]
+        if left:
+            log.warning("%d part(s) not inspected at stop, left for the next start: %s", len(left), left[:20])
+
+    def _tick(self, deadline: float, keepalive: Callable[[], Any]) -> None:
+        keepalive()
+        if time.monotonic() >= deadline and not self._abandon.is_set():
+            log.error("drain deadline reached: giving up on the parts still on their way (left uncommitted)")
+            self._abandon.set()
+
+    def _join(self, thread: threading.Thread, deadline: float, keepalive: Callable[[], Any]) -> None:
+        """Join until `deadline`; past it, abandon (every wait in the path gives up) and join briefly."""
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.2)
+            keepalive()
+        if thread.is_alive():
+            self._tick(deadline, keepalive)
+            thread.join(2.0)
+            if thread.is_alive():
+                log.error("thread %s still busy at the drain deadline; leaving it", thread.name)
 
     # -- capture thread ------------------------------------------------------------------------------
     def _guard(self, fn: Any) -> None:
@@ -167,26 +202,48 @@ class FrameFlow:
             self._put(f, force=True)
 
     def _put(self, frame: Frame, force: bool = False) -> None:
-        """Live frames are dropped when the queue is full; parts wait (never lost)."""
+        """Live frames are dropped when the path is full (queue or memory budget); parts wait (never lost)
+        until there is room, the pipeline failed or the drain deadline passed (then they stay uncommitted)."""
+        cost = frame_cost(frame.image)
         if frame.live and frame.error is None:
+            if not self.budget.try_acquire(cost):
+                self._drop("memory_full")
+                return
             try:
                 self._frames.put_nowait(frame)
             except queue.Full:
-                self.metrics.dropped.labels("queue_full").inc()
-                self.gate.dropped += 1
+                self.budget.release(cost)
+                self._drop("queue_full")
             return
+        while not self.budget.acquire(cost, 0.2):
+            if self._give_up(frame, force):
+                return
         while True:
             try:
                 self._frames.put(frame, timeout=0.2)
                 return
             except queue.Full:
-                if self.fatal or (self._capture_stop.is_set() and not force and frame.live):
+                if self._give_up(frame, force):
+                    self.budget.release(cost)
                     return
+
+    def _drop(self, reason: str) -> None:
+        self.metrics.dropped.labels(reason).inc()
+        self.gate.dropped += 1
+
+    def _give_up(self, frame: Frame, force: bool) -> bool:
+        if self.fatal or self._abandon.is_set():
+            log.warning("part %s not queued (the pipeline is stopping): left for the next start", frame.part_id)
+            return True
+        return self._capture_stop.is_set() and not force and frame.live
 
     # -- submit thread -----------------------------------------------------------------------------
     def _submit_loop(self) -> None:
-        while True:
-            frame = self._frames.get()
+        while not self._abandon.is_set():
+            try:
+                frame = self._frames.get(timeout=0.2)
+            except queue.Empty:
+                continue
             if frame is _STOP:
                 return
             with self._inflight_cond:
@@ -216,7 +273,11 @@ class FrameFlow:
             if job.error is None:
                 job.t_submit = time.monotonic()
                 try:
-                    job.model.inferencer.submit(img, job, self._on_inferred)
+                    try:
+                        job.model.inferencer.submit(img, job, self._on_inferred)
+                    except ModelClosed:  # a reload released this model just now: use the new one
+                        job.model = self.model
+                        job.model.inferencer.submit(img, job, self._on_inferred)
                     return
                 except FrameError as e:  # the frame's fault (size, type): not a model error
                     job.error, job.error_kind, job.t_submit = f"cannot inspect frame: {e}", "bad_frame", 0.0
@@ -239,8 +300,13 @@ class FrameFlow:
             if job is _STOP:
                 return
             try:
-                self._finish(job)
+                if self._abandon.is_set():
+                    log.warning("part %s not finished by the drain deadline: left for the next start",
+                                job.frame.part_id)
+                else:
+                    self._finish(job)
             finally:
+                self.budget.release(job.nbytes)
                 with self._inflight_cond:
                     self._inflight -= 1
                     self._inflight_cond.notify_all()
@@ -372,6 +438,7 @@ class FrameFlow:
                     log.error("cannot reserve sequence numbers for part %s: %s; holding the pipeline", part_id, e)
                     self.alarms.set(OUTBOX_ERROR, True, f"sequence numbers cannot be stored: {e}")
                     warned = True
+                self.hold_beat = time.monotonic()  # deliberately holding: the watchdog keeps being fed
                 if self._abandon.wait(0.5):
                     log.critical("result of part %s NOT stored at shutdown (no sequence number)", part_id)
                     return None
@@ -392,6 +459,7 @@ class FrameFlow:
                     log.error("cannot store the result of part %s: %s; holding the pipeline", part_id, e)
                     self.alarms.set(OUTBOX_ERROR, True, f"results cannot be stored: {e}")
                     warned = True
+                self.hold_beat = time.monotonic()  # deliberately holding: the watchdog keeps being fed
                 if self._abandon.wait(0.5):
                     log.critical("result of part %s (event %s) NOT stored at shutdown", part_id, event_id)
                     return None
@@ -399,3 +467,13 @@ class FrameFlow:
             if warned:
                 self.alarms.set(OUTBOX_ERROR, False, "results are stored again")
             return added
+
+
+def _empty(q: queue.Queue[Any]) -> list[Any]:
+    """Whatever is left in a queue, without waiting."""
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items

@@ -112,8 +112,11 @@ class Inferencer:
         self.num_requests = max(1, n)
         self._sync_request = self.compiled.create_infer_request()
         self._queue = ov.AsyncInferQueue(self.compiled, self.num_requests)
-        self._queue.set_callback(self._on_tile_done)
-        self._lock = threading.Lock()
+        # Not a bound method: the queue (C++) would then keep this Inferencer, and with it the
+        # compiled model, alive forever - a cycle Python's GC cannot see (one model per reload).
+        self._queue.set_callback(_tile_callback(threading.Lock(), self.spec.overlap))
+        self._submit_lock = threading.Lock()  # submit vs close: no frame starts on a released model
+        self._closed = False
         self.info = ModelInfo(self.meta.name, self.meta.version, package_hash(self.meta), precision)
 
     # -- synchronous use (CLI inspect, evaluation, benchmarks) ------------------------------------
@@ -144,16 +147,44 @@ class Inferencer:
         tiles, layout = preprocess(frame, self.spec)
         job = _FrameJob(layout, np.empty((len(tiles), self.spec.tile, self.spec.tile), np.float32),
                         len(tiles), userdata, callback)
-        for i in range(len(tiles)):
-            self._queue.start_async({0: tiles[i : i + 1]}, (job, i))
+        with self._submit_lock:
+            if self._closed:
+                raise ModelClosed(f"model {self.model_dir} was unloaded (reload); submit to the current one")
+            for i in range(len(tiles)):
+                self._queue.start_async({0: tiles[i : i + 1]}, (job, i))
 
-    def _on_tile_done(self, request: ov.InferRequest, token: tuple[_FrameJob, int]) -> None:
+    def wait_all(self) -> None:
+        """Block until every submitted tile has finished."""
+        self._queue.wait_all()
+
+    def close(self) -> None:
+        """Finish the requests in flight, then release the compiled model, its requests and threads.
+
+        After a reload the old model must go: OpenVINO keeps weights and executor threads per
+        compiled model, so every model kept alive costs its full size (measured: +66 MB and two
+        threads per SIGHUP with a 32 MB package). Later submits raise ModelClosed."""
+        with self._submit_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.wait_all()
+            del self._queue, self._sync_request, self.compiled
+
+
+class ModelClosed(RuntimeError):
+    """submit() on an Inferencer that close() released: the caller takes the current model."""
+
+
+def _tile_callback(lock: threading.Lock, overlap: int) -> Callable[[ov.InferRequest, tuple[_FrameJob, int]], None]:
+    """The AsyncInferQueue callback: collects a frame's tiles, stitches them, calls the frame's callback."""
+
+    def on_tile_done(request: ov.InferRequest, token: tuple[_FrameJob, int]) -> None:
         job, i = token
         try:
             job.outputs[i] = request.get_output_tensor(0).data[0, 0]
         except BaseException as e:  # keep the frame's accounting right whatever happens
             job.failed = e
-        with self._lock:
+        with lock:
             job.remaining -= 1
             done = job.remaining == 0
         if not done:
@@ -162,12 +193,10 @@ class Inferencer:
             job.callback(None, job.failed, job.userdata)
             return
         try:
-            prob = stitch(job.outputs, job.layout, self.spec.overlap)
+            prob = stitch(job.outputs, job.layout, overlap)
         except BaseException as e:
             job.callback(None, e, job.userdata)
             return
         job.callback(prob, None, job.userdata)
 
-    def wait_all(self) -> None:
-        """Block until every submitted tile has finished."""
-        self._queue.wait_all()
+    return on_tile_done

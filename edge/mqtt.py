@@ -46,6 +46,8 @@ PUBLISH_REJECTED = "publish_rejected"
 NO_SUBSCRIBERS = "no_subscribers"
 MQTT_UNVERIFIED_ACKS = "mqtt_unverified_acks"
 _RC_NO_MATCHING_SUBSCRIBERS = 0x10
+CLIENT_ID_CONFLICT = "client_id_conflict"
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another connection took our client id
 _RESERVED_INFLIGHT = 2  # slots left for status/alarm messages under the broker's Receive Maximum
 
 
@@ -295,6 +297,12 @@ class MqttSink:
                        properties: Any) -> None:
         was = self._connected
         self._connected = False
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER and self._on_alarm is not None:
+            # another client connected with our client id (possibly on another machine): say so, loudly
+            log.error("mqtt: the broker handed our session (client id %r) to another client (0x8E); "
+                      "two stations share one client id", self.settings.client_id)
+            self._on_alarm(CLIENT_ID_CONFLICT, True, f"client id {self.settings.client_id!r} taken over by "
+                           "another connection (MQTT reason 0x8E): two stations share one client id")
         if was:
             log.warning("mqtt disconnected: %s; will reconnect and resend unacknowledged events", reason_code)
         self._events.put(("disconnected",))

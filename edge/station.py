@@ -91,7 +91,10 @@ class SeqStore:
             self._next = int(time.time() * 1000)
             log.error("%s unreadable (%s); sequence continues at %d", path, e, self._next)
         self._reserved = self._next
-        self._reserve()
+        try:
+            self._reserve()
+        except OSError as e:  # disk full at start: start anyway; next() retries and the part waits
+            log.error("cannot reserve sequence numbers in %s: %s; parts wait until it can be written", path, e)
 
     def _reserve(self) -> None:
         """Write the next block's end; only once it is durable may its numbers be handed out."""

@@ -21,24 +21,32 @@ from edge.package import sha256_file, write_package_json
 from edge.sources.synthetic import synth_part
 
 
-def build_dark_spot_model(tile: int = 64) -> ov.Model:
+def build_dark_spot_model(tile: int = 64, ballast_mb: int = 0) -> ov.Model:
+    """`ballast_mb` adds a random weight matrix whose product is multiplied by 0: the output is the
+    same, but every compiled copy of the model holds that much memory (so a leaked model shows in RSS)."""
     x = ops.parameter([1, 1, tile, tile], np.float32, name="image")
     k = np.full((1, 1, 7, 7), 1.0 / 49.0, dtype=np.float32)
     local = ops.convolution(x, ops.constant(k), [1, 1], [3, 3], [3, 3], [1, 1])
     diff = ops.subtract(ops.subtract(local, x), ops.constant(np.float32(40.0)))
+    if ballast_mb:
+        cols = max(1, ballast_mb * (1 << 20) // 4 // (tile * tile))
+        w = np.random.default_rng(0).standard_normal((tile * tile, cols)).astype(np.float32)
+        proj = ops.matmul(ops.reshape(x, [1, tile * tile], False), ops.constant(w), False, False)
+        zero = ops.multiply(ops.reduce_sum(proj, [1], True), ops.constant(np.float32(0.0)))
+        diff = ops.add(diff, ops.reshape(zero, [1, 1, 1, 1], False))
     prob = ops.sigmoid(ops.divide(diff, ops.constant(np.float32(6.0))))
     prob.output(0).set_names({"prob"})
     return ov.Model([prob], [x], "dark_spot")
 
 
 def make_tiny_package(out: Path, tile: int = 64, version: str = "1.0.0", name: str = "tiny-dark-spot",
-                      min_area: int = 4, scale: float = 1.0) -> Path:
+                      min_area: int = 4, scale: float = 1.0, ballast_mb: int = 0) -> Path:
     """Write a valid package folder (model.xml/.bin + package.json) and return it."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    ov.save_model(build_dark_spot_model(tile), str(out / "model.xml"), compress_to_fp16=False)
+    ov.save_model(build_dark_spot_model(tile, ballast_mb), str(out / "model.xml"), compress_to_fp16=False)
     meta = PackageMeta(
         name=name,
         version=version,
