@@ -4,6 +4,11 @@ An operator who sees a `fail` on the dashboard wants to see the part; a line PC'
 never fill up because of it. Files are grouped in one folder per UTC day and the oldest are
 deleted first once the quota is exceeded. The event carries the relative prefix
 (`2025-01-31/<event_id>`) so the files can be found from the event alone.
+
+Encoding a 5 MP PNG costs tens of milliseconds, far more than a verdict. So the verdict path
+only hands the arrays to an `EvidenceWriter` (a bounded background writer, bound in bytes) and
+the event says `evidence_status: pending`. When the writer falls behind, evidence is thinned by
+rule instead of slowing the line (see `EvidenceWriter`).
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import queue
 import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -121,7 +129,7 @@ class EvidenceStore:
         """Write the files; returns the relative prefix for the event, or None if nothing was written."""
         if image is None:
             return None
-        day = dt.datetime.fromtimestamp(capture_ts, dt.timezone.utc).strftime("%Y-%m-%d")
+        day = _day(capture_ts)
         prefix = f"{day}/{event_id}"
         items: list[tuple[str, np.ndarray]] = [(f"frame{self.ext}", image)]
         if verdict != "error":
@@ -168,3 +176,141 @@ class EvidenceStore:
             if parent != self.root:
                 with contextlib.suppress(OSError):
                     parent.rmdir()  # only succeeds once the day folder is empty
+
+
+PENDING, THINNED = "pending", "thinned"
+EVIDENCE_THINNED = "evidence_thinned"  # alarm: the writer has been dropping evidence for a while
+
+
+@dataclass
+class _Item:
+    event_id: str
+    capture_ts: float
+    image: np.ndarray
+    mask: np.ndarray | None
+    regions: Sequence[Region]
+    verdict: str
+    offset: tuple[int, int]
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = int(self.image.nbytes) + (int(self.mask.nbytes) if self.mask is not None else 0)
+
+
+class EvidenceWriter:
+    """Encodes and writes evidence on its own thread; `offer` never waits for the disk.
+
+    The queue is bounded in bytes (`max_bytes`, the arrays it holds). Thinning rule, applied when
+    an item is offered:
+    - below half the bound everything wanted is kept;
+    - above half ("behind"), only every `keep_every`-th wanted part is kept, except the first
+      `keep_first_bad` fails (or errors) after a pass, which are kept while they fit: they are the
+      frames a person wants when a line turns bad;
+    - an item that does not fit the bound at all is thinned.
+    Thinned parts are counted (`thinned`), and the `evidence_thinned` alarm is raised when
+    thinning goes on for `alarm_after_s` and cleared after as long without any.
+    A crash loses what is still queued: events say `pending`, never that a file exists.
+    """
+
+    def __init__(self, store: EvidenceStore, max_bytes: int, keep_every: int = 10, keep_first_bad: int = 3,
+                 alarm_after_s: float = 10.0, on_alarm: Callable[[str, bool, str], None] | None = None) -> None:
+        if max_bytes <= 0 or keep_every < 1:
+            raise ValueError("max_bytes must be > 0 and keep_every >= 1")
+        self.store, self.max_bytes, self.keep_every = store, int(max_bytes), int(keep_every)
+        self.keep_first_bad, self.alarm_after_s, self._on_alarm = keep_first_bad, alarm_after_s, on_alarm
+        self._q: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.queued_bytes = 0
+        self.thinned = self.written = 0
+        self._behind_seen = 0
+        self._bad_run = 0  # fails/errors since the last pass (offer runs on the result thread only)
+        self._thin_since: float | None = None  # start of the current thinning spell
+        self._last_thin = 0.0
+        self._alarmed = False
+        self._thread = threading.Thread(target=self._run, name="evidence", daemon=True)
+        self._thread.start()
+
+    def wanted(self, verdict: str) -> bool:
+        return self.store.wanted(verdict)
+
+    def offer(self, event_id: str, capture_ts: float, image: np.ndarray | None, mask: np.ndarray | None,
+              regions: Sequence[Region], verdict: str, roi_offset: tuple[int, int] = (0, 0)) -> tuple[str | None, str | None]:
+        """(prefix, status) for the event: (prefix, "pending"), (None, "thinned"), or (None, None) when
+        this part keeps no evidence. The arrays are kept as they are: callers must not modify them."""
+        self._bad_run = 0 if verdict == "pass" else self._bad_run + 1
+        first_bad = 0 < self._bad_run <= self.keep_first_bad
+        if image is None or not self.store.wanted(verdict):
+            return None, None
+        item = _Item(event_id, capture_ts, image, mask, regions, verdict, roi_offset)
+        with self._lock:
+            used = self.queued_bytes
+            fits = used + item.nbytes <= self.max_bytes
+            if fits and used + item.nbytes > self.max_bytes // 2 and not first_bad:
+                self._behind_seen += 1
+                fits = self._behind_seen % self.keep_every == 0
+            if fits:
+                self.queued_bytes += item.nbytes
+        if not fits:
+            self._thin()
+            return None, THINNED
+        self._q.put(item)
+        return f"{_day(capture_ts)}/{event_id}", PENDING
+
+    def _thin(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.thinned += 1
+            if self._thin_since is None or now - self._last_thin > self.alarm_after_s:
+                self._thin_since = now
+            self._last_thin = now
+            raise_it = not self._alarmed and now - self._thin_since >= self.alarm_after_s
+            self._alarmed = self._alarmed or raise_it
+        if raise_it:
+            self._alarm(True, f"evidence thinned for {now - self._thin_since:.0f} s: the writer cannot keep up "
+                              f"({self.thinned} parts without evidence so far)")
+
+    def tick(self) -> None:
+        """Clear the alarm once thinning has stopped for `alarm_after_s` (called from the main loop)."""
+        with self._lock:
+            clear = self._alarmed and time.monotonic() - self._last_thin > self.alarm_after_s
+            self._alarmed = self._alarmed and not clear
+        if clear:
+            self._alarm(False, "evidence is written in full again")
+
+    def _alarm(self, active: bool, message: str) -> None:
+        if active:
+            log.warning("%s", message)
+        if self._on_alarm is not None:
+            self._on_alarm(EVIDENCE_THINNED, active, message)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"queued_bytes": self.queued_bytes, "written": self.written, "thinned": self.thinned,
+                    "failed": self.store.failed, "disk_bytes": self.store.used_bytes}
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            try:
+                ref = self.store.save(item.event_id, item.capture_ts, item.image, item.mask, item.regions,
+                                      item.verdict, item.offset)
+            except Exception:  # never let one bad frame stop the writer
+                log.exception("evidence for %s not saved", item.event_id)
+                ref = None
+            with self._lock:
+                self.queued_bytes -= item.nbytes
+                self.written += ref is not None
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (up to `timeout`), then stop the thread."""
+        self._q.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("evidence writer still busy after %.1f s at shutdown; %d bytes of evidence not written",
+                      timeout, self.queued_bytes)
+
+
+def _day(capture_ts: float) -> str:
+    return dt.datetime.fromtimestamp(capture_ts, dt.timezone.utc).strftime("%Y-%m-%d")

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,38 @@ class Outbox:
                 return False
             self._count += 1
             return True
+
+    def add_many(self, items: Sequence[tuple[str, str, bytes, int]]) -> list[bool | None]:
+        """Group commit: store (event_id, topic, payload, qos) items in ONE transaction, one fsync.
+
+        Per item: True = stored, False = already stored (idempotent re-inspection), None = not
+        stored because the outbox is full (the caller holds that part and retries). Either the
+        whole transaction is durable when this returns, or it raises and nothing was stored.
+        """
+        for _, _, _, qos in items:
+            if qos not in (0, 1, 2):
+                raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
+        out: list[bool | None] = []
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                count, now = self._count, time.time()
+                for event_id, topic, payload, qos in items:
+                    if count >= self.max_events:
+                        dup = db.execute("SELECT 1 FROM outbox WHERE event_id = ?", (event_id,)).fetchone()
+                        out.append(False if dup else None)
+                        continue
+                    cur = db.execute("INSERT OR IGNORE INTO outbox (event_id, topic, payload, qos, created) "
+                                     "VALUES (?, ?, ?, ?, ?)", (event_id, topic, bytes(payload), qos, now))
+                    out.append(cur.rowcount > 0)
+                    count += cur.rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._count = count
+        return out
 
     def pending(self, limit: int = 100, after_seq: int = 0) -> list[OutboxRow]:
         """Undelivered rows with seq > after_seq, oldest first."""

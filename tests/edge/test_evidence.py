@@ -1,0 +1,74 @@
+"""The evidence writer: the verdict path never waits for the disk, and evidence is thinned by rule."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edge.evidence import EVIDENCE_THINNED, PENDING, THINNED, EvidenceStore, EvidenceWriter
+from tests.tiny_package import make_part
+
+
+class HeldStore(EvidenceStore):
+    """A real store whose writes wait until the test opens the gate: a disk that has fallen behind."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, quota_bytes=10**9)
+        self.gate = threading.Event()
+
+    def save(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.gate.wait(30)
+        return super().save(*args, **kwargs)
+
+
+def test_offer_returns_pending_and_the_files_exist_after_close(tmp_path: Path) -> None:
+    img = make_part((96, 128), defect=True)
+    mask = (img < 80).astype(np.uint8)
+    writer = EvidenceWriter(EvidenceStore(tmp_path, quota_bytes=10**9), max_bytes=10**8)
+    prefix, status = writer.offer("e1", 1_700_000_000.0, img, mask, [], "fail")
+    assert status == PENDING and prefix == "2023-11-14/e1"
+    assert writer.offer("e2", 1_700_000_000.0, img, None, [], "pass") == (None, None)  # passes not wanted
+    assert writer.offer("e3", 1_700_000_000.0, None, None, [], "error") == (None, None)  # no frame
+    writer.close()
+    for suffix in ("frame.png", "overlay.png", "mask.png"):
+        assert (tmp_path / f"{prefix}.{suffix}").is_file()
+    assert writer.snapshot()["written"] == 1 and writer.snapshot()["queued_bytes"] == 0
+
+
+def test_behind_keeps_every_nth_and_the_first_fails_after_a_pass(tmp_path: Path) -> None:
+    img = np.full((100, 100), 128, np.uint8)  # 10,000 bytes a part, no mask
+    alarms: list[tuple[str, bool]] = []
+    store = HeldStore(tmp_path)
+    writer = EvidenceWriter(store, max_bytes=100_000, keep_every=4, keep_first_bad=2, alarm_after_s=0.0,
+                            on_alarm=lambda name, active, _msg: alarms.append((name, active)))
+    got = [writer.offer(f"f{i}", 0.0, img, None, [], "fail")[1] for i in range(50)]
+    # 5 fit below half the bound; then every 4th until the bound is reached (5 more); then none fits
+    assert got[:5] == [PENDING] * 5
+    behind = got[5:]
+    assert behind.count(PENDING) == 5 and writer.queued_bytes <= 100_000
+    assert behind[:4] == [THINNED, THINNED, THINNED, PENDING]
+    assert writer.thinned == 50 - got.count(PENDING) and writer.queued_bytes == 100_000
+    assert alarms == [(EVIDENCE_THINNED, True)]  # sustained (alarm_after_s=0): raised once
+    # a pass, then the first two fails are kept while they fit; the bound is full here, so thinned
+    writer.offer("p", 0.0, img, None, [], "pass")
+    assert writer.offer("f-after", 0.0, img, None, [], "fail")[1] == THINNED
+    store.gate.set()
+    writer.close()
+    assert writer.queued_bytes == 0 and writer.written == got.count(PENDING)
+    writer.tick()
+    assert alarms[-1] == (EVIDENCE_THINNED, False)
+
+
+def test_first_fails_after_a_pass_are_kept_when_behind(tmp_path: Path) -> None:
+    img = np.full((100, 100), 128, np.uint8)
+    store = HeldStore(tmp_path)
+    writer = EvidenceWriter(store, max_bytes=100_000, keep_every=1000, keep_first_bad=2)
+    for i in range(6):  # 60 % of the bound queued: behind
+        writer.offer(f"f{i}", 0.0, img, None, [], "error")
+    writer.offer("p", 0.0, img, None, [], "pass")
+    got = [writer.offer(f"g{i}", 0.0, img, None, [], "fail")[1] for i in range(3)]
+    assert got == [PENDING, PENDING, THINNED]
+    store.gate.set()
+    writer.close()
