@@ -194,6 +194,8 @@ def pipeline_run(work: Path, pkg: Path, broker: Broker, video: Path, count: int,
                                        "realtime": realtime, "stall_timeout_s": 30},
                    model={"num_requests": m["num_requests"], "threads": m["threads"], "hint": m["hint"]},
                    pipeline={"drain_timeout_s": 60}, state_dir=str(state),
+                   # no consumer in this run: a PUBACK 0x10 counts as delivered (the default keeps and retries)
+                   mqtt={"no_subscribers": "deliver"},
                    frame_checks={"max_age_s": 0})  # paced = live frames: measure latency, do not refuse them
     cfg = validate_config(data)
     stop = threading.Event()
