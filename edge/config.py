@@ -289,7 +289,7 @@ class EvidenceConfig(_Model):
     save_error: bool = Field(default=True, description="Save the frame of `error` parts when there is one.")
     pass_sample_every: int = Field(default=0, ge=0, description="Save every Nth passed part (0 = none).")
     format: Literal["png", "jpg"] = Field(default="png", description="Image format of saved frames and overlays (masks are PNG).")
-    queue_mb: float = Field(default=256.0, gt=0, le=65536, description="Frames and masks waiting for the background "
+    queue_mb: float = Field(default=128.0, gt=0, le=65536, description="Frames and masks waiting for the background "
                             "evidence writer, in MB; the verdict path never waits for it (see keep_every_when_behind).")
     keep_every_when_behind: int = Field(default=10, ge=1, le=100_000, description="Once the writer's queue is over half "
                                         "full, keep the evidence of every Nth part only (thinning is counted and alarmed).")

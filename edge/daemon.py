@@ -17,7 +17,7 @@ from typing import Any
 from edge import __version__, model_state
 from edge.alarms import AlarmSettings, AlarmTracker
 from edge.config import Config, ConfigError, load_config
-from edge.evidence import EvidenceStore
+from edge.evidence import EvidenceStore, EvidenceWriter
 from edge.flow import FrameFlow
 from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
@@ -55,7 +55,8 @@ class Pipeline:
         self._reload_thread: threading.Thread | None = None
         self.sink: MqttSink | None = None
         self.server: MetricsServer | None = None
-        self.evidence: EvidenceStore | None = None
+        self.evidence: EvidenceWriter | None = None
+        self._thinned = 0
         self.triggers: TriggerStore | None = None
         self.locks: list[ProcessLock] = []
 
@@ -75,11 +76,13 @@ class Pipeline:
         self.checks = frame_checks(cfg)
         self.outbox = Outbox(cfg.outbox.path or cfg.state_dir / "outbox.sqlite3", cfg.outbox.max_events)
         self.seq = SeqStore(cfg.state_dir / "seq.json")
+        self.alarms = AlarmTracker(AlarmSettings(**cfg.alarms.model_dump()), self._on_alarm)
         if cfg.evidence.enabled:
             ev = cfg.evidence
-            self.evidence = EvidenceStore(ev.dir or cfg.state_dir / "evidence", int(ev.quota_mb * 1024 * 1024),
-                                          ev.format, ev.save_fail, ev.save_error, ev.pass_sample_every)
-        self.alarms = AlarmTracker(AlarmSettings(**cfg.alarms.model_dump()), self._on_alarm)
+            store = EvidenceStore(ev.dir or cfg.state_dir / "evidence", int(ev.quota_mb * 1024 * 1024),
+                                  ev.format, ev.save_fail, ev.save_error, ev.pass_sample_every)
+            self.evidence = EvidenceWriter(store, int(ev.queue_mb * 1024 * 1024), ev.keep_every_when_behind,
+                                           ev.keep_first_bad, ev.thinning_alarm_s, on_alarm=self.alarms.set)
         # Triggers are durable before they are acknowledged; open ones of a previous run are resolved
         # here, before the MQTT session (which may redeliver them) is resumed.
         self.triggers = TriggerStore(cfg.state_dir / "triggers.sqlite3", cfg.pipeline.trigger_dedup_s) \
@@ -159,7 +162,13 @@ class Pipeline:
             self.metrics.inflight.set(self.flow.inflight)
         self.metrics.mqtt_connected.set(1 if self.sink and self.sink.connected else 0)
         if self.evidence:
-            self.metrics.evidence_bytes.set(self.evidence.used_bytes)
+            ev = self.evidence.snapshot()
+            self.metrics.evidence_bytes.set(ev["disk_bytes"])
+            self.metrics.evidence_queued_bytes.set(ev["queued_bytes"])
+            if ev["thinned"] > self._thinned:
+                self.metrics.evidence_thinned.inc(ev["thinned"] - self._thinned)
+                self._thinned = ev["thinned"]
+            self.evidence.tick()
         self.alarms.observe_backlog(self.outbox.fill_ratio())
 
     @property
@@ -184,7 +193,8 @@ class Pipeline:
                  "inflight": self.flow.inflight if self.flow else 0, "backlog": self.outbox.count(),
                  "outbox_fill": round(self.outbox.fill_ratio(), 4), "alarms": sorted(self.alarms.active()),
                  "model": {"name": self.model.info["name"], "version": self.model.info["version"]},
-                 "mqtt": self.sink.counters() if self.sink else {}}
+                 "mqtt": self.sink.counters() if self.sink else {},
+                 "evidence": self.evidence.snapshot() if self.evidence else None}
         log.info("stats %s", stats)
         if self.sink:
             self.sink.publish_stats(stats)
@@ -246,6 +256,8 @@ class Pipeline:
             self.flow.drain(deadline, self.notifier.watchdog)
         if hasattr(self, "source"):
             self.source.close()
+        if self.evidence is not None:  # what is queued is written (bounded: events already say "pending")
+            self.evidence.close(timeout=max(1.0, deadline - time.monotonic()))
         if self.sink is not None:
             self.sink.stop(drain_timeout=max(0.5, deadline - time.monotonic()))
         if hasattr(self, "outbox"):

@@ -70,6 +70,7 @@ def build_result_event(
     timings_ms: dict[str, Any],
     error: str | None = None,
     evidence: str | None = None,
+    evidence_status: str | None = None,
     event_id: str | None = None,
     created_ts: float | None = None,
     region_count: int | None = None,
@@ -113,6 +114,7 @@ def build_result_event(
         "timings_ms": dict(timings_ms),
         "error": None if error is None else safe_text(error),
         "evidence": evidence,
+        "evidence_status": evidence_status,
     }
 
 

@@ -25,7 +25,7 @@ from edge.alarms import AlarmTracker
 from edge.config import RoiConfig
 from edge.contract import NonFiniteError, Region, Verdict
 from edge.events import EVENT_MAX_BYTES, build_result_event, encode, event_id_for
-from edge.evidence import EvidenceStore
+from edge.evidence import EvidenceWriter
 from edge.inference import ModelClosed
 from edge.membudget import MemoryBudget, frame_cost
 from edge.metrics import LatencyWindow, Metrics
@@ -82,7 +82,7 @@ class FrameFlow:
 
     def __init__(self, *, station: dict[str, str], result_topic: str, source: FrameSource, gate: FrameGate,
                  model: LoadedModel, checks: FrameChecks, roi: RoiConfig | None, outbox: Outbox,
-                 sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceStore | None,
+                 sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceWriter | None,
                  seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool,
                  max_queued_bytes: int = 256 << 20) -> None:
         self.station, self.station_key = station, f"{station['line']}/{station['name']}"
@@ -390,10 +390,10 @@ class FrameFlow:
         part_id = safe_part_id(frame.part_id)
         # A triggered part's id is keyed by its trigger, so a restart's error result for it has the same id.
         event_id = event_id_for(self.station_key, part_id, frame.meta.get("trigger_ts", frame.capture_ts))
-        evidence = None
-        if with_evidence and self.evidence is not None and self.evidence.wanted(outcome.verdict):
-            evidence = self.evidence.save(event_id, frame.capture_ts, frame.image, outcome.mask, outcome.regions,
-                                          outcome.verdict, job.offset)
+        evidence, evidence_status = None, None
+        if with_evidence and self.evidence is not None:  # handed to the background writer: never waits for the disk
+            evidence, evidence_status = self.evidence.offer(event_id, frame.capture_ts, frame.image, outcome.mask,
+                                                            outcome.regions, outcome.verdict, job.offset)
         now = time.monotonic()
         timings = {"capture_to_result": round((now - frame.mono_ts) * 1000, 3),
                    "queue": round(max(0.0, (job.t_submit or now) - frame.mono_ts) * 1000, 3),
@@ -411,7 +411,7 @@ class FrameFlow:
             regions=[region_dict(r, mpp) for r in regions[: model.max_regions]], region_count=len(regions),
             total_defect_area=sum(r.area for r in regions), image={"width": width, "height": height},
             model=model.info, rules=model.rules_dict, timings_ms=timings,
-            error=job.error, evidence=evidence, event_id=event_id)
+            error=job.error, evidence=evidence, evidence_status=evidence_status, event_id=event_id)
         payload = encode(event)
         if len(payload) > EVENT_MAX_BYTES:
             raise ValueError(f"result event is {len(payload)} bytes > {EVENT_MAX_BYTES}")

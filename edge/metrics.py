@@ -56,6 +56,10 @@ class Metrics:
         self.mqtt_connected = Gauge("edge_mqtt_connected", "1 while connected to the broker.", registry=r)
         self.alarm = Gauge("edge_alarm_active", "1 while the alarm is raised.", ["name"], registry=r)
         self.evidence_bytes = Gauge("edge_evidence_bytes", "Disk used by evidence files.", registry=r)
+        self.evidence_queued_bytes = Gauge("edge_evidence_queued_bytes", "Frames and masks waiting for the "
+                                           "background evidence writer.", registry=r)
+        self.evidence_thinned = Counter("edge_evidence_thinned", "Parts whose evidence was dropped because the "
+                                        "writer fell behind.", registry=r)
         self.last_result = Gauge("edge_last_result_timestamp_seconds", "When the last result was stored.", registry=r)
         self.reloads = Counter("edge_reloads", "SIGHUP reloads.", ["outcome"], registry=r)
         self.model = Info("edge_model", "Model package in use.", registry=r)

@@ -91,7 +91,7 @@ def scale_mask(mask: np.ndarray, scale: float) -> np.ndarray:
     3 px blowhole still has a target at scale 0.25 instead of vanishing from training.
     """
     m = (np.asarray(mask) > 0).astype(np.uint8)
-    if scaled_size(*m.shape[:2], scale) == m.shape[:2]:
+    if scaled_size(m.shape[0], m.shape[1], scale) == m.shape[:2]:
         return m
     frac = scale_image(m.astype(np.float32), scale)
     out = (frac >= 0.5).astype(np.uint8)

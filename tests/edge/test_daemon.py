@@ -291,6 +291,7 @@ def test_metrics_health_stats_evidence(tmp_path: Path, tiny_package: Path, broke
     assert got[0]["rules"]["roi"] == [0, 0, 128, 96]
     evidence = tmp_path / "state" / "evidence"
     for e in fails:
+        assert e["evidence_status"] == "pending"  # written in the background; there once the daemon stopped
         for suffix in ("frame.png", "overlay.png", "mask.png"):
             assert (evidence / f"{e['evidence']}.{suffix}").is_file()
     passes = [e for e in got if e["verdict"] == "pass"]

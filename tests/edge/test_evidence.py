@@ -7,7 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.events import validate_event
 from edge.evidence import EVIDENCE_THINNED, PENDING, THINNED, EvidenceStore, EvidenceWriter
+from tests.broker import Broker, Subscriber
+from tests.daemon_proc import BASE, alarms, running, station, wait_results
 from tests.tiny_package import make_part
 
 
@@ -72,3 +75,28 @@ def test_first_fails_after_a_pass_are_kept_when_behind(tmp_path: Path) -> None:
     assert got == [PENDING, PENDING, THINNED]
     store.gate.set()
     writer.close()
+
+
+def test_station_thins_evidence_by_rule_and_says_so(tmp_path: Path, tiny_package: Path, broker: Broker) -> None:
+    """Every part defective, a writer queue that holds ~two frames: verdicts all arrive, each event says
+    whether its evidence is pending or thinned, pending files exist after the stop, thinning is alarmed."""
+    data = station(tmp_path, tiny_package, broker,
+                   {"type": "synthetic", "count": 40, "fps": 0, "defect_rate": 1.0, "width": 256, "height": 192},
+                   evidence={"queue_mb": 0.1, "keep_every_when_behind": 5, "keep_first_bad": 1, "thinning_alarm_s": 0},
+                   metrics={"enabled": False, "stats_interval_s": 0.2})
+    sub = Subscriber(broker, [f"{BASE}/#"])
+    try:
+        with running(data):
+            got = wait_results(sub, 40)
+    finally:
+        sub.close()
+    for e in got:
+        validate_event(e)
+    status = [e["evidence_status"] for e in got]
+    assert set(status) <= {"pending", "thinned"} and status.count("thinned") > 0 and status.count("pending") > 0
+    assert all((e["evidence"] is None) == (e["evidence_status"] == "thinned") for e in got)
+    root = tmp_path / "state" / "evidence"
+    for e in got:
+        if e["evidence_status"] == "pending":
+            assert (root / f"{e['evidence']}.frame.png").is_file()
+    assert any(a["alarm"] == EVIDENCE_THINNED and a["state"] == "raised" for a in alarms(sub))
