@@ -69,7 +69,7 @@ class FrameGate:
         self.inspected = self.dropped = self.skipped = 0
         self._inspected_at_snapshot = 0
         self.triggers = dict.fromkeys(("accepted", "malformed", "ignored", "expired", "overflow", "duplicate",
-                                       "retained", "late", "invalid", "sequence_gap", "sequence_error",
+                                       "retained", "late", "invalid", "sequence_gap", "sequence_error", "sequence_restart",
                                        "recovered"), 0)
         self._last_seq = self.store.last_seq()
         self._raised: set[str] = set()  # alarms raised by this gate (MQTT thread only)
@@ -161,9 +161,11 @@ class FrameGate:
         """Check the PLC sequence number; a gap is alarmed, a repeat or step back also fails the part.
 
         A number that repeats with another part id (or goes back) means the order of triggers
-        cannot be trusted - reordered messages, a PLC restart, two PLCs on one topic - so the
-        frame that follows it may belong to another part: this part gets `error` rather than a
-        guess, and the count resynchronises on the received number (a PLC restart costs one part).
+        cannot be trusted - reordered messages, two PLCs on one topic - so the frame that follows
+        it may belong to another part: this part gets `error` rather than a guess, and the count
+        resynchronises on the received number. A PLC that restarts its counter (sends 0 or 1 again)
+        is alarmed but not failed: a power cycle is routine, and a stale replay is still caught by
+        the de-duplication and lateness checks.
         """
         if f.seq is None:
             return None
@@ -176,6 +178,12 @@ class FrameGate:
             self._bump("sequence_gap")
             msg = (f"PLC trigger sequence gap: expected {expected}, received {f.seq} for part {f.part_id}: "
                    f"{f.seq - expected} trigger(s) never arrived")
+            log.warning("%s", msg)
+            alarms.append((TRIGGER_SEQUENCE, True, msg))
+            return None
+        if f.seq <= 1 < last:
+            self._bump("sequence_restart")
+            msg = f"PLC trigger sequence restarted at {f.seq} (was {last}) with part {f.part_id}: PLC restart?"
             log.warning("%s", msg)
             alarms.append((TRIGGER_SEQUENCE, True, msg))
             return None

@@ -135,6 +135,18 @@ def test_sequence_repeat_with_another_part_id_is_an_error_not_a_guess() -> None:
     assert taken(gate, 1) == ["P2"] and gate.triggers["sequence_error"] == 1
 
 
+def test_a_plc_that_restarts_its_counter_is_alarmed_but_its_part_is_inspected() -> None:
+    alarms = Alarms()
+    gate = FrameGate(cfg(), Metrics(), on_alarm=alarms)
+    for i in (1, 2, 3):
+        gate.on_trigger(trig(f"P{i}", i))
+    gate.on_trigger(trig("Q1", 1))  # the PLC was power-cycled: its counter starts again
+    assert alarms.raised(TRIGGER_SEQUENCE) == ["PLC trigger sequence restarted at 1 (was 3) with part Q1: PLC restart?"]
+    assert taken(gate, 4) == ["P1", "P2", "P3", "Q1"] and gate.expired_triggers() == []
+    gate.on_trigger(trig("Q2", 2))
+    assert alarms.calls[-1][:2] == (TRIGGER_SEQUENCE, False) and gate.triggers["sequence_restart"] == 1
+
+
 def test_late_and_possibly_queued_triggers_get_error_verdicts() -> None:
     alarms = Alarms()
     gate = FrameGate(cfg(trigger_max_age_s=1.0), Metrics(), on_alarm=alarms)

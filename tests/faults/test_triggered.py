@@ -1,7 +1,8 @@
 """Triggered mode against a real network camera (ffmpeg serving MPEG-TS over TCP), a real Mosquitto,
 the real daemon and a PLC simulator that misbehaves the way lines do: it resends triggers, keeps
 sending while the station's broker link is cut, leaves a retained trigger on the broker, skips a
-sequence number, reuses one for another part, and the daemon is SIGKILLed and restarted in the middle.
+sequence number, reuses one for another part, the daemon is SIGKILLed and restarted in the middle, and
+the PLC itself is power-cycled at the end (a dead connection, its counter starting again at 1).
 
 The promise under test: every part id the PLC announced gets exactly one result (one event id;
 a redelivery of the same event is allowed), never a result for a retained trigger or a second one
@@ -51,6 +52,13 @@ class Plc:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+    def die(self) -> None:
+        """The PLC loses power: no DISCONNECT, its TCP connection just ends."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
 
 
 def error_class(message: str) -> str:
@@ -132,6 +140,13 @@ def test_triggered_parts_get_exactly_one_result(tmp_path: Path, tiny_package: Pa
             if i == 40:  # seq 40 again for another part id: the order cannot be trusted, no guess
                 plc.trigger("X040", seq)
         reused = "X040"
+        plc.die()  # the PLC is power-cycled: a new connection, and its counter starts again at 1
+        sent_before = plc.sent
+        plc = Plc(broker)
+        plc.sent = sent_before
+        for i, s in zip(range(51, 56), range(1, 6), strict=True):
+            plc.trigger(f"P{i:03d}", s)
+            time.sleep(0.2)
         sent = set(plc.sent) - {"RETAINED-1"}
         ok = sub.wait_parts(sent, 60)
         time.sleep(1.5)  # a second result for a duplicate would show now
@@ -154,7 +169,7 @@ def test_triggered_parts_get_exactly_one_result(tmp_path: Path, tiny_package: Pa
     early = [e["part_id"] for e in results if e["verdict"] != "error" and e["part_id"] in plc.sent
              and e["capture_ts"] < plc.sent[e["part_id"]]]
     seq_alarms = [a["message"] for a in sub.alarms("trigger_sequence", "raised")]
-    entry = tally("triggered: network camera, resends, link cut, retained, seq gap + repeat, SIGKILL", sent, results,
+    entry = tally("triggered: network camera, resends, link cut, retained, seq gap + repeat, daemon SIGKILL, PLC restart", sent, results,
                   parts_sent=len(sent),
                   parts_with_several_results=sum(len(v) > 1 for k, v in by_part.items() if k in sent),
                   retained_results=len(by_part.get("RETAINED-1", ())), early_frames=len(early),
@@ -170,6 +185,9 @@ def test_triggered_parts_get_exactly_one_result(tmp_path: Path, tiny_package: Pa
     assert any(f"gap: expected {skipped_seq}, received {skipped_seq + 1}" in m for m in seq_alarms), seq_alarms
     assert any(f"went back: expected 41, received 40 for part {reused}" in m for m in seq_alarms), seq_alarms
     assert [e["verdict"] for e in results if e["part_id"] == reused] == ["error"]
+    assert any("restarted at 1 (was 50) with part P051" in m for m in seq_alarms), seq_alarms
+    assert all(e["verdict"] == "pass" for e in results if e["part_id"] in {f"P{i:03d}" for i in range(51, 56)}), \
+        "a PLC restart must not cost its parts"
     assert verdicts["pass"] >= len(sent) // 2, entry  # most parts were inspected, not just errored out
     for part_id in resent:
         assert len(by_part[part_id]) == 1, part_id
