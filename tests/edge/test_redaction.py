@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import socket
-import threading
 import urllib.request
 from pathlib import Path
 
 from edge.redact import RedactingFilter, redact_uri
 from tests.broker import Broker, Subscriber, free_port
 from tests.daemon_proc import BASE, Daemon, alarms, station, wait_results, write_config
+from tests.notify_socket import NotifySocket
 
 PASSWORD = "S3cr3t-Pw"
 
@@ -55,34 +54,6 @@ def test_logging_filter_masks_messages_args_and_tracebacks() -> None:
     assert "rtsp://admin:***@cam/s" in records[0] and "rtsp://admin:***@cam/s" in records[1]
 
 
-class NotifySocket:
-    """A datagram socket standing in for systemd's $NOTIFY_SOCKET; keeps every message."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.messages.append(self.sock.recv(65536).decode("utf-8", "replace"))
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
-
 def test_camera_password_never_leaves_the_station(tmp_path: Path, tiny_package: Path, broker: Broker) -> None:
     closed = free_port()  # nothing listens: FFmpeg's connection is refused and it says so
     uri = f"rtsp://admin:{PASSWORD}@127.0.0.1:{closed}/stream"
@@ -112,11 +83,11 @@ def test_camera_password_never_leaves_the_station(tmp_path: Path, tiny_package: 
         notify.close()
     payloads = {m.topic: m.payload.decode("utf-8", "replace") for m in sub.messages}
     assert {f"{BASE}/{t}" for t in ("status", "alarm", "result", "stats")} <= payloads.keys()
-    places = {"daemon log": d.text(), "health": health, "sd_notify": "\n".join(notify.messages),
+    places = {"daemon log": d.text(), "health": health, "sd_notify": notify.text(),
               **{f"mqtt {m.topic}": m.payload.decode("utf-8", "replace") for m in sub.messages}}
     leaks = [where for where, text in places.items() if PASSWORD in text]
     assert not leaks, f"password found in: {leaks}"
     # Redacted, not dropped: operators still see which camera it is.
     shown = f"rtsp://admin:***@127.0.0.1:{closed}/stream"
-    assert shown in d.text() and shown in health and shown in "\n".join(notify.messages)
+    assert shown in d.text() and shown in health and shown in notify.text()
     assert any(shown in json.dumps(json.loads(m.payload)) for m in sub.messages if m.topic.endswith("/result"))
