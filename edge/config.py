@@ -198,8 +198,9 @@ class PipelineConfig(_Model):
                                  "about 25 MB per 5 MP part); when reached, live frames are dropped and counted, parts "
                                  "wait. Keep it well under the unit's MemoryMax.")
     hang_timeout_s: float | None = Field(default=None, gt=0, le=3600, description="No result for this long while parts "
-                                         "wait, and no deliberate hold (full outbox/disk): stop feeding the systemd "
-                                         "watchdog so the daemon is restarted (default max(60, 3 x stall_timeout_s)).")
+                                         "wait, and no deliberate hold (full outbox/disk), or a capture read/decode "
+                                         "stuck this long: stop feeding the systemd watchdog so the daemon is restarted "
+                                         "(default max(60, 3 x stall_timeout_s, 2 x (open_timeout_s + read_timeout_s))).")
     trigger_timeout_s: float = Field(default=5.0, gt=0, le=3600, description="A trigger with no frame within this -> `error` verdict.")
     trigger_max_pending: int = Field(default=64, ge=1, le=10_000, description="Triggers waiting for a frame; overflow -> `error` verdict.")
     # Trigger integrity (issue 14): each trigger gets exactly one result, never another part's frame.

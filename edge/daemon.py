@@ -142,12 +142,24 @@ class Pipeline:
 
         Holding parts on purpose (full outbox or disk: the result thread retries, outbox_error is
         raised) is not a hang: a restart would not free space, and on a full disk we could not
-        even start again. Only a thread stuck with no such reason stops the pings."""
+        even start again. Only a thread stuck with no such reason stops the pings - including the
+        capture thread in a read or decode that never returns (then the restart counts the file in
+        flight, and the crash ledger quarantines it)."""
         flow = self.flow
         if flow is None or not all(t.is_alive() for t in flow.threads[1:]):
             return False
-        hang_s = self.cfg.pipeline.hang_timeout_s or max(60.0, 3 * float(getattr(self.cfg.source, "stall_timeout_s", 5.0)))
-        return flow.idle() or time.monotonic() - max(flow.last_progress, flow.hold_beat) < hang_s
+        hang_s = self.cfg.pipeline.hang_timeout_s or self._default_hang_s()
+        now = time.monotonic()
+        if not flow.capture_done() and now - flow.capture_beat >= hang_s:
+            return False
+        return flow.idle() or now - max(flow.last_progress, flow.hold_beat) < hang_s
+
+    def _default_hang_s(self) -> float:
+        """Longer than any wait the source itself may make (stall, open and read timeouts)."""
+        src = self.cfg.source
+        waits = [3 * float(getattr(src, "stall_timeout_s", 5.0)),
+                 2 * (float(getattr(src, "open_timeout_s", 0.0)) + float(getattr(src, "read_timeout_s", 0.0)))]
+        return max(60.0, *waits)
 
     def _refresh_gauges(self) -> None:
         overwritten = int(getattr(self.source, "overwritten", 0))

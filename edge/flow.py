@@ -93,7 +93,7 @@ class FrameFlow:
         self.observe_camera = observe_camera
         self.counts = {"pass": 0, "fail": 0, "error": 0, "duplicate": 0}
         self.fatal: str | None = None
-        self.last_progress = self.hold_beat = time.monotonic()  # hold_beat: a full outbox/disk is retried
+        self.last_progress = self.hold_beat = self.capture_beat = time.monotonic()  # hold_beat: a full outbox/disk is retried
         self._frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         # Unbounded: the budget admits at most queue_size + 64 parts, so it never blocks a callback.
         self._results: queue.Queue[Any] = queue.Queue()
@@ -180,6 +180,7 @@ class FrameFlow:
 
     def _capture_loop(self) -> None:
         while not self._capture_stop.is_set():
+            self.capture_beat = time.monotonic()  # a read or decode that never returns stops the watchdog
             for f in self.gate.expired_triggers():
                 self._put(f)
             if self.source.exhausted:
@@ -216,6 +217,7 @@ class FrameFlow:
                 self._drop("queue_full")
             return
         while not self.budget.acquire(cost, 0.2):
+            self.capture_beat = time.monotonic()  # waiting for room is backpressure, not a hang
             if self._give_up(frame, force):
                 return
         while True:
@@ -223,6 +225,7 @@ class FrameFlow:
                 self._frames.put(frame, timeout=0.2)
                 return
             except queue.Full:
+                self.capture_beat = time.monotonic()
                 if self._give_up(frame, force):
                     self.budget.release(cost)
                     return

@@ -48,6 +48,9 @@ QUARANTINED = "quarantined"  # in flight during source.quarantine_after_crashes 
 # TEST HOOK ONLY: a file whose name contains this text SIGKILLs the daemon when it is loaded,
 # standing in for a decoder segfault or an OOM kill (tests/faults/test_hostile_inputs.py).
 TEST_HOOK_KILL_ENV = "EDGE_TEST_HOOK_SIGKILL_ON_FILE"
+# TEST HOOK ONLY: ...and one that never returns, standing in for a decoder that hangs or a read
+# from a share that stopped answering (tests/faults/test_crash_loops.py: the watchdog must starve).
+TEST_HOOK_HANG_ENV = "EDGE_TEST_HOOK_HANG_ON_FILE"
 _DECODED_BPP_GUESS = 3.0  # bytes per pixel assumed before decoding (8-bit BGR, the common case)
 _BYTES_PER_PIXEL_MAX = 8  # 16-bit BGRA, uncompressed: a bigger file cannot be within max_pixels
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -117,6 +120,7 @@ class FolderSource:
         self._model_spec = model_spec or InputSpec
         self._cgroup_root = cgroup_root
         self._kill_on = os.environ.get(TEST_HOOK_KILL_ENV) or None
+        self._hang_on = os.environ.get(TEST_HOOK_HANG_ENV) or None
         self.name = f"folder:{cfg.path}"
         self.root = Path(cfg.path)
         self.done_dir = Path(cfg.done_dir) if cfg.done_dir else self.root / "done"
@@ -245,6 +249,9 @@ class FolderSource:
         if self._kill_on is not None and self._kill_on in name:
             log.critical("TEST HOOK %s: killing the daemon while loading %s", TEST_HOOK_KILL_ENV, shown)
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._hang_on is not None and self._hang_on in name:
+            log.critical("TEST HOOK %s: hanging while loading %s", TEST_HOOK_HANG_ENV, shown)
+            threading.Event().wait()
         try:
             return self._decode(name, shown, ts)
         except FileNotFoundError:

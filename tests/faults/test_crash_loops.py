@@ -25,6 +25,7 @@ import cv2
 import psutil
 import pytest
 
+import edge.sources.folder as folder_module
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import Daemon, alarms, results, running, station, write_config
 from tests.faults.harness import (
@@ -176,6 +177,35 @@ def test_a_real_hang_still_starves_the_watchdog(tmp_path: Path, tiny_package: Pa
             assert sub.wait_for(lambda ms: len(results(sub)) == 3, 30)
     finally:
         sub.close()
+
+
+def test_a_decode_that_never_returns_starves_the_watchdog(tmp_path: Path, tiny_package: Path,
+                                                          broker: Broker) -> None:
+    """A file whose read or decode never returns (a hung share, a decoder loop) leaves the frame path
+    idle, which used to look healthy: the capture thread's own beat must stop the pings, so systemd
+    restarts the daemon and the crash ledger counts the file (then quarantines it)."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    data = station(tmp_path, tiny_package, broker, folder(inbox), evidence={"enabled": False},
+                   pipeline={"hang_timeout_s": 3})
+    d = Daemon(write_config(tmp_path / "station.yaml", data), tmp_path / "daemon.log",
+               {**notify.env(1.0), folder_module.TEST_HOOK_HANG_ENV: "stuck"})
+    try:
+        assert notify.wait("READY=1", 0.0, 60), d.text()
+        write_parts(inbox, ["a-fine"])
+        assert wait_until(lambda: (tmp_path / "in" / "done" / "a-fine.png").exists(), 30), d.text()
+        t_ok = time.monotonic()
+        assert wait_until(lambda: notify.count("WATCHDOG=1", t_ok) >= 3, 10), "no pings while healthy"
+        write_parts(inbox, ["b-stuck"])
+        assert wait_until(lambda: "TEST HOOK" in d.text(), 30), d.text()
+        t_hang = time.monotonic()
+        time.sleep(3 + 3)  # the hang timeout, then some
+        late = notify.count("WATCHDOG=1", t_hang + 3 + 1)
+        assert late == 0, f"{late} watchdog pings while the capture thread hung\n{d.text()}"
+    finally:
+        d.kill()
+        notify.close()
 
 
 # -- SIGTERM with everything stuck ---------------------------------------------------------------------
