@@ -22,7 +22,7 @@ import pytest
 
 from edge.contract import PACKAGE_JSON
 from edge.events import EVENT_MAX_BYTES, event_id_for, validate_event
-from edge.evidence import EvidenceStore
+from edge.evidence import EvidenceWriter
 from edge.package import sha256_file
 from edge.sources.folder import TEST_HOOK_KILL_ENV
 from tests.broker import Broker
@@ -392,12 +392,12 @@ def test_thousands_of_specks_give_a_bounded_event(tmp_path: Path, tiny_package: 
 # -- the per-part catch itself (in-process: a fault injected into one part's event) ------------------------
 def test_a_part_whose_event_cannot_be_built_gets_an_error_event(tmp_path: Path, tiny_package: Path, broker: Broker,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Something unforeseen raises while one part's event is built (here: saving its evidence). That
+    """Something unforeseen raises while one part's event is built (here: handing its evidence over). That
     part gets an `error` event (internal) and goes to failed/; the thread and the other parts go on.
     When not even the error event can be built (`worst`), the file still goes to failed/, logged."""
     import edge.flow
 
-    save, build = EvidenceStore.save, edge.flow.build_result_event
+    offer, build = EvidenceWriter.offer, edge.flow.build_result_event
 
     def failing_build(**kw: Any) -> Any:
         if kw["part_id"] == "worst":
@@ -406,12 +406,12 @@ def test_a_part_whose_event_cannot_be_built_gets_an_error_event(tmp_path: Path, 
 
     monkeypatch.setattr(edge.flow, "build_result_event", failing_build)
 
-    def failing_save(self: EvidenceStore, event_id: str, capture_ts: float, image: Any, *a: Any, **kw: Any) -> Any:
+    def failing_offer(self: EvidenceWriter, event_id: str, capture_ts: float, image: Any, *a: Any, **kw: Any) -> Any:
         if image is not None and image.shape == (97, 128):
             raise RuntimeError("evidence writer exploded")
-        return save(self, event_id, capture_ts, image, *a, **kw)
+        return offer(self, event_id, capture_ts, image, *a, **kw)
 
-    monkeypatch.setattr(EvidenceStore, "save", failing_save)
+    monkeypatch.setattr(EvidenceWriter, "offer", failing_offer)
     inbox = tmp_path / "in"
     inbox.mkdir()
     write_atomic(inbox, "odd.png", encode(".png", make_part((97, 128), defect=True, seed=1)), mtime=time.time() - 5)
