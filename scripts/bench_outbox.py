@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Outbox ceiling: results stored per second by the whole station with a trivial model, group commit off vs on.
+
+    .venv/bin/python scripts/bench_outbox.py [--parts N] [--rounds R] [--size WxH] [--json FILE]
+
+The real pipeline (edge.daemon.run_pipeline, in-process) with the tiny OpenVINO package of the tests
+(microseconds per frame, so the pipeline's own cost shows), a synthetic source at fps 0 (parts as fast
+as the pipeline takes them), evidence off, and a real Mosquitto with mqtt.no_subscribers: deliver (no
+consumer). Rounds alternate off, on, off, on... in one run so both see the same machine and load.
+"off" is outbox.group_commit_max 1 (one transaction and fsync per result, as before group commit),
+"on" the configured group (default 64 results, 2 ms). Rate = rows stored / (last store - first store),
+counted at Outbox.add_many; "acked/s" is the same for PUBACKs (the MQTT sender's side).
+Target: >= 1,500 results/s with grouping on. Needs `mosquitto`; bounded by --timeout per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.config import validate_config  # noqa: E402
+from edge.daemon import run_pipeline  # noqa: E402
+from edge.mqtt import MqttSink  # noqa: E402
+from edge.outbox import Outbox  # noqa: E402
+from tests.broker import Broker  # noqa: E402
+from tests.daemon_proc import station  # noqa: E402
+from tests.tiny_package import make_tiny_package  # noqa: E402
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "sqlite": __import__("sqlite3").sqlite_version}
+
+
+class Probe:
+    """Counts rows stored (Outbox.add_many) and rows acked (MqttSink._acked) with their times."""
+
+    def __init__(self) -> None:
+        self.stored = self.groups = self.acked = 0
+        self.first_store = self.last_store = self.first_ack = self.last_ack = 0.0
+        self._orig = (Outbox.add_many, MqttSink._acked)
+
+    def __enter__(self) -> Probe:
+        probe = self
+        orig_add, orig_acked = self._orig
+
+        def add_many(ob: Outbox, items: Any) -> list[bool | None]:
+            out = orig_add(ob, items)
+            now = time.monotonic()
+            probe.first_store = probe.first_store or now
+            probe.last_store = now
+            probe.stored += sum(1 for a in out if a)
+            probe.groups += 1
+            return out
+
+        def _acked(sink: MqttSink, seqs: list[int]) -> None:
+            orig_acked(sink, seqs)
+            now = time.monotonic()
+            probe.first_ack = probe.first_ack or now
+            probe.last_ack = now
+            probe.acked += len(seqs)
+
+        Outbox.add_many = add_many  # type: ignore[method-assign]
+        MqttSink._acked = _acked  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Outbox.add_many, MqttSink._acked = self._orig  # type: ignore[method-assign]
+
+
+def rate(n: int, t0: float, t1: float) -> float | None:
+    return round(n / (t1 - t0), 1) if n > 1 and t1 > t0 else None
+
+
+def one_round(work: Path, pkg: Path, broker: Broker, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    state = work / f"state-{mode}"
+    shutil.rmtree(state, ignore_errors=True)
+    w, h = args.size
+    group = {"group_commit_max": 1} if mode == "off" else {"group_commit_max": args.group_max,
+                                                           "group_commit_ms": args.group_ms}
+    data = station(work, pkg, broker, {"type": "synthetic", "width": w, "height": h, "fps": 0, "count": args.parts,
+                                       "defect_rate": 0.1, "seed": 1, "stop_at_end": True},
+                   model={"num_requests": 2, "threads": 1}, evidence={"enabled": False},
+                   outbox={"max_events": max(1000, 2 * args.parts), **group},
+                   pipeline={"drain_timeout_s": 60}, state_dir=str(state),
+                   mqtt={"no_subscribers": "deliver"})  # no consumer: a PUBACK 0x10 counts as delivered
+    cfg = validate_config(data)
+    stop = threading.Event()
+    code: list[int] = []
+    load = [round(x, 2) for x in os.getloadavg()]
+    with Probe() as probe:
+        t = threading.Thread(target=lambda: code.append(run_pipeline(cfg, stop)), daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        t.join(args.timeout)
+        if t.is_alive():
+            stop.set()
+            t.join(60)
+            raise TimeoutError(f"round {mode} did not finish in {args.timeout} s")
+    return {"mode": mode, "group_commit_max": group["group_commit_max"], "parts": args.parts,
+            "stored": probe.stored, "transactions": probe.groups,
+            "rows_per_transaction": round(probe.stored / probe.groups, 2) if probe.groups else None,
+            "stored_per_s": rate(probe.stored, probe.first_store, probe.last_store),
+            "acked": probe.acked, "acked_per_s": rate(probe.acked, probe.first_ack, probe.last_ack),
+            "wall_s": round(time.monotonic() - t0, 2), "exit_code": code[0] if code else None,
+            "loadavg_before": load, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", type=int, default=5000, help="parts per round (default 5000)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per mode, interleaved off/on (default 3)")
+    ap.add_argument("--size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(64, 64),
+                    help="synthetic frame WxH (default 64x64: one tile of the tiny model)")
+    ap.add_argument("--group-max", type=int, default=64, help="outbox.group_commit_max when on (default 64)")
+    ap.add_argument("--group-ms", type=float, default=2.0, help="outbox.group_commit_ms when on (default 2)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per round before giving up")
+    ap.add_argument("--json", type=Path, help="write the results here (default <work>/bench_outbox.json)")
+    ap.add_argument("--work", type=Path, help="work folder (default a temporary one)")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_outbox-"))
+    work.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cpus']} cpus, python {info['python']}, sqlite {info['sqlite']}; "
+          f"{args.parts} parts/round at {args.size[0]}x{args.size[1]}, {args.rounds} rounds per mode", flush=True)
+    pkg = make_tiny_package(work / "pkg")
+    broker = Broker(work / "broker").start()
+    rows: list[dict[str, Any]] = []
+    try:
+        for r in range(args.rounds):
+            for mode in ("off", "on"):
+                row = {"round": r + 1, **one_round(work, pkg, broker, mode, args)}
+                rows.append(row)
+                print(f"round {row['round']} {mode:>3}: {row['stored_per_s']} stored/s "
+                      f"({row['rows_per_transaction']} rows/transaction), {row['acked_per_s']} acked/s, "
+                      f"{row['stored']}/{row['parts']} stored, load {row['loadavg_before']}", flush=True)
+    finally:
+        broker.kill()
+    summary: dict[str, Any] = {}
+    for mode in ("off", "on"):
+        xs = [r["stored_per_s"] for r in rows if r["mode"] == mode and r["stored_per_s"]]
+        acks = [r["acked_per_s"] for r in rows if r["mode"] == mode and r["acked_per_s"]]
+        summary[mode] = {"stored_per_s_median": statistics.median(xs) if xs else None,
+                         "acked_per_s_median": statistics.median(acks) if acks else None}
+    off, on = summary["off"]["stored_per_s_median"], summary["on"]["stored_per_s_median"]
+    summary["ratio_on_off"] = round(on / off, 2) if off and on else None
+    summary["target_1500_met"] = bool(on and on >= 1500)
+    print(f"median stored/s: off {off}, on {on}, ratio {summary['ratio_on_off']} "
+          f"(target >= 1500 with grouping on: {'met' if summary['target_1500_met'] else 'NOT met'})")
+    out = args.json or work / "bench_outbox.json"
+    out.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
+                               "rounds": rows, "summary": summary}, indent=2))
+    print(f"json: {out}")
+    lost = [r for r in rows if r["stored"] != r["parts"] or r["exit_code"] != 0]
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
