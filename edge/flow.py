@@ -501,12 +501,11 @@ class FrameFlow:
         topic = self.result_topic
         warned = False
         while ready:
+            error = None
             try:
                 added = self.outbox.add_many([(r.event_id, topic, r.payload, 1) for r in ready])
             except Exception as e:  # disk full, I/O error: nothing of this group was stored
                 added, error = [None] * len(ready), f"{type(e).__name__}: {e}"
-            else:
-                error = f"outbox full: {self.outbox.count()} events (max_events={self.outbox.max_events})"
             held = [r for r, a in zip(ready, added, strict=True) if a is None]
             for r, a in zip(ready, added, strict=True):
                 if a is not None:
@@ -519,6 +518,7 @@ class FrameFlow:
                     self.alarms.set(OUTBOX_ERROR, False, "results are stored again")
                 return
             if not warned:
+                error = error or f"outbox full: {self.outbox.count()} events (max_events={self.outbox.max_events})"
                 log.error("cannot store the result of %d part(s) (%s...): %s; holding the pipeline",
                           len(ready), safe_part_id(ready[0].job.frame.part_id), error)
                 self.alarms.set(OUTBOX_ERROR, True, f"results cannot be stored: {error}")

@@ -88,6 +88,55 @@ class Probe:
         Outbox.add_many, MqttSink._acked = self._orig  # type: ignore[method-assign]
 
 
+class ThreadCpu:
+    """CPU seconds per thread of this process (from /proc/self/task), sampled while the round runs: where
+    the time goes, in a unit that the machine's other load does not inflate (unlike wall time)."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[int, tuple[str, float]] = {}  # tid -> (name, cpu seconds)
+        self._stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ThreadCpu:
+        self._base = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        out = {}
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (task / "stat").read_text()
+                comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+                tid = int(task.name)
+                name = names.get(tid) or f"native:{comm}"
+                out[tid] = (name, (int(rest[11]) + int(rest[12])) / self._tick)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            for tid, (name, cpu) in self._sample().items():
+                if not name.startswith("native:") or tid not in self.cpu:  # keep the Python name once seen
+                    self.cpu[tid] = (name, cpu)
+                else:
+                    self.cpu[tid] = (self.cpu[tid][0], cpu)
+
+    def per_name(self, parts: int) -> dict[str, float]:
+        """CPU milliseconds per part, summed by thread name (OpenVINO workers by their native name)."""
+        totals: dict[str, float] = {}
+        for tid, (name, cpu) in self.cpu.items():
+            cpu -= self._base.get(tid, ("", 0.0))[1]
+            key = "openvino/native" if name.startswith("native:") else name.split(" (")[0]
+            totals[key] = totals.get(key, 0.0) + cpu
+        return {k: round(v * 1000 / parts, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
 def rate(n: int, t0: float, t1: float) -> float | None:
     return round(n / (t1 - t0), 1) if n > 1 and t1 > t0 else None
 
@@ -108,20 +157,22 @@ def one_round(work: Path, pkg: Path, broker: Broker, mode: str, args: argparse.N
     stop = threading.Event()
     code: list[int] = []
     load = [round(x, 2) for x in os.getloadavg()]
-    with Probe() as probe:
-        t = threading.Thread(target=lambda: code.append(run_pipeline(cfg, stop)), daemon=True)
-        t0 = time.monotonic()
+    with Probe() as probe, ThreadCpu() as cpu:
+        t = threading.Thread(target=lambda: code.append(run_pipeline(cfg, stop)), name="main-loop", daemon=True)
+        t0, c0 = time.monotonic(), time.process_time()
         t.start()
         t.join(args.timeout)
         if t.is_alive():
             stop.set()
             t.join(60)
             raise TimeoutError(f"round {mode} did not finish in {args.timeout} s")
+        process_ms = round((time.process_time() - c0) * 1000 / args.parts, 3)
     return {"mode": mode, "group_commit_max": group["group_commit_max"], "parts": args.parts,
             "stored": probe.stored, "transactions": probe.groups,
             "rows_per_transaction": round(probe.stored / probe.groups, 2) if probe.groups else None,
             "stored_per_s": rate(probe.stored, probe.first_store, probe.last_store),
             "acked": probe.acked, "acked_per_s": rate(probe.acked, probe.first_ack, probe.last_ack),
+            "cpu_ms_per_part": process_ms, "cpu_ms_per_part_by_thread": cpu.per_name(args.parts),
             "wall_s": round(time.monotonic() - t0, 2), "exit_code": code[0] if code else None,
             "loadavg_before": load, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
@@ -134,6 +185,8 @@ def main() -> int:
                     help="synthetic frame WxH (default 64x64: one tile of the tiny model)")
     ap.add_argument("--group-max", type=int, default=64, help="outbox.group_commit_max when on (default 64)")
     ap.add_argument("--group-ms", type=float, default=2.0, help="outbox.group_commit_ms when on (default 2)")
+    ap.add_argument("--modes", type=lambda s: s.split(","), default=["off", "on"],
+                    help="modes in each round, in order (default off,on; e.g. 'on' alone to profile it)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per round before giving up")
     ap.add_argument("--json", type=Path, help="write the results here (default <work>/bench_outbox.json)")
     ap.add_argument("--work", type=Path, help="work folder (default a temporary one)")
@@ -148,12 +201,13 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         for r in range(args.rounds):
-            for mode in ("off", "on"):
+            for mode in args.modes:
                 row = {"round": r + 1, **one_round(work, pkg, broker, mode, args)}
                 rows.append(row)
                 print(f"round {row['round']} {mode:>3}: {row['stored_per_s']} stored/s "
                       f"({row['rows_per_transaction']} rows/transaction), {row['acked_per_s']} acked/s, "
-                      f"{row['stored']}/{row['parts']} stored, load {row['loadavg_before']}", flush=True)
+                      f"{row['stored']}/{row['parts']} stored, load {row['loadavg_before']}; "
+                      f"cpu {row['cpu_ms_per_part']} ms/part: {row['cpu_ms_per_part_by_thread']}", flush=True)
     finally:
         broker.kill()
     summary: dict[str, Any] = {}
