@@ -507,6 +507,8 @@ class FrameFlow:
             except Exception as e:  # disk full, I/O error: nothing of this group was stored
                 added, error = [None] * len(ready), f"{type(e).__name__}: {e}"
             held = [r for r, a in zip(ready, added, strict=True) if a is None]
+            if error is None:
+                log.debug("%d result(s) stored in one transaction, %d held", len(ready) - len(held), len(held))
             for r, a in zip(ready, added, strict=True):
                 if a is not None:
                     self._account(r, a)
