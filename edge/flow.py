@@ -7,6 +7,8 @@ files, triggered or synthetic parts) wait instead, because dropping one would lo
 Every failure on a part's way (no frame, bad frame, inference error) becomes an `error`
 verdict for that part. The source commits a part (a folder moves its file) only after the
 event is in the outbox, so a crash can duplicate an event (same event_id), never lose a part.
+Results that are ready together are stored in one outbox transaction (group commit: one fsync for
+the group, outbox.group_commit_max/_ms); their parts are committed once that transaction is durable.
 """
 
 from __future__ import annotations
