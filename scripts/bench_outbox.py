@@ -32,10 +32,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from edge.config import validate_config  # noqa: E402
 from edge.daemon import run_pipeline  # noqa: E402
+from edge.inference import Inferencer  # noqa: E402
 from edge.mqtt import MqttSink  # noqa: E402
 from edge.outbox import Outbox  # noqa: E402
+from edge.sources.synthetic import synth_part  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 from tests.daemon_proc import station  # noqa: E402
 from tests.tiny_package import make_tiny_package  # noqa: E402
@@ -146,6 +150,30 @@ class ThreadCpu:
         return {k: round(v * 1000 / parts, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
+def bare_model(pkg: Path, size: tuple[int, int], count: int) -> dict[str, Any]:
+    """The same trivial model alone (Inferencer.submit, same settings and frames as the rounds): the
+    reference the pipeline's ceiling cannot pass, and its CPU per frame."""
+    rng = np.random.default_rng(1)
+    frames = [synth_part(size[1], size[0], i % 10 == 0, rng) for i in range(32)]
+    inf = Inferencer(pkg, num_requests=2, threads=1)
+    done = [0]
+
+    def cb(prob: Any, err: Any, ud: Any) -> None:
+        done[0] += 1
+
+    for f in frames:  # warm-up
+        inf.submit(f, None, cb)
+    inf.wait_all()
+    t0, c0 = time.monotonic(), time.process_time()
+    for i in range(count):
+        inf.submit(frames[i % len(frames)], None, cb)
+    inf.wait_all()
+    dt = time.monotonic() - t0
+    return {"frames": count, "fps": round(count / dt, 1),
+            "cpu_ms_per_frame": round((time.process_time() - c0) * 1000 / count, 3),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
 def rate(n: int, t0: float, t1: float) -> float | None:
     return round(n / (t1 - t0), 1) if n > 1 and t1 > t0 else None
 
@@ -209,6 +237,9 @@ def main() -> int:
     pkg = make_tiny_package(work / "pkg")
     broker = Broker(work / "broker").start()
     rows: list[dict[str, Any]] = []
+    bare = [bare_model(pkg, args.size, args.parts)]
+    print(f"bare model before: {bare[0]['fps']} frames/s, cpu {bare[0]['cpu_ms_per_frame']} ms/frame, "
+          f"load {bare[0]['loadavg']}", flush=True)
     try:
         for r in range(args.rounds):
             for mode in args.modes:
@@ -220,7 +251,10 @@ def main() -> int:
                       f"cpu {row['cpu_ms_per_part']} ms/part: {row['cpu_ms_per_part_by_thread']}", flush=True)
     finally:
         broker.kill()
-    summary: dict[str, Any] = {}
+    bare.append(bare_model(pkg, args.size, args.parts))
+    print(f"bare model after: {bare[1]['fps']} frames/s, cpu {bare[1]['cpu_ms_per_frame']} ms/frame, "
+          f"load {bare[1]['loadavg']}", flush=True)
+    summary: dict[str, Any] = {"bare_model_fps_mean": round((bare[0]["fps"] + bare[1]["fps"]) / 2, 1)}
     for mode in args.modes:
         xs = [r["stored_per_s"] for r in rows if r["mode"] == mode and r["stored_per_s"]]
         acks = [r["acked_per_s"] for r in rows if r["mode"] == mode and r["acked_per_s"]]
@@ -228,12 +262,14 @@ def main() -> int:
                          "acked_per_s_median": statistics.median(acks) if acks else None}
     off, on = (summary.get(m, {}).get("stored_per_s_median") for m in ("off", "on"))
     summary["ratio_on_off"] = round(on / off, 2) if off and on else None
+    summary["on_vs_bare_model"] = round(on / summary["bare_model_fps_mean"], 3) if on else None
     summary["target_1500_met"] = bool(on and on >= 1500)
     print(f"median stored/s: off {off}, on {on}, ratio {summary['ratio_on_off']} "
-          f"(target >= 1500 with grouping on: {'met' if summary['target_1500_met'] else 'NOT met'})")
+          f"(target >= 1500 with grouping on: {'met' if summary['target_1500_met'] else 'NOT met'}); "
+          f"bare trivial model {summary['bare_model_fps_mean']} frames/s")
     out = args.json or work / "bench_outbox.json"
     out.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                               "rounds": rows, "summary": summary}, indent=2))
+                               "bare_model": bare, "rounds": rows, "summary": summary}, indent=2))
     print(f"json: {out}")
     lost = [r for r in rows if r["stored"] != r["parts"] or r["exit_code"] != 0]
     return 1 if lost else 0
