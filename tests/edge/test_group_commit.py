@@ -188,3 +188,17 @@ def test_group_commit_max_1_is_the_switch_back(tmp_path: Path) -> None:
             OutboxConfig(**bad)
 
 
+
+
+def test_acks_skip_the_fsync_but_adds_keep_it(tmp_path: Path) -> None:
+    """A delete need not be durable (a lost one only redelivers the same event_id), so ack_many runs
+    with synchronous=NORMAL; every add after it must be back on FULL (one fsync per transaction)."""
+    from edge.outbox import Outbox
+
+    with Outbox(tmp_path / "o.sqlite3") as ob:
+        assert ob.add_many([(f"e{i}", "t", b"{}", 1) for i in range(3)]) == [True] * 3
+        ob.ack_many(r.seq for r in ob.pending()[:2])
+        assert ob.count() == 1
+        assert ob._db is not None and ob._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with Outbox(tmp_path / "o.sqlite3") as ob:
+        assert [r.event_id for r in ob.pending()] == ["e2"]
