@@ -4,6 +4,7 @@ the outbox can only partly take is held (never dropped) while the watchdog keeps
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -116,6 +117,8 @@ def test_ready_results_share_one_transaction_and_files_move_only_once_durable(
         feed_while_held(pipe, inbox, names)
         wait(lambda: files(inbox / "done") == set(names), 60, "every part in done/")
         assert pipe.outbox.count() == 20
+        seqs = [json.loads(r.payload)["seq"] for r in pipe.outbox.pending(limit=100)]  # in the order stored
+        assert seqs == sorted(seqs) and len(set(seqs)) == 20, f"event seq not increasing in storage order: {seqs}"
     assert early == [], f"moved to done/ before their row was committed: {early}"
     assert sum(tx.rows) == 20, tx.rows
     if group_max == 1:
