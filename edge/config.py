@@ -280,6 +280,10 @@ class OutboxConfig(_Model):
     path: Path | None = Field(default=None, description="SQLite outbox file (default <state_dir>/outbox.sqlite3).")
     max_events: int = Field(default=100_000, ge=100, le=100_000_000, description="Unsent events kept; full -> alarm, and the "
                                                                          "pipeline stops taking parts rather than lose one.")
+    group_commit_max: int = Field(default=64, ge=1, le=10_000, description="At most this many results share one outbox "
+                                  "transaction (one fsync); 1 = one transaction per result.")
+    group_commit_ms: float = Field(default=2.0, ge=0, le=1000, description="While more parts are in flight, wait up "
+                                   "to this long for them to join a group; parts are committed only once it is durable.")
 
 
 class EvidenceConfig(_Model):

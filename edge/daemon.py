@@ -103,7 +103,8 @@ class Pipeline:
             model=self.model, checks=self.checks, roi=cfg.roi, outbox=self.outbox, sink=self.sink,
             alarms=self.alarms, metrics=self.metrics, evidence=self.evidence, seq=self.seq, latency=self.latency,
             queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder",
-            max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)))
+            max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)),
+            group_commit_ms=cfg.outbox.group_commit_ms, group_commit_max=cfg.outbox.group_commit_max)
         self.flow.start()
         self.notifier.ready(f"inspecting {self.source.name} with {self.model.info['name']} {self.model.info['version']}")
         log.info("station %s ready: source %s, topics %s/#", self.station_key, self.source.name, cfg.base_topic)

@@ -7,6 +7,8 @@ files, triggered or synthetic parts) wait instead, because dropping one would lo
 Every failure on a part's way (no frame, bad frame, inference error) becomes an `error`
 verdict for that part. The source commits a part (a folder moves its file) only after the
 event is in the outbox, so a crash can duplicate an event (same event_id), never lose a part.
+Results that are ready together are stored in one outbox transaction (group commit: one fsync for
+the group, outbox.group_commit_max/_ms); their parts are committed once that transaction is durable.
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ class Outcome:
     mask: np.ndarray | None = None
 
 
+@dataclass
+class Ready:
+    """A part whose event is built, waiting for its group's transaction."""
+
+    job: Job
+    event_id: str
+    payload: bytes
+    verdict: Verdict
+    t_built: float  # monotonic: the part's latency is counted up to here (as before group commit)
+
+
 class Job:
     """One part on its way through the pipeline (slots: created per frame)."""
 
@@ -84,13 +97,15 @@ class FrameFlow:
                  model: LoadedModel, checks: FrameChecks, roi: RoiConfig | None, outbox: Outbox,
                  sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceWriter | None,
                  seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool,
-                 max_queued_bytes: int = 256 << 20) -> None:
+                 max_queued_bytes: int = 256 << 20, group_commit_ms: float = 2.0, group_commit_max: int = 64) -> None:
         self.station, self.station_key = station, f"{station['line']}/{station['name']}"
         self.result_topic, self.source, self.gate = result_topic, source, gate
         self.model, self.checks, self.roi = model, checks, roi
         self.outbox, self.sink, self.alarms, self.metrics = outbox, sink, alarms, metrics
         self.evidence, self.seq, self.latency = evidence, seq, latency
         self.observe_camera = observe_camera
+        # Group commit: results ready together share one outbox transaction (one fsync); 1 = one per part.
+        self.group_commit_s, self.group_commit_max = group_commit_ms / 1000.0, max(1, group_commit_max)
         self.counts = {"pass": 0, "fail": 0, "error": 0, "duplicate": 0}
         self.fatal: str | None = None
         self.last_progress = self.hold_beat = self.capture_beat = time.monotonic()  # hold_beat: a full outbox/disk is retried
@@ -298,27 +313,63 @@ class FrameFlow:
 
     # -- result thread -----------------------------------------------------------------------------
     def _result_loop(self) -> None:
-        while True:
-            job = self._results.get()
-            if job is _STOP:
-                return
+        """Take every result that is ready (group commit), store them in one transaction, then commit
+        each part. A group never outlives the drain deadline: past it the rest is left uncommitted."""
+        stop = False
+        while not stop:
+            jobs = self._take_group()
+            if jobs[-1] is _STOP:
+                jobs.pop()
+                stop = True
             try:
                 if self._abandon.is_set():
-                    log.warning("part %s not finished by the drain deadline: left for the next start",
-                                job.frame.part_id)
+                    for job in jobs:
+                        log.warning("part %s not finished by the drain deadline: left for the next start",
+                                    job.frame.part_id)
                 else:
-                    self._finish(job)
+                    self._finish_group(jobs)
             finally:
-                self.budget.release(job.nbytes)
+                for job in jobs:
+                    self.budget.release(job.nbytes)
                 with self._inflight_cond:
-                    self._inflight -= 1
+                    self._inflight -= len(jobs)
                     self._inflight_cond.notify_all()
                 self.last_progress = time.monotonic()
 
-    def _finish(self, job: Job) -> None:
-        """Verdict, event, outbox, commit of one part. Whatever goes wrong while deciding or building
-        this part's event (a name that cannot be encoded, a non-finite map, a bug) gives this part an
-        `error` event (kind "internal") and its file goes to failed/: no single input stops the line."""
+    def _take_group(self) -> list[Any]:
+        """The next result (waiting for it), then every one already queued, up to group_commit_max; while
+        more parts are in flight, waits up to group_commit_ms for them so they share the fsync."""
+        jobs = [self._results.get()]
+        deadline = time.monotonic() + self.group_commit_s
+        while len(jobs) < self.group_commit_max and jobs[-1] is not _STOP:
+            try:
+                jobs.append(self._results.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0 or self._inflight <= len(jobs):  # nothing more on its way: do not wait for nothing
+                break
+            try:
+                jobs.append(self._results.get(timeout=left))
+            except queue.Empty:
+                break
+        return jobs
+
+    def _finish_group(self, jobs: list[Job]) -> None:
+        """Events of all parts built one by one, stored in one transaction (one fsync), and only once
+        they are durable each part is committed (folder file moved, trigger closed), in order."""
+        ready: list[Ready] = []
+        for job in jobs:
+            item = self._prepare(job)
+            if item is not None:
+                ready.append(item)
+        self._store(ready)
+
+    def _prepare(self, job: Job) -> Ready | None:
+        """Verdict and event of one part. Whatever goes wrong while deciding or building this part's
+        event (a name that cannot be encoded, a non-finite map, a bug) gives this part an `error` event
+        (kind "internal") and its file goes to failed/: no single input stops the line."""
         frame, t0 = job.frame, time.monotonic()
         try:
             outcome = self._outcome(job)
@@ -331,18 +382,16 @@ class FrameFlow:
                 log.exception("part %s: no result event can be built; moving it to failed/ without one",
                               safe_part_id(frame.part_id))
                 self._commit(frame, ok=False, trigger=False)  # its trigger stays open: error result at restart
-                return
+                return None
         if built is None:
-            return  # shutdown while the disk is full: the file stays for the next run
-        event_id, payload = built
-        verdict = outcome.verdict
-        now = time.monotonic()
-        added = self._store(event_id, payload, safe_part_id(frame.part_id))
-        if added is None:
-            return  # could not be stored (shutdown with a full outbox): the file stays for the next run
+            return None  # shutdown while the disk is full: the file stays for the next run
+        return Ready(job, built[0], built[1], outcome.verdict, time.monotonic())
+
+    def _account(self, item: Ready, added: bool) -> None:
+        """After the row is durable: commit the part at its source and count it."""
+        job, verdict = item.job, item.verdict
+        frame = job.frame
         self._commit(frame, ok=verdict != "error")
-        if self.sink is not None:
-            self.sink.notify_new()
         if added:
             self.counts[verdict] += 1
             self.metrics.results.labels(verdict).inc()
@@ -351,8 +400,8 @@ class FrameFlow:
             self.counts["duplicate"] += 1
             self.metrics.duplicates.inc()
         self.metrics.last_result.set(time.time())
-        self.latency.add(now - frame.mono_ts)
-        self.metrics.latency.observe(now - frame.mono_ts)
+        self.latency.add(item.t_built - frame.mono_ts)
+        self.metrics.latency.observe(item.t_built - frame.mono_ts)
         if job.t_done:
             self.metrics.inference.observe(job.t_done - job.t_submit)
         self.gate.inspected += 1
@@ -450,26 +499,43 @@ class FrameFlow:
                 self.alarms.set(OUTBOX_ERROR, False, "sequence numbers are stored again")
             return seq
 
-    def _store(self, event_id: str, payload: bytes, part_id: str) -> bool | None:
-        """Outbox.add, retried while the outbox is full or failing: the part waits, it is not dropped."""
+    def _store(self, ready: list[Ready]) -> None:
+        """Outbox.add_many, then each stored part's commit in order. Parts the outbox cannot take (full,
+        disk full, I/O error) are held and retried, never dropped; at the drain deadline they are left
+        uncommitted (their files stay for the next run)."""
         topic = self.result_topic
         warned = False
-        while True:
+        while ready:
+            error = None
             try:
-                added = self.outbox.add(event_id, topic, payload, qos=1)
-            except Exception as e:  # OutboxFull, disk full, I/O error
-                if not warned:
-                    log.error("cannot store the result of part %s: %s; holding the pipeline", part_id, e)
-                    self.alarms.set(OUTBOX_ERROR, True, f"results cannot be stored: {e}")
-                    warned = True
-                self.hold_beat = time.monotonic()  # deliberately holding: the watchdog keeps being fed
-                if self._abandon.wait(0.5):
-                    log.critical("result of part %s (event %s) NOT stored at shutdown", part_id, event_id)
-                    return None
-                continue
-            if warned:
-                self.alarms.set(OUTBOX_ERROR, False, "results are stored again")
-            return added
+                added = self.outbox.add_many([(r.event_id, topic, r.payload, 1) for r in ready])
+            except Exception as e:  # disk full, I/O error: nothing of this group was stored
+                added, error = [None] * len(ready), f"{type(e).__name__}: {e}"
+            held = [r for r, a in zip(ready, added, strict=True) if a is None]
+            if error is None:
+                log.debug("%d result(s) stored in one transaction, %d held", len(ready) - len(held), len(held))
+            for r, a in zip(ready, added, strict=True):
+                if a is not None:
+                    self._account(r, a)
+            if self.sink is not None and len(held) < len(ready):
+                self.sink.notify_new()
+            ready = held
+            if not ready:
+                if warned:
+                    self.alarms.set(OUTBOX_ERROR, False, "results are stored again")
+                return
+            if not warned:
+                error = error or f"outbox full: {self.outbox.count()} events (max_events={self.outbox.max_events})"
+                log.error("cannot store the result of %d part(s) (%s...): %s; holding the pipeline",
+                          len(ready), safe_part_id(ready[0].job.frame.part_id), error)
+                self.alarms.set(OUTBOX_ERROR, True, f"results cannot be stored: {error}")
+                warned = True
+            self.hold_beat = time.monotonic()  # deliberately holding: the watchdog keeps being fed
+            if self._abandon.wait(0.5):
+                for r in ready:
+                    log.critical("result of part %s (event %s) NOT stored at shutdown",
+                                 safe_part_id(r.job.frame.part_id), r.event_id)
+                return
 
 
 def _empty(q: queue.Queue[Any]) -> list[Any]:
