@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-
 from bench_failrate import defect_detection  # noqa: E402
+
 from edge import evidence, postprocess, preprocess  # noqa: E402
 from edge.inference import Inferencer  # noqa: E402
 from edge.sources.synthetic import synth_part  # noqa: E402
@@ -95,6 +96,28 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return diff
 
 
+def png_settings(frame: np.ndarray, rounds: int) -> None:
+    """OpenCV's default PNG parameters against explicit compression levels, rounds interleaved."""
+    overlay = evidence.to_bgr8(frame)
+    settings = {"default (no parameters)": [], "IMWRITE_PNG_COMPRESSION 0": [cv2.IMWRITE_PNG_COMPRESSION, 0],
+                "IMWRITE_PNG_COMPRESSION 1": [cv2.IMWRITE_PNG_COMPRESSION, 1],
+                "IMWRITE_PNG_COMPRESSION 3": [cv2.IMWRITE_PNG_COMPRESSION, 3]}
+    took: dict[tuple[str, str], list[float]] = {}
+    size: dict[tuple[str, str], int] = {}
+    for _ in range(rounds):
+        for name, params in settings.items():
+            for what, img in (("frame", frame), ("overlay", overlay)):
+                t0 = time.perf_counter()
+                _ok, buf = cv2.imencode(".png", img, params)
+                took.setdefault((name, what), []).append((time.perf_counter() - t0) * 1000)
+                size[(name, what)] = len(buf)
+    print("| PNG setting | frame ms | frame MB | overlay ms | overlay MB |\n| --- | --- | --- | --- | --- |")
+    for name in settings:
+        f, o = (name, "frame"), (name, "overlay")
+        print(f"| {name} | {np.median(took[f]):.1f} | {size[f] / 1e6:.2f} | {np.median(took[o]):.1f} | "
+              f"{size[o] / 1e6:.2f} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="model package (default: a tiny one with the production "
@@ -103,6 +126,7 @@ def main() -> int:
     ap.add_argument("--baseline", default="cbcfb19", help="git revision to compare with")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--profile", action="store_true", help="cProfile this tree's stages (top 25 by own time)")
+    ap.add_argument("--png", action="store_true", help="also time PNG settings on the frame and its overlay")
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.lower().split("x"))
     work = Path(tempfile.mkdtemp(prefix="bench-bigframe-"))
@@ -134,6 +158,8 @@ def main() -> int:
     for k in times["baseline"]:
         a, b = float(np.median(times["baseline"][k])), float(np.median(times["this tree"][k]))
         print(f"| {k} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
+    if args.png:
+        png_settings(frame, args.rounds)
     if args.profile:
         prof = cProfile.Profile()
         prof.runcall(lambda: [stages(*new, inf, frame, work / f"prof-{i}") for i in range(3)])
