@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+import yaml  # noqa: E402
 
 from edge.config import SyntheticSourceConfig, validate_config  # noqa: E402
 from edge.daemon import run_pipeline  # noqa: E402
@@ -64,6 +65,7 @@ T0 = time.monotonic()
 CAPTURE_TS = re.compile(rb'"capture_ts":([0-9.]+)')
 TAGS = re.compile(rb'"(verdict|evidence_status)":"([a-z]+)"')
 BIG = "2448x2048"  # 5 MP mono, an industrial camera's frame
+OVERRIDES: dict[str, dict[str, Any]] = {}  # --set: station config sections merged into every run
 POOL = 8  # distinct good and defective parts of the synthetic source (copies are handed over)
 _children: list[Any] = []  # Daemon / Broker objects to kill on a timeout
 
@@ -102,10 +104,16 @@ def machine() -> dict[str, Any]:
 
 
 # -- frames ---------------------------------------------------------------------------------------------
-def synthetic(size: tuple[int, int], count: int, fps: float, pool: int = POOL) -> dict[str, Any]:
+def pool_size(size: tuple[int, int]) -> int:
+    """Distinct parts per kind: 8, but at most ~8 MB of them (at 5 MP one good and one defective part,
+    10 MB, about a camera driver's buffer ring; the pool is in the measured RSS)."""
+    return max(1, min(POOL, (8 << 20) // (size[0] * size[1])))
+
+
+def synthetic(size: tuple[int, int], count: int, fps: float) -> dict[str, Any]:
     """The source of every run: pooled synthetic parts (copies per part, like a camera's new buffers)."""
     return {"type": "synthetic", "width": size[0], "height": size[1], "fps": fps, "count": count,
-            "defect_rate": 0.1, "seed": 0, "stop_at_end": True, "pool": pool}
+            "defect_rate": 0.1, "seed": 0, "stop_at_end": True, "pool": pool_size(size)}
 
 
 def make_frames(size: tuple[int, int]) -> list[np.ndarray]:
@@ -215,7 +223,7 @@ def pipeline_run(work: Path, pkg: Path, broker: Broker, size: tuple[int, int], c
                    pipeline={"drain_timeout_s": 60}, state_dir=str(state),
                    # no consumer in this run: a PUBACK 0x10 counts as delivered (the default keeps and retries)
                    mqtt={"no_subscribers": "deliver"})
-    cfg = validate_config(data)
+    cfg = validate_config(overridden(data))
     stop = threading.Event()
     code: list[int] = []
     forced = ForcedVerdicts(fail_rate).install()
@@ -243,6 +251,11 @@ def pipeline_run(work: Path, pkg: Path, broker: Broker, size: tuple[int, int], c
             "events": dict(sorted(probe.tags.items())),
             "latency_ms": {"p50": ms(pct(lat, 50)), "p95": ms(pct(lat, 95)), "p99": ms(pct(lat, 99)),
                            "max": ms(max(lat) if lat else None), "n": len(lat)}}
+
+
+def overridden(data: dict[str, Any]) -> dict[str, Any]:
+    """A station config with the --set overrides merged in."""
+    return {**data, **{k: {**data.get(k, {}), **v} for k, v in OVERRIDES.items()}}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -312,7 +325,7 @@ def rss_run(work: Path, pkg: Path, broker: Broker, size: tuple[int, int], frames
     data = station(work, pkg, broker, synthetic(size, frames, 0),
                    model={"num_requests": m["num_requests"], "threads": m["threads"], "hint": m["hint"]},
                    pipeline={"drain_timeout_s": 60}, state_dir=str(state))
-    cfg = write_config(work / "rss.yaml", data)
+    cfg = write_config(work / "rss.yaml", overridden(data))
     sub = PersistentSubscriber(broker.host, broker.port, [f"{BASE}/result"])
     d = Daemon(cfg, work / "rss-daemon.log", env=failing_daemon_env(work, fail_rate))
     load0 = loadavg()
@@ -474,7 +487,14 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here (default <work>/bench_pipeline.json)")
     ap.add_argument("--work", type=Path, help="working folder (default: a new temporary folder, kept)")
     ap.add_argument("--timeout", type=float, default=3600, help="hard limit for the whole run, seconds")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="station config override for every daemon of (a) and (b), e.g. evidence.queue_mb=32 "
+                    "(YAML value; repeatable)")
     args = ap.parse_args()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        OVERRIDES.setdefault(section, {})[name] = yaml.safe_load(value)
     if args.quick:
         args.frames, args.rss_frames, args.loss_parts = min(args.frames, 500), min(args.rss_frames, 1500), \
             min(args.loss_parts, 300)
@@ -511,7 +531,7 @@ def main() -> int:
         "machine": machine(), "work": str(work),
         "model": {"path": str(pkg), "name": meta["name"], "version": meta["version"],
                   "precision": meta.get("precision"), "tile": tile, "tiny_test_package": args.model is None},
-        "frame_size": f"{size[0]}x{size[1]}", "openvino_settings": settings, "args": vars(args) | {"model": str(pkg)},
+        "frame_size": f"{size[0]}x{size[1]}", "openvino_settings": settings, "config_overrides": OVERRIDES, "args": vars(args) | {"model": str(pkg)},
     }
     log(f"model {meta['name']} {meta['version']} ({meta.get('precision')}, tile {tile}) from {pkg}; "
         f"frames {size[0]}x{size[1]}; work {work}")
