@@ -69,6 +69,13 @@ def draw_overlay(image: np.ndarray, mask: np.ndarray | None, regions: Sequence[R
     return out
 
 
+def _mask255(mask: np.ndarray) -> np.ndarray:
+    """0/255 image of a mask's nonzero pixels; for uint8 one OpenCV pass without the GIL instead of three numpy ones."""
+    if mask.dtype == np.uint8:
+        return cv2.threshold(mask, 0, 255, cv2.THRESH_BINARY)[1]
+    return (mask > 0).astype(np.uint8) * 255
+
+
 def _tint(out: np.ndarray, mask: np.ndarray, offset: tuple[int, int]) -> None:
     """Blend the mask's pixels half-way to red, in place: (v + red) // 2, which is what
     (0.5 * v + 0.5 * red).astype(uint8) gives, in integers and only within the mask's bounding box
@@ -148,7 +155,7 @@ class EvidenceStore:
         if verdict != "error":
             items.append((f"overlay{self.ext}", draw_overlay(image, mask, regions, verdict, roi_offset)))
         if mask is not None and mask.any():
-            items.append(("mask.png", (mask > 0).astype(np.uint8) * 255))
+            items.append(("mask.png", _mask255(mask)))
         try:
             (self.root / day).mkdir(parents=True, exist_ok=True)
             for suffix, img in items:
@@ -167,7 +174,7 @@ class EvidenceStore:
         if not ok:
             raise OSError(f"cannot encode {path.name}")
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(buf.tobytes())
+        tmp.write_bytes(memoryview(buf))  # the encoder's buffer as it is: no 10 MB copy under the GIL
         tmp.replace(path)  # a half-written file is never left under the final name
         size = len(buf)
         with self._lock:

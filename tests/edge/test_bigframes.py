@@ -133,3 +133,15 @@ def test_evidence_writer_thread_yields_the_cpu_to_verdicts(tmp_path: Path) -> No
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
     finally:
         writer.close()
+
+
+def test_mask_file_is_the_0_255_image_of_the_mask(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (60, 80), dtype=np.uint8)
+    store = EvidenceStore(tmp_path, 1 << 30)
+    for i, mask in enumerate([(rng.random((60, 80)) > 0.9).astype(np.uint8), rng.integers(0, 3, (60, 80), dtype=np.uint8),
+                              rng.random((60, 80)) > 0.8]):
+        prefix = store.save(f"e{i}", 0.0, image, mask, [], "fail")
+        got = cv2.imread(str(tmp_path / f"{prefix}.mask.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(got, (mask > 0).astype(np.uint8) * 255)
+        assert np.array_equal(cv2.imread(str(tmp_path / f"{prefix}.frame.png"), cv2.IMREAD_UNCHANGED), image)
