@@ -174,7 +174,7 @@ class EvidenceStore:
         if not ok:
             raise OSError(f"cannot encode {path.name}")
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(memoryview(buf))  # the encoder's buffer as it is: no 10 MB copy under the GIL
+        tmp.write_bytes(buf.data)  # the encoder's buffer as it is: no 10 MB copy under the GIL
         tmp.replace(path)  # a half-written file is never left under the final name
         size = len(buf)
         with self._lock:
