@@ -1,16 +1,32 @@
 #!/usr/bin/env python3
-"""Pipeline benchmark: the whole station against the bare model, memory over a long run, zero loss under faults.
+"""Pipeline benchmark: the whole station against the bare model on good and bad days, at the default size and at
+5 MP; memory over a long run; zero loss under faults.
 
-    .venv/bin/python scripts/bench_pipeline.py [--model MODEL_DIR] [--frames N] [--quick] [--json FILE]
+    .venv/bin/python scripts/bench_pipeline.py [--model MODEL_DIR] [--frames N] [--big-frames N] [--quick]
+        [--fail-rates 0,0.1,1] [--sizes default,2448x2048] [--rss-size WxH] [--set SECTION.FIELD=VALUE] [--json FILE]
 
-(a) throughput  video file -> daemon pipeline (edge.daemon.run_pipeline, in-process) -> MQTT publish
-                acknowledged by a real Mosquitto, against the bare model's async throughput
-                (edge.inference.Inferencer.submit) on the same frames with the same OpenVINO settings,
-                bare runs before and after the pipeline run (their mean is the reference). Target >= 90 %.
-                Latency = capture (frame handed over by the source) -> PUBACK, p50/p95/p99, both at full
-                speed (queueing included) and paced at half the measured throughput (a camera at 50 % load).
-(b) memory      the real daemon (`python -m edge run`, synthetic source) over --rss-frames frames (10,000):
-                RSS (psutil) sampled; max <= 350 MB, growth < 5 % from after warm-up (10 %) to the end.
+(a) throughput  synthetic parts (source `pool`: copies of pre-generated parts, as a camera hands over new
+                buffers) -> daemon pipeline (edge.daemon.run_pipeline, in-process, evidence ON as by default) ->
+                MQTT publish acknowledged by a real Mosquitto, against the bare model's async throughput
+                (edge.inference.Inferencer.submit: preprocess, tiles, stitch) on the very same frames with the
+                same OpenVINO settings. One row per frame size x fail rate; per size the runs alternate bare,
+                pipeline 0 %, bare, pipeline 10 %, bare, pipeline 100 %, bare (a row's reference is the mean of
+                the bare runs around it). Target >= 95 %. Every row carries cpu model, cores, load average at
+                its start and end.
+                Fail rates do not depend on what a model thinks of synthetic frames: bench_failrate.py wraps
+                edge.flow.postprocess (as AckProbe wraps MqttSink methods). The real postprocess runs on the
+                real map (its cost is paid), then exactly `rate` of the parts, spread evenly, fail with one
+                disc-shaped region (radius min(h, w)/40, ~8,000 px at 5 MP) and its full-frame mask; the others
+                pass with no region. Rules, event, outbox, MQTT and the evidence writer (frame + overlay + mask
+                PNG, thinning) run as in production. Not measured: the postprocess cost of the map a real
+                defect would give.
+                Latency = capture (frame handed over by the source) -> PUBACK, p50/p95/p99, at full speed
+                (queueing included) and paced at half the measured throughput (a line at 50 % load); the paced
+                p99 is compared with the bare model's time for one frame (one frame at a time, median).
+                Target (5 MP) <= 2x.
+(b) memory      the real daemon (`python -m edge run`, synthetic source, the same fail-rate wrapper through a
+                sitecustomize.py) over --rss-frames frames (10,000) at --rss-size, stopped after --rss-seconds:
+                RSS (psutil) sampled; max <= 250 MB, growth < 5 % from the 10-20 % mark to the last 10 %.
 (c) zero loss   the real daemon on a hot folder fed --loss-parts parts (2,000) while a TCP proxy cuts the
                 broker connection three times and the daemon is SIGKILLed and restarted once; every part
                 id must reach a subscriber (persistent session), duplicates only with the same event_id.
