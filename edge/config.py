@@ -119,6 +119,8 @@ class SyntheticSourceConfig(_Model):
     defect_rate: float = Field(default=0.3, ge=0, le=1, description="Share of defective parts.")
     seed: int = Field(default=0, ge=0, description="Random seed (the same seed gives the same parts).")
     stop_at_end: bool = Field(default=True, description="Stop the daemon after `count` parts.")
+    pool: int = Field(default=0, ge=0, le=256, description="0 = generate every part; N = cycle copies of N generated "
+                      "good and N defective parts (benchmarks at camera sizes, where generating costs more than inspecting).")
 
 
 SourceConfig = Annotated[

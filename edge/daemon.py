@@ -301,11 +301,12 @@ def run_pipeline(cfg: Config, stop_event: threading.Event, *, config_path: str |
     try:
         return pipeline.run()
     finally:
-        _hard_deadline(cfg.pipeline.drain_timeout_s + HARD_STOP_GRACE_S)
+        deadline = _hard_deadline(cfg.pipeline.drain_timeout_s + HARD_STOP_GRACE_S)
         pipeline.shutdown()
+        deadline.cancel()  # stopped in time: a process that goes on (in-process runs) must not be exited later
 
 
-def _hard_deadline(seconds: float) -> None:
+def _hard_deadline(seconds: float) -> threading.Timer:
     """The last bound on a stop: every wait in shutdown has its own deadline, but a stop that
     hangs anyway (a stuck driver, a lock) must not keep systemd waiting until it SIGKILLs us."""
     def expire() -> None:
@@ -314,5 +315,6 @@ def _hard_deadline(seconds: float) -> None:
         os._exit(EX_FAILURE)
 
     timer = threading.Timer(seconds, expire)
-    timer.daemon = True
+    timer.name, timer.daemon = "hard-deadline", True
     timer.start()
+    return timer

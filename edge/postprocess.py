@@ -25,7 +25,31 @@ def _disk(radius: int) -> np.ndarray:
 
 def binarize(prob: np.ndarray, params: PostprocessParams) -> np.ndarray:
     """Threshold plus morphology: uint8 mask (1 = defect) before the area filter."""
-    mask: np.ndarray = (prob >= params.pixel_threshold).astype(np.uint8)
+    # bool and uint8 share their layout: a view, not a second full-frame pass
+    mask: np.ndarray = np.greater_equal(prob, params.pixel_threshold).view(np.uint8)
+    box = _support(mask, params)
+    if box is None:
+        return mask
+    y0, y1, x0, x1 = box
+    mask[y0:y1, x0:x1] = _morphology(mask[y0:y1, x0:x1], params)
+    return mask
+
+
+def _support(mask: np.ndarray, params: PostprocessParams) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1): the part of the mask morphology can change, or None when it is all zero.
+
+    Morphology of zeros is zero, and opening then closing reaches at most open + 2 * close pixels
+    beyond the thresholded pixels; with a wider margin, the crop's own border (OpenCV treats it as
+    neutral) never touches a set pixel, so the crop gives exactly the full frame's result. At 5 MP
+    a defect then costs its neighbourhood, not 5 million pixels, in morphology and labelling."""
+    x, y, w, h = cv2.boundingRect(mask)
+    if w == 0 or h == 0:
+        return None
+    m = 2 * (params.open_radius + params.close_radius) + 2
+    return max(0, y - m), min(mask.shape[0], y + h + m), max(0, x - m), min(mask.shape[1], x + w + m)
+
+
+def _morphology(mask: np.ndarray, params: PostprocessParams) -> np.ndarray:
     if params.open_radius > 0:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disk(params.open_radius))
     if params.close_radius > 0:
@@ -48,6 +72,12 @@ def check_finite(prob: np.ndarray) -> None:
     raise NonFiniteError(f"model output is not finite: {nan} NaN and {inf} infinite of {prob.size} values")
 
 
+def _shifted(mean: float, offset: int, area: int) -> float:
+    """A component's centroid coordinate in the frame from the crop's, bit for bit as labelling the whole
+    frame gives it: OpenCV divides the integer sum of coordinates by the area, so recover that sum."""
+    return (round(float(mean) * area) + offset * area) / area
+
+
 def postprocess(prob: np.ndarray, params: PostprocessParams) -> Detection:
     """Regions of one probability map (HxW float in [0, 1]); NonFiniteError for NaN/inf."""
     if prob.ndim != 2:
@@ -56,8 +86,10 @@ def postprocess(prob: np.ndarray, params: PostprocessParams) -> Detection:
     check_finite(prob)
     mask = binarize(prob, params)
     regions: list[Region] = []
-    if mask.any():
-        n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    box = _support(mask, params)
+    if box is not None:  # label only the crop that holds defect pixels (components never leave it)
+        y0, y1, x0, x1 = box
+        n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask[y0:y1, x0:x1], connectivity=8)
         keep = np.zeros(n, dtype=bool)
         for i in range(1, n):
             area = int(stats[i, cv2.CC_STAT_AREA])
@@ -65,18 +97,19 @@ def postprocess(prob: np.ndarray, params: PostprocessParams) -> Detection:
                 continue
             x, y, w, h = (int(v) for v in stats[i, :4])
             sub_labels = labels[y : y + h, x : x + w] == i
-            scores = prob[y : y + h, x : x + w][sub_labels]
+            scores = prob[y0 + y : y0 + y + h, x0 + x : x0 + x + w][sub_labels]
             regions.append(
                 Region(
                     area=area,
-                    bbox=(x, y, w, h),
-                    centroid=(float(centroids[i, 0]), float(centroids[i, 1])),
+                    bbox=(x0 + x, y0 + y, w, h),
+                    centroid=(_shifted(centroids[i, 0], x0, area), _shifted(centroids[i, 1], y0, area)),
                     max_score=float(scores.max()),
                     mean_score=float(scores.mean()),
                 )
             )
             keep[i] = True
-        mask = keep[labels].astype(np.uint8)
+        if not keep[1:].all():  # all kept: the mask already is the kept components
+            mask[y0:y1, x0:x1] = keep[labels]
     regions.sort(key=lambda r: (-r.area, r.bbox))
     if regions:
         score = max(r.max_score for r in regions)

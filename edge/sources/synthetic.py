@@ -36,6 +36,17 @@ class SyntheticSource:
         self._index = 0
         self._next_due = 0.0
         self._lock = threading.Lock()
+        self._pool: dict[bool, list[np.ndarray]] = {}
+
+    def _image(self, defect: bool) -> np.ndarray:
+        """A new part, or a copy of a pooled one (a camera hands over a new buffer per frame too)."""
+        cfg = self.cfg
+        if not cfg.pool:
+            return synth_part(cfg.height, cfg.width, defect, self._rng)
+        if not self._pool:
+            rng = np.random.default_rng(cfg.seed)
+            self._pool = {d: [synth_part(cfg.height, cfg.width, d, rng) for _ in range(cfg.pool)] for d in (False, True)}
+        return self._pool[defect][self._index % cfg.pool].copy()
 
     def open(self) -> None:
         self._next_due = time.monotonic()
@@ -56,7 +67,7 @@ class SyntheticSource:
                 self._next_due = max(self._next_due + 1.0 / self.cfg.fps, time.monotonic())
             self._index += 1
             defect = bool(self._rng.random() < self.cfg.defect_rate)
-            image = synth_part(self.cfg.height, self.cfg.width, defect, self._rng)
+            image = self._image(defect)
             part_id = f"{'ng' if defect else 'ok'}-{self._index:06d}"
             # Not live: a generated part is a part (never dropped), like a triggered one.
             return Frame(part_id=part_id, capture_ts=time.time(), image=image, live=False,
