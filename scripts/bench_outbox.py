@@ -44,16 +44,12 @@ from tests.broker import Broker  # noqa: E402
 from tests.daemon_proc import station  # noqa: E402
 from tests.tiny_package import make_tiny_package  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_pipeline import machine_row  # noqa: E402
+
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "sqlite": __import__("sqlite3").sqlite_version}
+    return {**machine_row(), "python": platform.python_version(), "sqlite": __import__("sqlite3").sqlite_version}
 
 
 class Probe:
@@ -232,7 +228,7 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_outbox-"))
     work.mkdir(parents=True, exist_ok=True)
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cpus']} cpus, python {info['python']}, sqlite {info['sqlite']}; "
+    print(f"machine: {info['cpu']}, {info['cores']} cores, python {info['python']}, sqlite {info['sqlite']}; "
           f"{args.parts} parts/round at {args.size[0]}x{args.size[1]}, {args.rounds} rounds per mode", flush=True)
     pkg = make_tiny_package(work / "pkg")
     broker = Broker(work / "broker").start()
