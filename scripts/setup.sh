@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
 # Idempotent setup of a fresh Debian/Ubuntu machine for development, the demo and the tests:
 # the Mosquitto broker (tests and the demo start their own instance), ffmpeg (a network camera
-# for the triggered-mode fault test), a venv with the CPU
+# for the triggered-mode fault test), shellcheck (lints deploy/install.sh), a venv with the CPU
 # build of torch (pinned: a plain "torch" requirement can pull a multi-GB CUDA build), and
 # this project with its train + dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "== installing mosquitto (Debian package)"
-  export DEBIAN_FRONTEND=noninteractive
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get install -y -q mosquitto >/dev/null 2>&1 || { $SUDO apt-get update -q && $SUDO apt-get install -y -q mosquitto; }
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+
+# need COMMAND PACKAGE WHY: install a Debian package unless its command is already there
+need() {
+  if ! command -v "$1" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$1" ] && [ ! -x "/usr/bin/$1" ]; then
+    echo "== installing $2 (Debian package: $3)"
+    $SUDO apt-get install -y -q "$2" >/dev/null 2>&1 || { $SUDO apt-get update -q && $SUDO apt-get install -y -q "$2"; }
+    return 0
+  fi
+  return 1
+}
+
+if need mosquitto mosquitto "the tests and the demo start their own broker"; then
   # the tests start their own broker; the distribution's service is not needed
   $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
 fi
-
-if ! command -v ffmpeg >/dev/null 2>&1 && [ ! -x /usr/bin/ffmpeg ]; then
-  echo "== installing ffmpeg (Debian package; the triggered-mode fault test streams a network camera with it)"
-  export DEBIAN_FRONTEND=noninteractive
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get install -y -q ffmpeg >/dev/null 2>&1 || { $SUDO apt-get update -q && $SUDO apt-get install -y -q ffmpeg; }
-fi
+need ffmpeg ffmpeg "the triggered-mode fault test streams a network camera with it" || true
+need shellcheck shellcheck "tests/deploy lints deploy/install.sh" || true
 
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
