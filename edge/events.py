@@ -25,7 +25,7 @@ SCHEMA_FILE = "event.schema.json"
 VERDICTS = ("pass", "fail", "error")
 # An event stays far below the broker's message limit (deploy/mosquitto: message_size_limit 1 MiB):
 # regions are capped (pipeline.event_max_regions) and free text is clipped (edge.text).
-EVENT_MAX_BYTES = 256 * 1024
+EVENT_MAX_BYTES = 64 * 1024  # far below the shipped broker's message_size_limit (256 KiB)
 
 # Fixed namespace: the same (station, part, capture time) gives the same id on any host/run.
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:defect-inspection:result-event")

@@ -83,13 +83,7 @@ class Outbox:
     def _recover(self, error: sqlite3.DatabaseError) -> sqlite3.Connection:
         """A corrupt file would crash every start: move it aside (with -wal/-shm), start a new one
         and copy into it every row that can still be read, saying what was recovered and lost."""
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-        while aside.exists():  # corrupt twice within a second: keep both copies
-            aside = aside.with_name(aside.name + "x")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(f"{self.path}{suffix}")
-            if src.exists():
-                src.rename(f"{aside}{suffix}")
+        aside = move_aside(self.path)
         db = _open(self.path)
         rows, unreadable, note = salvage(aside)
         db.execute("BEGIN IMMEDIATE")
@@ -112,22 +106,10 @@ class Outbox:
 
     def add(self, event_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
         """Store an event durably; False if event_id is already stored (idempotent re-inspection)."""
-        if qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
-        with self._lock:
-            db = self._conn()
-            if self._count >= self.max_events:
-                if db.execute("SELECT 1 FROM outbox WHERE event_id = ?", (event_id,)).fetchone():
-                    return False
-                raise OutboxFull(f"outbox {self.path} holds {self._count} events (max_events={self.max_events})")
-            cur = db.execute(
-                "INSERT OR IGNORE INTO outbox (event_id, topic, payload, qos, created) VALUES (?, ?, ?, ?, ?)",
-                (event_id, topic, bytes(payload), qos, time.time()),
-            )
-            if cur.rowcount == 0:
-                return False
-            self._count += 1
-            return True
+        (stored,) = self.add_many([(event_id, topic, payload, qos)])
+        if stored is None:
+            raise OutboxFull(f"outbox {self.path} holds {self.count()} events (max_events={self.max_events})")
+        return stored
 
     def add_many(self, items: Sequence[tuple[str, str, bytes, int]]) -> list[bool | None]:
         """Group commit: store (event_id, topic, payload, qos) items in ONE transaction, one fsync.
@@ -156,7 +138,8 @@ class Outbox:
                     count += cur.rowcount
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
+                    db.execute("ROLLBACK")
                 raise
             self._count = count
         return out
@@ -204,7 +187,8 @@ class Outbox:
                     deleted = db.total_changes - before
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    if db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
+                        db.execute("ROLLBACK")
                     raise
             finally:
                 db.execute("PRAGMA synchronous=FULL")
@@ -235,6 +219,20 @@ class Outbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def move_aside(path: str | Path) -> Path:
+    """Rename a corrupt SQLite file with its -wal/-shm to <name>.corrupt-<time> (kept for a person to
+    look at) so the next open starts a new one; shared by the outbox and the trigger store."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    while aside.exists():  # corrupt twice within a second: keep both copies
+        aside = aside.with_name(aside.name + "x")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            src.rename(f"{aside}{suffix}")
+    return aside
 
 
 def _open(path: Path) -> sqlite3.Connection:

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.outbox import move_aside
+
 log = logging.getLogger(__name__)
 
 _SCHEMA = (
@@ -82,10 +84,7 @@ class TriggerStore:
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as e:  # corrupt: a crash loop would stop the line for good
-            self.moved_aside = f"{self.path}.corrupt-{int(time.time())}"
-            for suffix in ("", "-wal", "-shm"):
-                if Path(self.path + suffix).exists():
-                    Path(self.path + suffix).replace(self.moved_aside + suffix)
+            self.moved_aside = str(move_aside(self.path))
             log.error("trigger store %s is unreadable (%s): moved aside to %s; triggers that were open "
                       "there get no error result, de-duplication starts empty", self.path, e, self.moved_aside)
             self._db = self._open()
