@@ -39,7 +39,7 @@ from edge.signature import sign_package
 from training import quantize as q
 from training.bench import median_latency_ms, ov_runner
 from training.checkpoint import CheckpointMeta, load_model
-from training.data import load_dataset, load_sample, split_dataset
+from training.data import load_dataset, load_sample, split_holdout
 
 
 class ExportError(RuntimeError):
@@ -152,9 +152,13 @@ def export(checkpoint: str | Path, out: str | Path, calib_data: str | Path | Non
         ds = load_dataset(calib_data)
         if val_data is None:
             tc = meta.train_config
-            calib_samples, val_samples = split_dataset(ds.samples, float(tc.get("val_fraction", 0.2)),
-                                                       int(tc.get("seed", 0)))
-            val_source = f"{calib_data} split (val_fraction={tc.get('val_fraction', 0.2)}, seed={tc.get('seed', 0)})"
+            # INT8 ranges from the training parts, the gate on the calibration parts; the held-out
+            # test parts (test_fraction) are never seen, so their figures stay honest for the package too
+            parts = split_holdout(ds.samples, float(tc.get("val_fraction", 0.2)), float(tc.get("test_fraction", 0.0)),
+                                  int(tc.get("seed", 0)))
+            calib_samples, val_samples = parts.train, parts.val
+            val_source = (f"{calib_data} calibration split (val_fraction={tc.get('val_fraction', 0.2)}, "
+                          f"test_fraction={tc.get('test_fraction', 0.0)}, seed={tc.get('seed', 0)})")
         else:
             calib_samples = ds.samples
     if val_data is not None:
