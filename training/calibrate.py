@@ -35,8 +35,8 @@ from edge.postprocess import binarize
 from training.evaluate import evaluate_predictions
 from training.metrics import prf, ratio
 
-DEFAULT_THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.07) + tuple(
-    round(0.1 + 0.05 * i, 2) for i in range(18))  # 0.01..0.95
+DEFAULT_THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.07,
+                                         *(round(0.1 + 0.05 * i, 2) for i in range(18)))  # 0.01..0.95
 DEFAULT_MIN_AREAS: tuple[int, ...] = (0, 4, 8, 16, 32, 64, 128)
 FEW_DEFECTIVE = 5
 

@@ -22,7 +22,16 @@ from training.data import load_dataset, split_dataset
 from training.synth import generate_dataset
 from training.train import main
 from training.train_config import ConfigError, load_config
-from training.train_utils import Clock, Dist, Overhead, combined_score, load_images, lr_at, speed_report, validate
+from training.train_utils import (
+    Clock,
+    Dist,
+    Overhead,
+    combined_score,
+    load_images,
+    lr_at,
+    speed_report,
+    validate,
+)
 from training.unet import UNetConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[2]
