@@ -129,13 +129,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
                                   f"but the data is {color}; set input.color to match")
         mcfg = UNetConfig.from_dict({**init_meta.model_config.to_dict(), "mean": list(spec.mean),
                                      "std": list(spec.std), "dropout": cfg.model.dropout,
-                                     "deep_supervision": cfg.model.deep_supervision})
+                                     "deep_supervision": cfg.model.deep_supervision,
+                                     "decision_head": cfg.model.decision_head,
+                                     "decision_detach": cfg.model.decision_detach})
         init_state = init_model.state_dict()
         say(f"init-from {init_from}: {init_meta.name} {init_meta.version} (epoch {init_meta.epoch})")
     model = build_model(mcfg)
     if init_state is not None:
         missing, unexpected = model.load_state_dict(init_state, strict=False)
-        bad = [k for k in [*missing, *unexpected] if not k.startswith("aux_heads.")]
+        bad = [k for k in [*missing, *unexpected] if not k.startswith(("aux_heads.", "decision."))]
         if bad:
             raise CheckpointError(f"{init_from}: weights do not fit the model: {', '.join(bad[:5])}")
     # NHWC is the layout oneDNN's CPU convolutions run fastest in: a step took 0.75x the time of
@@ -299,7 +301,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             msg = (f"epoch {epoch} step {step} {clock.elapsed():.0f}s lr {lr:.2e} loss {train_loss:.4f} | "
                    f"val score {v.score:.4f} iou {metrics['pixel_iou']:.4f} f1 {metrics['image_f1']:.4f} "
                    f"acc {metrics['image_accuracy']:.4f} @ thr {params.pixel_threshold} area {params.min_area} "
-                   f"({v.seconds:.0f}s)")
+                   + (f"part_thr {params.part_threshold:.4g} " if params.part_threshold is not None else "")
+                   + f"({v.seconds:.0f}s)")
             if show:
                 tqdm.write(msg)
             else:

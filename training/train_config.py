@@ -58,6 +58,12 @@ class ModelSection(_Section):
                        "every pixel (small defects survive, unlike input.scale)")
     upsample: Upsample = Field(
         "bilinear", description="decoder upsampling; nearest trains faster on a CPU (no costly bilinear backward)")
+    decision_head: bool = Field(
+        False, description="light part classifier on the bottleneck features + pooled logits: a second model "
+                           "output (part probability per tile) that decides the verdict at the edge")
+    decision_detach: bool = Field(
+        True, description="the decision head trains on detached inputs (gradient-flow adjustment, Bozic et al. "
+                          "2021): its loss cannot pull the segmentation away from the masks")
 
     @property
     def stride(self) -> int:
@@ -96,6 +102,9 @@ class LossSection(_Section):
     aux_weight: float = Field(0.4, ge=0.0, description="weight of the averaged deep-supervision losses")
     image_weight: float = Field(0.0, ge=0.0, le=100.0,
                                 description="weight of the per-patch peak-logit BCE (trains the part score)")
+    decision_weight: float = Field(1.0, ge=0.0, le=100.0,
+                                   description="weight of the decision head's BCE vs. 'this patch holds a defect "
+                                               "pixel' (ignored without model.decision_head)")
 
 
 class OptimSection(_Section):

@@ -22,14 +22,15 @@ import torch
 import torch.distributed as dist
 
 from edge.contract import InputSpec, PostprocessParams
-from training.calibrate import calibrate
+from training.calibrate import calibrate, calibrate_part_threshold
 from training.data import Sample, load_sample
 from training.evaluate import evaluate_predictions
-from training.predict import predict_image
+from training.predict import predict_image_part
+from training.unet import UNetOutput
 
 CSV_COLUMNS = ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "image_f1", "image_accuracy",
                "pixel_iou", "pixel_f1", "image_recall", "image_precision", "image_ap", "pixel_precision",
-               "pixel_recall", "score", "pixel_threshold", "min_area", "val_s")
+               "pixel_recall", "score", "pixel_threshold", "min_area", "val_s", "part_threshold")
 
 
 # --------------------------------------------------------------------------- processes
@@ -110,7 +111,10 @@ def autocast_dtype(mode: str) -> torch.dtype | None:
 
 
 def to_float(out: Any) -> Any:
-    """Model outputs (logits, or (logits, [aux])) back in fp32, so losses are computed in fp32."""
+    """Model outputs (logits, `(logits, [aux])` or a UNetOutput) back in fp32, so losses are computed in fp32."""
+    if isinstance(out, UNetOutput):
+        return UNetOutput(out.logits.float(), [a.float() for a in out.aux],
+                          None if out.part is None else out.part.float())
     if isinstance(out, tuple):
         return out[0].float(), [a.float() for a in out[1]]
     return out.float()
@@ -210,6 +214,7 @@ class Validation:
     report: dict[str, Any]
     score: float
     seconds: float
+    parts: list[float] | None = None  # part score per image (max over tiles), None without a decision head
 
 
 def combined_score(metrics: dict[str, Any], weights: dict[str, float]) -> float:
@@ -234,24 +239,30 @@ def pixel_bce(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float
 def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
              spec: InputSpec, cfg: Any, d: Dist) -> Validation | None:
     """Full-resolution prediction through the edge's tiling (shared over ranks), then, on rank 0,
-    calibration of threshold + min area and the metrics at the calibrated parameters."""
+    calibration of threshold + min area (and part_threshold for a model with a decision head)
+    and the metrics at the calibrated parameters."""
     t0 = time.monotonic()
     model.eval()
-    mine = [(i, predict_image(model, images[i], spec, tta=cfg.tta, batch=cfg.batch))
+    mine = [(i, *predict_image_part(model, images[i], spec, tta=cfg.tta, batch=cfg.batch))
             for i in range(d.rank, len(images), d.world)]
     if d.ddp:
-        parts: list[Any] = [None] * d.world if d.main else []
-        dist.gather_object([(i, p.astype(np.float16)) for i, p in mine], parts if d.main else None, dst=0)
+        gathered: list[Any] = [None] * d.world if d.main else []
+        dist.gather_object([(i, p.astype(np.float16), s) for i, p, s in mine], gathered if d.main else None, dst=0)
         if not d.main:
             return None
-        mine = sorted((i, p.astype(np.float32)) for part in parts for i, p in part)
-    probs = [p for _, p in sorted(mine, key=lambda t: t[0])]
+        mine = [(i, p.astype(np.float32), s) for part in gathered for i, p, s in part]
+    mine.sort(key=lambda t: t[0])
+    probs = [p for _, p, _ in mine]
+    parts = None if any(s is None for _, _, s in mine) or not mine else [float(s) for _, _, s in mine]
     params, report = calibrate(probs, masks, min_recall=cfg.min_recall)
     metrics = report.get("metrics") or evaluate_predictions(probs, masks, params)
+    if parts is not None:
+        params, report["part"] = calibrate_part_threshold(parts, masks, params, min_recall=cfg.min_recall)
+        metrics = evaluate_predictions(probs, masks, params, parts=parts)
     metrics = dict(metrics)
     metrics["val_loss"] = pixel_bce(probs, masks)
     score = combined_score(metrics, cfg.score)
-    return Validation(probs, metrics, params, report, score, time.monotonic() - t0)
+    return Validation(probs, metrics, params, report, score, time.monotonic() - t0, parts)
 
 
 # --------------------------------------------------------------------------- logging

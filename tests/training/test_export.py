@@ -68,7 +68,7 @@ def make_checkpoint(path: Path, data: Path | None = None, steps: int = 120, seed
                 ys.append(masks[k][y0 : y0 + 32, x0 : x0 + 32])
             x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
             y = torch.from_numpy(np.stack(ys)[:, None].astype(np.float32))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y, pos_weight=torch.tensor(5.0))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).logits, y, pos_weight=torch.tensor(5.0))
             opt.zero_grad()
             loss.backward()
             opt.step()
