@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from training.pictures import save_validation_grid
 
         assert images is not None
-        save_validation_grid(images, masks, probs, params, args.grid, names=[s.name for s in samples])
+        save_validation_grid(images, masks, probs, params, args.grid, names=[s.name for s in samples], parts=parts)
     for s, row in zip(samples, rows, strict=True):
         row["name"], row["category"] = s.name, s.category
     return {

@@ -4,7 +4,9 @@ Why a gate: INT8 can shift the probability map slightly, and a pixel threshold c
 FP32 may then cut a small defect in two or lose it. So every quantized model is judged on the
 validation split exactly as the daemon will run it (edge tiling, blending, postprocessing)
 against the FP32 reference, and it is shipped only if it loses at most `max_drop` pixel IoU
-and misses no defective part that FP32 finds. export.py decides what to do when it fails.
+and misses no defective part that FP32 finds. For a model with a decision head the verdicts are
+part-level (part score >= part_threshold), so the gate compares part decisions, and records how
+far the part scores moved. export.py decides what to do when it fails.
 
 Calibration data are tiles cut by `edge.preprocess.preprocess`, the daemon's own function, so
 NNCF sees the same raw-pixel input distribution the model sees in production; tiles that

@@ -72,6 +72,9 @@ def test_training_learns_and_writes_a_complete_run(trained: Path, synth_data: Pa
     assert iou > 0.2 and iou > untrained + 0.15, (iou, untrained)
     assert meta.metrics["image_f1"] >= 0.7  # 16 validation parts: one miss costs ~0.1
     assert 0 < meta.postprocess.pixel_threshold < 1  # calibrated, stored for the edge
+    # the recipe's decision head: its part_threshold is calibrated too, and travels in the checkpoint
+    assert meta.model_config.decision_head and meta.postprocess.part_threshold is not None
+    assert 0 < meta.postprocess.part_threshold < 1 and meta.metrics["part_threshold"] == meta.postprocess.part_threshold
     assert meta.input_spec.color == "gray" and meta.input_spec.tile == 128
     assert meta.train_config["val_fraction"] == 0.2 and meta.train_config["seed"] == 0
     assert meta.data_fingerprint == load_dataset(synth_data).fingerprint()
@@ -88,6 +91,25 @@ def test_training_learns_and_writes_a_complete_run(trained: Path, synth_data: Pa
     assert summary["metrics"]["pixel_iou"] == pytest.approx(iou)
     state = read_checkpoint(trained / "last.pt")["training_state"]
     assert {"optimizer", "rng", "epoch", "step"} <= set(state)
+
+
+def test_decision_head_separates_defective_from_good_parts(trained: Path, synth_data: Path) -> None:
+    """After the short demo run the part scores (max over tiles of the head's output) rank the
+    validation parts: most defective parts above most good ones (image AP from the part scores)."""
+    from training.metrics import image_metrics
+
+    model, meta = load_model(trained / "best.pt")
+    cfg = load_config(DEMO)
+    _, val = split_dataset(load_dataset(synth_data).samples, cfg.data.val_fraction, cfg.seed)
+    images, masks = load_images(val, "gray")
+    v = validate(model, images, masks, meta.input_spec, cfg.validation, Dist())
+    assert v is not None and v.parts is not None and len(v.parts) == len(images)
+    labels = np.array([bool(m.any()) for m in masks])
+    scores = np.array(v.parts)
+    ap = image_metrics(scores >= 0.5, labels, scores)["image_ap"]
+    assert ap >= 0.8 and v.metrics["image_ap"] == pytest.approx(ap), (ap, scores, labels)
+    assert np.median(scores[labels]) > np.median(scores[~labels])
+    assert v.report["part"]["part_threshold"] == v.params.part_threshold
 
 
 def test_scaled_input_trains_at_model_scale_and_judges_in_frame_pixels(synth_data: Path, tmp_path: Path) -> None:
