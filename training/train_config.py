@@ -168,6 +168,9 @@ class TrainConfig(_Section):
         if self.patches.size % stride or self.input.tile % stride:
             raise ValueError(f"patches.size and input.tile must be multiples of the network stride "
                              f"2**model.depth * model.space_to_depth = {stride}")
+        if self.model.decision_head and self.loss.decision_weight <= 0:
+            raise ValueError("model.decision_head needs loss.decision_weight > 0: an untrained head would decide "
+                             "the verdict (or set model.decision_head: false)")
         if self.input.overlap * 2 >= self.input.tile:
             raise ValueError("input.overlap must be < input.tile / 2")
         for key in self.validation.score:

@@ -268,3 +268,11 @@ def test_tune_writes_trials_and_a_usable_best_config(synth_data: Path, tmp_path:
     assert best.model.base_width in (8, 12, 16, 24) and best.model.depth == load_config(DEMO).model.depth
     assert best.model.upsample in ("bilinear", "nearest")
     assert best.loss.image_weight in IMAGE_WEIGHTS
+
+
+def test_decision_head_needs_its_loss() -> None:
+    with pytest.raises(ConfigError, match="decision_weight"):
+        load_config(DEMO, {"loss": {"decision_weight": 0.0}})
+    cfg = load_config(DEMO, {"model": {"decision_head": False}, "loss": {"decision_weight": 0.0}})
+    assert not cfg.model.decision_head
+    assert load_config(DEMO).model.decision_head  # the general recipe has the head
