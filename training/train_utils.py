@@ -132,9 +132,24 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        for group in clip_groups(model):
+            torch.nn.utils.clip_grad_norm_(group, grad_clip)
     optimizer.step()
     return loss
+
+
+def clip_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """Parameters clipped together: the segmentation network, and apart from it the decision head.
+
+    One joint norm let the head's gradients (large while it starts learning) shrink the whole
+    network's step: on the synthetic demo (8 epochs) the best pixel IoU of the last three epochs
+    fell from 0.27 to 0.03 with a detached head and joint clipping. Clipped apart, a detached head
+    leaves the segmentation's training exactly as without a head (same IoU, epoch for epoch)."""
+    seg: list[torch.nn.Parameter] = []
+    head: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        (head if name.split(".")[0] == "decision" or ".decision." in name else seg).append(p)
+    return [g for g in (seg, head) if g]
 
 
 def lr_at(progress: float, lr: float, warmup: float, min_ratio: float) -> float:
