@@ -159,7 +159,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         params = PostprocessParams(
             pixel_threshold=base.pixel_threshold if args.pixel_threshold is None else args.pixel_threshold,
             min_area=base.min_area if args.min_area is None else args.min_area,
-            open_radius=base.open_radius, close_radius=base.close_radius)
+            open_radius=base.open_radius, close_radius=base.close_radius,
+            part_threshold=base.part_threshold if args.part_threshold is None else args.part_threshold)
         params.validate()
     except (PackageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -169,15 +170,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if overlay_dir:
         overlay_dir.mkdir(parents=True, exist_ok=True)
     if not args.json:
+        verdict_by = (f"part output, part_threshold {params.part_threshold}" if inf.has_part
+                      and params.part_threshold is not None else f"regions, max_defects {rules.max_defects}")
         print(f"model {inf.info.name} {inf.info.version} ({inf.info.precision}), threshold {params.pixel_threshold}, "
-              f"min_area {params.min_area}, max_defects {rules.max_defects}")
-        print(f"{'FILE':40} {'VERDICT':7} {'REGIONS':>7} {'AREA':>7} {'SCORE':>6} {'MS':>7}  REASON")
+              f"min_area {params.min_area}, verdict by {verdict_by}")
+        print(f"{'FILE':40} {'VERDICT':7} {'REGIONS':>7} {'AREA':>7} {'SCORE':>6} {'PART':>6} {'MS':>7}  REASON")
     errors = 0
     for name in args.images:
         path = Path(name)
         t0 = time.perf_counter()
         row: dict[str, Any] = {"file": str(path), "verdict": "error", "reasons": [], "regions": [],
-                               "total_defect_area": 0, "score": None, "error": None, "overlay": None}
+                               "total_defect_area": 0, "score": None, "part_score": None,
+                               "pixel_threshold": params.pixel_threshold, "part_threshold": params.part_threshold,
+                               "error": None, "overlay": None}
         image: np.ndarray | None = None
         try:
             data = np.fromfile(str(path), dtype=np.uint8)
@@ -193,7 +198,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 det = inf.inspect(image, params)
                 verdict, reasons = decide(det, rules)
                 row.update(verdict=verdict, reasons=reasons, regions=[r.to_dict() for r in det.regions],
-                           total_defect_area=det.total_area, score=round(det.score, 4))
+                           total_defect_area=det.total_area, score=round(det.score, 4),
+                           part_score=None if det.part_score is None else round(det.part_score, 4))
                 if overlay_dir:
                     out = overlay_dir / f"{path.stem}.overlay.png"
                     cv2.imwrite(str(out), draw_overlay(image, det.mask, det.regions, verdict))
@@ -207,8 +213,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else:
             reason = row["error"] or "; ".join(row["reasons"])
             score = "" if row["score"] is None else f"{row['score']:.3f}"
+            part = "" if row["part_score"] is None else f"{row['part_score']:.3f}"
             print(f"{str(path)[-40:]:40} {row['verdict']:7} {len(row['regions']):>7} {row['total_defect_area']:>7} "
-                  f"{score:>6} {row['ms']:>7.1f}  {reason}", flush=True)
+                  f"{score:>6} {part:>6} {row['ms']:>7.1f}  {reason}", flush=True)
     return EX_FAILURE if errors else EX_OK
 
 
@@ -258,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--overlay-dir", help="write <stem>.overlay.png for each inspected image here")
     i.add_argument("--pixel-threshold", type=float, help="override the package's calibrated threshold")
     i.add_argument("--min-area", type=int, help="override the package's minimum defect area (pixels)")
+    i.add_argument("--part-threshold", type=float, help="override the package's part_threshold (models with a "
+                   "part output: fail iff part score >= this)")
     i.add_argument("--max-defects", type=int, default=0, help="regions allowed before a part fails")
     i.add_argument("images", nargs="+")
     i.set_defaults(fn=cmd_inspect)

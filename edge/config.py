@@ -154,6 +154,8 @@ class RulesConfig(_Model):
 
     pixel_threshold: float | None = Field(default=None, gt=0, lt=1, description="Defect probability threshold per pixel.")
     min_area: int | None = Field(default=None, ge=0, le=10_000_000, description="Smaller regions (pixels) are ignored.")
+    part_threshold: float | None = Field(default=None, gt=0, lt=1, description="Part score threshold of the verdict "
+                                         "(models with a part output: fail iff part score >= this).")
     open_radius: int | None = Field(default=None, ge=0, le=50, description="Morphological opening radius (drops specks).")
     close_radius: int | None = Field(default=None, ge=0, le=50, description="Morphological closing radius (joins fragments).")
     max_defects: int | None = Field(default=None, ge=0, le=10_000, description="More defect regions than this -> fail (default 0).")

@@ -85,15 +85,24 @@ class PostprocessParams:
     min_area: int = 0  # pixels; smaller connected components are ignored (noise, texture)
     open_radius: int = 0  # morphological opening removes specks before counting regions
     close_radius: int = 1  # closing joins fragments of one defect into one region
+    # Verdict threshold on the part score (max over tiles of the model's part output). None: the
+    # model has no part output (older packages) and the verdict comes from the regions alone.
+    part_threshold: float | None = None
 
     def validate(self) -> None:
         if not 0.0 < self.pixel_threshold < 1.0:
             raise ValueError(f"pixel_threshold must be in (0, 1), got {self.pixel_threshold}")
         if self.min_area < 0 or self.open_radius < 0 or self.close_radius < 0:
             raise ValueError("min_area, open_radius and close_radius must be >= 0")
+        if self.part_threshold is not None and not 0.0 < self.part_threshold < 1.0:
+            raise ValueError(f"part_threshold must be in (0, 1) or null, got {self.part_threshold}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Without `part_threshold` when it is None, so a package without a part output reads as before."""
+        d = asdict(self)
+        if d["part_threshold"] is None:
+            del d["part_threshold"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PostprocessParams:
@@ -102,6 +111,7 @@ class PostprocessParams:
             min_area=int(d.get("min_area", 0)),
             open_radius=int(d.get("open_radius", 0)),
             close_radius=int(d.get("close_radius", 1)),
+            part_threshold=None if d.get("part_threshold") is None else float(d["part_threshold"]),
         )
         p.validate()
         return p
@@ -134,6 +144,10 @@ class Detection:
     regions: list[Region]
     mask: Any  # np.ndarray uint8 HxW, 1 = defect (after morphology and area filter)
     score: float  # image-level defect score, >= pixel_threshold iff a region survived
+    # The model's part decision (max over tiles of its part output) and the threshold it is judged
+    # by; both None for a model without a part output (the verdict then comes from the regions).
+    part_score: float | None = None
+    part_threshold: float | None = None
 
     @property
     def total_area(self) -> int:

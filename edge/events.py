@@ -74,6 +74,8 @@ def build_result_event(
     event_id: str | None = None,
     created_ts: float | None = None,
     region_count: int | None = None,
+    part_score: float | None = None,
+    part_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Assemble one result event (see edge/event.schema.json).
 
@@ -81,7 +83,9 @@ def build_result_event(
     event_id_for(f"{line}/{name}", part_id, capture_ts). An `error` verdict always carries
     an error message (a broken camera must never be silent). `regions` may be the top N of
     `region_count` regions; the part id, reasons and error are escaped and clipped
-    (edge.text), so any input gives valid, bounded UTF-8.
+    (edge.text), so any input gives valid, bounded UTF-8. `part_score`/`part_threshold`: the
+    model's part decision and the threshold that judged it (None for a model without a part output,
+    and the score None for an error verdict).
     """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
@@ -108,6 +112,8 @@ def build_result_event(
         "region_count": max(count, len(regions)),
         "regions_truncated": count > len(regions),
         "total_defect_area": int(total_defect_area),
+        "part_score": None if part_score is None else round(float(part_score), 6),
+        "part_threshold": None if part_threshold is None else float(part_threshold),
         "image": {"width": int(image["width"]), "height": int(image["height"])},
         "model": dict(model),
         "rules": dict(rules),

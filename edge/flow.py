@@ -59,6 +59,7 @@ class Outcome:
     reasons: list[str] = field(default_factory=list)
     regions: list[Region] = field(default_factory=list)
     mask: np.ndarray | None = None
+    part_score: float | None = None  # the model's part decision score (models with a part output)
 
 
 @dataclass
@@ -75,12 +76,13 @@ class Ready:
 class Job:
     """One part on its way through the pipeline (slots: created per frame)."""
 
-    __slots__ = ("error", "error_kind", "frame", "image_size", "model", "nbytes", "offset", "prob", "t_done",
-                 "t_submit")
+    __slots__ = ("error", "error_kind", "frame", "image_size", "model", "nbytes", "offset", "part", "prob",
+                 "t_done", "t_submit")
 
     def __init__(self, frame: Frame, model: LoadedModel) -> None:
         self.frame, self.model = frame, model
         self.prob: np.ndarray | None = None
+        self.part: float | None = None  # max over tiles of the part output (None: the model has none)
         self.error: str | None = frame.error
         self.error_kind = frame.error_kind
         self.offset = (0, 0)
@@ -303,10 +305,11 @@ class FrameFlow:
                     job.error, job.error_kind = f"cannot inspect frame: {e}", "inference"
         self._results.put(job)
 
-    def _on_inferred(self, prob: np.ndarray | None, error: BaseException | None, job: Job) -> None:
+    def _on_inferred(self, prob: np.ndarray | None, error: BaseException | None, job: Job,
+                     part: float | None = None) -> None:
         """OpenVINO callback thread: hand over and return quickly (the request is reused)."""
         job.t_done = time.monotonic()
-        job.prob = prob
+        job.prob, job.part = prob, part
         if error is not None:
             job.error, job.error_kind = f"inference failed: {type(error).__name__}: {error}", "inference"
         self._results.put(job)
@@ -412,9 +415,9 @@ class FrameFlow:
         outcome = Outcome("error")
         if job.error is None and job.prob is not None:
             try:
-                det = postprocess(job.prob, model.params)
+                det = postprocess(job.prob, model.params, job.part)
                 verdict, reasons = decide(det, model.rules)
-                outcome = Outcome(verdict, reasons, shift_regions(det.regions, job.offset), det.mask)
+                outcome = Outcome(verdict, reasons, shift_regions(det.regions, job.offset), det.mask, det.part_score)
             except NonFiniteError as e:  # a model emitting NaN would otherwise pass every part
                 job.error, job.error_kind = f"model output rejected: {e}", NON_FINITE
             except Exception as e:
@@ -463,7 +466,9 @@ class FrameFlow:
             regions=[region_dict(r, mpp) for r in regions[: model.max_regions]], region_count=len(regions),
             total_defect_area=sum(r.area for r in regions), image={"width": width, "height": height},
             model=model.info, rules=model.rules_dict, timings_ms=timings,
-            error=job.error, evidence=evidence, evidence_status=evidence_status, event_id=event_id)
+            error=job.error, evidence=evidence, evidence_status=evidence_status, event_id=event_id,
+            part_score=outcome.part_score,
+            part_threshold=model.params.part_threshold)
         payload = encode(event)
         if len(payload) > EVENT_MAX_BYTES:
             raise ValueError(f"result event is {len(payload)} bytes > {EVENT_MAX_BYTES}")

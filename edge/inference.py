@@ -1,10 +1,12 @@
 """OpenVINO inference of a model package: the only module of edge/ that imports openvino.
 
 Graph contract (written by `training export`): input `[1, C, tile, tile]` float32 raw pixels
-(0..255, normalisation happens inside the graph), output `[1, 1, tile, tile]` defect
-probability (sigmoid inside the graph). A frame becomes several tiles (edge.preprocess); each
-tile is one inference request, so tiles of one frame and successive frames run in parallel
-through an `AsyncInferQueue`.
+(0..255, normalisation happens inside the graph), output `probability` `[1, 1, tile, tile]` defect
+probability (sigmoid inside the graph) and, for a model with a decision head, a second output
+`part_probability` `[1, 1]` (sigmoid inside the graph): the tile's part probability. The frame's
+part score is the max over its tiles (edge.postprocess.part_score). Packages with one output
+work as before. A frame becomes several tiles (edge.preprocess); each tile is one inference
+request, so tiles of one frame and successive frames run in parallel through an `AsyncInferQueue`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import openvino as ov
 
 from edge.contract import Detection, InputSpec, ModelInfo, PackageMeta, PostprocessParams
 from edge.package import PackageError, package_hash, read_package
-from edge.postprocess import postprocess
+from edge.postprocess import part_score, postprocess
 from edge.preprocess import TileLayout, preprocess, stitch
 
 _CORE: ov.Core | None = None
@@ -36,41 +38,78 @@ def core() -> ov.Core:
         return _CORE
 
 
+PART_OUTPUT = "part_probability"  # tensor name of the optional second output
+
+
+def output_roles(model: ov.Model | ov.CompiledModel) -> tuple[int, int | None]:
+    """(index of the probability map output, index of the part output or None).
+
+    The part output is found by its name, else as the one rank-2 output (NNCF keeps names, but
+    a renamed graph still works); with one output it is the map."""
+    outs = list(model.outputs)
+    if len(outs) == 1:
+        return 0, None
+    named = [i for i, o in enumerate(outs) if PART_OUTPUT in o.get_names()]
+    part = named[0] if named else next((i for i, o in enumerate(outs) if len(o.get_partial_shape()) == 2), 1)
+    return (1 if part == 0 else 0), part
+
+
 def read_ir(xml_path: Path, spec: InputSpec) -> ov.Model:
     """Read an IR and check it matches the input contract; errors name the file."""
     try:
         model = core().read_model(str(xml_path))
     except Exception as e:  # OpenVINO raises RuntimeError subclasses with long texts
         raise PackageError(f"{xml_path}: OpenVINO cannot read the model: {str(e).splitlines()[0]}") from e
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise PackageError(f"{xml_path}: expected 1 input and 1 output, got {len(model.inputs)}/{len(model.outputs)}")
+    if len(model.inputs) != 1 or len(model.outputs) not in (1, 2):
+        raise PackageError(f"{xml_path}: expected 1 input and 1 output (or 2: map and '{PART_OUTPUT}'), "
+                           f"got {len(model.inputs)}/{len(model.outputs)}")
     want_in = [1, spec.channels, spec.tile, spec.tile]
     shape_in = model.inputs[0].get_partial_shape()
     if shape_in.is_dynamic or list(shape_in.to_shape()) != want_in:
         raise PackageError(f"{xml_path}: input shape {shape_in} does not match package.json input {want_in}")
+    map_i, part_i = output_roles(model)
     want_out = [1, 1, spec.tile, spec.tile]
-    shape_out = model.outputs[0].get_partial_shape()
+    shape_out = model.outputs[map_i].get_partial_shape()
     if shape_out.is_dynamic or list(shape_out.to_shape()) != want_out:
         raise PackageError(f"{xml_path}: output shape {shape_out} does not match expected {want_out}")
+    if part_i is not None:
+        shape_part = model.outputs[part_i].get_partial_shape()
+        if shape_part.is_dynamic or list(shape_part.to_shape()) != [1, 1]:
+            raise PackageError(f"{xml_path}: part output shape {shape_part} does not match expected [1, 1]")
     return model
 
 
-def infer_tiles_sync(request: ov.InferRequest, tiles: np.ndarray) -> np.ndarray:
-    """N x C x T x T raw tiles -> N x T x T probabilities, one request after another."""
+def infer_tiles_parts(request: ov.InferRequest, tiles: np.ndarray, map_index: int = 0,
+                      part_index: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """N x C x T x T raw tiles -> (N x T x T probabilities, N part probabilities or None)."""
     out = np.empty((tiles.shape[0], tiles.shape[2], tiles.shape[3]), dtype=np.float32)
+    parts = None if part_index is None else np.empty(tiles.shape[0], dtype=np.float32)
     for i in range(tiles.shape[0]):
         res = request.infer({0: tiles[i : i + 1]}, share_inputs=True)
-        out[i] = res[0][0, 0]
-    return out
+        out[i] = res[map_index][0, 0]
+        if parts is not None and part_index is not None:
+            parts[i] = res[part_index].reshape(-1)[0]
+    return out, parts
+
+
+def infer_tiles_sync(request: ov.InferRequest, tiles: np.ndarray, map_index: int = 0) -> np.ndarray:
+    """N x C x T x T raw tiles -> N x T x T probabilities, one request after another."""
+    return infer_tiles_parts(request, tiles, map_index)[0]
+
+
+# callback(prob_map, error, userdata, part_score): part_score is the max of the tiles' part
+# probabilities (NaN stays NaN: postprocess turns it into NonFiniteError), None without a part output
+FrameCallback = Callable[[np.ndarray | None, BaseException | None, Any, float | None], None]
 
 
 @dataclass
 class _FrameJob:
     layout: TileLayout
     outputs: np.ndarray
+    parts: np.ndarray | None  # tile part probabilities (models with a part output)
     remaining: int
     userdata: Any
-    callback: Callable[[np.ndarray | None, BaseException | None, Any], None]
+    callback: FrameCallback
     failed: BaseException | None = None
 
 
@@ -94,6 +133,8 @@ class Inferencer:
         self.spec: InputSpec = self.meta.input
         self.params: PostprocessParams = self.meta.postprocess
         model = read_ir(self.model_dir / xml_name, self.spec)
+        self.map_index, self.part_index = output_roles(model)
+        self.has_part = self.part_index is not None
         config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
         precision = self.meta.precision if xml_name == "model.xml" else Path(xml_name).parent.name or "fp32"
         if precision_hint == "auto":
@@ -114,39 +155,51 @@ class Inferencer:
         self._queue = ov.AsyncInferQueue(self.compiled, self.num_requests)
         # Not a bound method: the queue (C++) would then keep this Inferencer, and with it the
         # compiled model, alive forever - a cycle Python's GC cannot see (one model per reload).
-        self._queue.set_callback(_tile_callback(threading.Lock(), self.spec.overlap))
+        self._queue.set_callback(_tile_callback(threading.Lock(), self.spec.overlap, self.map_index,
+                                                self.part_index))
         self._submit_lock = threading.Lock()  # submit vs close: no frame starts on a released model
         self._closed = False
         self.info = ModelInfo(self.meta.name, self.meta.version, package_hash(self.meta), precision)
 
     # -- synchronous use (CLI inspect, evaluation, benchmarks) ------------------------------------
     def infer_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        return infer_tiles_sync(self._sync_request, tiles)
+        return infer_tiles_sync(self._sync_request, tiles, self.map_index)
+
+    def infer_tiles_parts(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N x T x T maps, N tile part probabilities or None without a part output)."""
+        return infer_tiles_parts(self._sync_request, tiles, self.map_index, self.part_index)
 
     def predict(self, frame: np.ndarray) -> np.ndarray:
         """Frame -> HxW probability map of the whole frame."""
+        return self.predict_part(frame)[0]
+
+    def predict_part(self, frame: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Frame -> (HxW probability map, part score or None); NonFiniteError for a NaN part output."""
         tiles, layout = preprocess(frame, self.spec)
-        return stitch(self.infer_tiles(tiles), layout, self.spec.overlap)
+        maps, parts = self.infer_tiles_parts(tiles)
+        return stitch(maps, layout, self.spec.overlap), None if parts is None else part_score(parts)
 
     def inspect(self, frame: np.ndarray, params: PostprocessParams | None = None) -> Detection:
         """Preprocess, infer, postprocess: nothing else."""
-        return postprocess(self.predict(frame), params or self.params)
+        prob, part = self.predict_part(frame)
+        return postprocess(prob, params or self.params, part)
 
     # -- asynchronous use (the daemon pipeline) ---------------------------------------------------
     def submit(
         self,
         frame: np.ndarray,
         userdata: Any,
-        callback: Callable[[np.ndarray | None, BaseException | None, Any], None],
+        callback: FrameCallback,
     ) -> None:
-        """Queue a frame; `callback(prob_map, error, userdata)` runs on an OpenVINO thread when done.
+        """Queue a frame; `callback(prob_map, error, userdata, part_score)` runs on an OpenVINO thread
+        when done (part_score None for a package without a part output).
 
         Blocks while all requests are busy, which is the back-pressure the pipeline wants.
         Preprocessing errors raise here, in the caller's thread.
         """
         tiles, layout = preprocess(frame, self.spec)
         job = _FrameJob(layout, np.empty((len(tiles), self.spec.tile, self.spec.tile), np.float32),
-                        len(tiles), userdata, callback)
+                        np.empty(len(tiles), np.float32) if self.has_part else None, len(tiles), userdata, callback)
         with self._submit_lock:
             if self._closed:
                 raise ModelClosed(f"model {self.model_dir} was unloaded (reload); submit to the current one")
@@ -175,13 +228,16 @@ class ModelClosed(RuntimeError):
     """submit() on an Inferencer that close() released: the caller takes the current model."""
 
 
-def _tile_callback(lock: threading.Lock, overlap: int) -> Callable[[ov.InferRequest, tuple[_FrameJob, int]], None]:
+def _tile_callback(lock: threading.Lock, overlap: int, map_index: int = 0,
+                   part_index: int | None = None) -> Callable[[ov.InferRequest, tuple[_FrameJob, int]], None]:
     """The AsyncInferQueue callback: collects a frame's tiles, stitches them, calls the frame's callback."""
 
     def on_tile_done(request: ov.InferRequest, token: tuple[_FrameJob, int]) -> None:
         job, i = token
         try:
-            job.outputs[i] = request.get_output_tensor(0).data[0, 0]
+            job.outputs[i] = request.get_output_tensor(map_index).data[0, 0]
+            if job.parts is not None and part_index is not None:
+                job.parts[i] = request.get_output_tensor(part_index).data.reshape(-1)[0]
         except BaseException as e:  # keep the frame's accounting right whatever happens
             job.failed = e
         with lock:
@@ -190,13 +246,15 @@ def _tile_callback(lock: threading.Lock, overlap: int) -> Callable[[ov.InferRequ
         if not done:
             return
         if job.failed is not None:
-            job.callback(None, job.failed, job.userdata)
+            job.callback(None, job.failed, job.userdata, None)
             return
         try:
             prob = stitch(job.outputs, job.layout, overlap)
+            # max propagates NaN: the result thread's postprocess turns it into an error verdict
+            part = None if job.parts is None else float(job.parts.max())
         except BaseException as e:
-            job.callback(None, e, job.userdata)
+            job.callback(None, e, job.userdata, None)
             return
-        job.callback(prob, None, job.userdata)
+        job.callback(prob, None, job.userdata, part)
 
     return on_tile_done

@@ -5,9 +5,17 @@ connected components, drop components smaller than `min_area`, per-region statis
 The image score used to rank parts is the highest region score, or - when no region
 survives - the map maximum capped just below the threshold, so that
 `score >= pixel_threshold` exactly when the image has a defect region.
+
+A model with a part output (a trained decision head) also gives one part probability per tile;
+`part_score` reduces them to the frame's score (the max: one defective tile makes a defective
+part), and `postprocess` carries it with the package's `part_threshold` into the Detection, where
+edge.rules.decide turns it into the verdict. The regions still come from the map.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -72,16 +80,34 @@ def check_finite(prob: np.ndarray) -> None:
     raise NonFiniteError(f"model output is not finite: {nan} NaN and {inf} infinite of {prob.size} values")
 
 
+def part_score(tile_scores: Sequence[float] | np.ndarray) -> float:
+    """The frame's part score: the highest part probability of its tiles.
+
+    NonFiniteError for NaN/inf (NaN >= threshold is False: such a part would pass) or no tiles.
+    """
+    arr = np.asarray(tile_scores, dtype=np.float32).ravel()
+    if not arr.size:
+        raise NonFiniteError("no tile part scores")
+    if not np.isfinite(arr).all():
+        raise NonFiniteError(f"part output is not finite: {int(np.isnan(arr).sum())} NaN and "
+                             f"{int(np.isinf(arr).sum())} infinite of {arr.size} tile scores")
+    return float(arr.max())
+
+
 def _shifted(mean: float, offset: int, area: int) -> float:
     """A component's centroid coordinate in the frame from the crop's, bit for bit as labelling the whole
     frame gives it: OpenCV divides the integer sum of coordinates by the area, so recover that sum."""
     return (round(float(mean) * area) + offset * area) / area
 
 
-def postprocess(prob: np.ndarray, params: PostprocessParams) -> Detection:
-    """Regions of one probability map (HxW float in [0, 1]); NonFiniteError for NaN/inf."""
+def postprocess(prob: np.ndarray, params: PostprocessParams, part: float | None = None) -> Detection:
+    """Regions of one probability map (HxW float in [0, 1]); NonFiniteError for NaN/inf.
+
+    `part`: the frame's part score (see `part_score`) when the model has a part output."""
     if prob.ndim != 2:
         raise ValueError(f"probability map must be HxW, got shape {prob.shape}")
+    if part is not None and not math.isfinite(part):
+        raise NonFiniteError(f"part score is not finite: {part}")
     prob = prob.astype(np.float32, copy=False)
     check_finite(prob)
     mask = binarize(prob, params)
@@ -116,4 +142,7 @@ def postprocess(prob: np.ndarray, params: PostprocessParams) -> Detection:
     else:
         below = np.nextafter(np.float32(params.pixel_threshold), np.float32(0.0))
         score = float(min(float(prob.max()), float(below)))
-    return Detection(regions=regions, mask=mask, score=score)
+    if part is None:
+        return Detection(regions=regions, mask=mask, score=score)
+    return Detection(regions=regions, mask=mask, score=score, part_score=float(part),
+                     part_threshold=params.part_threshold)

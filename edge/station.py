@@ -52,6 +52,7 @@ def load_model(cfg: Config) -> LoadedModel:
             min_area=base.min_area if r.min_area is None else r.min_area,
             open_radius=base.open_radius if r.open_radius is None else r.open_radius,
             close_radius=base.close_radius if r.close_radius is None else r.close_radius,
+            part_threshold=base.part_threshold if r.part_threshold is None else r.part_threshold,
         )
         params.validate()
         pkg = inf.meta.extra.get("rules", {}) if isinstance(inf.meta.extra.get("rules"), dict) else {}

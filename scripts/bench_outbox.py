@@ -154,7 +154,7 @@ def bare_model(pkg: Path, size: tuple[int, int], count: int) -> dict[str, Any]:
     inf = Inferencer(pkg, num_requests=2, threads=1)
     done = [0]
 
-    def cb(prob: Any, err: Any, ud: Any) -> None:
+    def cb(prob: Any, err: Any, ud: Any, part: Any = None) -> None:
         done[0] += 1
 
     for f in frames:  # warm-up

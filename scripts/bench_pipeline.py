@@ -147,7 +147,7 @@ def bare_throughput(pkg: Path, frames: list[np.ndarray], count: int, m: dict[str
     done = [0]
     lock = threading.Lock()
 
-    def cb(prob: Any, err: Any, ud: Any) -> None:
+    def cb(prob: Any, err: Any, ud: Any, part: Any = None) -> None:
         with lock:
             done[0] += 1
 
@@ -173,7 +173,7 @@ def bare_frame_time(pkg: Path, frames: list[np.ndarray], count: int, m: dict[str
     for i in range(count + 2):  # two warm-up frames
         done.clear()
         t0 = time.monotonic()
-        inf.submit(frames[i % len(frames)], None, lambda prob, err, ud: done.set())
+        inf.submit(frames[i % len(frames)], None, lambda prob, err, ud, part=None: done.set())
         if not done.wait(60):
             raise TimeoutError("bare model: one frame took over 60 s")
         if i >= 2:

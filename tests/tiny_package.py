@@ -4,6 +4,10 @@ The "network" marks pixels much darker than their surroundings as defects:
 prob = sigmoid((local_mean - x - 40) / 6), with the local mean from a real 7x7 convolution.
 Synthetic parts (light surface, dark defect blobs) therefore have a known true verdict, which
 lets the daemon tests check verdicts end to end without training a model.
+
+`part="max"` adds the second output of a model with a decision head, `part_probability` [1, 1]:
+here 0.9 x the tile's highest map probability (a threshold above 0.9 passes every part);
+`part="nan"` makes that output NaN (a broken head).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from edge.package import sha256_file, write_package_json
 from edge.sources.synthetic import synth_part
 
 
-def build_dark_spot_model(tile: int = 64, ballast_mb: int = 0) -> ov.Model:
+def build_dark_spot_model(tile: int = 64, ballast_mb: int = 0, part: str | None = None) -> ov.Model:
     """`ballast_mb` adds a random weight matrix whose product is multiplied by 0: the output is the
     same, but every compiled copy of the model holds that much memory (so a leaked model shows in RSS)."""
     x = ops.parameter([1, 1, tile, tile], np.float32, name="image")
@@ -36,24 +40,37 @@ def build_dark_spot_model(tile: int = 64, ballast_mb: int = 0) -> ov.Model:
         diff = ops.add(diff, ops.reshape(zero, [1, 1, 1, 1], False))
     prob = ops.sigmoid(ops.divide(diff, ops.constant(np.float32(6.0))))
     prob.output(0).set_names({"prob"})
-    return ov.Model([prob], [x], "dark_spot")
+    if part is None:
+        return ov.Model([prob], [x], "dark_spot")
+    if part not in ("max", "nan"):
+        raise ValueError(f"part must be None, 'max' or 'nan', got {part!r}")
+    peak = ops.reshape(ops.reduce_max(prob, [2, 3], False), [1, 1], False)
+    peak = ops.multiply(peak, ops.constant(np.float32(0.9)))
+    if part == "nan":
+        peak = ops.multiply(peak, ops.constant(np.float32(np.nan)))
+    peak.output(0).set_names({"part_probability"})
+    return ov.Model([prob, peak], [x], "dark_spot_with_part")
 
 
 def make_tiny_package(out: Path, tile: int = 64, version: str = "1.0.0", name: str = "tiny-dark-spot",
-                      min_area: int = 4, scale: float = 1.0, ballast_mb: int = 0) -> Path:
-    """Write a valid package folder (model.xml/.bin + package.json) and return it."""
+                      min_area: int = 4, scale: float = 1.0, ballast_mb: int = 0, part: str | None = None,
+                      part_threshold: float | None = None, pixel_threshold: float = 0.5) -> Path:
+    """Write a valid package folder (model.xml/.bin + package.json) and return it.
+
+    `part`/`part_threshold`: a second (part) output and the threshold of the verdict (see the module)."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    ov.save_model(build_dark_spot_model(tile, ballast_mb), str(out / "model.xml"), compress_to_fp16=False)
+    ov.save_model(build_dark_spot_model(tile, ballast_mb, part), str(out / "model.xml"), compress_to_fp16=False)
     meta = PackageMeta(
         name=name,
         version=version,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         precision="fp32",
         input=InputSpec(color="gray", tile=tile, overlap=8, multiple_of=16, mean=(0.0,), std=(1.0,), scale=scale),
-        postprocess=PostprocessParams(pixel_threshold=0.5, min_area=min_area, open_radius=0, close_radius=1),
+        postprocess=PostprocessParams(pixel_threshold=pixel_threshold, min_area=min_area, open_radius=0, close_radius=1,
+                                      part_threshold=part_threshold),
         files={f: sha256_file(out / f) for f in ("model.xml", "model.bin")},
         metrics={},
         data_fingerprint="synthetic",

@@ -19,11 +19,19 @@ connected components are computed once; every min_area is then judged from the c
 areas and their overlap with the true mask. This gives exactly what `postprocess` would give
 (a component survives iff its area >= max(min_area, 1)), at 1/len(min_areas) of the cost.
 The chosen setting is re-scored with `training.evaluate.evaluate_predictions` for the report.
+
+Part threshold (`calibrate_part_threshold`, models with a decision head): the verdict is
+`part score >= part_threshold`, so the rule is the line's: the fewest false alarms among the
+thresholds that reach image recall >= `min_recall`. That is the highest threshold that still
+keeps ceil(min_recall x defective) defective parts at or above it; it is placed halfway down to
+the next lower score, which changes no validation verdict but leaves a margin. The sorted
+scores themselves are the grid, so it goes as low as the scores do (1e-6 at the least).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -142,6 +150,54 @@ def recall_cost(rows: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, A
             "chosen_fp_rate": best["image_fp_rate"], "best_f1_false_alarms": f1["image_fp"],
             "best_f1_recall": f1["image_recall"], "best_f1_setting": [f1["pixel_threshold"], f1["min_area"]],
             "extra_false_alarms": best["image_fp"] - f1["image_fp"]}
+
+
+PART_THRESHOLD_MIN = 1e-6  # part_threshold must lie in (0, 1)
+
+
+def calibrate_part_threshold(
+    parts: Sequence[float], masks: Sequence[np.ndarray], base: PostprocessParams, min_recall: float = 0.95,
+) -> tuple[PostprocessParams, dict[str, Any]]:
+    """(base with part_threshold set, report) from per-image part scores; see the module docstring.
+
+    Without defective parts: the lowest threshold with no false alarm on the good parts (warned).
+    """
+    if len(parts) != len(masks):
+        raise ValueError(f"{len(parts)} part scores but {len(masks)} masks")
+    scores = np.asarray(parts, dtype=np.float64)
+    if scores.size and not np.isfinite(scores).all():
+        raise ValueError("part scores contain NaN or infinite values")
+    labels = np.array([bool(np.any(m)) for m in masks], dtype=bool)
+    pos, neg = np.sort(scores[labels])[::-1], scores[~labels]
+    warnings: list[str] = []
+    if scores.size == 0:
+        return base, {"part_threshold": base.part_threshold, "reason": "no validation data",
+                      "warnings": ["no validation parts: part_threshold left as it was"]}
+    if pos.size == 0:
+        top = float(neg.max())
+        t = float(np.nextafter(top, 1.0))
+        reason = f"no defective parts: lowest threshold above the highest good part's score {top:.4g}"
+        warnings.append("no defective parts in validation: part_threshold only avoids false alarms")
+    else:
+        k = max(1, math.ceil(min_recall * pos.size - 1e-9))
+        anchor = float(pos[k - 1])  # the k-th highest defective score: the highest threshold with recall reached
+        below = scores[scores < anchor]
+        t = 0.5 * (anchor + float(below.max())) if below.size else anchor
+        reason = (f"highest threshold with image recall >= {min_recall} ({k}/{pos.size} defective parts), "
+                  f"halfway to the next lower score")
+        if pos.size < FEW_DEFECTIVE:
+            warnings.append(f"only {pos.size} defective part(s) in validation (< {FEW_DEFECTIVE}): the "
+                            f"calibrated part_threshold is uncertain")
+    t = float(min(max(t, PART_THRESHOLD_MIN), 1.0 - PART_THRESHOLD_MIN))
+    flagged = scores >= t
+    tp, fp = int((flagged & labels).sum()), int((flagged & ~labels).sum())
+    chosen = dataclasses.replace(base, part_threshold=t)
+    chosen.validate()
+    return chosen, {
+        "part_threshold": t, "reason": reason, "warnings": warnings, "n_defective": int(pos.size),
+        "n_good": int(neg.size), "image_recall": ratio(tp, int(pos.size)), "image_fp": fp,
+        "image_fp_rate": ratio(fp, int(neg.size)), "min_recall": float(min_recall),
+    }
 
 
 def calibrate(

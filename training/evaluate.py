@@ -30,14 +30,18 @@ from edge.postprocess import postprocess
 from edge.rules import Rules, decide
 from training.metrics import PixelCounts, image_metrics
 
-Predictor = Callable[[np.ndarray], np.ndarray]
+# image -> HxW map, or (map, part score or None) for a model with a decision head
+Predictor = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, float | None]"]
 HALF_BUDGET_BYTES = 512 << 20  # above this (float32 estimate) probability maps are kept as float16
 _RULES = Rules()  # default rules: a part fails iff it has any defect region
 
 
-def _check_inputs(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> None:
+def _check_inputs(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                  parts: Sequence[float] | None = None) -> None:
     if len(probs) != len(masks):
         raise ValueError(f"{len(probs)} probability maps but {len(masks)} masks")
+    if parts is not None and len(parts) != len(probs):
+        raise ValueError(f"{len(probs)} probability maps but {len(parts)} part scores")
     if not probs:
         raise ValueError("no images to evaluate")
     for i, (p, m) in enumerate(zip(probs, masks, strict=True)):
@@ -46,10 +50,11 @@ def _check_inputs(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> N
 
 
 def evaluate_detailed(
-    probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams
+    probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams,
+    parts: Sequence[float] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`evaluate_predictions` plus one small row per image (label, verdict, score, regions)."""
-    _check_inputs(probs, masks)
+    _check_inputs(probs, masks, parts)
     params.validate()
     labels = np.zeros(len(probs), bool)
     preds = np.zeros(len(probs), bool)
@@ -57,14 +62,16 @@ def evaluate_detailed(
     pixels = PixelCounts()
     rows: list[dict[str, Any]] = []
     for i, (prob, mask) in enumerate(zip(probs, masks, strict=True)):
-        det = postprocess(prob, params)
+        det = postprocess(prob, params, None if parts is None else float(parts[i]))
         verdict, _ = decide(det, _RULES)
         labels[i] = bool(np.any(mask))
         preds[i] = verdict == "fail"
-        scores[i] = det.score
+        scores[i] = det.score if det.part_score is None else det.part_score
         pixels.add(det.mask, mask)
-        rows.append({"defective": bool(labels[i]), "predicted": bool(preds[i]), "score": float(det.score),
+        rows.append({"defective": bool(labels[i]), "predicted": bool(preds[i]), "score": float(scores[i]),
                      "n_regions": len(det.regions), "defect_area": det.total_area})
+        if det.part_score is not None:
+            rows[-1]["part_score"] = det.part_score
     metrics = image_metrics(preds, labels, scores)
     metrics.update(pixels.to_dict())
     metrics.update({
@@ -75,20 +82,32 @@ def evaluate_detailed(
         "open_radius": int(params.open_radius),
         "close_radius": int(params.close_radius),
     })
+    if parts is not None:
+        metrics["part_threshold"] = params.part_threshold
     return metrics, rows
 
 
 def evaluate_predictions(
-    probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams
+    probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams,
+    parts: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Metrics of probability maps against true masks, judged exactly as the daemon judges.
 
-    Per image: `postprocess(prob, params)`; label = any true defect pixel; prediction = the
-    default rules fail the part (any region survives); score = `Detection.score` (ranks parts
-    for image AP); pixel counts compare `Detection.mask` (after morphology and the area filter)
-    with the true mask, pooled over images. Conventions for 0/0 and AP: see training.metrics.
+    Per image: `postprocess(prob, params, part)`; label = any true defect pixel; prediction = the
+    default rules fail the part (any region survives, or - with `parts`, the per-image part
+    scores of a model with a decision head - part score >= params.part_threshold); score =
+    the part score when given, else `Detection.score` (ranks parts for image AP); pixel counts
+    compare `Detection.mask` (after morphology and the area filter) with the true mask, pooled
+    over images. Conventions for 0/0 and AP: see training.metrics.
     """
-    return evaluate_detailed(probs, masks, params)[0]
+    return evaluate_detailed(probs, masks, params, parts)[0]
+
+
+def split_prediction(out: Any) -> tuple[np.ndarray, float | None]:
+    """A predictor's result -> (map, part score or None)."""
+    if isinstance(out, tuple):
+        return np.asarray(out[0]), None if out[1] is None else float(out[1])
+    return np.asarray(out), None
 
 
 def errors_by_category(rows: Sequence[dict[str, Any]], categories: Sequence[str],
@@ -120,9 +139,19 @@ def predict_all(
     predictor: Predictor, samples: Sequence[Any], color: str, keep_images: bool = False,
     progress: bool = True, half: bool | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]:
-    """(probability maps, true masks, images or None) of every sample, in order.
+    """(probability maps, true masks, images or None); see `predict_all_parts`."""
+    probs, masks, images, _ = predict_all_parts(predictor, samples, color, keep_images, progress, half)
+    return probs, masks, images
 
-    `predictor` maps an image (as `load_sample` returns it) to an HxW map, e.g.
+
+def predict_all_parts(
+    predictor: Predictor, samples: Sequence[Any], color: str, keep_images: bool = False,
+    progress: bool = True, half: bool | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None, list[float] | None]:
+    """(probability maps, true masks, images or None, part scores or None) of every sample, in order.
+
+    `predictor` maps an image (as `load_sample` returns it) to an HxW map or (map, part score),
+    e.g.
     ``lambda im: predict_image(model, im, spec, tta)`` or ``Inferencer(dir).predict``.
     Maps are kept as float16 when `half` is True, or when None and all of them as float32 would
     exceed HALF_BUDGET_BYTES (estimated from the first); postprocess reads either.
@@ -132,9 +161,12 @@ def predict_all(
     probs: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     images: list[np.ndarray] | None = [] if keep_images else None
+    parts: list[float | None] = []
     for sample in tqdm(samples, desc="predict", unit="img", disable=not progress, leave=False):
         image, mask = load_sample(sample, color)
-        prob = np.asarray(predictor(image), dtype=np.float32)
+        prob, part = split_prediction(predictor(image))
+        prob = prob.astype(np.float32, copy=False)
+        parts.append(part)
         if prob.shape != mask.shape:
             raise ValueError(f"{sample.image_path}: prediction {prob.shape} does not match the image {mask.shape}")
         if half is None:
@@ -143,7 +175,8 @@ def predict_all(
         masks.append(mask)
         if images is not None:
             images.append(image)
-    return probs, masks, images
+    scores = None if not parts or any(p is None for p in parts) else [float(p) for p in parts if p is not None]
+    return probs, masks, images, scores
 
 
 # --------------------------------------------------------------------------- model loading
@@ -178,16 +211,16 @@ def load_for_eval(model_path: str | Path, tta: bool = False, device: str = "CPU"
 
         inf = Inferencer(path, device=device, num_requests=1)
         tc = inf.meta.extra.get("train_config", {}) if isinstance(inf.meta.extra, dict) else {}
-        return LoadedModel("package", inf.predict, inf.spec.color, inf.params, inf.meta.name,
+        return LoadedModel("package", inf.predict_part if inf.has_part else inf.predict, inf.spec.color, inf.params, inf.meta.name,
                            inf.meta.version, inf.meta.data_fingerprint, dict(tc or {}))
     if not path.exists():
         raise ValueError(f"{path}: model not found (expected a checkpoint file or a model package folder)")
     from training.checkpoint import load_model
-    from training.predict import predict_image
+    from training.predict import predict_image_part
 
     model, meta = load_model(path)
     spec = meta.input_spec
-    return LoadedModel("checkpoint", lambda im: predict_image(model, im, spec, tta=tta), spec.color,
+    return LoadedModel("checkpoint", lambda im: predict_image_part(model, im, spec, tta=tta), spec.color,
                        meta.postprocess, meta.name, meta.version, meta.data_fingerprint,
                        dict(meta.train_config or {}))
 
@@ -263,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tta", action="store_true", help="flip test-time augmentation (checkpoints only)")
     ap.add_argument("--threshold", type=float, default=None, help="override pixel_threshold")
     ap.add_argument("--min-area", type=int, default=None, help="override min_area (pixels)")
+    ap.add_argument("--part-threshold", type=float, default=None,
+                    help="override part_threshold (models with a part output)")
     ap.add_argument("--grid", default=None, help="also save a validation picture grid (PNG)")
     ap.add_argument("--errors-picture", default=None, metavar="PNG",
                     help="also save a picture of every wrong part (missed defects and false alarms)")
@@ -278,11 +313,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     loaded = load_for_eval(args.model, tta=args.tta, device=args.device)
     params = loaded.params
-    if args.threshold is not None or args.min_area is not None:
+    part_threshold = getattr(args, "part_threshold", None)
+    if args.threshold is not None or args.min_area is not None or part_threshold is not None:
         params = dataclasses.replace(
             params,
             pixel_threshold=params.pixel_threshold if args.threshold is None else float(args.threshold),
             min_area=params.min_area if args.min_area is None else int(args.min_area),
+            part_threshold=params.part_threshold if part_threshold is None else float(part_threshold),
         )
         params.validate()
     dataset = load_dataset(args.data)
@@ -293,18 +330,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"split may not be the one the model was trained with")
     samples = select_split(dataset.samples, args.split, loaded.train_config, str(args.model))
     pictures = bool(args.grid or args.errors_picture)
-    probs, masks, images = predict_all(loaded.predictor, samples, loaded.color,
-                                       keep_images=pictures, progress=not args.no_progress)
-    metrics, rows = evaluate_detailed(probs, masks, params)
+    probs, masks, images, parts = predict_all_parts(loaded.predictor, samples, loaded.color,
+                                                    keep_images=pictures, progress=not args.no_progress)
+    if parts is not None and params.part_threshold is None:
+        warnings.append("the model has a part output but no part_threshold: verdicts come from the regions; "
+                        "image AP still ranks parts by the part score")
+    metrics, rows = evaluate_detailed(probs, masks, params, parts)
     names = [s.name for s in samples]
     if pictures:
         from training.pictures import save_errors_picture, save_validation_grid
 
         assert images is not None
         if args.grid:
-            save_validation_grid(images, masks, probs, params, args.grid, names=names)
+            save_validation_grid(images, masks, probs, params, args.grid, names=names, parts=parts)
         if args.errors_picture:
-            save_errors_picture(images, masks, probs, params, rows, names, args.errors_picture)
+            save_errors_picture(images, masks, probs, params, rows, names, args.errors_picture, parts=parts)
     for s, row in zip(samples, rows, strict=True):
         row["name"], row["category"] = s.name, s.category
     by_category = errors_by_category(rows, [s.category for s in samples], names)

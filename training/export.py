@@ -5,8 +5,10 @@
         [--max-drop 0.01] [--calib-size 300] [--preset performance|mixed]
 
 A short chain (as in anomalib): convert -> quantize (plain, then accuracy-controlled) -> gate
--> save. The graph is raw pixels [1,C,T,T] -> sigmoid probability [1,1,T,T]; normalisation is
-inside the U-Net, so the package needs no preprocessing but tiling. Validation uses the
+-> save. The graph is raw pixels [1,C,T,T] -> sigmoid probability [1,1,T,T] ("probability"), plus
+for a model with a decision head a second output "part_probability" [1,1] (sigmoid in the graph);
+normalisation is inside the U-Net, so the package needs no preprocessing but tiling. The package's
+postprocess block carries both thresholds: pixel_threshold (regions) and part_threshold (verdict). Validation uses the
 checkpoint's own split (train_config val_fraction + seed) unless --val-data is given, and
 every model is judged through the daemon's own tiling and postprocessing.
 
@@ -34,6 +36,7 @@ import openvino as ov
 import torch
 
 from edge.contract import PackageMeta
+from edge.inference import PART_OUTPUT
 from edge.package import read_package, sha256_file, write_package_json
 from edge.preprocess import preprocess
 from edge.signature import sign_package
@@ -48,14 +51,18 @@ class ExportError(RuntimeError):
 
 
 class ProbabilityModel(torch.nn.Module):
-    """The deployable graph: raw pixels in, defect probability out (sigmoid inside the graph)."""
+    """The deployable graph: raw pixels in, defect probability out (sigmoid inside the graph);
+    with a decision head also the part probability (sigmoid inside the graph)."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(x))
+    def forward(self, x: torch.Tensor) -> Any:
+        out = self.net(x)
+        if isinstance(out, (tuple, list)):
+            return torch.sigmoid(out[0]), torch.sigmoid(out[1])
+        return torch.sigmoid(out)
 
 
 def convert(module: torch.nn.Module, meta: CheckpointMeta) -> ov.Model:
@@ -69,6 +76,8 @@ def convert(module: torch.nn.Module, meta: CheckpointMeta) -> ov.Model:
         model = ov.convert_model(wrapped, example_input=torch.zeros(shape), input=shape)
     model.inputs[0].get_tensor().set_names({"image"})
     model.outputs[0].get_tensor().set_names({"probability"})
+    if len(model.outputs) > 1:
+        model.outputs[1].get_tensor().set_names({PART_OUTPUT})
     return model
 
 
@@ -88,6 +97,8 @@ def model_info(meta: CheckpointMeta, name: str, version: str, precision: str, cr
         "multiple_of": s.multiple_of, "layout": s.layout, "mean_values": list(s.mean),
         "scale_values": list(s.std), "normalization": "in_graph", "input": "raw pixels 0..255 float32",
         "output": "sigmoid probability", "pixel_threshold": p.pixel_threshold, "min_area": p.min_area,
+        **({"part_output": f"{PART_OUTPUT}: sigmoid part probability per tile",
+            "part_threshold": p.part_threshold} if p.part_threshold is not None else {}),
         "open_radius": p.open_radius, "close_radius": p.close_radius,
         "data_fingerprint": meta.data_fingerprint,
     }
@@ -218,7 +229,10 @@ def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str,
     if parity > 1e-4:
         raise ExportError(f"OpenVINO FP32 differs from PyTorch by {parity:.2e} (max abs probability): "
                           "conversion is wrong, not shipping it")
-    ref = q.evaluate_model(ref_pred.predict, items, names, params, "validate fp32")
+    if ref_pred.has_part and params.part_threshold is None:
+        raise ExportError("the model has a decision head but its checkpoint has no calibrated part_threshold: "
+                          "train with validation (it calibrates part_threshold), then export")
+    ref = q.evaluate_model(ref_pred.predict_part, items, names, params, "validate fp32")
     metrics: dict[str, Any] = {"fp32": ref.metrics}
     report: dict[str, Any] = {"precision_requested": precision, "torch_vs_ov_fp32_max_abs": parity}
 
@@ -227,7 +241,7 @@ def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str,
         save_ir(model, root / "model.xml", model_info(meta, name, version, prec, created), fp16=fp16)
         write_meta(root, meta, name, version, created, prec, metrics)
         inf = Inferencer(root, num_requests=1, hint="LATENCY")
-        ev = q.evaluate_model(inf.predict, items, names, params, f"validate {prec}")
+        ev = q.evaluate_model(inf.predict_part, items, names, params, f"validate {prec}")
         ev.metrics["runtime_inference_precision"] = q.inference_precision(inf.compiled)
         return ev
 
@@ -300,9 +314,16 @@ def _torch_parity(module: torch.nn.Module, ref: q.OVPredictor, image: np.ndarray
     tiles, _ = preprocess(image, spec)
     rnd = np.random.default_rng(0).uniform(0, 255, tiles[:1].shape).astype(np.float32)
     x = np.concatenate([tiles[:4], rnd])
-    with torch.no_grad():
-        pt = torch.sigmoid(module(torch.from_numpy(x)))[:, 0].numpy()
-    return float(np.abs(pt - ref.infer_tiles(x)).max())
+    from training.predict import predict_tiles_part
+
+    pt, pt_parts = predict_tiles_part(module, x, batch=len(x))
+    ov_maps, ov_parts = ref.infer_tiles_part(x)
+    diff = float(np.abs(pt - ov_maps).max())
+    if pt_parts is not None and ov_parts is not None:
+        diff = max(diff, float(np.abs(pt_parts - ov_parts).max()))
+    elif (pt_parts is None) != (ov_parts is None):
+        raise ExportError("the OpenVINO graph and the PyTorch model disagree on having a part output")
+    return diff
 
 
 def _replace_dir(staging: Path, out: Path) -> None:

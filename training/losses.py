@@ -20,11 +20,14 @@ parts (multiple-instance learning with max pooling), at no cost in the exported 
 
 Deep supervision: the model may return `(logits, [aux logits])`; the aux losses are averaged
 and added with weight `aux_weight`, so coarse decoder stages learn to localise early on.
+
+Decision term (`decision_weight` > 0, model with a decision head): BCE of the head's part logit
+against the same per-patch label as the image term. The output may be a `training.unet.UNetOutput`
+(logits, aux, part) or the older `(logits, aux)` / plain logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -61,6 +64,17 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
     return loss.mean()
 
 
+def patch_labels(target: torch.Tensor) -> torch.Tensor:
+    """[N] 1.0 where the sample holds any defect pixel: the label of the part decision."""
+    return (target.flatten(1).amax(dim=1) > 0).float()
+
+
+def decision_loss(part_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of the decision head's part logit ([N, 1] or [N]) vs. "the sample holds a defect pixel"."""
+    part = part_logits.reshape(-1).float()
+    return F.binary_cross_entropy_with_logits(part, patch_labels(target).to(part.device))
+
+
 def peak_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean BCE of each sample's highest logit against "the sample holds a defect pixel".
 
@@ -77,12 +91,13 @@ class SegmentationLoss(nn.Module):
 
     def __init__(self, name: LossName = "bce_dice", pos_weight: float = 1.0, dice_weight: float = 1.0,
                  focal_gamma: float = 2.0, focal_alpha: float | None = 0.25, aux_weight: float = 0.4,
-                 image_weight: float = 0.0) -> None:
+                 image_weight: float = 0.0, decision_weight: float = 0.0) -> None:
         super().__init__()
         if name not in LOSS_NAMES:
             raise ValueError(f"loss name must be one of {', '.join(LOSS_NAMES)}, got {name!r}")
-        if pos_weight <= 0 or min(dice_weight, aux_weight, focal_gamma, image_weight) < 0:
-            raise ValueError("pos_weight must be > 0; dice_weight, aux_weight, focal_gamma and image_weight >= 0")
+        if pos_weight <= 0 or min(dice_weight, aux_weight, focal_gamma, image_weight, decision_weight) < 0:
+            raise ValueError("pos_weight must be > 0; dice_weight, aux_weight, focal_gamma, image_weight and "
+                             "decision_weight >= 0")
         self.name = name
         self.pos_weight = pos_weight
         self.dice_weight = dice_weight
@@ -90,6 +105,7 @@ class SegmentationLoss(nn.Module):
         self.focal_alpha = focal_alpha
         self.aux_weight = aux_weight
         self.image_weight = image_weight
+        self.decision_weight = decision_weight
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of one logits map (no deep supervision)."""
@@ -103,14 +119,21 @@ class SegmentationLoss(nn.Module):
             return pixel + self.dice_weight * dice_loss(logits, target)
         return pixel
 
-    def forward(self, output: torch.Tensor | tuple[torch.Tensor, Sequence[torch.Tensor]],
-                target: torch.Tensor) -> torch.Tensor:
-        logits, aux = output if isinstance(output, (tuple, list)) else (output, ())
+    def forward(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        """`output`: plain logits, `(logits, aux)` or `UNetOutput(logits, aux, part)`."""
+        part = None
+        if isinstance(output, (tuple, list)):
+            logits, aux, *rest = output
+            part = rest[0] if rest else None
+        else:
+            logits, aux = output, ()
         loss = self.single(logits, target)
         if aux and self.aux_weight > 0:
             loss = loss + self.aux_weight * torch.stack([self.single(a, target) for a in aux]).mean()
         if self.image_weight > 0:
             loss = loss + self.image_weight * peak_loss(logits, target)
+        if part is not None and self.decision_weight > 0:
+            loss = loss + self.decision_weight * decision_loss(part, target)
         return loss
 
 
@@ -118,4 +141,5 @@ def build_loss(cfg: Any) -> SegmentationLoss:
     """Loss from the `loss:` section of the training config (any object with those attributes)."""
     return SegmentationLoss(name=cfg.name, pos_weight=cfg.pos_weight, dice_weight=cfg.dice_weight,
                             focal_gamma=cfg.focal_gamma, focal_alpha=cfg.focal_alpha,
-                            aux_weight=cfg.aux_weight, image_weight=cfg.image_weight)
+                            aux_weight=cfg.aux_weight, image_weight=cfg.image_weight,
+                            decision_weight=getattr(cfg, "decision_weight", 0.0))

@@ -21,6 +21,7 @@ from matplotlib.patches import Rectangle
 
 from edge.contract import PostprocessParams
 from edge.postprocess import postprocess
+from edge.rules import Rules, decide
 
 _KIND_ORDER = {"FN": 0, "FP": 1, "TP": 2, "TN": 3}
 
@@ -57,19 +58,22 @@ def pick_rows(labels: Sequence[bool], preds: Sequence[bool], scores: Sequence[fl
 def save_validation_grid(
     images: Sequence[np.ndarray], masks: Sequence[np.ndarray], probs: Sequence[np.ndarray],
     params: PostprocessParams, path: str | Path, max_rows: int = 8, names: Sequence[str] | None = None,
+    parts: Sequence[float] | None = None,
 ) -> Path:
     """One row per chosen part: image | true mask | predicted mask + region boxes | probability map.
 
-    Rows show the errors first (see `pick_rows`), so a glance tells what the model misses.
+    Rows show the errors first (see `pick_rows`), so a glance tells what the model misses. With
+    `parts` (a model with a decision head) verdicts and scores are the part decisions, as at the edge.
     """
     if not (len(images) == len(masks) == len(probs)):
         raise ValueError(f"{len(images)} images, {len(masks)} masks and {len(probs)} maps: counts differ")
     if not images:
         raise ValueError("no images for the validation grid")
-    dets = [postprocess(p, params) for p in probs]
+    dets = [postprocess(p, params, None if parts is None else float(parts[i])) for i, p in enumerate(probs)]
     labels = [bool(np.any(m)) for m in masks]
-    preds = [bool(d.regions) for d in dets]
-    rows = pick_rows(labels, preds, [d.score for d in dets], max_rows)
+    preds = [decide(d, Rules())[0] == "fail" for d in dets]
+    scores = [d.score if d.part_score is None else d.part_score for d in dets]
+    rows = pick_rows(labels, preds, scores, max_rows)
     fig, axes = plt.subplots(len(rows), 4, figsize=(12, 2.8 * len(rows) + 0.4), squeeze=False,
                              layout="constrained")
     for r, i in enumerate(rows):
@@ -77,7 +81,7 @@ def save_validation_grid(
         name = names[i] if names is not None else f"#{i}"
         ax = axes[r]
         ax[0].imshow(_rgb(images[i]))
-        ax[0].set_title(f"{name} [{kind}] score {dets[i].score:.2f}", fontsize=8)
+        ax[0].set_title(f"{name} [{kind}] {'part ' if parts is not None else ''}score {scores[i]:.2f}", fontsize=8)
         ax[1].imshow(_overlay(images[i], masks[i], (0.1, 0.9, 0.1)))
         ax[1].set_title(f"true defect ({int(np.count_nonzero(masks[i]))} px)", fontsize=8)
         ax[2].imshow(_overlay(images[i], dets[i].mask, (0.95, 0.1, 0.1)))
@@ -164,7 +168,8 @@ def save_training_curves(csv_path: str | Path, png_path: str | Path) -> Path:
 
 def save_errors_picture(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], probs: Sequence[np.ndarray],
                         params: PostprocessParams, rows: Sequence[dict[str, Any]], names: Sequence[str],
-                        path: str | Path, max_rows: int = 24) -> Path | None:
+                        path: str | Path, max_rows: int = 24,
+                        parts: Sequence[float] | None = None) -> Path | None:
     """The grid of every wrong part (missed defects first, then false alarms), or None if none is wrong.
 
     Why: "18 defective parts passed" says nothing about which; a quality engineer looks at them.
@@ -176,4 +181,5 @@ def save_errors_picture(images: Sequence[np.ndarray], masks: Sequence[np.ndarray
         return None
     return save_validation_grid([images[i] for i in chosen], [masks[i] for i in chosen],
                                 [probs[i] for i in chosen], params, path, max_rows=len(chosen),
-                                names=[names[i] for i in chosen])
+                                names=[names[i] for i in chosen],
+                                parts=None if parts is None else [parts[i] for i in chosen])

@@ -2,7 +2,8 @@
 
 Validation, calibration and the export accuracy gate all predict through here, and the
 tiling, padding and blending are edge.preprocess functions, so a model is judged exactly
-as the daemon will run it.
+as the daemon will run it. A model with a decision head also gives one part probability per
+tile; the image's part score is `edge.postprocess.part_score` of them, as on the line.
 """
 
 from __future__ import annotations
@@ -11,30 +12,58 @@ import numpy as np
 import torch
 
 from edge.contract import InputSpec
+from edge.postprocess import part_score
 from edge.preprocess import preprocess, stitch
 
 
+def _split(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eval-mode output -> (logits map, part logits or None); see training/unet.py."""
+    if isinstance(out, (tuple, list)):
+        return out[0], out[1]
+    return out, None
+
+
 @torch.no_grad()
-def predict_tiles(model: torch.nn.Module, tiles: np.ndarray, batch: int = 8, tta: bool = False) -> np.ndarray:
-    """N x C x T x T raw tiles -> N x T x T probabilities. `tta` averages over flips."""
+def predict_tiles_part(model: torch.nn.Module, tiles: np.ndarray, batch: int = 8,
+                       tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """N x C x T x T raw tiles -> (N x T x T probabilities, N part probabilities or None).
+
+    `tta` averages maps and part probabilities over flips."""
     out = np.empty((tiles.shape[0], tiles.shape[2], tiles.shape[3]), dtype=np.float32)
+    parts: np.ndarray | None = None
+    flips: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1)) if tta else ((),)
     for i in range(0, tiles.shape[0], batch):
         x = torch.from_numpy(tiles[i : i + batch])
-        if tta:
-            p = torch.zeros_like(x[:, :1])
-            for dims in ((), (-1,), (-2,), (-2, -1)):
-                xf = torch.flip(x, dims) if dims else x
-                pf = torch.sigmoid(model(xf))
-                p += torch.flip(pf, dims) if dims else pf
-            p /= 4
-        else:
-            p = torch.sigmoid(model(x))
-        out[i : i + batch] = p[:, 0].numpy()
-    return out
+        p = torch.zeros_like(x[:, :1])
+        q: torch.Tensor | None = None
+        for dims in flips:
+            logits, part = _split(model(torch.flip(x, dims) if dims else x))
+            pf = torch.sigmoid(logits)
+            p += torch.flip(pf, dims) if dims else pf
+            if part is not None:
+                q = torch.sigmoid(part).reshape(-1) + (0 if q is None else q)
+        out[i : i + batch] = (p / len(flips))[:, 0].numpy()
+        if q is not None:
+            if parts is None:
+                parts = np.empty(tiles.shape[0], dtype=np.float32)
+            parts[i : i + batch] = (q / len(flips)).numpy()
+    return out, parts
+
+
+def predict_tiles(model: torch.nn.Module, tiles: np.ndarray, batch: int = 8, tta: bool = False) -> np.ndarray:
+    """N x C x T x T raw tiles -> N x T x T probabilities. `tta` averages over flips."""
+    return predict_tiles_part(model, tiles, batch=batch, tta=tta)[0]
+
+
+def predict_image_part(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, tta: bool = False,
+                       batch: int = 8) -> tuple[np.ndarray, float | None]:
+    """(HxW probability map, part score or None without a decision head) of one image (eval mode)."""
+    tiles, layout = preprocess(image, spec)
+    maps, parts = predict_tiles_part(model, tiles, batch=batch, tta=tta)
+    return stitch(maps, layout, spec.overlap), None if parts is None else part_score(parts)
 
 
 def predict_image(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, tta: bool = False,
                   batch: int = 8) -> np.ndarray:
     """Full-resolution HxW probability map of one image (model must be in eval mode)."""
-    tiles, layout = preprocess(image, spec)
-    return stitch(predict_tiles(model, tiles, batch=batch, tta=tta), layout, spec.overlap)
+    return predict_image_part(model, image, spec, tta=tta, batch=batch)[0]

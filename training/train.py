@@ -136,13 +136,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
                                   f"but the data is {color}; set input.color to match")
         mcfg = UNetConfig.from_dict({**init_meta.model_config.to_dict(), "mean": list(spec.mean),
                                      "std": list(spec.std), "dropout": cfg.model.dropout,
-                                     "deep_supervision": cfg.model.deep_supervision})
+                                     "deep_supervision": cfg.model.deep_supervision,
+                                     "decision_head": cfg.model.decision_head,
+                                     "decision_detach": cfg.model.decision_detach})
         init_state = init_model.state_dict()
         say(f"init-from {init_from}: {init_meta.name} {init_meta.version} (epoch {init_meta.epoch})")
     model = build_model(mcfg)
     if init_state is not None:
         missing, unexpected = model.load_state_dict(init_state, strict=False)
-        bad = [k for k in [*missing, *unexpected] if not k.startswith("aux_heads.")]
+        bad = [k for k in [*missing, *unexpected] if not k.startswith(("aux_heads.", "decision."))]
         if bad:
             raise CheckpointError(f"{init_from}: weights do not fit the model: {', '.join(bad[:5])}")
     # NHWC is the layout oneDNN's CPU convolutions run fastest in: a step took 0.75x the time of
@@ -337,7 +339,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             msg = (f"epoch {epoch} step {step} {clock.elapsed():.0f}s lr {lr:.2e} loss {train_loss:.4f} | "
                    f"val score {v.score:.4f} iou {metrics['pixel_iou']:.4f} f1 {metrics['image_f1']:.4f} "
                    f"acc {metrics['image_accuracy']:.4f} @ thr {params.pixel_threshold} area {params.min_area} "
-                   f"({v.seconds:.0f}s)")
+                   + (f"part_thr {params.part_threshold:.4g} " if params.part_threshold is not None else "")
+                   + f"({v.seconds:.0f}s)")
             if show:
                 tqdm.write(msg)
             else:
@@ -406,17 +409,21 @@ def _report_test(out: Path, spec: InputSpec, test_s: Sequence[Any], color: str, 
     """
     from training.evaluate import errors_by_category, evaluate_detailed, format_errors, json_safe
     from training.pictures import save_errors_picture
-    from training.predict import predict_image
+    from training.predict import predict_image_part
 
     if result.best_path is None:
         return
     model, meta = load_model(result.best_path)
     images, masks = load_images(test_s, color)
-    probs = [predict_image(model, im, spec) for im in tqdm(images, desc="test", unit="img", leave=False)]
-    metrics, rows = evaluate_detailed(probs, masks, meta.postprocess)
+    pairs = [predict_image_part(model, im, spec) for im in tqdm(images, desc="test", unit="img", leave=False)]
+    probs = [p for p, _ in pairs]
+    # the part score judges only where calibration chose it to (train_utils.choose_verdict)
+    parts = [float(q) for _, q in pairs] if meta.postprocess.part_threshold is not None else None
+    metrics, rows = evaluate_detailed(probs, masks, meta.postprocess, parts)
     names = [s.name for s in test_s]
     by_cat = errors_by_category(rows, [s.category for s in test_s], names)
-    picture = save_errors_picture(images, masks, probs, meta.postprocess, rows, names, out / "test_errors.png")
+    picture = save_errors_picture(images, masks, probs, meta.postprocess, rows, names, out / "test_errors.png",
+                                  parts=parts)
     result.test_metrics = json_safe(metrics)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text())

@@ -65,6 +65,12 @@ class ModelSection(_Section):
                        "every pixel (small defects survive, unlike input.scale)")
     upsample: Upsample = Field(
         "bilinear", description="decoder upsampling; nearest trains faster on a CPU (no costly bilinear backward)")
+    decision_head: bool = Field(
+        False, description="light part classifier on the bottleneck features + pooled logits: a second model "
+                           "output (part probability per tile) that decides the verdict at the edge")
+    decision_detach: bool = Field(
+        True, description="the decision head trains on detached inputs (gradient-flow adjustment, Bozic et al. "
+                          "2021): its loss cannot pull the segmentation away from the masks")
 
     @property
     def stride(self) -> int:
@@ -103,6 +109,9 @@ class LossSection(_Section):
     aux_weight: float = Field(0.4, ge=0.0, description="weight of the averaged deep-supervision losses")
     image_weight: float = Field(0.0, ge=0.0, le=100.0,
                                 description="weight of the per-patch peak-logit BCE (trains the part score)")
+    decision_weight: float = Field(1.0, ge=0.0, le=100.0,
+                                   description="weight of the decision head's BCE vs. 'this patch holds a defect "
+                                               "pixel' (ignored without model.decision_head)")
 
 
 class OptimSection(_Section):
@@ -177,6 +186,9 @@ class TrainConfig(_Section):
         if self.patches.size % stride or self.input.tile % stride:
             raise ValueError(f"patches.size and input.tile must be multiples of the network stride "
                              f"2**model.depth * model.space_to_depth = {stride}")
+        if self.model.decision_head and self.loss.decision_weight <= 0:
+            raise ValueError("model.decision_head needs loss.decision_weight > 0: an untrained head would decide "
+                             "the verdict (or set model.decision_head: false)")
         if self.input.overlap * 2 >= self.input.tile:
             raise ValueError("input.overlap must be < input.tile / 2")
         for key in self.validation.score:

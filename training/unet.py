@@ -15,7 +15,7 @@ pixel reaches it, so a blowhole of a few pixels is not averaged away as a resize
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
@@ -69,11 +69,43 @@ class Up(nn.Module):
         return self.fuse(torch.cat([x, skip], dim=1))
 
 
+class UNetOutput(NamedTuple):
+    """What the network returns in training mode (see the module docstring)."""
+
+    logits: torch.Tensor  # [N, 1, H, W]
+    aux: list[torch.Tensor]  # deep-supervision logits upsampled to H x W ([] without)
+    part: torch.Tensor | None  # [N, 1] part logit per input (None without a decision head)
+
+
+class DecisionHead(nn.Module):
+    """Part logit from the bottleneck features and the pooled segmentation logits (~1.6k parameters).
+
+    Features: 1x1 conv (cin -> width) + ReLU, global average and max; the segmentation logits'
+    global max and average join them (they carry the "is there a strong spot" evidence), then one
+    linear layer. Pooling is global, so the head works for any tile size.
+    """
+
+    def __init__(self, cin: int, width: int = 16, detach: bool = True) -> None:
+        super().__init__()
+        self.detach = detach
+        self.conv = nn.Sequential(nn.Conv2d(cin, width, 1), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(2 * width + 2, 1)
+        nn.init.constant_(self.fc.bias, -2.0)  # start near "good part", as the pixel head does
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.detach:
+            feats, logits = feats.detach(), logits.detach()
+        f = self.conv(feats)
+        pooled = [f.mean(dim=(2, 3)), f.amax(dim=(2, 3)),
+                  logits.amax(dim=(2, 3)), logits.mean(dim=(2, 3))]
+        return self.fc(torch.cat(pooled, dim=1))
+
+
 class UNet(nn.Module):
     """Contracting path, expanding path, skip connections by concatenation.
 
-    `forward` returns logits `[N, 1, H, W]`; in training mode with deep supervision it returns
-    `(logits, [aux logits of coarser decoder stages, upsampled to H x W])`.
+    Returns a `UNetOutput` in training mode; in eval mode the logits `[N, 1, H, W]`, or
+    `(logits, part logits [N, 1])` with a decision head (see the module docstring).
     """
 
     def __init__(self, cfg: UNetConfig) -> None:
@@ -97,6 +129,7 @@ class UNet(nn.Module):
             nn.Conv2d(widths[i], 1, 1) for i in reversed(range(1, cfg.depth))
         ) if cfg.deep_supervision else nn.ModuleList()
         nn.init.constant_(self.head.bias, cfg.head_bias)
+        self.decision = DecisionHead(widths[-1], detach=cfg.decision_detach) if cfg.decision_head else None
 
     def forward(self, x: torch.Tensor) -> Any:
         size = x.shape[-2:]
@@ -107,6 +140,7 @@ class UNet(nn.Module):
         for stage in self.down:
             skips.append(stage(F.max_pool2d(skips[-1], 2)))
         y = skips.pop()
+        bottleneck = y
         aux: list[torch.Tensor] = []
         for i, up in enumerate(self.up):
             y = up(y, skips.pop())
@@ -116,9 +150,10 @@ class UNet(nn.Module):
         logits = self.head(y)
         if self.cfg.space_to_depth > 1:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        if self.training and self.aux_heads:
-            return logits, aux
-        return logits
+        part = self.decision(bottleneck, logits) if self.decision is not None else None
+        if self.training:
+            return UNetOutput(logits, aux, part)
+        return logits if part is None else (logits, part)
 
 
 @dataclass
@@ -137,6 +172,8 @@ class UNetConfig:
     head_bias: float = -4.0  # start predicting "no defect" (defects are rare): stable early training
     space_to_depth: int = 1  # fold s x s pixel blocks into channels: runs at 1/s resolution, sees every pixel
     upsample: Upsample = "bilinear"  # nearest is cheaper to train on a CPU
+    decision_head: bool = False  # part logit per tile (False: checkpoints from before it load unchanged)
+    decision_detach: bool = True  # the head's loss trains the head only (gradient-flow adjustment)
 
     def widths(self) -> list[int]:
         return [min(self.base_width * 2**i, self.max_width) for i in range(self.depth + 1)]

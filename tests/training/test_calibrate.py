@@ -129,3 +129,29 @@ def test_recall_first_then_fewest_false_alarms() -> None:
     assert report["cost"]["best_f1_false_alarms"] == 0 and report["cost"]["extra_false_alarms"] == 2
     params, report = calibrate(probs, masks, min_recall=0.6)
     assert params.pixel_threshold > 0.4 and report["cost"]["chosen_false_alarms"] == 0
+
+
+def test_part_threshold_fewest_false_alarms_at_required_recall() -> None:
+    """calibrate_part_threshold: the highest threshold that keeps recall >= min_recall, placed halfway
+    to the next lower score; low scores are reachable (no fixed grid floor)."""
+    from training.calibrate import calibrate_part_threshold
+
+    bad, good = np.ones((4, 4), np.uint8), np.zeros((4, 4), np.uint8)
+    # 10 defective parts (one very faint), 10 good ones with a few high-scoring false alarms
+    pos = [0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.002]
+    neg = [0.001, 0.0005, 0.01, 0.05, 0.1, 0.25, 0.0001, 0.0002, 0.0003, 0.0004]
+    masks = [bad] * len(pos) + [good] * len(neg)
+    base = PostprocessParams(pixel_threshold=0.3, min_area=2)
+    p90, r90 = calibrate_part_threshold(pos + neg, masks, base, min_recall=0.9)
+    assert (p90.pixel_threshold, p90.min_area) == (0.3, 2)  # only part_threshold changes
+    assert 0.2 > p90.part_threshold > 0.1 and r90["image_recall"] == 0.9 and r90["image_fp"] == 1
+    p100, r100 = calibrate_part_threshold(pos + neg, masks, base, min_recall=1.0)
+    assert 0.002 > p100.part_threshold > 0.001 and r100["image_recall"] == 1.0 and r100["image_fp"] == 4
+    # judged exactly as the edge judges: evaluate_predictions with the part scores
+    probs = [np.zeros((4, 4), np.float32)] * len(masks)
+    m = evaluate_predictions(probs, masks, p100, parts=pos + neg)
+    assert m["image_recall"] == 1.0 and m["part_threshold"] == p100.part_threshold
+    assert m["image_ap"] > 0.9  # ranked by the part score, not the (empty) maps
+    # no defective parts: the lowest threshold with no false alarm
+    p0, r0 = calibrate_part_threshold(neg, [good] * len(neg), base)
+    assert p0.part_threshold > 0.25 and r0["image_fp"] == 0 and r0["warnings"]

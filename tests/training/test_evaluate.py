@@ -126,3 +126,39 @@ def test_validation_grid_puts_errors_first(tmp_path: Path) -> None:
     from training.pictures import pick_rows
 
     assert pick_rows([False, False, True], [False, True, False], [0.1, 0.9, 0.2], 2) == [2, 1]
+
+
+def test_cli_judges_a_part_output_by_part_threshold(dataset: Path, tmp_path: Path) -> None:
+    """A package with a part output: verdicts follow part_threshold, image AP ranks by the part score,
+    and --part-threshold overrides it (a threshold above every score passes every part)."""
+    from tests.tiny_package import make_tiny_package
+
+    pkg = make_tiny_package(tmp_path / "pkg", part="max", part_threshold=0.5)
+    out = tmp_path / "m.json"
+    assert main(["--model", str(pkg), "--data", str(dataset), "--json", str(out), "--no-progress",
+                 "--grid", str(tmp_path / "g.png")]) == 0
+    result = json.loads(out.read_text())
+    assert result["part_threshold"] == 0.5 and result["image_recall"] == 1.0 and result["image_accuracy"] == 1.0
+    assert all("part_score" in row for row in result["per_image"])
+    assert all(row["score"] == row["part_score"] for row in result["per_image"])
+    assert main(["--model", str(pkg), "--data", str(dataset), "--json", str(out), "--no-progress",
+                 "--part-threshold", "0.95"]) == 0
+    high = json.loads(out.read_text())
+    assert high["image_recall"] == 0.0 and high["pixel_iou"] == result["pixel_iou"]  # regions unchanged
+
+
+def test_cli_on_a_checkpoint_with_a_decision_head(dataset: Path, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from training.checkpoint import CheckpointMeta, save_checkpoint
+    from training.unet import UNetConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(base_width=4, depth=2, max_width=8, decision_head=True)
+    meta = CheckpointMeta(name="tiny", version="0.0.1", model_config=cfg, input_spec=InputSpec(tile=64, overlap=8),
+                          postprocess=PostprocessParams(part_threshold=0.5), train_config={})
+    ckpt = save_checkpoint(tmp_path / "head.pt", build_model(cfg), meta)
+    out = tmp_path / "m.json"
+    assert main(["--model", str(ckpt), "--data", str(dataset), "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert result["part_threshold"] == 0.5 and result["n_images"] == 6
+    assert all(0.0 <= row["part_score"] <= 1.0 for row in result["per_image"])

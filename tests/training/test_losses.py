@@ -113,3 +113,22 @@ def test_bad_options_are_refused() -> None:
         SegmentationLoss("bce", pos_weight=0.0)
     with pytest.raises(ValueError, match="image_weight"):
         SegmentationLoss("bce", image_weight=-1.0)
+
+
+def test_decision_term_trains_the_part_logit_only_through_its_output() -> None:
+    """decision_weight adds BCE(part logit, patch holds a defect) for a UNetOutput; plain logits and
+    (logits, aux) outputs give the same loss as before."""
+    from training.losses import SegmentationLoss, decision_loss
+    from training.unet import UNetOutput
+
+    logits = torch.full((2, 1, 8, 8), -3.0)
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, 0, 2, 2] = 1.0
+    part = torch.tensor([[2.0], [-2.0]], requires_grad=True)  # right on both patches
+    plain = SegmentationLoss(decision_weight=1.0)(logits, target)
+    assert torch.allclose(SegmentationLoss(decision_weight=1.0)((logits, []), target), plain)
+    with_part = SegmentationLoss(decision_weight=1.0)(UNetOutput(logits, [], part), target)
+    assert torch.allclose(with_part - plain, decision_loss(part, target))
+    assert torch.allclose(SegmentationLoss(decision_weight=0.0)(UNetOutput(logits, [], part), target), plain)
+    wrong = decision_loss(torch.tensor([[-2.0], [2.0]]), target)
+    assert float(wrong) > float(decision_loss(part.detach(), target)) + 1.0

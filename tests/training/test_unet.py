@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.unet import UNetConfig, build_model, count_parameters
+from training.unet import UNetConfig, UNetOutput, build_model, count_parameters
 
 torch.set_num_threads(1)
 
@@ -20,6 +20,9 @@ VARIANTS = {
                                mean=[127.5] * 3, std=[64.0] * 3),
     "nearest_upsample": dict(base_width=4, depth=3, max_width=16, upsample="nearest"),
     "bgr": dict(base_width=4, depth=2, max_width=16, in_channels=3, mean=[127.5] * 3, std=[64.0] * 3),
+    "decision_head": dict(base_width=4, depth=3, max_width=16, decision_head=True),
+    "decision_head_attached": dict(base_width=4, depth=2, max_width=16, decision_head=True, decision_detach=False,
+                                   deep_supervision=True),
 }
 
 
@@ -31,24 +34,39 @@ def test_variant_shapes_finite_and_every_parameter_learns(name: str) -> None:
     x = torch.rand(2, cfg.in_channels, 48, 64) * 255  # raw pixels; H != W and not a power of two
     model.train()
     out = model(x)
-    if cfg.deep_supervision:
-        logits, aux = out
-        assert len(aux) == cfg.depth - 1
-        assert all(a.shape == (2, 1, 48, 64) for a in aux)
-        loss = logits.mean() + sum(a.mean() for a in aux)
-    else:
-        logits = out
-        loss = logits.mean()
+    assert isinstance(out, UNetOutput)  # one training-mode convention for every variant
+    logits, aux, part = out
+    assert len(aux) == (cfg.depth - 1 if cfg.deep_supervision else 0)
+    assert all(a.shape == (2, 1, 48, 64) for a in aux)
+    assert (part is None) != cfg.decision_head and (part is None or part.shape == (2, 1))
+    loss = logits.mean() + sum(a.mean() for a in aux) + (0 if part is None else part.mean())
     assert logits.shape == (2, 1, 48, 64)
     assert torch.isfinite(logits).all()
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
                or p.grad.abs().sum() == 0]
     assert not no_grad, f"parameters without gradient: {no_grad}"
-    model.eval()  # eval returns plain logits, even with deep supervision
+    model.eval()  # eval returns plain logits, even with deep supervision; (logits, part) with a head
     with torch.no_grad():
         y = model(x)
+    if cfg.decision_head:
+        y, p = y
+        assert p.shape == (2, 1) and torch.isfinite(p).all()
     assert isinstance(y, torch.Tensor) and y.shape == (2, 1, 48, 64) and torch.isfinite(y).all()
+
+
+def test_decision_head_is_light_and_detach_keeps_its_loss_off_the_segmentation() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 32) * 255
+    for detach in (True, False):
+        model = build_model(UNetConfig(base_width=4, depth=2, max_width=16, decision_head=True,
+                                       decision_detach=detach)).train()
+        assert model.decision is not None and count_parameters(model.decision) < 5000
+        model(x).part.sum().backward()
+        stem_grad = sum(float(p.grad.abs().sum()) for p in model.stem.parameters() if p.grad is not None)
+        assert (stem_grad == 0) == detach
+    old = build_model(UNetConfig(base_width=4, depth=2, max_width=16)).state_dict()
+    assert not any(k.startswith("decision.") for k in old)  # default: checkpoints without a head unchanged
 
 
 def test_default_model_is_small_and_starts_near_no_defect() -> None:
