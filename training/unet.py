@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 Upsample = Literal["bilinear", "nearest"]  # the decoder's x2 upsampling
+Stem = Literal["pixels", "views"]  # how space_to_depth folds s x s blocks: raw pixels or mean/min/max
 
 
 class ConvBNAct(nn.Sequential):
@@ -73,7 +74,8 @@ class UNet(nn.Module):
     """Contracting path, expanding path, skip connections by concatenation.
 
     `forward` returns logits `[N, 1, H, W]`; in training mode with deep supervision it returns
-    `(logits, [aux logits of coarser decoder stages, upsampled to H x W])`.
+    `(logits, [aux logits of coarser decoder stages, upsampled to H x W])`. Exception: the views
+    stem in training mode returns logits (and aux) at body size H/s x W/s, for coarse targets.
     """
 
     def __init__(self, cfg: UNetConfig) -> None:
@@ -83,7 +85,8 @@ class UNet(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1))
         s = cfg.space_to_depth
-        self.stem = DoubleConv(cfg.in_channels * s * s, widths[0], separable=False)
+        stem_in = cfg.in_channels * (3 if self.views else s * s)
+        self.stem = DoubleConv(stem_in, widths[0], separable=False)
         self.down = nn.ModuleList(
             DoubleConv(widths[i], widths[i + 1], cfg.separable, cfg.dropout if i + 1 == cfg.depth else 0.0)
             for i in range(cfg.depth)
@@ -98,11 +101,26 @@ class UNet(nn.Module):
         ) if cfg.deep_supervision else nn.ModuleList()
         nn.init.constant_(self.head.bias, cfg.head_bias)
 
+    @property
+    def views(self) -> bool:
+        """Pooled-views stem active (it needs a fold, s > 1)."""
+        return self.cfg.stem == "views" and self.cfg.space_to_depth > 1
+
+    def fold(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw pixels -> normalised stem input (at 1/s resolution when space_to_depth s > 1)."""
+        s = self.cfg.space_to_depth
+        if self.views:  # pool raw pixels first: the affine normalisation commutes with mean/min/max
+            views = [F.avg_pool2d(x, s), -F.max_pool2d(-x, s), F.max_pool2d(x, s)]
+            return torch.cat([(v - self.mean) / self.std for v in views], dim=1)
+        x = (x - self.mean) / self.std
+        return F.pixel_unshuffle(x, s) if s > 1 else x
+
     def forward(self, x: torch.Tensor) -> Any:
         size = x.shape[-2:]
-        x = (x - self.mean) / self.std
-        if self.cfg.space_to_depth > 1:
-            x = F.pixel_unshuffle(x, self.cfg.space_to_depth)
+        x = self.fold(x)
+        coarse = self.training and self.views  # trains on coarse targets: outputs stay at body size
+        if coarse:
+            size = x.shape[-2:]
         skips = [self.stem(x)]
         for stage in self.down:
             skips.append(stage(F.max_pool2d(skips[-1], 2)))
@@ -114,7 +132,7 @@ class UNet(nn.Module):
                 aux.append(F.interpolate(self.aux_heads[i](y), size=size, mode="bilinear",
                                          align_corners=False))
         logits = self.head(y)
-        if self.cfg.space_to_depth > 1:
+        if self.cfg.space_to_depth > 1 and not coarse:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         if self.training and self.aux_heads:
             return logits, aux
@@ -137,6 +155,7 @@ class UNetConfig:
     head_bias: float = -4.0  # start predicting "no defect" (defects are rare): stable early training
     space_to_depth: int = 1  # fold s x s pixel blocks into channels: runs at 1/s resolution, sees every pixel
     upsample: Upsample = "bilinear"  # nearest is cheaper to train on a CPU
+    stem: Stem = "pixels"  # with space_to_depth > 1: raw pixel channels or mean/min/max views per block
 
     def widths(self) -> list[int]:
         return [min(self.base_width * 2**i, self.max_width) for i in range(self.depth + 1)]
@@ -166,6 +185,8 @@ def network_stride(depth: int, space_to_depth: int = 1) -> int:
 def build_model(cfg: UNetConfig) -> UNet:
     if cfg.space_to_depth not in (1, 2, 4):
         raise ValueError(f"model space_to_depth must be 1, 2 or 4, got {cfg.space_to_depth}")
+    if cfg.stem not in get_args(Stem):
+        raise ValueError(f"model stem must be 'pixels' or 'views', got {cfg.stem!r}")
     if cfg.upsample not in get_args(Upsample):
         raise ValueError(f"model upsample must be 'bilinear' or 'nearest', got {cfg.upsample!r}")
     if len(cfg.mean) != cfg.in_channels or len(cfg.std) != cfg.in_channels:
