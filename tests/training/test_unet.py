@@ -148,3 +148,16 @@ def test_old_config_without_stem_loads_as_pixels() -> None:
         build_model(UNetConfig(stem="pooled"))  # type: ignore[arg-type]
     # views without a fold is the plain network
     assert build_model(UNetConfig(stem="views")).stem[0][0].in_channels == 1
+
+
+@pytest.mark.parametrize("s", [2, 4])
+def test_shuffle_upsample_is_exactly_bilinear(s: int) -> None:
+    """The views model upsamples its logits with conv + pixel_shuffle (cheap in OpenVINO); it must give
+    what F.interpolate's bilinear gives, borders included."""
+    from torch.nn import functional as F
+
+    from training.unet import upsample_bilinear_shuffle
+
+    x = torch.randn(2, 1, 7, 5)
+    ref = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample_bilinear_shuffle(x, s), ref, atol=1e-5, rtol=0)
