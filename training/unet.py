@@ -3,7 +3,7 @@
 Order as in timm: blocks, then the model, then its config and `build_model(cfg)`.
 The network takes raw pixels (0..255) and normalises inside the graph with buffers, so
 the exported IR carries its own normalisation and the edge feeds frames as they are.
-Only static-shape, export-friendly ops (conv, BN, ReLU, max-pool, bilinear upsample, concat,
+Only static-shape, export-friendly ops (conv, BN, ReLU, max-pool, bilinear upsample, concat, reductions,
 pixel (un)shuffle).
 
 `space_to_depth` s > 1 folds each s x s block of pixels into channels before the stem (the
