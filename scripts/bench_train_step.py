@@ -50,7 +50,8 @@ def make_step(cfg: TrainConfig, channels_last: bool, upsample: str) -> Callable[
     amp = autocast_dtype(cfg.optim.autocast)
     size, batch = cfg.patches.size, cfg.patches.batch_size
     x = (torch.rand(batch, 1, size, size) * 255).contiguous(memory_format=fmt)
-    y = (torch.rand(batch, 1, size, size) > 0.97).float()
+    target = size // model.cfg.space_to_depth if model.views else size  # the views stem trains on coarse targets
+    y = (torch.rand(batch, 1, target, target) > 0.97).float()
 
     return lambda: train_step(model, optimizer, loss_fn, x, y, amp, cfg.optim.grad_clip)
 

@@ -13,6 +13,15 @@ sees them and lets us choose *what* the network looks at:
   first mining, or without good images, these slots fall back to random good patches;
 - random patches anywhere, so the plain background keeps its true frequency.
 
+Hard positives: a share (`hard_positive_fraction`) of the defect patches is centred on defect
+components the current model misses (peak probability < 0.5), mined each epoch on a bounded
+number of defective images (`mine_hard_positives`), so the small blowholes that a random
+component draw rarely shows get shown until they are found.
+
+With a folding stem that trains on coarse targets (`target_stride` s > 1, the model's views stem),
+patches are cut and augmented at input resolution and the target is made after augmentation with
+edge.preprocess.coarse_mask: items are then C x P x P pixels and a 1 x P/s x P/s target.
+
 Every image is reflect-padded on the bottom and right by P/2 (and at least to P x P), and
 patches may reach into that margin. Why: edge.preprocess pads frames bottom/right by reflection
 up to its tile grid, so at the edge a defect on a part's right or bottom border is followed by
@@ -39,6 +48,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
+from edge.preprocess import coarse_mask
 from training.augment import build_augmentation
 
 
@@ -50,6 +60,15 @@ class HardNegative:
     y: int
     x: int
     score: float  # the false-positive probability there
+
+
+@dataclass(frozen=True)
+class HardPositive:
+    """A defect component (index into PatchDataset.components[image]) the model misses."""
+
+    image: int
+    component: int
+    score: float  # the model's peak probability on it (< the miss threshold)
 
 
 def _pad_bottom_right(a: np.ndarray, margin: int, size: int) -> np.ndarray:
@@ -68,9 +87,14 @@ class PatchDataset(IterableDataset):
     def __init__(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], patch_size: int,
                  patches_per_epoch: int, defect_fraction: float = 0.5, hard_negative_fraction: float = 0.25,
                  jitter: float = 0.35, augment: str = "default", seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, target_stride: int = 1, hard_positive_fraction: float = 0.0) -> None:
         if patch_size <= 0 or patch_size % 16:
             raise ValueError(f"patch size must be a positive multiple of 16, got {patch_size}")
+        if target_stride < 1 or patch_size % target_stride:
+            raise ValueError(f"target_stride must be >= 1 and divide the patch size {patch_size}, "
+                             f"got {target_stride}")
+        if not 0 <= hard_positive_fraction <= 1:
+            raise ValueError(f"hard_positive_fraction must be in [0, 1], got {hard_positive_fraction}")
         if len(images) != len(masks) or not images:
             raise ValueError("need the same, non-zero number of images and masks")
         if defect_fraction < 0 or hard_negative_fraction < 0 or defect_fraction + hard_negative_fraction > 1:
@@ -90,6 +114,9 @@ class PatchDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.hard_negatives: list[HardNegative] = []
+        self.target_stride = target_stride
+        self.hard_positive_fraction = hard_positive_fraction
+        self.hard_positives: list[HardPositive] = []
         self.good = [i for i, m in enumerate(masks) if not m.any()]
         # defect components per image: a random component first, then a pixel in it, so a small
         # blowhole next to a large break still gets its share of patches
@@ -108,6 +135,12 @@ class PatchDataset(IterableDataset):
 
     def set_hard_negatives(self, entries: Sequence[HardNegative]) -> None:
         self.hard_negatives = list(entries)
+
+    def set_hard_positives(self, entries: Sequence[HardPositive]) -> None:
+        for h in entries:
+            if h.image not in self.components or not 0 <= h.component < len(self.components[h.image]):
+                raise ValueError(f"hard positive {h} names no defect component of this dataset")
+        self.hard_positives = list(entries)
 
     def __len__(self) -> int:
         """Patches this rank yields per epoch (the same on every rank, so DDP steps stay in lockstep)."""
@@ -132,11 +165,16 @@ class PatchDataset(IterableDataset):
         """(kind, image index, y0, x0) of the next patch."""
         u = rng.random()
         if u < self.defect_fraction and self.defective:
-            i = self.defective[int(rng.integers(len(self.defective)))]
-            comps = self.components[i]
-            pix = comps[int(rng.integers(len(comps)))]
+            kind = "defect"
+            if self.hard_positives and rng.random() < self.hard_positive_fraction:
+                hp = self.hard_positives[int(rng.integers(len(self.hard_positives)))]
+                kind, i, pix = "hard_positive", hp.image, self.components[hp.image][hp.component]
+            else:
+                i = self.defective[int(rng.integers(len(self.defective)))]
+                comps = self.components[i]
+                pix = comps[int(rng.integers(len(comps)))]
             cy, cx = pix[int(rng.integers(len(pix)))]
-            return ("defect", *self._crop_at(i, float(cy), float(cx), rng))
+            return (kind, *self._crop_at(i, float(cy), float(cx), rng))
         if u < self.defect_fraction + self.hard_negative_fraction and self.good:
             if self.hard_negatives:
                 hn = self.hard_negatives[int(rng.integers(len(self.hard_negatives)))]
@@ -157,6 +195,8 @@ class PatchDataset(IterableDataset):
             img = self.images[i][y0 : y0 + p, x0 : x0 + p]
             msk = self.masks[i][y0 : y0 + p, x0 : x0 + p]
             img, msk = aug(np.ascontiguousarray(img), np.ascontiguousarray(msk))
+            if self.target_stride > 1:  # after augmentation, so the warp cannot erase a small target
+                msk = coarse_mask(msk, self.target_stride)
             if img.ndim == 2:
                 img = img[:, :, None]
             yield (torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32)),
@@ -205,6 +245,27 @@ def mine_hard_negatives(model: torch.nn.Module, images: Sequence[np.ndarray], in
     for i in indices:
         prob = full_image_probs(model, images[i], stride)
         found.extend(HardNegative(int(i), y, x, s) for y, x, s in peaks(prob, per_image, spacing, min_prob))
+    return found
+
+
+def mine_hard_positives(model: torch.nn.Module, images: Sequence[np.ndarray],
+                        components: dict[int, list[np.ndarray]], indices: Sequence[int],
+                        miss_prob: float = 0.5, stride: int = 16) -> list[HardPositive]:
+    """Defect components of the given images whose peak probability is below `miss_prob` (eval mode).
+
+    `components` is PatchDataset.components (pixel lists per image), so the result indexes them.
+    """
+    found: list[HardPositive] = []
+    for i in indices:
+        prob = full_image_probs(model, images[i], stride)
+        h, w = prob.shape
+        for k, pix in enumerate(components.get(int(i), [])):
+            inside = pix[(pix[:, 0] < h) & (pix[:, 1] < w)]
+            if not len(inside):
+                continue
+            peak = float(prob[inside[:, 0], inside[:, 1]].max())
+            if peak < miss_prob:
+                found.append(HardPositive(int(i), k, peak))
     return found
 
 

@@ -40,7 +40,7 @@ from edge.preprocess import scale_image, scale_mask
 from training.checkpoint import CheckpointError, CheckpointMeta, load_model, read_checkpoint, save_checkpoint
 from training.data import DataError, load_dataset, split_holdout
 from training.losses import build_loss
-from training.patches import HardNegative, PatchDataset, mine_hard_negatives, update_pool
+from training.patches import HardNegative, PatchDataset, mine_hard_negatives, mine_hard_positives, update_pool
 from training.train_config import ConfigError, TrainConfig, load_config, parse_overrides
 from training.train_utils import (
     Clock,
@@ -192,7 +192,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     pc = cfg.patches
     patches = PatchDataset(train_images, train_masks, pc.size, pc.per_epoch, pc.defect_fraction,
                            pc.hard_negative_fraction, pc.jitter, pc.augment, seed=cfg.seed, rank=d.rank,
-                           world_size=d.world)
+                           world_size=d.world, target_stride=mcfg.space_to_depth if raw_model.views else 1,
+                           hard_positive_fraction=pc.hard_positive_fraction)
     pool = [HardNegative(*t) for t in state["pool"]]
     patches.set_hard_negatives(pool)
     batch = max(1, pc.batch_size // d.world)
@@ -250,6 +251,28 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             patches.set_hard_negatives(pool)
             if overhead is not None:
                 overhead.add("mine", time.monotonic() - t_mine)
+        # hard positives: defect components the current model misses (bounded: mine_positive_images)
+        mine_pos = epoch > 0 and pc.hard_positive_fraction > 0 and pc.mine_positive_images > 0
+        if mine_pos and overhead is not None:
+            mine_pos = overhead.affordable("mine_positives", clock.elapsed())
+            mine_pos = broadcast(mine_pos, d) if d.ddp else mine_pos
+        if mine_pos and patches.defective and (broadcast(clock.fraction(step), d) if d.ddp
+                                               else clock.fraction(step)) < 1.0:
+            t_mine = time.monotonic()
+            rng = np.random.default_rng([cfg.seed, epoch, 11])
+            chosen = sorted(rng.choice(patches.defective, min(pc.mine_positive_images, len(patches.defective)),
+                                       replace=False).tolist())
+            raw_model.eval()
+            missed = mine_hard_positives(raw_model, train_images, patches.components, chosen[d.rank :: d.world],
+                                         stride=mcfg.stride)
+            if d.ddp:
+                pos_parts: list[Any] = [None] * d.world
+                dist.all_gather_object(pos_parts, missed)
+                missed = [h for part in pos_parts for h in part]
+            redone = set(chosen)  # images not re-mined this epoch keep their misses
+            patches.set_hard_positives([h for h in patches.hard_positives if h.image not in redone] + missed)
+            if overhead is not None:
+                overhead.add("mine_positives", time.monotonic() - t_mine)
         model.train()
         losses: list[float] = []
         step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", unit="step", leave=False,
@@ -318,6 +341,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
                 log.scalar("train/loss", float(np.mean(losses)), step)
             log.scalar("train/lr", lr, step)
             log.scalar("train/hard_negatives", len(pool), step)
+            log.scalar("train/hard_positives", len(patches.hard_positives), step)
         if v is not None:  # rank 0 after a validation
             clock.note_validation(v.seconds)
             if overhead is not None:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.losses import LossName
-from training.unet import Upsample, network_stride
+from training.unet import Stem, Upsample, network_stride
 
 
 class ConfigError(ValueError):
@@ -63,6 +63,11 @@ class ModelSection(_Section):
     space_to_depth: Literal[1, 2, 4] = Field(
         1, description="fold s x s pixel blocks into channels: the network runs at 1/s resolution but sees "
                        "every pixel (small defects survive, unlike input.scale)")
+    stem: Stem = Field(
+        "pixels", description="with space_to_depth > 1: 'pixels' = the s*s raw pixels of a block as channels; "
+                              "'views' = their mean, min and max (mean = the area downscale, so it learns as "
+                              "fast as input.scale = 1/s, while min/max keep a few-pixel defect's contrast); "
+                              "views trains on coarse targets at 1/s")
     upsample: Upsample = Field(
         "bilinear", description="decoder upsampling; nearest trains faster on a CPU (no costly bilinear backward)")
     decision_head: bool = Field(
@@ -90,6 +95,12 @@ class PatchSection(_Section):
     mine_per_image: int = Field(4, ge=1, description="false-positive peaks kept per mined image")
     mine_min_prob: float = Field(0.05, ge=0.0, lt=1.0, description="ignore peaks below this probability")
     pool_size: int = Field(512, ge=1, description="hard-negative pool capacity (strongest kept)")
+    hard_positive_fraction: float = Field(
+        0.25, ge=0.0, le=1.0, description="share of the defect patches centred on missed defect components "
+                                          "(peak probability < 0.5), mined each epoch; 0 = off")
+    mine_positive_images: int = Field(32, ge=0, le=4096,
+                                      description="defective training images re-predicted per epoch to find "
+                                                  "missed components (bounds the mining cost)")
     augment: Literal["none", "light", "default"] = Field("default", description="training.augment strength")
     workers: int = Field(0, ge=0, le=16, description="DataLoader workers (0 = in the training process)")
 

@@ -103,3 +103,35 @@ def test_scaled_mask_keeps_defects_too_small_for_one_model_pixel() -> None:
     assert small[25, 12] == 1 and small[25, 13] == 0  # the tiny defect keeps exactly one pixel
     assert small[:25, 25:].all() and not small[26:, 14:].any()
     np.testing.assert_array_equal(scale_mask(mask, 1.0), (mask > 0).astype(np.uint8))
+
+
+def test_coarse_mask_keeps_small_and_thin_defects_and_large_outlines() -> None:
+    from edge.preprocess import coarse_mask
+
+    m = np.zeros((64, 64), np.uint8)
+    m[8:40, 8:40] = 1  # large: 32 x 32 -> exactly 8 x 8 blocks, no rim added
+    m[50, 20:60] = 1  # 1 px crack, 40 px long: a target all along it
+    m[57:59, 5:8] = 1  # 6 px speck straddling blocks
+    out = coarse_mask(m, 4)
+    assert out.shape == (16, 16) and out.dtype == np.uint8
+    assert out[2:10, 2:10].all() and out[:, :].sum() - out[2:10, 2:10].sum() > 0
+    assert out[12, 5:15].all()  # the crack: 10 blocks, at 25 % coverage each
+    assert out[14, 1] == 1  # the speck
+    assert out[0:12, 10:].sum() == 0 and out[0:2].sum() == 0  # nothing grows around the large blob
+    # today's 50 % rule (scale_mask) keeps at most one pixel of the crack
+    assert scale_mask(m, 0.25)[12].sum() <= 1
+
+
+def test_coarse_mask_half_rule_for_large_blobs_and_padding() -> None:
+    from edge.preprocess import coarse_mask
+
+    m = np.zeros((30, 30), np.uint8)  # not a multiple of 4: padded to 32
+    m[2:26, 2:26] = 1  # 24 x 24, offset by half a block: edge blocks are 50 % covered
+    out = coarse_mask(m, 4)
+    assert out.shape == (8, 8)
+    # blocks 0..6 are touched; edge blocks are 50 % covered (kept), the corners 25 % (dropped): no rim
+    assert out[:7, :7].sum() == 49 - 4 and out.sum() == 45
+    assert out[0, 0] == out[6, 6] == 0 and out[0, 3] == out[3, 6] == 1
+    np.testing.assert_array_equal(coarse_mask(m, 1), m)
+    with pytest.raises(ValueError):
+        coarse_mask(m, 0)

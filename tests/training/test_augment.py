@@ -82,3 +82,49 @@ def test_bad_arguments() -> None:
         aug(np.zeros((8, 8), np.uint8), np.zeros((8, 9), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         aug(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8))
+
+
+def _warp_all(mask: np.ndarray, seed: int, n: int = 60) -> list[np.ndarray]:
+    """Masks after n default augmentations (about half of them affine warps)."""
+    aug = build_augmentation("default", seed=seed)
+    image = np.full(mask.shape, 40, np.uint8)
+    return [aug(image, mask)[1] for _ in range(n)]
+
+
+def test_single_pixel_never_vanishes() -> None:
+    mask = np.zeros((48, 48), np.uint8)
+    mask[23, 25] = 1
+    outs = _warp_all(mask, seed=3)
+    assert all(1 <= m.sum() <= 9 for m in outs)  # kept, and not smeared into a blob
+    # the nearest-neighbour warp this replaces did lose it: check the test can fail
+    import cv2
+
+    lost, weakest = 0, 1.0
+    for angle in range(-10, 11):
+        for c in np.linspace(20, 28, 9):
+            rot = cv2.getRotationMatrix2D((c, c + 0.37), angle, 0.9)
+            lost += int(cv2.warpAffine(mask, rot, (48, 48), flags=cv2.INTER_NEAREST).sum() == 0)
+            soft = cv2.warpAffine(mask.astype(np.float32), rot, (48, 48), flags=cv2.INTER_LINEAR)
+            weakest = min(weakest, float(soft.max()))
+    assert lost > 0
+    assert weakest > 0.05  # the soft warp always leaves it above the binarising threshold
+
+
+def test_one_pixel_line_stays_connected() -> None:
+    import cv2
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[32, 12:52] = 1  # a 1 px crack of 40 px
+    for m in _warp_all(mask, seed=4):
+        assert m.sum() >= 30
+        n, _ = cv2.connectedComponents(m, connectivity=8)
+        assert n - 1 == 1  # one piece, not a row of dots
+
+
+def test_blob_outline_does_not_grow() -> None:
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:40, 22:42] = 1  # 400 px
+    areas = [m.sum() for m in _warp_all(mask, seed=5)]
+    # a warp scales by 0.9-1.1 (area 0.81-1.21); a +1 px rim would add ~80 px to every warped blob
+    assert 0.75 * 400 <= np.mean(areas) <= 1.12 * 400
+    assert max(areas) <= 1.21 * 400 + 45

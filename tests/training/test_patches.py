@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from training.patches import HardNegative, PatchDataset, mine_hard_negatives, peaks, update_pool
+from training.patches import (
+    HardNegative,
+    HardPositive,
+    PatchDataset,
+    mine_hard_negatives,
+    mine_hard_positives,
+    peaks,
+    update_pool,
+)
 
 
 def _data() -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -97,3 +105,49 @@ def test_mining_finds_the_false_positive_and_pool_keeps_the_strongest() -> None:
     pool = update_pool(old, found, mined_images=[0], capacity=2)
     assert HardNegative(0, 1, 1, 0.99) not in pool  # image 0 was re-mined: its stale entry is gone
     assert pool[0].score >= pool[1].score and len(pool) == 2
+
+
+def test_coarse_targets_made_after_augmentation_keep_a_one_pixel_crack() -> None:
+    """target_stride 4: input-resolution pixels, a P/4 target; a 1 px crack keeps a target in every
+    defect patch (the 50 % rule, applied before or after the warp, would leave it nothing)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(90, 110, (160, 200), dtype=np.uint8) for _ in range(2)]
+    masks = [np.zeros(im.shape, np.uint8) for im in images]
+    masks[0][80, 40:160] = 1
+    images[0][80, 40:160] = 10
+    ds = PatchDataset(images, masks, 64, 40, defect_fraction=1.0, hard_negative_fraction=0.0,
+                      augment="default", seed=4, target_stride=4)
+    for x, y in ds:
+        assert x.shape == (1, 64, 64) and y.shape == (1, 16, 16)
+        assert y.sum() >= 3  # the crack crosses the patch: several coarse pixels
+    with pytest.raises(ValueError, match="target_stride"):
+        PatchDataset(images, masks, 64, 4, target_stride=3)
+
+
+def test_hard_positives_get_their_share_of_defect_patches() -> None:
+    images, masks = _data()
+    masks[0][10:30, 10:30] = 1  # a large defect next to the small one at (70..73, 120..125)
+    ds = PatchDataset(images, masks, 32, 100, defect_fraction=1.0, hard_negative_fraction=0.0,
+                      augment="none", seed=6, hard_positive_fraction=0.5)
+    small = next(k for k, pix in enumerate(ds.components[0]) if len(pix) == 24)
+    ds.set_hard_positives([HardPositive(0, small, 0.01)])
+    kinds = [ds.choose(np.random.default_rng(i))[0] for i in range(400)]
+    share = kinds.count("hard_positive") / len(kinds)
+    assert 0.4 < share < 0.6
+    with pytest.raises(ValueError, match="no defect component"):
+        ds.set_hard_positives([HardPositive(1, 0, 0.0)])
+
+
+def test_mining_hard_positives_finds_the_missed_component() -> None:
+    class Bright(torch.nn.Module):  # fires on bright pixels only: misses the dark defect
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x - 200.0) / 10.0
+
+    img = np.full((48, 64), 100, np.uint8)
+    mask = np.zeros(img.shape, np.uint8)
+    img[5:10, 5:10], mask[5:10, 5:10] = 255, 1  # found (bright)
+    img[30:33, 40:43], mask[30:33, 40:43] = 0, 1  # missed (dark)
+    ds = PatchDataset([img], [mask], 32, 4)
+    found = mine_hard_positives(Bright(), [img], ds.components, [0], stride=16)
+    assert len(found) == 1 and found[0].score < 0.5
+    assert (ds.components[0][found[0].component] == [31, 41]).all(axis=1).any()

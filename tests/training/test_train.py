@@ -135,6 +135,22 @@ def test_scaled_input_trains_at_model_scale_and_judges_in_frame_pixels(synth_dat
     assert predict_image(model, image, meta.input_spec).shape == image.shape
 
 
+def test_views_stem_trains_on_coarse_targets_and_predicts_full_frames(synth_data: Path, tmp_path: Path) -> None:
+    """model.stem views with s = 2: full-resolution patches, coarse targets, full-size validation maps;
+    hard positives are mined after the first epoch (the run must not fail on them)."""
+    from training.predict import predict_image
+
+    assert main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(tmp_path), "--epochs", str(EPOCHS),
+                 "--set", "model.space_to_depth=2", "--set", "model.stem=views", "--set", "patches.size=64",
+                 "--set", "patches.hard_positive_fraction=0.5", "--set", "patches.mine_positive_images=8",
+                 "--set", "log.threads=1", "--set", "validation.grid_images=0"]) == 0
+    model, meta = load_model(tmp_path / "best.pt")
+    assert meta.model_config.stem == "views" and meta.input_spec.scale == 1.0
+    assert meta.metrics["pixel_iou"] > _untrained_iou(synth_data) + 0.1
+    image = load_images(load_dataset(synth_data).samples[:1], "gray")[0][0]
+    assert predict_image(model, image, meta.input_spec).shape == image.shape
+
+
 def test_resume_continues_from_last(trained: Path, synth_data: Path) -> None:
     before = read_checkpoint(trained / "last.pt")
     assert main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(trained),

@@ -115,3 +115,67 @@ def test_config_round_trip_and_unknown_option() -> None:
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="widht"):
         UNetConfig.from_dict({"widht": 3})
+
+
+@pytest.mark.parametrize("channels,deep", [(1, False), (3, True)])
+def test_views_stem_trains_coarse_and_predicts_full_size(channels: int, deep: bool) -> None:
+    """s = 4 views: 3 views x C channels into the stem; training returns logits (and aux) at 1/4,
+    for coarse targets; eval upsamples back to the input size, as the edge needs."""
+    cfg = UNetConfig(base_width=4, depth=2, max_width=16, space_to_depth=4, stem="views", in_channels=channels,
+                     mean=[127.5] * channels, std=[64.0] * channels, deep_supervision=deep)
+    model = build_model(cfg)
+    assert model.stem[0][0].in_channels == 3 * channels
+    x = torch.rand(2, channels, 64, 96) * 255
+    model.train()
+    out = model(x)
+    logits, aux = out if deep else (out, [])
+    assert logits.shape == (2, 1, 16, 24)
+    assert all(a.shape == (2, 1, 16, 24) for a in aux)
+    (logits.mean() + sum(a.mean() for a in aux)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 1, 64, 96)
+
+
+def test_views_are_block_mean_min_and_max() -> None:
+    """The mean view equals the area downscale (what input.scale = 1/s feeds today) and a single dark
+    pixel keeps its full contrast in the min view, where the mean dilutes it 16-fold."""
+    import numpy as np
+
+    from edge.preprocess import scale_image
+
+    cfg = UNetConfig(base_width=4, depth=2, max_width=16, space_to_depth=4, stem="views", mean=[0.0], std=[1.0])
+    model = build_model(cfg).eval()
+    rng = np.random.default_rng(0)
+    img = rng.integers(100, 200, (32, 48), dtype=np.uint8)
+    img[9, 22] = 0  # a one-pixel blowhole
+    folded = model.fold(torch.from_numpy(img).float()[None, None])[0].numpy()
+    assert folded.shape == (3, 8, 12)
+    np.testing.assert_allclose(folded[0], scale_image(img, 0.25).astype(np.float32), atol=0.51)  # uint8 rounding
+    np.testing.assert_array_equal(folded[1], img.reshape(8, 4, 12, 4).min(axis=(1, 3)))
+    np.testing.assert_array_equal(folded[2], img.reshape(8, 4, 12, 4).max(axis=(1, 3)))
+    assert folded[1][2, 5] == 0 and folded[0][2, 5] > 80
+
+
+def test_old_config_without_stem_loads_as_pixels() -> None:
+    cfg = UNetConfig.from_dict({k: v for k, v in UNetConfig(space_to_depth=2).to_dict().items() if k != "stem"})
+    assert cfg.stem == "pixels"
+    assert build_model(cfg).stem[0][0].in_channels == 4
+    with pytest.raises(ValueError, match="stem"):
+        build_model(UNetConfig(stem="pooled"))  # type: ignore[arg-type]
+    # views without a fold is the plain network
+    assert build_model(UNetConfig(stem="views")).stem[0][0].in_channels == 1
+
+
+@pytest.mark.parametrize("s", [2, 4])
+def test_shuffle_upsample_is_exactly_bilinear(s: int) -> None:
+    """The views model upsamples its logits with conv + pixel_shuffle (cheap in OpenVINO); it must give
+    what F.interpolate's bilinear gives, borders included."""
+    from torch.nn import functional as F
+
+    from training.unet import upsample_bilinear_shuffle
+
+    x = torch.randn(2, 1, 7, 5)
+    ref = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample_bilinear_shuffle(x, s), ref, atol=1e-5, rtol=0)
