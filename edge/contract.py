@@ -39,6 +39,7 @@ class InputSpec:
     overlap: int = 32  # pixels shared by neighbouring tiles; predictions are blended there
     scale: float = 1.0  # frame -> model resolution factor, in (0, 1]
     multiple_of: int = 16  # network stride: tile must be divisible by it
+    output_stride: int = 1  # the map comes out at tile / output_stride; the edge resizes it to the frame
     mean: tuple[float, ...] = (127.5,)
     std: tuple[float, ...] = (64.0,)
     layout: str = "NCHW"
@@ -60,6 +61,14 @@ class InputSpec:
             raise ValueError("input.std values must be > 0")
         if not 0.05 <= self.scale <= 1.0:
             raise ValueError(f"input.scale must be in [0.05, 1], got {self.scale}")
+        if self.output_stride < 1 or self.tile % self.output_stride or self.overlap % self.output_stride:
+            raise ValueError(f"output_stride must be >= 1 and divide tile ({self.tile}) and overlap "
+                             f"({self.overlap}), got {self.output_stride}")
+
+    @property
+    def out_tile(self) -> int:
+        """Side of the model's output map per tile."""
+        return self.tile // self.output_stride
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -69,7 +78,7 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
-        known = {k: d[k] for k in ("color", "tile", "overlap", "multiple_of", "layout") if k in d}
+        known = {k: d[k] for k in ("color", "tile", "overlap", "multiple_of", "layout", "output_stride") if k in d}
         spec = cls(mean=tuple(float(x) for x in d.get("mean", (127.5,))),
                    std=tuple(float(x) for x in d.get("std", (64.0,))),
                    scale=float(d.get("scale", 1.0)), **known)

@@ -68,7 +68,7 @@ def read_ir(xml_path: Path, spec: InputSpec) -> ov.Model:
     if shape_in.is_dynamic or list(shape_in.to_shape()) != want_in:
         raise PackageError(f"{xml_path}: input shape {shape_in} does not match package.json input {want_in}")
     map_i, part_i = output_roles(model)
-    want_out = [1, 1, spec.tile, spec.tile]
+    want_out = [1, 1, spec.out_tile, spec.out_tile]  # coarse for output_stride > 1
     shape_out = model.outputs[map_i].get_partial_shape()
     if shape_out.is_dynamic or list(shape_out.to_shape()) != want_out:
         raise PackageError(f"{xml_path}: output shape {shape_out} does not match expected {want_out}")
@@ -198,7 +198,7 @@ class Inferencer:
         Preprocessing errors raise here, in the caller's thread.
         """
         tiles, layout = preprocess(frame, self.spec)
-        job = _FrameJob(layout, np.empty((len(tiles), self.spec.tile, self.spec.tile), np.float32),
+        job = _FrameJob(layout, np.empty((len(tiles), self.spec.out_tile, self.spec.out_tile), np.float32),
                         np.empty(len(tiles), np.float32) if self.has_part else None, len(tiles), userdata, callback)
         with self._submit_lock:
             if self._closed:

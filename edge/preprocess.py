@@ -162,8 +162,10 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 
 def plan_tiles(height: int, width: int, spec: InputSpec) -> TileLayout:
     """Tile origins covering a frame of the given size."""
-    tile = spec.tile
-    ph, pw = max(height, tile), max(width, tile)
+    tile, k = spec.tile, spec.output_stride
+    # a coarse map (output_stride k) is blended at 1/k: the padded grid, and so every tile origin,
+    # must fall on whole k x k blocks
+    ph, pw = max(-(-height // k) * k, tile), max(-(-width // k) * k, tile)
     stride = tile - spec.overlap
     origins = tuple((y, x) for y in _starts(ph, tile, stride) for x in _starts(pw, tile, stride))
     return TileLayout(height, width, ph, pw, origins, tile)
@@ -210,24 +212,39 @@ def _blend_weight(tile: int, overlap: int) -> np.ndarray:
 
 
 def stitch(outputs: np.ndarray, layout: TileLayout, overlap: int) -> np.ndarray:
-    """Tile outputs (N x tile x tile, or N x 1 x tile x tile) -> HxW float32 map of the frame."""
-    prob = _blend(outputs, layout, overlap)
+    """Tile outputs (N x t x t, or N x 1 x t x t) -> HxW float32 map of the frame.
+
+    t is the tile side, or tile / k for a model whose map comes out coarse (`output_stride` k, the
+    pooled-views models): the tiles are then blended at 1/k and the map is resized once, over the
+    whole frame, which costs the edge 1/k^2 of blending full-size tiles and has no tile seams.
+    """
+    out = np.asarray(outputs, dtype=np.float32)
+    if out.ndim == 4:
+        out = out[:, 0]
+    k = layout.tile // out.shape[-1]
+    if k < 1 or out.shape[-1] * k != layout.tile or overlap % k:
+        raise ValueError(f"tile outputs of side {out.shape[-1]} do not divide the tile {layout.tile} "
+                         f"(overlap {overlap})")
+    prob = _blend(out, layout, overlap, k)
+    if k > 1:  # each coarse pixel is a k x k block of the padded grid: resize the blocks, then crop
+        prob = cv2.resize(prob, (prob.shape[1] * k, prob.shape[0] * k), interpolation=cv2.INTER_LINEAR)
+        prob = np.ascontiguousarray(prob[: layout.height, : layout.width])
     if layout.frame_height and (layout.frame_height, layout.frame_width) != prob.shape:
         prob = cv2.resize(prob, (layout.frame_width, layout.frame_height), interpolation=cv2.INTER_LINEAR)
     return prob
 
 
-def _blend(outputs: np.ndarray, layout: TileLayout, overlap: int) -> np.ndarray:
-    out = np.asarray(outputs, dtype=np.float32)
-    if out.ndim == 4:
-        out = out[:, 0]
+def _blend(out: np.ndarray, layout: TileLayout, overlap: int, k: int = 1) -> np.ndarray:
+    """Weighted blend of the tile outputs at 1/k of the tile grid, cropped to the part's extent."""
+    h, w = -(-layout.height // k), -(-layout.width // k)
     if len(layout.origins) == 1:
-        return np.ascontiguousarray(out[0, : layout.height, : layout.width])
-    acc = np.zeros((layout.padded_height, layout.padded_width), dtype=np.float32)
+        return np.ascontiguousarray(out[0, :h, :w])
+    acc = np.zeros((layout.padded_height // k, layout.padded_width // k), dtype=np.float32)
     wsum = np.zeros_like(acc)
-    weight = _blend_weight(layout.tile, overlap)
-    t = layout.tile
+    t = layout.tile // k
+    weight = _blend_weight(t, overlap // k)
     for (y, x), o in zip(layout.origins, out, strict=True):
+        y, x = y // k, x // k
         acc[y : y + t, x : x + t] += o * weight
         wsum[y : y + t, x : x + t] += weight
-    return acc[: layout.height, : layout.width] / wsum[: layout.height, : layout.width]
+    return acc[:h, :w] / wsum[:h, :w]

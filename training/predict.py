@@ -29,24 +29,29 @@ def predict_tiles_part(model: torch.nn.Module, tiles: np.ndarray, batch: int = 8
     """N x C x T x T raw tiles -> (N x T x T probabilities, N part probabilities or None).
 
     `tta` averages maps and part probabilities over flips."""
-    out = np.empty((tiles.shape[0], tiles.shape[2], tiles.shape[3]), dtype=np.float32)
+    out: np.ndarray | None = None  # N x t x t: t = the tile side, or tile / s for a coarse-output model
     parts: np.ndarray | None = None
     flips: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1)) if tta else ((),)
     for i in range(0, tiles.shape[0], batch):
         x = torch.from_numpy(tiles[i : i + batch])
-        p = torch.zeros_like(x[:, :1])
+        p: torch.Tensor | None = None
         q: torch.Tensor | None = None
         for dims in flips:
             logits, part = _split(model(torch.flip(x, dims) if dims else x))
             pf = torch.sigmoid(logits)
-            p += torch.flip(pf, dims) if dims else pf
+            pf = torch.flip(pf, dims) if dims else pf
+            p = pf if p is None else p + pf
             if part is not None:
                 q = torch.sigmoid(part).reshape(-1) + (0 if q is None else q)
+        assert p is not None
+        if out is None:
+            out = np.empty((tiles.shape[0], *p.shape[-2:]), dtype=np.float32)
         out[i : i + batch] = (p / len(flips))[:, 0].numpy()
         if q is not None:
             if parts is None:
                 parts = np.empty(tiles.shape[0], dtype=np.float32)
             parts[i : i + batch] = (q / len(flips)).numpy()
+    assert out is not None, "no tiles"
     return out, parts
 
 

@@ -172,9 +172,10 @@ class UNet(nn.Module):
         logits = self.head(y)
         # the head pools the body-resolution logits: the same in training and in eval/export
         part = self.decision(bottleneck, logits) if self.decision is not None else None
-        if self.views and not coarse:
-            logits = upsample_bilinear_shuffle(logits, self.cfg.space_to_depth)
-        elif self.cfg.space_to_depth > 1 and not coarse:
+        # the views model's map stays at body resolution in eval/export too (package output_stride s):
+        # the edge blends the coarse tiles and resizes once, instead of an in-graph upsample that
+        # cost 1.4-3.2x the whole model per tile (docs/benchmarks.md, issue 15)
+        if self.cfg.space_to_depth > 1 and not self.views:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         if self.training:
             return UNetOutput(logits, aux, part)
@@ -209,6 +210,11 @@ class UNetConfig:
         """Input sides must be multiples of this."""
         return network_stride(self.depth, self.space_to_depth)
 
+    @property
+    def output_stride(self) -> int:
+        """The eval/exported map comes out at input / this (the views stem keeps it at body size)."""
+        return self.space_to_depth if self.stem == "views" and self.space_to_depth > 1 else 1
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -219,25 +225,6 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"unknown model option(s): {', '.join(sorted(unknown))}")
         return cls(**d)
-
-
-def bilinear_shuffle_weight(s: int) -> torch.Tensor:
-    """3x3 conv weights [s*s, 1, 3, 3] whose pixel_shuffle(s) is the x s bilinear upsample."""
-    taps = torch.zeros(s, 3)
-    for i in range(s):
-        src = (i + 0.5) / s - 0.5  # source position relative to the coarse pixel, in (-0.5, 0.5)
-        side = 0 if src < 0 else 2
-        taps[i, side] = abs(src)
-        taps[i, 1] = 1.0 - abs(src)
-    return torch.einsum("ik,jl->ijkl", taps, taps).reshape(s * s, 1, 3, 3)
-
-
-def upsample_bilinear_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Bilinear x s upsampling (align_corners False, as F.interpolate) of a 1-channel map, built from a
-    replicate pad, a fixed 3x3 conv and pixel_shuffle. Why: OpenVINO's Interpolate to a 640 px tile cost
-    ~20 ms per tile on this CPU (profiled), half the views model; this path costs ~1 ms."""
-    w = bilinear_shuffle_weight(s).to(dtype=x.dtype, device=x.device)
-    return F.pixel_shuffle(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w), s)
 
 
 def network_stride(depth: int, space_to_depth: int = 1) -> int:

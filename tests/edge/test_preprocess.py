@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -135,3 +136,25 @@ def test_coarse_mask_half_rule_for_large_blobs_and_padding() -> None:
     np.testing.assert_array_equal(coarse_mask(m, 1), m)
     with pytest.raises(ValueError):
         coarse_mask(m, 0)
+
+
+@pytest.mark.parametrize("shape", [(150, 210), (40, 50), (64, 64)])
+def test_coarse_outputs_stitch_to_the_frame(shape: tuple[int, int]) -> None:
+    """A model whose map comes out at tile / 4 (output_stride 4): tile origins fall on whole 4 x 4
+    blocks, the coarse tiles blend at 1/4, and the map is resized once to the frame's own size; a
+    smooth map survives the round trip (block means -> stitch) within interpolation error."""
+    spec = InputSpec(color="gray", tile=64, overlap=16, multiple_of=16, output_stride=4)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    truth = 0.5 + 0.4 * np.sin(yy / 17.0) * np.cos(xx / 23.0)
+    tiles, layout = preprocess((truth * 255).astype(np.uint8), spec)
+    assert all(y % 4 == 0 and x % 4 == 0 for y, x in layout.origins)
+    padded = cv2.copyMakeBorder(truth, 0, layout.padded_height - h, 0, layout.padded_width - w,
+                                cv2.BORDER_REFLECT_101)
+    coarse = np.stack([cv2.resize(padded[y : y + 64, x : x + 64], (16, 16), interpolation=cv2.INTER_AREA)
+                       for y, x in layout.origins])
+    prob = stitch(coarse, layout, spec.overlap)
+    assert prob.shape == (h, w)
+    assert np.abs(prob - truth)[4:-4, 4:-4].max() < 0.03
+    with pytest.raises(ValueError, match="do not divide"):
+        stitch(coarse[:, :15, :15], layout, spec.overlap)
