@@ -246,3 +246,18 @@ def test_tune_writes_trials_and_a_usable_best_config(synth_data: Path, tmp_path:
     assert best.model.base_width in (8, 12, 16, 24) and best.model.depth == load_config(DEMO).model.depth
     assert best.model.upsample in ("bilinear", "nearest")
     assert best.loss.image_weight in IMAGE_WEIGHTS
+
+
+def test_auto_is_accepted_where_allowed_and_bounds_still_hold() -> None:
+    cfg = load_config(DEMO, {"input": {"scale": "auto", "tile": "auto"}, "patches": {"size": "auto"},
+                             "model": {"space_to_depth": "auto"}, "schedule": {"val_every_s": "auto"}})
+    assert len(cfg.auto_fields()) == 5
+    for over, match in [({"input": {"scale": 1.5}}, r"scale"), ({"input": {"tile": 40}}, r"tile"),
+                        ({"patches": {"size": "big"}}, r"patches\.size"), ({"model": {"space_to_depth": 3}}, r"space_to_depth"),
+                        ({"schedule": {"val_every_s": -1}}, r"val_every_s"), ({"model": {"depth": "auto"}}, r"depth")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(DEMO, over)
+    # an explicit side is still checked against an explicit fold; an auto fold is checked later
+    with pytest.raises(ConfigError, match="stride"):
+        load_config(DEMO, {"model": {"space_to_depth": 4}, "patches": {"size": 96}})
+    assert load_config(DEMO, {"model": {"space_to_depth": "auto"}, "patches": {"size": 96}}).model.stride == 16
