@@ -134,3 +134,8 @@ def test_resolve_auto_reads_the_data_and_leaves_explicit_configs_alone() -> None
     assert stats.smallest_thin() == 1.0 and not stats.compact
     demo = load_config(DEMO)
     assert resolve_auto(demo, images, masks, ["crack"] + ["good"] * 5, 2) == (demo, [])
+
+
+def test_measured_validation_time_sets_the_interval() -> None:
+    assert recipe_auto.val_interval(0.5) == recipe_auto.MIN_VAL_EVERY_S
+    assert recipe_auto.val_interval(20.0) == pytest.approx(180.0)  # 20 s of every 200 s = 10 %
