@@ -64,6 +64,7 @@ BODY_PATCH = (96, 128)  # body-resolution patch side: enough context, steps stil
 COMPACT_ASPECT = 2.0  # long/short side below which a part counts as compact (whole part in context)
 KEEP_PX = 2.0  # the thinnest defects should keep this many input pixels across ...
 MIN_PX = 1.0  # ... and must keep at least this many (below, they vanish into their neighbours)
+MIN_COMPONENT_AREA = 5  # px; smaller mask components are annotation specks, not the smallest defects
 THIN_PERCENTILE = 5  # "the smallest defects": robust to a few one-pixel annotation specks
 SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625)  # powers of two: s = a / b stays an integer
 TILE_OVERHEAD = 0.25  # per-tile cost as a share of a (128 body px)^2 tile: favours few tiles
@@ -135,9 +136,10 @@ def component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(thin side, area) of each 8-connected defect component of a {0,1} mask.
 
     Thin side = 2 x the median distance to the background along the component's ridge (the
-    pixels where that distance peaks locally) - 1: 1 for a 1-px crack of any shape or direction
-    (a bounding box would call a diagonal crack fat), 3 for a 3-px one even where branches meet
-    (the largest inscribed circle would be fatter there), ~d for a disc of diameter d.
+    pixels where that distance peaks locally, at least half its maximum) - 1: 1 for a 1-px crack
+    of any shape or direction (a bounding box would call a diagonal crack fat), 3 for a 3-px one
+    even where branches meet (the largest inscribed circle would be fatter there), ~d for a disc
+    of diameter d, and the body's width, not its spurs', for a ragged stain.
     """
     m = (np.asarray(mask) > 0).astype(np.uint8)
     ys, xs = np.nonzero(m)
@@ -147,7 +149,10 @@ def component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if n <= 1:
         return np.zeros(0), np.zeros(0)
     dist = cv2.distanceTransform(np.pad(m, 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    peak = np.zeros(n, np.float32)
+    np.maximum.at(peak, labels.ravel(), dist.ravel())
     ridge = (m > 0) & (dist >= cv2.dilate(dist, np.ones((3, 3), np.uint8)) - 1e-4)
+    ridge &= dist >= 0.5 * peak[labels]  # not the spurs of a ragged outline: they would make a blob thin
     lab, d = labels[ridge], dist[ridge]
     order = np.lexsort((d, lab))  # by component, then distance: the middle of each run is its median
     counts = np.bincount(lab, minlength=n)
@@ -158,12 +163,14 @@ def component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def data_stats(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], categories: Sequence[str]) -> DataStats:
-    """Statistics of the training split (frames as loaded, before any input.scale)."""
+    """Statistics of the training split (frames as loaded, before any input.scale); components
+    below `MIN_COMPONENT_AREA` px are annotation specks (Magnetic-Tile has 1-px ones) and left out."""
     thin: dict[str, list[np.ndarray]] = {}
     area: dict[str, list[np.ndarray]] = {}
     for m, cat in zip(masks, categories, strict=True):
         if m.any():
             t, a = component_sizes(m)
+            t, a = t[a >= MIN_COMPONENT_AREA], a[a >= MIN_COMPONENT_AREA]
             thin.setdefault(cat, []).append(t)
             area.setdefault(cat, []).append(a)
     return DataStats(np.array([im.shape[0] for im in images], float), np.array([im.shape[1] for im in images], float),

@@ -139,3 +139,16 @@ def test_resolve_auto_reads_the_data_and_leaves_explicit_configs_alone() -> None
 def test_measured_validation_time_sets_the_interval() -> None:
     assert recipe_auto.val_interval(0.5) == recipe_auto.MIN_VAL_EVERY_S
     assert recipe_auto.val_interval(20.0) == pytest.approx(180.0)  # 20 s of every 200 s = 10 %
+
+
+def test_ragged_outlines_and_annotation_specks_do_not_make_defects_thin() -> None:
+    m = np.zeros((120, 120), np.uint8)
+    cv2.circle(m, (60, 60), 20, 1, -1)
+    for a in np.linspace(0, 2 * np.pi, 24, endpoint=False):  # a ragged outline: 1-px spurs all round
+        cv2.line(m, (60, 60), (int(60 + 27 * np.cos(a)), int(60 + 27 * np.sin(a))), 1, 1)
+    thin, _ = component_sizes(m)
+    assert thin[0] >= 30
+    speck = np.zeros((120, 120), np.uint8)
+    speck[5, 5] = 1  # a one-pixel annotation speck next to a 41-px stain
+    stats = data_stats([m, speck | m], [m, speck | m], ["stain", "stain"])
+    assert stats.thin["stain"].size == 2 and stats.smallest_thin() >= 30
