@@ -58,9 +58,9 @@ class InputSection(_Section):
 
     @model_validator(mode="after")
     def _bounds(self) -> InputSection:
-        _check_int(self.tile, "tile", 32, 2048, 16)
+        _check_int(self.tile, "input.tile", 32, 2048, 16)
         if self.scale != AUTO and not 0.05 <= self.scale <= 1.0:
-            raise ValueError(f"scale must be 'auto' or in [0.05, 1.0], got {self.scale}")
+            raise ValueError(f"input.scale must be 'auto' or in [0.05, 1.0], got {self.scale}")
         return self
 
 
@@ -103,7 +103,7 @@ class PatchSection(_Section):
 
     @model_validator(mode="after")
     def _fractions(self) -> PatchSection:
-        _check_int(self.size, "size", 32, 1024, 16)
+        _check_int(self.size, "patches.size", 32, 1024, 16)
         if self.defect_fraction + self.hard_negative_fraction > 1.0:
             raise ValueError("defect_fraction + hard_negative_fraction must be <= 1")
         return self
@@ -148,7 +148,7 @@ class ScheduleSection(_Section):
     @model_validator(mode="after")
     def _positive(self) -> ScheduleSection:
         if self.val_every_s not in (None, AUTO) and not self.val_every_s > 0:  # type: ignore[operator]
-            raise ValueError(f"val_every_s must be > 0, 'auto' or null, got {self.val_every_s}")
+            raise ValueError(f"schedule.val_every_s must be > 0, 'auto' or null, got {self.val_every_s}")
         return self
 
 
