@@ -326,3 +326,34 @@ def split_dataset(
         train.extend(members[i] for i in order[n_val:])
     key_fn = lambda s: (s.name, str(s.image_path))  # noqa: E731
     return sorted(train, key=key_fn), sorted(val, key=key_fn)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training parts, calibration parts (`val`: checkpoint, thresholds and the INT8 gate are
+    chosen on them) and held-out test parts that choose nothing, so their figures are honest."""
+
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+
+
+TEST_SALT = 7919  # the test draw uses its own stream, so changing val_fraction leaves it alone
+
+
+def split_holdout(samples: list[Sample], val_fraction: float = 0.2, test_fraction: float = 0.0,
+                  seed: int = 0) -> Split:
+    """Three-way stratified split: test first (seeded apart), then val from the rest.
+
+    `val_fraction` and `test_fraction` are shares of ALL samples. With `test_fraction` 0 the
+    result is exactly `split_dataset(samples, val_fraction, seed)` plus an empty test list, so
+    runs and packages made before the test split existed reproduce their splits unchanged.
+    """
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction ({val_fraction}) + test_fraction ({test_fraction}) must be < 1")
+    if test_fraction == 0:
+        train, val = split_dataset(samples, val_fraction, seed)
+        return Split(train, val, [])
+    rest, test = split_dataset(samples, test_fraction, seed + TEST_SALT)
+    train, val = split_dataset(rest, val_fraction / (1.0 - test_fraction), seed)
+    return Split(train, val, test)

@@ -91,6 +91,31 @@ def evaluate_predictions(
     return evaluate_detailed(probs, masks, params)[0]
 
 
+def errors_by_category(rows: Sequence[dict[str, Any]], categories: Sequence[str],
+                       names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per defect category: parts, misses (defective parts passed) and false alarms (good parts failed),
+    with the names of the wrong ones. Why: one accuracy figure hides that every miss is a blowhole."""
+    out: dict[str, dict[str, Any]] = {}
+    for row, cat, name in zip(rows, categories, names, strict=True):
+        c = out.setdefault(cat, {"parts": 0, "missed": 0, "false_alarms": 0, "wrong": []})
+        c["parts"] += 1
+        if row["defective"] and not row["predicted"]:
+            c["missed"] += 1
+            c["wrong"].append(name)
+        elif not row["defective"] and row["predicted"]:
+            c["false_alarms"] += 1
+            c["wrong"].append(name)
+    return dict(sorted(out.items()))
+
+
+def format_errors(by_cat: dict[str, dict[str, Any]]) -> str:
+    """The per-category table as text (category, parts, misses, false alarms)."""
+    lines = [f"{'category':<16} {'parts':>5} {'missed':>6} {'false alarms':>12}"]
+    for cat, c in by_cat.items():
+        lines.append(f"{cat:<16} {c['parts']:>5} {c['missed']:>6} {c['false_alarms']:>12}")
+    return "\n".join(lines)
+
+
 def predict_all(
     predictor: Predictor, samples: Sequence[Any], color: str, keep_images: bool = False,
     progress: bool = True, half: bool | None = None,
@@ -204,18 +229,25 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 def select_split(samples: list[Any], split: str, train_config: dict[str, Any], model: str) -> list[Any]:
-    """`all`, or the train/val part of the training run's split (same val_fraction and seed)."""
+    """`all`, or the train/val/test part of the training run's split (same fractions and seed).
+
+    `test` is the held-out part that chose nothing (not the checkpoint, not the thresholds, not the
+    INT8 gate): the split to report. `val` is the calibration part those were chosen on.
+    """
     if split == "all":
         return samples
-    from training.data import split_dataset
+    from training.data import split_holdout
 
     if "val_fraction" not in train_config or "seed" not in train_config:
         raise ValueError(f"{model}: has no train_config with val_fraction and seed, so the training split "
                          f"cannot be reproduced; use --split all")
-    train, val = split_dataset(samples, float(train_config["val_fraction"]), int(train_config["seed"]))
-    chosen = val if split == "val" else train
+    test_fraction = float(train_config.get("test_fraction", 0.0))
+    parts = split_holdout(samples, float(train_config["val_fraction"]), test_fraction, int(train_config["seed"]))
+    chosen = {"train": parts.train, "val": parts.val, "test": parts.test}[split]
     if not chosen:
-        raise ValueError(f"the {split} split is empty (val_fraction={train_config['val_fraction']})")
+        why = "the model was trained without a test split (test_fraction 0)" if split == "test" else ""
+        raise ValueError(f"{model}: the {split} split is empty (val_fraction={train_config['val_fraction']}, "
+                         f"test_fraction={test_fraction}) {why}".rstrip())
     return chosen
 
 
@@ -225,12 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True, help="checkpoint file (.pt) or model package folder")
     ap.add_argument("--data", required=True, help="dataset folder (generic or MVTec layout)")
     ap.add_argument("--json", required=True, help="write the metrics here (atomically)")
-    ap.add_argument("--split", choices=("all", "val", "train"), default="all",
-                    help="val/train reproduce the training run's hold-out split (default: all)")
+    ap.add_argument("--split", choices=("all", "test", "val", "train"), default="all",
+                    help="test/val/train reproduce the training run's split; test = held-out parts that chose "
+                         "nothing, the one to report (default: all)")
     ap.add_argument("--tta", action="store_true", help="flip test-time augmentation (checkpoints only)")
     ap.add_argument("--threshold", type=float, default=None, help="override pixel_threshold")
     ap.add_argument("--min-area", type=int, default=None, help="override min_area (pixels)")
     ap.add_argument("--grid", default=None, help="also save a validation picture grid (PNG)")
+    ap.add_argument("--errors-picture", default=None, metavar="PNG",
+                    help="also save a picture of every wrong part (missed defects and false alarms)")
     ap.add_argument("--device", default="CPU", help="OpenVINO device for packages (default CPU)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -257,16 +292,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warnings.append(f"data fingerprint differs from the model's training data: the {args.split} "
                         f"split may not be the one the model was trained with")
     samples = select_split(dataset.samples, args.split, loaded.train_config, str(args.model))
+    pictures = bool(args.grid or args.errors_picture)
     probs, masks, images = predict_all(loaded.predictor, samples, loaded.color,
-                                       keep_images=bool(args.grid), progress=not args.no_progress)
+                                       keep_images=pictures, progress=not args.no_progress)
     metrics, rows = evaluate_detailed(probs, masks, params)
-    if args.grid:
-        from training.pictures import save_validation_grid
+    names = [s.name for s in samples]
+    if pictures:
+        from training.pictures import save_errors_picture, save_validation_grid
 
         assert images is not None
-        save_validation_grid(images, masks, probs, params, args.grid, names=[s.name for s in samples])
+        if args.grid:
+            save_validation_grid(images, masks, probs, params, args.grid, names=names)
+        if args.errors_picture:
+            save_errors_picture(images, masks, probs, params, rows, names, args.errors_picture)
     for s, row in zip(samples, rows, strict=True):
         row["name"], row["category"] = s.name, s.category
+    by_category = errors_by_category(rows, [s.category for s in samples], names)
     return {
         **metrics,
         "model": str(args.model),
@@ -279,6 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tta": bool(args.tta),
         "params": params.to_dict(),
         "warnings": warnings,
+        "by_category": by_category,
         "time_s": round(time.perf_counter() - t0, 2),
         "per_image": rows,
     }
@@ -295,8 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
-    shown = {k: v for k, v in result.items() if k not in ("per_image", "warnings", "params")}
+    shown = {k: v for k, v in result.items() if k not in ("per_image", "warnings", "params", "by_category")}
     print(format_table(shown))
+    print(format_errors(result["by_category"]))
     print(f"wrote {args.json}")
     return 0
 

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from edge.signature import sign_package
 from training import quantize as q
 from training.bench import median_latency_ms, ov_runner
 from training.checkpoint import CheckpointMeta, load_model
-from training.data import load_dataset, load_sample, split_dataset
+from training.data import load_dataset, load_sample, split_holdout
 
 
 class ExportError(RuntimeError):
@@ -131,7 +132,7 @@ def _load_items(samples: list[Any], color: str) -> list[tuple[np.ndarray, np.nda
 def export(checkpoint: str | Path, out: str | Path, calib_data: str | Path | None, precision: str = "int8",
            val_data: str | Path | None = None, name: str | None = None, version: str | None = None,
            max_drop: float = 0.01, calib_size: int = 300, preset: str = "performance",
-           seed: int = 0, sign_key: str | Path | None = None) -> dict[str, Any]:
+           seed: int = 0, sign_key: str | Path | None = None, max_minutes: float = 5.0) -> dict[str, Any]:
     """Build the package at `out`; returns the report (also written to out/export_report.json).
     With `sign_key` (Ed25519 PEM) package.json.sig is written over the final package.json."""
     if precision not in ("int8", "fp16", "fp32"):
@@ -152,9 +153,13 @@ def export(checkpoint: str | Path, out: str | Path, calib_data: str | Path | Non
         ds = load_dataset(calib_data)
         if val_data is None:
             tc = meta.train_config
-            calib_samples, val_samples = split_dataset(ds.samples, float(tc.get("val_fraction", 0.2)),
-                                                       int(tc.get("seed", 0)))
-            val_source = f"{calib_data} split (val_fraction={tc.get('val_fraction', 0.2)}, seed={tc.get('seed', 0)})"
+            # INT8 ranges from the training parts, the gate on the calibration parts; the held-out
+            # test parts (test_fraction) are never seen, so their figures stay honest for the package too
+            parts = split_holdout(ds.samples, float(tc.get("val_fraction", 0.2)), float(tc.get("test_fraction", 0.0)),
+                                  int(tc.get("seed", 0)))
+            calib_samples, val_samples = parts.train, parts.val
+            val_source = (f"{calib_data} calibration split (val_fraction={tc.get('val_fraction', 0.2)}, "
+                          f"test_fraction={tc.get('test_fraction', 0.0)}, seed={tc.get('seed', 0)})")
         else:
             calib_samples = ds.samples
     if val_data is not None:
@@ -173,7 +178,7 @@ def export(checkpoint: str | Path, out: str | Path, calib_data: str | Path | Non
     staging.mkdir(parents=True)
     try:
         report = _build(staging, module, meta, name, version, created, precision, items, names,
-                        calib_samples, max_drop, calib_size, preset, seed)
+                        calib_samples, max_drop, calib_size, preset, seed, max_minutes)
         report["validation"] = {"source": val_source, "images": len(items)}
         (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_meta(staging, meta, name, version, created, report["precision"], report["metrics"])
@@ -201,7 +206,7 @@ def _verify(root: Path) -> None:
 def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str, version: str, created: str,
            precision: str, items: list[tuple[np.ndarray, np.ndarray]], names: list[str],
            calib_samples: list[Any], max_drop: float, calib_size: int, preset: str,
-           seed: int) -> dict[str, Any]:
+           seed: int, max_minutes: float = 5.0) -> dict[str, Any]:
     from edge.inference import Inferencer
 
     spec, params = meta.input_spec, meta.postprocess
@@ -234,14 +239,23 @@ def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str,
         print(f"quantize: NNCF PTQ on {len(calib.tiles)} tiles ({calib.n_defect_tiles} with defects), "
               f"preset {preset}", file=sys.stderr)
         plain = q.quantize_int8(fp32, calib, preset)
+        t_val = time.monotonic()
         cand = stage(plain, "int8")
+        t_val = time.monotonic() - t_val
         n_plain = q.count_quantized(plain)
         gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize", "quantizers": n_plain}
-        if not gate["passed"]:
-            print(f"gate: plain INT8 fails ({gate['reason']}); trying accuracy-controlled quantization",
-                  file=sys.stderr)
+        iterations, subset = q.restorer_budget(max_minutes * 60, t_val, n_plain, len(items))
+        if not gate["passed"] and iterations == 0:
+            gate["accuracy_control"] = (f"skipped: one validation takes {t_val:.0f} s, so accuracy control "
+                                        f"cannot run within --max-minutes {max_minutes:g}")
+            print(f"gate: plain INT8 fails ({gate['reason']}); {gate['accuracy_control']}", file=sys.stderr)
+        elif not gate["passed"]:
+            print(f"gate: plain INT8 fails ({gate['reason']}); trying accuracy-controlled quantization "
+                  f"(at most {iterations} operation(s) reverted, ranking on {subset} image(s), to stay within "
+                  f"--max-minutes {max_minutes:g})", file=sys.stderr)
             first = gate
-            controlled = q.quantize_int8_controlled(fp32, calib, items, spec, params, max_drop, preset)
+            controlled = q.quantize_int8_controlled(fp32, calib, items, spec, params, max_drop, preset,
+                                                    max_iterations=iterations, ranking_subset=subset)
             cand = stage(controlled, "int8")
             n_kept = q.count_quantized(controlled)
             gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize_with_accuracy_control",
@@ -338,12 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-size", type=int, default=300, help="number of calibration tiles")
     p.add_argument("--preset", default="performance", choices=("performance", "mixed"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=5.0,
+                   help="time allowed for accuracy-controlled INT8 after plain INT8 fails the gate; beyond it "
+                        "the export falls back to FP16 early and says why (default 5)")
     p.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM, `python -m edge keygen`): write "
                    "package.json.sig for stations with model.public_key")
     a = p.parse_args(argv)
     try:
         export(a.checkpoint, a.out, a.calib_data, a.precision, a.val_data, a.name, a.version, a.max_drop,
-               a.calib_size, a.preset, a.seed, a.sign)
+               a.calib_size, a.preset, a.seed, a.sign, a.max_minutes)
     except (ExportError, ValueError, OSError) as e:  # DataError, CheckpointError, PackageError are ValueErrors
         print(f"error: export failed, no package written: {e}", file=sys.stderr)
         return 2

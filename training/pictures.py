@@ -10,6 +10,7 @@ import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -159,3 +160,20 @@ def save_training_curves(csv_path: str | Path, png_path: str | Path) -> Path:
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
     return png_path
+
+
+def save_errors_picture(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], probs: Sequence[np.ndarray],
+                        params: PostprocessParams, rows: Sequence[dict[str, Any]], names: Sequence[str],
+                        path: str | Path, max_rows: int = 24) -> Path | None:
+    """The grid of every wrong part (missed defects first, then false alarms), or None if none is wrong.
+
+    Why: "18 defective parts passed" says nothing about which; a quality engineer looks at them.
+    """
+    missed = [i for i, r in enumerate(rows) if r["defective"] and not r["predicted"]]
+    alarms = [i for i, r in enumerate(rows) if not r["defective"] and r["predicted"]]
+    chosen = (missed + alarms)[:max_rows]
+    if not chosen:
+        return None
+    return save_validation_grid([images[i] for i in chosen], [masks[i] for i in chosen],
+                                [probs[i] for i in chosen], params, path, max_rows=len(chosen),
+                                names=[names[i] for i in chosen])

@@ -162,10 +162,28 @@ def quantize_int8(model: ov.Model, calib: CalibrationTiles, preset: str = "perfo
                          model_type=None)
 
 
+def restorer_budget(max_seconds: float, seconds_per_validation: float, n_quantized: int,
+                    n_val: int) -> tuple[int, int]:
+    """(max reverted operations, ranking subset size) that fit accuracy control into `max_seconds`.
+
+    Why: unbounded, accuracy control reverted operation after operation for over 10 minutes on a
+    model whose INT8 had collapsed (issue 15). Its cost is a ranking pass (every quantized
+    operation judged on a subset) plus one full validation per reverted operation; give each
+    about half of the budget. 0 operations means: it cannot run in time, fall back now.
+    """
+    per_image = seconds_per_validation / max(1, n_val)
+    subset = int(min(n_val, max(0, 0.45 * max_seconds / max(1e-6, per_image * max(1, n_quantized)))))
+    iterations = int(0.45 * max_seconds / max(1e-6, seconds_per_validation))
+    if subset < min(8, n_val) or iterations < 1:
+        return 0, 0
+    return min(iterations, n_quantized), subset
+
+
 def quantize_int8_controlled(model: ov.Model, calib: CalibrationTiles,
                              val_items: Sequence[tuple[np.ndarray, np.ndarray]], spec: InputSpec,
                              params: PostprocessParams, max_drop: float,
-                             preset: str = "performance") -> ov.Model:
+                             preset: str = "performance", max_iterations: int | None = None,
+                             ranking_subset: int | None = None) -> ov.Model:
     """NNCF accuracy-controlled quantization: reverts the most harmful layers to float until
     the validation metric is within `max_drop` of FP32.
 
@@ -188,10 +206,15 @@ def quantize_int8_controlled(model: ov.Model, calib: CalibrationTiles,
         missed = sum(1 for r in rows if r["defective"] and not r["predicted"])
         return float(metrics["pixel_iou"]) - float(missed), None
 
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    restorer = AdvancedAccuracyRestorerParameters(
+        **({"max_num_iterations": max_iterations} if max_iterations else {}),
+        **({"ranking_subset_size": ranking_subset} if ranking_subset else {}))
     return nncf.quantize_with_accuracy_control(
         model, _calibration_dataset(calib), nncf.Dataset(list(val_items)), validate,
         max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, preset=_preset(preset),
-        subset_size=len(calib.tiles), model_type=None)
+        subset_size=len(calib.tiles), model_type=None, advanced_accuracy_restorer_parameters=restorer)
 
 
 # --------------------------------------------------------------------------- evaluation + gate

@@ -38,13 +38,14 @@ from tqdm import tqdm
 from edge.contract import InputSpec, PostprocessParams
 from edge.preprocess import scale_image, scale_mask
 from training.checkpoint import CheckpointError, CheckpointMeta, load_model, read_checkpoint, save_checkpoint
-from training.data import DataError, load_dataset, split_dataset
+from training.data import DataError, load_dataset, split_holdout
 from training.losses import build_loss
 from training.patches import HardNegative, PatchDataset, mine_hard_negatives, update_pool
 from training.recipe_auto import resolve_auto
 from training.train_config import ConfigError, TrainConfig, load_config, parse_overrides
 from training.train_utils import (
     Clock,
+    Overhead,
     RunLog,
     autocast_dtype,
     broadcast,
@@ -55,6 +56,7 @@ from training.train_utils import (
     seed_everything,
     set_rng_state,
     setup_distributed,
+    speed_report,
     train_step,
     validate,
 )
@@ -76,6 +78,8 @@ class TrainResult:
     steps: int = 0
     elapsed_s: float = 0.0
     stopped: str = ""
+    overhead_pct: float | None = None  # validation + mining, % of the run (time budgets only)
+    test_metrics: dict[str, Any] = field(default_factory=dict)  # best.pt on the held-out parts
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: str | Path | None = None) -> TrainResult:
@@ -99,7 +103,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     say(f"data: {cfg.data.root}: {dataset.summary()}")
     for path, why in dataset.skipped[:5]:
         say(f"  skipped {path}: {why}")
-    train_s, val_s = split_dataset(dataset.samples, cfg.data.val_fraction, cfg.seed)
+    split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
+    split = split_holdout(dataset.samples, cfg.data.val_fraction, cfg.data.test_fraction, split_seed)
+    train_s, val_s, test_s = split.train, split.val, split.test
     if not train_s or not val_s:
         raise DataError(f"{cfg.data.root}: too few images for a train/val split ({len(dataset.samples)})")
     color = cfg.input.color if cfg.input.color != "auto" else detect_color(dataset.samples)
@@ -121,7 +127,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     train_images = [scale_image(im, spec.scale) for im in train_images]
     train_masks = [scale_mask(m, spec.scale) for m in train_masks]
     fingerprint = dataset.fingerprint()
-    say(f"split: {len(train_s)} train / {len(val_s)} val (val_fraction {cfg.data.val_fraction}, seed {cfg.seed}), "
+    say(f"split: {len(train_s)} train / {len(val_s)} calibration / {len(test_s)} held-out test "
+        f"(val_fraction {cfg.data.val_fraction}, test_fraction {cfg.data.test_fraction}, seed {split_seed}), "
         f"color {color}")
 
     # ---------------------------------------------------------------- model, loss, optimizer
@@ -195,12 +202,16 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     loader = DataLoader(patches, batch_size=batch, num_workers=pc.workers, drop_last=True)
     steps_per_epoch = max(1, len(patches) // batch)
     budget_s = cfg.schedule.time_budget_min * 60 if cfg.schedule.time_budget_min else None
-    clock = Clock(cfg.schedule.epochs * steps_per_epoch, budget_s,
+    clock = Clock(cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch, budget_s,
                   elapsed_s=state["elapsed_s"] + time.monotonic() - t_start)
+    # with a time budget, validation and mining are spaced out to stay within overhead_share of it
+    overhead = Overhead(cfg.schedule.overhead_share) if budget_s else None
     log = RunLog(out, cfg.log.tensorboard, resume) if d.main else None
-    train_config = {**cfg.to_yaml_dict(), "val_fraction": cfg.data.val_fraction, "seed": cfg.seed,
+    train_config = {**cfg.to_yaml_dict(), "val_fraction": cfg.data.val_fraction,
+                    "test_fraction": cfg.data.test_fraction, "seed": split_seed, "model_seed": cfg.seed,
                     "data_root": str(cfg.data.root), "world_size": d.world,
-                    "train_names": [s.name for s in train_s], "val_names": [s.name for s in val_s]}
+                    "train_names": [s.name for s in train_s], "val_names": [s.name for s in val_s],
+                    "test_names": [s.name for s in test_s]}
 
     def meta(epoch: int, step: int, p: PostprocessParams, m: dict[str, Any]) -> CheckpointMeta:
         return CheckpointMeta(name=cfg.name, version=cfg.version, model_config=mcfg, input_spec=spec,
@@ -214,6 +225,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     row_sum, row_n = 0.0, 0  # step losses since the last CSV row: its train_loss covers them all
     best_probs: list[np.ndarray] | None = None  # maps of the best validation, for the final picture
     good_train = [i for i, m in enumerate(train_masks) if not m.any()]
+    step_s, run_steps, speed_told = 0.0, 0, False  # time spent in training steps (this process)
+    pad = (spec.tile / max(1, spec.tile - spec.overlap)) ** 2  # overlapping tiles predict some pixels twice
+    val_pixels = sum(im.shape[0] * im.shape[1] for im in val_images) * spec.scale**2 * pad
     show = cfg.log.progress and d.main
     epoch_bar = tqdm(total=None if budget_s else cfg.schedule.epochs, initial=epoch, desc="epochs", unit="ep",
                      disable=not show)
@@ -221,7 +235,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         patches.set_epoch(epoch)
         # hard negatives: where the current model fires on good training parts (ranks share the work)
         mine = epoch > 0 and pc.hard_negative_fraction > 0 and pc.mine_images > 0 and bool(good_train)
+        if mine and overhead is not None:
+            mine = overhead.affordable("mine", clock.elapsed())
+            mine = broadcast(mine, d) if d.ddp else mine
         if mine and (broadcast(clock.fraction(step), d) if d.ddp else clock.fraction(step)) < 1.0:
+            t_mine = time.monotonic()
             rng = np.random.default_rng([cfg.seed, epoch, 7])
             chosen = sorted(rng.choice(good_train, min(pc.mine_images, len(good_train)), replace=False).tolist())
             raw_model.eval()
@@ -233,6 +251,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
                 found = [h for part in parts for h in part]
             pool = update_pool(pool, found, chosen, pc.pool_size)
             patches.set_hard_negatives(pool)
+            if overhead is not None:
+                overhead.add("mine", time.monotonic() - t_mine)
         model.train()
         losses: list[float] = []
         step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", unit="step", leave=False,
@@ -243,19 +263,31 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             if d.ddp:
                 frac = broadcast(frac, d)
             if frac >= 1.0:
-                stopped = "time budget" if budget_s and step < clock.total_steps else "epochs"
+                stopped = ("time budget" if budget_s and step < clock.total_steps
+                           else "max steps" if cfg.schedule.max_steps else "epochs")
                 break
             lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x = x.contiguous(memory_format=torch.channels_last)
+            t_step = time.monotonic()
             loss = train_step(model, optimizer, loss_fn, x, y, amp, cfg.optim.grad_clip)
+            step_s += time.monotonic() - t_step
+            run_steps += 1
             if ema is not None:
                 ema.update_parameters(raw_model)
             step += 1
             losses.append(loss.item())
             step_bar.update(1)
             step_bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}")
+            if not speed_told and (step_s >= 30.0 or run_steps >= steps_per_epoch) and run_steps >= 20:
+                speed_told = True
+                line, warning = speed_report(run_steps, step_s, clock, cfg.schedule.usual_steps)
+                for text in (line, warning):
+                    if text:
+                        tqdm.write(text) if show else say(text, flush=True)
+                if overhead is not None:  # a forward pass costs about a third of a training step per pixel
+                    overhead.expect("validate", val_pixels / (batch * pc.size**2) * step_s / run_steps / 3)
         step_bar.close()
         row_sum, row_n = row_sum + sum(losses), row_n + len(losses)
         epoch += 1
@@ -271,6 +303,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         due = epoch % cfg.schedule.val_every == 0
         if cfg.schedule.val_every_s is not None:
             due = clock.elapsed() - last_val_t >= cfg.schedule.val_every_s
+        if due and overhead is not None:
+            due = overhead.affordable("validate", clock.elapsed())
+        if d.ddp:
+            due = broadcast(due, d)  # every rank takes part in a validation, or none
         v = None
         if due or stopped:
             if d.ddp:  # validate every rank's share with the same weights and BN statistics
@@ -287,6 +323,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             log.scalar("train/hard_negatives", len(pool), step)
         if v is not None:  # rank 0 after a validation
             clock.note_validation(v.seconds)
+            if overhead is not None:
+                overhead.add("validate", v.seconds)
             params, metrics = v.params, v.metrics
             state["bad_validations"] += 1
             if v.score > state["best_score"]:
@@ -320,11 +358,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     epoch_bar.close()
 
     # ---------------------------------------------------------------- finish (rank 0)
-    result = TrainResult(out, epochs=epoch, steps=step, elapsed_s=clock.elapsed(), stopped=stopped or "epochs")
+    result = TrainResult(out, epochs=epoch, steps=step, elapsed_s=clock.elapsed(), stopped=stopped or "epochs",
+                         overhead_pct=overhead.percent(clock.elapsed()) if overhead is not None else None)
     if d.main:
         assert log is not None
         log.close()
         _finish(out, cfg, spec, val_images, val_masks, val_s, best_probs, result, state, log.csv_path)
+        if test_s:
+            _report_test(out, spec, test_s, color, result)
     if d.ddp:
         dist.barrier()
     return result
@@ -355,11 +396,41 @@ def _finish(out: Path, cfg: TrainConfig, spec: InputSpec, val_images: list[np.nd
     summary = {"run_dir": str(out), "best": str(result.best_path), "best_epoch": result.best_epoch,
                "best_score": result.best_score, "metrics": result.best_metrics, "postprocess": result.postprocess,
                "epochs": result.epochs, "steps": result.steps, "elapsed_s": round(result.elapsed_s, 1),
-               "stopped": result.stopped, "config": cfg.to_yaml_dict()}
+               "stopped": result.stopped, "overhead_pct": result.overhead_pct, "config": cfg.to_yaml_dict()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"done: {result.stopped}; best epoch {result.best_epoch} score {result.best_score:.4f} "
           f"(pixel_iou {result.best_metrics.get('pixel_iou', float('nan')):.4f}, "
           f"image_accuracy {result.best_metrics.get('image_accuracy', float('nan')):.4f}) -> {best_path}")
+
+
+def _report_test(out: Path, spec: InputSpec, test_s: Sequence[Any], color: str, result: TrainResult) -> None:
+    """best.pt on the held-out parts at its calibrated settings: the run's honest figures.
+
+    Nothing was chosen on these parts (checkpoint, threshold, min area), so their metrics say
+    what the line will see; the calibration figures are optimistic by construction.
+    """
+    from training.evaluate import errors_by_category, evaluate_detailed, format_errors, json_safe
+    from training.pictures import save_errors_picture
+    from training.predict import predict_image
+
+    if result.best_path is None:
+        return
+    model, meta = load_model(result.best_path)
+    images, masks = load_images(test_s, color)
+    probs = [predict_image(model, im, spec) for im in tqdm(images, desc="test", unit="img", leave=False)]
+    metrics, rows = evaluate_detailed(probs, masks, meta.postprocess)
+    names = [s.name for s in test_s]
+    by_cat = errors_by_category(rows, [s.category for s in test_s], names)
+    picture = save_errors_picture(images, masks, probs, meta.postprocess, rows, names, out / "test_errors.png")
+    result.test_metrics = json_safe(metrics)
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["test"] = {"metrics": result.test_metrics, "by_category": by_cat, "n_images": len(test_s),
+                       "errors_picture": str(picture) if picture else None}
+    summary_path.write_text(json.dumps(summary, indent=2, default=float))
+    print(f"held-out test ({len(test_s)} parts that chose nothing): image accuracy {metrics['image_accuracy']:.4f}, "
+          f"recall {metrics['image_recall']:.4f}, pixel IoU {metrics['pixel_iou']:.4f}, AP {metrics['image_ap']:.4f}")
+    print(format_errors(by_cat))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="run directory (checkpoints, logs, pictures)")
     ap.add_argument("--time-budget", type=float, metavar="MINUTES",
                     help="wall-clock budget; the lr follows time (without --epochs the clock alone ends the run)")
+    ap.add_argument("--max-steps", type=int, metavar="N",
+                    help="step budget; the lr follows the steps (with --time-budget too: whichever ends first)")
     ap.add_argument("--epochs", type=int, help="max epochs")
     ap.add_argument("--seed", type=int, help="seed of split, patches and weights")
     ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
@@ -381,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     over = parse_overrides(args.set)
-    if args.time_budget is not None and args.epochs is None:
+    if (args.time_budget is not None or args.max_steps is not None) and args.epochs is None:
         args.epochs = 100_000  # the budget, not the recipe's epoch count, ends this run
     for key, value in (("data.root", args.data), ("schedule.time_budget_min", args.time_budget),
+                       ("schedule.max_steps", args.max_steps),
                        ("schedule.epochs", args.epochs), ("seed", args.seed),
                        ("validation.tta", True if args.tta else None)):
         if value is not None:

@@ -34,7 +34,14 @@ class _Section(BaseModel):
 
 class DataSection(_Section):
     root: str | None = Field(None, description="dataset folder (generic or MVTec layout); --data overrides")
-    val_fraction: float = Field(0.2, ge=0.05, lt=0.9, description="held-out share, stratified per category")
+    val_fraction: float = Field(0.2, ge=0.05, lt=0.9,
+                                description="calibration share, stratified per category: the checkpoint, the "
+                                            "thresholds and the INT8 gate are chosen on it")
+    test_fraction: float = Field(0.2, ge=0.0, lt=0.9,
+                                 description="held-out share that chooses nothing: the run reports its figures "
+                                             "on it (0 = no test split, figures come from the calibration parts)")
+    split_seed: int | None = Field(None, ge=0, description="seed of the split (null = `seed`): fix it to compare "
+                                                           "model seeds on the same held-out parts")
     strict: bool = Field(False, description="fail on any unreadable file instead of skipping it")
 
 
@@ -138,12 +145,19 @@ class OptimSection(_Section):
 class ScheduleSection(_Section):
     epochs: int = Field(30, ge=1, description="max epochs (with a time budget: an upper bound)")
     time_budget_min: float | None = Field(None, gt=0.0, description="wall-clock budget; drives the lr")
+    max_steps: int | None = Field(None, ge=1, description="step budget (--max-steps): the lr follows the steps; "
+                                                          "with a time budget too, whichever ends first")
+    usual_steps: int | None = Field(None, ge=1,
+                                    description="steps this recipe usually needs: a run whose measured speed "
+                                                "cannot reach them within the time budget gets a warning")
+    overhead_share: float = Field(0.1, gt=0.0, le=0.5,
+                                  description="validation and mining may take at most this share of the run "
+                                              "(they are skipped or spaced out to stay under it)")
     patience: int | None = Field(8, ge=1, description="stop after this many validations without a new best")
     val_every: int = Field(1, ge=1, description="validate every N epochs")
     val_every_s: float | Auto | None = Field(
         None, description="or: validate at the first epoch end N s after the last; auto = validation <= ~10 % "
                           "of the time (training.recipe_auto)")
-
 
     @model_validator(mode="after")
     def _positive(self) -> ScheduleSection:
@@ -154,7 +168,8 @@ class ScheduleSection(_Section):
 
 class ValidationSection(_Section):
     tta: bool = Field(False, description="flip test-time augmentation in validation (4x slower)")
-    min_recall: float = Field(0.95, gt=0.0, le=1.0, description="calibration: required image recall")
+    min_recall: float = Field(0.97, gt=0.0, le=1.0,
+                              description="calibration: required image recall (then the fewest false alarms)")
     score: dict[str, float] = Field(default_factory=lambda: {"pixel_iou": 1.0, "image_f1": 1.0, "image_ap": 1.0},
                                     description="'best' = sum of weight x metric at calibrated params")
     batch: int = Field(8, ge=1, description="tiles per forward pass")
@@ -185,6 +200,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        if self.data.val_fraction + self.data.test_fraction >= 0.9:
+            raise ValueError("data.val_fraction + data.test_fraction must be < 0.9 (parts are needed for training)")
         stride = self.model.stride  # unresolved autos are checked when training.recipe_auto resolves them
         for name, side in (("patches.size", self.patches.size), ("input.tile", self.input.tile)):
             if side != AUTO and side % stride:  # type: ignore[operator]

@@ -177,6 +177,59 @@ class Clock:
             self.reserve_s = min(0.5 * self.budget_s, 1.25 * self.seen_s + 2.0)
 
 
+class Overhead:
+    """Keeps validation and hard-example mining under a share of the run, whatever the image size.
+
+    A validation of large images at full resolution can cost a minute; done every epoch it would
+    eat the budget of a slow machine (issue 15: 450 steps in 20 minutes). Before each such task the
+    loop asks `affordable(kind)`: yes iff the time spent on overhead so far plus this task's
+    expected cost stays within `share` of the elapsed run including it. The expected cost is the
+    last measured one, or an estimate given before the first (`expect`).
+    """
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.spent_s = 0.0
+        self.cost_s: dict[str, float] = {}
+
+    def expect(self, kind: str, seconds: float) -> None:
+        self.cost_s.setdefault(kind, max(0.0, seconds))
+
+    def affordable(self, kind: str, elapsed_s: float) -> bool:
+        cost = self.cost_s.get(kind, 0.0)
+        return self.spent_s + cost <= self.share * (elapsed_s + cost)
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.spent_s += seconds
+        self.cost_s[kind] = seconds
+
+    def percent(self, elapsed_s: float) -> float:
+        return 100.0 * self.spent_s / max(elapsed_s, 1e-9)
+
+
+def speed_report(steps: int, seconds: float, clock: Clock, usual_steps: int | None) -> tuple[str, str | None]:
+    """(the line announcing steps per minute and where the budget will end, a warning or None).
+
+    Why: the same `--time-budget` gives 2.5x fewer steps on a slower training PC, and a run that
+    ends far short of the recipe's usual step count ends with a weaker model. Say so at minute
+    one, not in the final metrics.
+    """
+    per_min = 60.0 * steps / max(seconds, 1e-9)
+    line = f"speed: {per_min:,.0f} steps/min ({1000 * seconds / max(steps, 1):.0f} ms per step)"
+    projected = clock.total_steps
+    if clock.budget_s:
+        left_s = max(0.0, clock.budget_s - clock.reserve_s - clock.elapsed())
+        projected = min(projected, steps + int(left_s * steps / max(seconds, 1e-9)))
+        line += f"; the budget allows ~{projected:,} steps"
+    warning = None
+    if usual_steps and projected < 0.8 * usual_steps:
+        minutes = (usual_steps * seconds / max(steps, 1) + clock.reserve_s) / 60.0
+        warning = (f"warning: this machine is too slow for the budget: ~{projected:,} steps where the recipe "
+                   f"usually gets ~{usual_steps:,} (schedule.usual_steps); expect a weaker model, or give "
+                   f"--time-budget ~{minutes:.0f}")
+    return line, warning
+
+
 # --------------------------------------------------------------------------- data
 
 

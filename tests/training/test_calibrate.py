@@ -94,7 +94,7 @@ def test_one_defective_part_still_calibrates_with_warning() -> None:
 
 def test_unreachable_recall_takes_highest_recall() -> None:
     probs, masks = _maps(4, 4, seed=2)
-    probs[0][masks[0] > 0] = 0.02  # one defect the model never sees
+    probs[0][:] = 0.005  # one defect the model never sees: its whole map below the lowest grid threshold
     _, report = calibrate(probs, masks, min_recall=0.95)
     assert not report["recall_reached"]
     assert "no setting reaches" in report["reason"]
@@ -108,3 +108,24 @@ def test_bad_grid_is_rejected() -> None:
         calibrate(probs, masks, thresholds=[0.0, 0.5])
     with pytest.raises(ValueError):
         calibrate(probs, masks[:1])
+
+
+def test_recall_first_then_fewest_false_alarms() -> None:
+    """A faint defect is caught by going low, and the rule then takes the setting with the fewest
+    false alarms (not the best F1), and reports what that recall costs against the best F1."""
+    probs, masks = [], []
+    for peak, defective in ((0.9, True), (0.9, True), (0.3, True), (0.4, False), (0.4, False), (0.0, False)):
+        p = np.zeros(SHAPE, np.float32)
+        m = np.zeros(SHAPE, np.uint8)
+        p[10:17, 10:17] = peak
+        if defective:
+            m[10:17, 10:17] = 1
+        probs.append(p)
+        masks.append(m)
+    params, report = calibrate(probs, masks, min_recall=0.97)
+    assert report["recall_reached"] and report["metrics"]["image_recall"] == 1.0
+    assert params.pixel_threshold <= 0.3
+    assert report["cost"]["chosen_false_alarms"] == 2  # the two 0.4 spots cannot be told from the faint defect
+    assert report["cost"]["best_f1_false_alarms"] == 0 and report["cost"]["extra_false_alarms"] == 2
+    params, report = calibrate(probs, masks, min_recall=0.6)
+    assert params.pixel_threshold > 0.4 and report["cost"]["chosen_false_alarms"] == 0

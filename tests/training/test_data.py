@@ -20,6 +20,7 @@ from training.data import (
     read_image,
     read_mask,
     split_dataset,
+    split_holdout,
 )
 from training.synth import make_part
 
@@ -282,3 +283,19 @@ def test_split_edge_cases() -> None:
     assert split_dataset([], 0.2) == ([], [])
     with pytest.raises(ValueError, match="val_fraction"):
         split_dataset(samples, 1.0)
+
+
+def test_holdout_split_is_disjoint_stratified_and_keeps_old_splits() -> None:
+    samples = _samples({"good": 50, "crack": 10, "pit": 7, "stain": 3})
+    parts = split_holdout(samples, 0.2, 0.2, seed=5)
+    names = [s.name for s in parts.train + parts.val + parts.test]
+    assert sorted(names) == sorted(s.name for s in samples) and len(set(names)) == len(names)
+    for held in (parts.val, parts.test):  # both hold every category, in proportion
+        per_cat = Counter(s.category for s in held)
+        assert per_cat["good"] == 10 and per_cat["crack"] == 2 and per_cat["stain"] >= 1
+    # the held-out parts do not move when the calibration share changes, nor with the model seed
+    assert split_holdout(samples, 0.3, 0.2, seed=5).test == parts.test
+    # no test split: exactly the two-way split older runs and packages were made with
+    assert split_holdout(samples, 0.2, 0.0, seed=5) == type(parts)(*split_dataset(samples, 0.2, 5), [])
+    with pytest.raises(ValueError, match="must be < 1"):
+        split_holdout(samples, 0.5, 0.5)

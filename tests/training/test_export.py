@@ -230,3 +230,15 @@ def test_failed_export_keeps_old_package(exported: dict[str, Any], tmp_path: Pat
                     str(exported["data"]), "--calib-size", "16"]) == 2
     assert (out / "package.json").read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_accuracy_control_budget_fits_the_time_or_falls_back() -> None:
+    """Ranking plus reverting stay within the export's time budget; when one validation alone
+    takes too long, accuracy control is skipped (0) so the export falls back at once."""
+    from training.quantize import restorer_budget
+
+    iterations, subset = restorer_budget(300.0, seconds_per_validation=10.0, n_quantized=23, n_val=190)
+    assert 1 <= iterations <= 23 and 8 <= subset <= 190
+    per_image = 10.0 / 190
+    assert iterations * 10.0 + subset * per_image * 23 <= 300.0
+    assert restorer_budget(300.0, seconds_per_validation=400.0, n_quantized=23, n_val=190) == (0, 0)

@@ -1,6 +1,7 @@
-"""The real-data recipe on Magnetic-Tile: 20 minutes of training on this machine's 2 cores.
+"""The real-data recipe on Magnetic-Tile: the untouched default recipe, 8 minutes of training on
+this machine's 2 cores, exported to INT8 and judged on held-out parts that chose nothing.
 
-Slow (about 21 minutes) and needs ../shared/data/magnetic-tile, so it is not in the default run:
+Slow (about 12 minutes) and needs ../shared/data/magnetic-tile, so it is not in the default run:
 
     scripts/test.sh -m slow tests/training/test_real_data.py
 """
@@ -13,30 +14,37 @@ from pathlib import Path
 
 import pytest
 
-from training.train import main
+from training.evaluate import main as evaluate_main
+from training.export import main as export_main
+from training.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("MAGNETIC_TILE", ROOT.parent / "shared" / "data" / "magnetic-tile"))
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.timeout(1800),  # 20 min of training + data loading and pictures (default timeout: 600 s)
+    pytest.mark.timeout(1800),  # 8 min of training + export + evaluation (default timeout: 600 s)
     pytest.mark.skipif(not (DATA / "images").is_dir(), reason=f"no Magnetic-Tile data at {DATA}"),
 ]
 
 
-def test_magnetic_tile_recipe_in_twenty_minutes(tmp_path: Path) -> None:
-    assert main(["--config", str(ROOT / "configs" / "train" / "magnetic-tile.yaml"), "--data", str(DATA),
-                 "--out", str(tmp_path), "--time-budget", "20", "--set", "log.progress=false"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    m = summary["metrics"]
-    assert summary["elapsed_s"] < 20 * 60 + 60
-    # issue 2's targets: pixel IoU >= 0.60 (goal 0.70), image accuracy >= 0.95 (goal 0.98). With the
-    # image term (loss.image_weight 0.3) six runs measured IoU 0.738-0.775, accuracy 0.953-0.968,
-    # recall 0.862-0.897 and AP 0.950-0.977 (docs/benchmarks.md). The IoU guard sits at the level
-    # reached, the accuracy guard at the target itself (the weakest run made the 9 errors of 190
-    # it allows: a failure here says the target did not hold), recall and AP below the runs.
-    assert m["pixel_iou"] >= 0.70, m
-    assert m["image_accuracy"] >= 0.95, m
-    assert m["image_recall"] >= 0.85 and m["image_ap"] >= 0.94, m
-    assert (tmp_path / "val_grid.png").is_file() and (tmp_path / "curves.png").is_file()
+def test_default_recipe_on_magnetic_tile_in_eight_minutes(tmp_path: Path) -> None:
+    run, pkg, result = tmp_path / "run", tmp_path / "pkg", tmp_path / "test.json"
+    assert train_main(["--config", str(ROOT / "configs" / "train" / "default.yaml"), "--data", str(DATA),
+                       "--out", str(run), "--time-budget", "8", "--set", "log.progress=false"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["elapsed_s"] < 8 * 60 + 60
+    assert summary["overhead_pct"] is not None and summary["overhead_pct"] <= 12.0  # validation + mining
+    assert export_main(["--checkpoint", str(run / "best.pt"), "--out", str(pkg), "--calib-data", str(DATA)]) == 0
+    assert evaluate_main(["--model", str(pkg), "--data", str(DATA), "--json", str(result), "--split", "test",
+                          "--no-progress"]) == 0
+    m = json.loads(result.read_text())
+    assert m["n_images"] >= 180  # the held-out fifth of 946 parts
+    # issue 15's figures come from scripts/recipe_report.py over 3 seeds (docs/benchmarks.md); this
+    # guard sits below the weakest seed measured there, so a failure says the recipe got worse
+    assert m["pixel_iou"] >= IOU_GUARD, m
+    assert m["image_recall"] >= RECALL_GUARD, m
+    assert m["image_accuracy"] >= ACCURACY_GUARD, m
+
+
+IOU_GUARD, RECALL_GUARD, ACCURACY_GUARD = 0.60, 0.90, 0.90

@@ -22,7 +22,16 @@ from training.data import load_dataset, split_dataset
 from training.synth import generate_dataset
 from training.train import main
 from training.train_config import ConfigError, load_config
-from training.train_utils import Clock, Dist, combined_score, load_images, lr_at, validate
+from training.train_utils import (
+    Clock,
+    Dist,
+    Overhead,
+    combined_score,
+    load_images,
+    lr_at,
+    speed_report,
+    validate,
+)
 from training.unet import UNetConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,6 +255,54 @@ def test_tune_writes_trials_and_a_usable_best_config(synth_data: Path, tmp_path:
     assert best.model.base_width in (8, 12, 16, 24) and best.model.depth == load_config(DEMO).model.depth
     assert best.model.upsample in ("bilinear", "nearest")
     assert best.loss.image_weight in IMAGE_WEIGHTS
+
+
+def test_step_budget_and_held_out_test_figures(synth_data: Path, tmp_path: Path) -> None:
+    """--max-steps ends the run at that step; the held-out parts are kept apart from training and
+    calibration, and their figures (per category, with a picture of the wrong parts) are reported,
+    by the run and by `evaluate --split test`."""
+    from training.evaluate import main as evaluate_main
+
+    run = tmp_path / "run"
+    assert main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(run), "--max-steps", "25",
+                 "--set", "data.test_fraction=0.25", "--set", "validation.grid_images=0"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 25 and summary["stopped"] == "max steps"
+    tc = read_checkpoint(run / "best.pt")["train_config"]
+    train_n, val_n, test_n = (set(tc[k]) for k in ("train_names", "val_names", "test_names"))
+    assert len(test_n) == 20 and not test_n & (train_n | val_n) and not train_n & val_n
+    test = summary["test"]
+    assert test["n_images"] == 20 and 0.0 <= test["metrics"]["image_accuracy"] <= 1.0
+    assert sum(c["parts"] for c in test["by_category"].values()) == 20
+    out = tmp_path / "eval.json"
+    picture = tmp_path / "wrong.png"
+    assert evaluate_main(["--model", str(run / "best.pt"), "--data", str(synth_data), "--json", str(out),
+                          "--split", "test", "--errors-picture", str(picture), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert {r["name"] for r in result["per_image"]} == test_n
+    assert result["image_accuracy"] == pytest.approx(test["metrics"]["image_accuracy"])
+    wrong = sum(c["missed"] + c["false_alarms"] for c in result["by_category"].values())
+    assert picture.is_file() == (wrong > 0)
+
+
+def test_overhead_stays_under_its_share() -> None:
+    o = Overhead(0.1)
+    assert o.affordable("validate", 5.0)  # nothing measured yet and nothing spent
+    o.add("validate", 6.0)  # a 6 s validation after 5 s of training
+    assert not o.affordable("validate", 20.0)  # 12 s of 26 would be 46 %
+    assert not o.affordable("validate", 100.0)
+    assert o.affordable("validate", 120.0)  # 12 of 126 s < 10 %
+    o2 = Overhead(0.1)
+    o2.expect("validate", 30.0)  # an estimate keeps the first validation of a slow one from coming early
+    assert not o2.affordable("validate", 60.0) and o2.affordable("validate", 300.0)
+
+
+def test_speed_report_warns_when_the_budget_cannot_reach_the_usual_steps() -> None:
+    clock = Clock(total_steps=10**9, budget_s=480.0)
+    line, warning = speed_report(100, 30.0, clock, usual_steps=4000)  # 200 steps/min: ~1,600 in 8 min
+    assert "200 steps/min" in line and "allows ~" in line
+    assert warning is not None and "too slow" in warning and "--time-budget" in warning
+    assert speed_report(1000, 30.0, clock, usual_steps=4000)[1] is None
 
 
 def test_auto_is_accepted_where_allowed_and_bounds_still_hold() -> None:

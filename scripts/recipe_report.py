@@ -1,0 +1,151 @@
+"""Measure a training recipe honestly: several seeds, each trained, exported to INT8 and judged on
+held-out parts that chose nothing (not the checkpoint, not the thresholds, not the INT8 gate).
+
+    .venv/bin/python scripts/recipe_report.py --config configs/train/default.yaml \
+        --data ../shared/data/magnetic-tile --out runs/report-mt --time-budget 8 --seeds 0 1 2
+
+Per seed: `python -m training train` (split fixed by --split-seed, so every seed is judged on the
+same held-out parts), `python -m training export` (INT8, gated on the calibration parts), then
+`python -m training evaluate --split test` on the INT8 package, as the line PC would run it.
+Writes OUT/report.json and OUT/report.md (mean and range over the seeds, misses and false alarms
+per defect category, links to each seed's picture of its wrong parts). Each step runs as its own
+process, as a user would run it; a failed step is reported and the other seeds still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS = ("image_accuracy", "image_recall", "pixel_iou", "image_ap", "image_fp", "image_fn")
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run one step with its output in `log` (and a one-line progress note); returns seconds."""
+    print(f"  $ {' '.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"exit code {code}: {' '.join(cmd[:4])} ... (log {log}):\n" + "\n".join(tail))
+    return time.monotonic() - t0
+
+
+def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    py = sys.executable
+    out = Path(args.out) / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir, pkg, ev = out / "run", out / "pkg", out / "test.json"
+    row: dict[str, Any] = {"seed": seed}
+    train = [py, "-m", "training", "train", "--config", args.config, "--data", args.data, "--out", str(run_dir),
+             "--seed", str(seed), "--set", f"data.split_seed={args.split_seed}", "--set", "log.progress=false"]
+    if args.time_budget:
+        train += ["--time-budget", str(args.time_budget)]
+    if args.max_steps:
+        train += ["--max-steps", str(args.max_steps)]
+    for item in args.set:
+        train += ["--set", item]
+    row["train_s"] = run(train, out / "train.log")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    row.update(steps=summary["steps"], overhead_pct=summary.get("overhead_pct"),
+               calibration=summary["metrics"], torch_test=summary.get("test", {}).get("metrics"))
+    speed = [ln for ln in (out / "train.log").read_text().splitlines() if ln.startswith("speed:")]
+    row["speed"] = speed[0] if speed else None
+    row["export_s"] = run([py, "-m", "training", "export", "--checkpoint", str(run_dir / "best.pt"), "--out", str(pkg),
+                           "--calib-data", args.data], out / "export.log")
+    report = json.loads((pkg / "export_report.json").read_text())
+    row["precision"] = report.get("precision")
+    row["gate"] = {k: report.get("gate", {}).get(k) for k in ("passed", "method", "reason", "quantizers")}
+    run([py, "-m", "training", "evaluate", "--model", str(pkg), "--data", args.data, "--json", str(ev),
+         "--split", "test", "--errors-picture", str(out / "test_errors.png"), "--no-progress"], out / "evaluate.log")
+    result = json.loads(ev.read_text())
+    row["test"] = {k: result.get(k) for k in (*METRICS, "n_images", "n_defective", "pixel_threshold", "min_area")}
+    row["by_category"] = result["by_category"]
+    return row
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, min and max of each test metric over the seeds that completed."""
+    done = [r for r in rows if "test" in r]
+    out: dict[str, Any] = {"seeds_done": len(done), "seeds_failed": len(rows) - len(done)}
+    for k in METRICS:
+        vals = [float(r["test"][k]) for r in done if r["test"].get(k) is not None]
+        if vals:
+            out[k] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+    cats: dict[str, dict[str, int]] = {}
+    for r in done:
+        for cat, c in r["by_category"].items():
+            t = cats.setdefault(cat, {"parts": 0, "missed": 0, "false_alarms": 0})
+            for k in t:
+                t[k] += int(c[k])
+    out["by_category_summed"] = cats
+    return out
+
+
+def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], agg: dict[str, Any]) -> str:
+    budget = f"--time-budget {args.time_budget}" if args.time_budget else f"--max-steps {args.max_steps}"
+    lines = [f"Recipe `{args.config}` on `{args.data}`, {budget}, seeds {args.seeds}, split seed {args.split_seed};",
+             "figures of the INT8 package on the held-out test parts (they chose nothing).", "",
+             "| seed | steps | speed | overhead % | package | test acc | recall | pixel IoU | AP | false alarms | "
+             "misses |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "test" not in r:
+            lines.append(f"| {r['seed']} | failed: {r.get('error', '?')[:120]} |")
+            continue
+        t = r["test"]
+        lines.append(f"| {r['seed']} | {r['steps']:,} | {(r['speed'] or '').removeprefix('speed: ')} | "
+                     f"{'-' if r['overhead_pct'] is None else format(r['overhead_pct'], '.1f')} | {r['precision']} | {t['image_accuracy']:.4f} | "
+                     f"{t['image_recall']:.4f} | {t['pixel_iou']:.4f} | {t['image_ap']:.4f} | {t['image_fp']} | "
+                     f"{t['image_fn']} |")
+    lines += ["", "| metric | mean | min | max |", "| --- | --- | --- | --- |"]
+    for k in METRICS:
+        if k in agg:
+            a = agg[k]
+            lines.append(f"| {k} | {a['mean']:.4f} | {a['min']:.4f} | {a['max']:.4f} |")
+    lines += ["", "Per defect category, summed over the seeds:", "",
+              "| category | parts | missed | false alarms |", "| --- | --- | --- | --- |"]
+    for cat, c in sorted(agg["by_category_summed"].items()):
+        lines.append(f"| {cat} | {c['parts']} | {c['missed']} | {c['false_alarms']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/train/default.yaml")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--split-seed", type=int, default=0, help="one split for every seed (default 0)")
+    ap.add_argument("--time-budget", type=float, default=8.0, help="minutes per training (default 8)")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    args = ap.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for i, seed in enumerate(args.seeds):
+        print(f"[{i + 1}/{len(args.seeds)}] seed {seed}", flush=True)
+        try:
+            rows.append(one_seed(args, seed))
+        except (RuntimeError, OSError, KeyError, json.JSONDecodeError) as e:
+            print(f"  seed {seed} failed: {e}", file=sys.stderr, flush=True)
+            rows.append({"seed": seed, "error": str(e)})
+        if "test" in rows[-1]:
+            t = rows[-1]["test"]
+            print(f"  seed {seed}: accuracy {t['image_accuracy']:.4f} recall {t['image_recall']:.4f} "
+                  f"IoU {t['pixel_iou']:.4f} ({t['image_fp']} false alarms, {t['image_fn']} misses)", flush=True)
+    agg = aggregate(rows)
+    (Path(args.out) / "report.json").write_text(json.dumps({"rows": rows, "aggregate": agg}, indent=2, default=str))
+    text = markdown(args, rows, agg)
+    (Path(args.out) / "report.md").write_text(text)
+    print(text)
+    return 0 if agg["seeds_failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
