@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training-step benchmark: how many steps a minute the recipe's network gets on this CPU.
 
-    .venv/bin/python scripts/bench_train_step.py [--config configs/train/magnetic-tile.yaml] [--rounds 5]
+    .venv/bin/python scripts/bench_train_step.py --config RUN_DIR/config.yaml [--rounds 5]
 
 With a time budget, steps per minute decide how far a run gets, so layout and decoder choices are
 measured here side by side, in one process, rounds interleaved (the machine is shared and noisy):
@@ -58,7 +58,8 @@ def make_step(cfg: TrainConfig, channels_last: bool, upsample: str) -> Callable[
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "train" / "magnetic-tile.yaml"))
+    ap.add_argument("--config", required=True,
+                    help="a training config with explicit sides, e.g. RUN_DIR/config.yaml of a run")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median over rounds)")
     ap.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
+    if cfg.auto_fields():  # chosen from the data at train time (training/recipe_auto.py): no data here
+        print(f"error: {args.config}: {', '.join(cfg.auto_fields())} are 'auto'; pass a run's RUN_DIR/config.yaml "
+              f"(it holds the numbers chosen) or a config with explicit values", file=sys.stderr)
+        return 2
     amp = autocast_dtype(cfg.optim.autocast)
     print(f"{args.config}: {cfg.patches.batch_size} x {cfg.patches.size} px patches, "
           f"{'bf16 autocast' if amp else 'fp32'}, {torch.get_num_threads()} thread(s)")

@@ -24,13 +24,17 @@ COMMANDS = {
 
 
 def synth_main(argv: Sequence[str] | None = None) -> int:
-    """`python -m training synth --out DIR --count N --seed S [--size H W] [--color gray|bgr]`."""
+    """`python -m training synth --out DIR --count N --seed S [--profile part|strip] [--size H W] [--color gray|bgr]`."""
     ap = argparse.ArgumentParser(prog="python -m training synth",
                                  description="Write synthetic textured parts with exact defect masks.")
     ap.add_argument("--out", required=True, help="dataset folder to write (images/ and masks/)")
     ap.add_argument("--count", type=int, required=True, help="number of parts")
     ap.add_argument("--seed", type=int, default=0, help="same seed, same files")
-    ap.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="part size")
+    ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="part size (default: the profile's, 256 x 256 parts, 500 x 1250 strips)")
+    ap.add_argument("--profile", choices=("part", "strip"), default="part",
+                    help="part: compact parts, five defect types; strip: long commutator-like strips with "
+                         "hairline cracks (training/synth.py)")
     ap.add_argument("--color", choices=("gray", "bgr"), default="gray")
     ap.add_argument("--defect-fraction", type=float, default=0.5, help="share of defective parts")
     ap.add_argument("--no-progress", action="store_true")
@@ -38,8 +42,9 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
     from training.synth import generate_dataset
 
     try:
-        counts = generate_dataset(args.out, args.count, args.seed, size=tuple(args.size), color=args.color,
-                                  defect_fraction=args.defect_fraction, progress=not args.no_progress)
+        counts = generate_dataset(args.out, args.count, args.seed, size=tuple(args.size) if args.size else None,
+                                  color=args.color, defect_fraction=args.defect_fraction,
+                                  progress=not args.no_progress, profile=args.profile)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,16 @@ Layout written by `generate_dataset` (the generic layout of `training.data`)::
     out/images/<type>_<index:05d>.png   uint8 gray or BGR
     out/masks/<type>_<index:05d>.png    0 = good, 255 = defect; good parts get an all-zero mask
 
+Two profiles (`PROFILES`):
+
+- ``part`` (default): compact square-ish parts with the five defect types above;
+- ``strip``: long commutator-like strips (500 x 1250 px by default): copper bars separated by
+  thin dark insulating gaps, brushed along the bars, with a cylinder's shading, a specular band
+  and uneven lighting; the defects are hairline cracks 1-3 px wide (half of the defective
+  strips) plus small pits and fine scratches. The regular gaps look like cracks to a careless
+  model, which is the point: a product of long parts with hairline cracks, for the automatic
+  recipe (training/recipe_auto.py) and the benchmarks.
+
 Numpy and OpenCV only (no torch), so the daemon's demo can import it cheaply.
 """
 
@@ -108,6 +118,35 @@ def _illumination(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     cy, cx = rng.uniform(0, h), rng.uniform(0, w)
     spot = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (rng.uniform(0.3, 0.8) * max(h, w)) ** 2))
     return (1.0 + ramp + rng.uniform(0.0, 0.15) * (spot - spot.mean())).astype(np.float32)
+
+
+def _strip_surface(rng: np.random.Generator, h: int, w: int, channels: int) -> tuple[np.ndarray, str]:
+    """Commutator strip, float32 HxWxC: bars across the long axis, gaps, brushing, cylinder shading."""
+    long_x = w >= h
+    if not long_x:  # draw it lying down, then stand it up
+        surf, kind = _strip_surface(rng, w, h, channels)
+        return np.ascontiguousarray(np.transpose(surf, (1, 0, 2))), kind
+    xx = np.arange(w, dtype=np.float32)
+    bar_w = float(rng.uniform(40, 90))
+    gap_w = float(rng.uniform(3.0, 5.0))
+    phase = float(rng.uniform(0, bar_w))
+    pos = (xx + phase) % bar_w
+    gap = np.clip(1.0 - np.abs(pos - bar_w / 2) / (gap_w / 2), 0, 1) ** 0.5  # soft-edged dark gap per bar
+    bar_idx = np.floor((xx + phase) / bar_w).astype(int)
+    bar_gain = 1.0 + rng.normal(0, 0.04, bar_idx.max() + 1).astype(np.float32)[bar_idx]
+    streaks = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), sigmaX=0.7,
+                               sigmaY=float(rng.uniform(15, 40)))  # brushed along the bars
+    yy = (np.arange(h, dtype=np.float32) / max(1, h - 1) - 0.5) * 2
+    shade = 1.0 - rng.uniform(0.15, 0.35) * yy**2  # the cylinder turns away from the camera
+    band_y, band_w = rng.uniform(-0.6, 0.6), rng.uniform(0.08, 0.25)
+    band = rng.uniform(0.1, 0.35) * np.exp(-((yy - band_y) ** 2) / (2 * band_w**2))  # specular band
+    level = rng.uniform(110, 160)
+    gray = (level * bar_gain[None, :] * (1 - 0.6 * gap[None, :]) + rng.uniform(4, 9) * _normalise(streaks))
+    gray = gray * (shade + band)[:, None] * _illumination(rng, h, w)
+    if channels == 1:
+        return gray[:, :, None], "commutator"
+    tint = np.array([0.55, 0.75, 1.0], np.float32) * rng.uniform(0.9, 1.1, 3).astype(np.float32)  # copper, BGR
+    return gray[:, :, None] * tint[None, None, :], "commutator"
 
 
 def _surface(rng: np.random.Generator, h: int, w: int, channels: int) -> tuple[np.ndarray, str]:
@@ -235,6 +274,25 @@ def _missing(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
     return _blend(base, layer.astype(np.float32) / 255.0, background)
 
 
+def _hairline(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
+    """Hairline crack of a long part: a jagged 1-2 px dark line across part of the short side,
+    sometimes faint, with a thin branch or two."""
+    h, w = base.shape[:2]
+    short = min(h, w)
+    alpha = np.zeros((h, w), np.float32)
+    across = 0.0 if h >= w else np.pi / 2  # mostly across the strip, where a bending load breaks it
+    main = _crack_path(rng, rng.uniform([0.05 * w, 0.05 * h], [0.95 * w, 0.95 * h]),
+                       across + rng.normal(0, 0.6) + rng.choice([0.0, np.pi]), rng.uniform(0.1, 0.5) * short)
+    alpha = np.maximum(alpha, _stroke(h, w, main, 1 if rng.random() < 0.6 else 2))  # 1-2 px + antialiasing
+    for _ in range(int(rng.integers(0, 3))):
+        i = int(rng.integers(1, len(main)))
+        d = main[i] - main[i - 1]
+        ang = np.arctan2(d[1], d[0]) + rng.choice([-1, 1]) * rng.uniform(0.4, 1.1)
+        alpha = np.maximum(alpha, _stroke(h, w, _crack_path(rng, main[i], ang, rng.uniform(0.03, 0.12) * short), 1)
+                           * 0.85)
+    return _blend(base, alpha * rng.uniform(0.55, 1.0), rng.uniform(5, 40))
+
+
 _DEFECT_FN: dict[str, Callable[[np.random.Generator, np.ndarray], np.ndarray]] = {
     "scratch": _scratch,
     "crack": _crack,
@@ -242,6 +300,30 @@ _DEFECT_FN: dict[str, Callable[[np.random.Generator, np.ndarray], np.ndarray]] =
     "stain": _stain,
     "missing": _missing,
 }
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A kind of product: its default part size, surface, defect renderers and defect mix."""
+
+    size: tuple[int, int]  # default (height, width)
+    surface: Callable[[np.random.Generator, int, int, int], tuple[np.ndarray, str]]
+    defects: dict[str, Callable[[np.random.Generator, np.ndarray], np.ndarray]]
+    mix: tuple[str, ...]  # defective parts take these types in turn (repeats weight a type)
+
+
+PROFILES: dict[str, Profile] = {
+    "part": Profile((256, 256), _surface, _DEFECT_FN, DEFECT_TYPES),
+    # half of the defective strips have a hairline crack: the defect the profile is about
+    "strip": Profile((500, 1250), _strip_surface, {"crack": _hairline, "pit": _pit, "scratch": _scratch},
+                     ("crack", "pit", "crack", "scratch")),
+}
+
+
+def _profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {name!r}")
+    return PROFILES[name]
 
 
 # --------------------------------------------------------------------------- parts
@@ -252,24 +334,27 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def render_part(
-    rng: np.random.Generator, size: tuple[int, int] = (256, 256), color: str = "gray",
-    defect_type: str | None = None,
+    rng: np.random.Generator, size: tuple[int, int] | None = None, color: str = "gray",
+    defect_type: str | None = None, profile: str = "part",
 ) -> RenderedPart:
-    """Render one part (size = height, width) with its clean twin; see the module docstring."""
+    """Render one part (size = height, width; None = the profile's) with its clean twin; see the
+    module docstring."""
+    prof = _profile(profile)
     if color not in ("gray", "bgr"):
         raise ValueError(f"color must be 'gray' or 'bgr', got {color!r}")
-    if defect_type is not None and defect_type not in _DEFECT_FN:
-        raise ValueError(f"defect_type must be None or one of {DEFECT_TYPES}, got {defect_type!r}")
-    h, w = int(size[0]), int(size[1])
+    if defect_type is not None and defect_type not in prof.defects:
+        raise ValueError(f"defect_type must be None or one of {tuple(prof.defects)} (profile {profile}), "
+                         f"got {defect_type!r}")
+    h, w = (int(v) for v in (size or prof.size))
     if h < 32 or w < 32:
         raise ValueError(f"size must be at least 32x32, got {h}x{w}")
-    base, kind = _surface(rng, h, w, 1 if color == "gray" else 3)
+    base, kind = prof.surface(rng, h, w, 1 if color == "gray" else 3)
     noise = rng.normal(0, rng.uniform(1.5, 4.0), base.shape).astype(np.float32)
     clean = _to_uint8(base + noise)
     image, mask = clean.copy(), np.zeros((h, w), np.uint8)
     if defect_type is not None:
         for _ in range(20):  # redraw the rare defect that ends up invisible (e.g. on a matching background)
-            dirty = _to_uint8(_DEFECT_FN[defect_type](rng, base) + noise)
+            dirty = _to_uint8(prof.defects[defect_type](rng, base) + noise)
             visible = np.abs(dirty.astype(np.int16) - clean).max(axis=2) >= VISIBLE_DELTA
             if visible.sum() >= MIN_DEFECT_PIXELS:
                 image = np.where(visible[:, :, None], dirty, clean)
@@ -283,27 +368,29 @@ def render_part(
 
 
 def make_part(
-    rng: np.random.Generator, size: tuple[int, int] = (256, 256), color: str = "gray",
-    defect_type: str | None = None,
+    rng: np.random.Generator, size: tuple[int, int] | None = (256, 256), color: str = "gray",
+    defect_type: str | None = None, profile: str = "part",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic part in memory: (image uint8, mask uint8 {0,1}); None = good part."""
-    part = render_part(rng, size, color, defect_type)
+    part = render_part(rng, size, color, defect_type, profile)
     return part.image, part.mask
 
 
-def _assignments(count: int, seed: int, defect_fraction: float) -> list[str]:
-    """Which part gets which defect: an exact share of defects, types in equal turns, shuffled."""
+def _assignments(count: int, seed: int, defect_fraction: float, mix: tuple[str, ...] = DEFECT_TYPES) -> list[str]:
+    """Which part gets which defect: an exact share of defects, types in turns of `mix`, shuffled."""
     n_def = round(count * defect_fraction)
-    kinds = [DEFECT_TYPES[i % len(DEFECT_TYPES)] for i in range(n_def)] + ["good"] * (count - n_def)
+    kinds = [mix[i % len(mix)] for i in range(n_def)] + ["good"] * (count - n_def)
     order = np.random.default_rng([seed, 0x5EED]).permutation(count)
     return [kinds[i] for i in order]
 
 
 def generate_dataset(
-    out: Path, count: int, seed: int, size: tuple[int, int] = (256, 256), color: str = "gray",
-    defect_fraction: float = 0.5, progress: bool = True,
+    out: Path, count: int, seed: int, size: tuple[int, int] | None = None, color: str = "gray",
+    defect_fraction: float = 0.5, progress: bool = True, profile: str = "part",
 ) -> dict[str, int]:
     """Write `count` parts in the generic layout and return how many of each type were written.
+
+    `profile` picks the kind of product (`PROFILES`); `size` None = the profile's default size.
 
     Deterministic: the same arguments give byte-identical files. Files of an earlier run
     (names matching this generator's pattern) are removed first so a smaller rerun leaves no
@@ -313,6 +400,7 @@ def generate_dataset(
         raise ValueError(f"count must be >= 0, got {count}")
     if not 0.0 <= defect_fraction <= 1.0:
         raise ValueError(f"defect_fraction must be in [0, 1], got {defect_fraction}")
+    prof = _profile(profile)
     out = Path(out)
     img_dir, mask_dir = out / "images", out / "masks"
     for d in (img_dir, mask_dir):
@@ -320,11 +408,11 @@ def generate_dataset(
         for old in d.iterdir():
             if _NAME_RE.match(old.name):
                 old.unlink()
-    counts = {"good": 0, **{t: 0 for t in DEFECT_TYPES}}
-    for i, kind in enumerate(tqdm(_assignments(count, seed, defect_fraction), desc="synth", unit="img",
+    counts = {"good": 0, **{t: 0 for t in prof.defects}}
+    for i, kind in enumerate(tqdm(_assignments(count, seed, defect_fraction, prof.mix), desc="synth", unit="img",
                                   disable=not progress)):
         rng = np.random.default_rng([seed, i])  # per-part stream, independent of the other parts
-        image, mask = make_part(rng, size, color, None if kind == "good" else kind)
+        image, mask = make_part(rng, size or prof.size, color, None if kind == "good" else kind, profile)
         name = f"{kind}_{i:05d}.png"
         if not cv2.imwrite(str(img_dir / name), image) or not cv2.imwrite(str(mask_dir / name), mask * 255):
             raise OSError(f"could not write {name} to {out}")

@@ -41,6 +41,7 @@ from training.checkpoint import CheckpointError, CheckpointMeta, load_model, rea
 from training.data import DataError, load_dataset, split_holdout
 from training.losses import build_loss
 from training.patches import HardNegative, PatchDataset, mine_hard_negatives, mine_hard_positives, update_pool
+from training.recipe_auto import resolve_auto
 from training.train_config import ConfigError, TrainConfig, load_config, parse_overrides
 from training.train_utils import (
     Clock,
@@ -109,6 +110,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         raise DataError(f"{cfg.data.root}: too few images for a train/val split ({len(dataset.samples)})")
     color = cfg.input.color if cfg.input.color != "auto" else detect_color(dataset.samples)
     channels = 1 if color == "gray" else 3
+    train_images, train_masks = load_images(train_s, color)
+    val_images, val_masks = load_images(val_s, color)
+    cfg, why = resolve_auto(cfg, train_images, train_masks, [s.category for s in train_s], len(val_s))
+    if why and d.main:  # the recipe chose from the data: say what and why; config.yaml keeps the numbers
+        say("auto recipe:\n  " + "\n  ".join(why))
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     spec = InputSpec(color=color, tile=cfg.input.tile, overlap=cfg.input.overlap, scale=cfg.input.scale,
                      multiple_of=cfg.model.stride, output_stride=output_stride(cfg),
                      mean=tuple(cfg.input.mean or [127.5] * channels), std=tuple(cfg.input.std or [64.0] * channels))
@@ -116,8 +123,6 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         spec.validate()
     except ValueError as e:
         raise ConfigError(f"input: {e}") from None
-    train_images, train_masks = load_images(train_s, color)
-    val_images, val_masks = load_images(val_s, color)
     # patches and mining work at model scale; validation predicts full frames through the edge
     train_images = [scale_image(im, spec.scale) for im in train_images]
     train_masks = [scale_mask(m, spec.scale) for m in train_masks]

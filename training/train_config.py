@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from training.losses import LossName
 from training.unet import Stem, Upsample, network_stride
 
+AUTO = "auto"  # a field left to training.recipe_auto, resolved from the data when training starts
+Auto = Literal["auto"]
+
 
 class ConfigError(ValueError):
     """The config cannot be used; the message names the file and the field."""
@@ -42,14 +45,30 @@ class DataSection(_Section):
     strict: bool = Field(False, description="fail on any unreadable file instead of skipping it")
 
 
+def _check_int(value: Any, field: str, lo: int, hi: int, multiple_of: int = 1) -> None:
+    """Bounds of an int-or-auto field (pydantic's ge/le cannot apply to a union with a literal)."""
+    if value == AUTO:
+        return
+    if not lo <= value <= hi or value % multiple_of:
+        raise ValueError(f"{field} must be 'auto' or an integer in [{lo}, {hi}]"
+                         + (f" and a multiple of {multiple_of}" if multiple_of > 1 else "") + f", got {value}")
+
+
 class InputSection(_Section):
     color: Literal["auto", "gray", "bgr"] = Field("auto", description="model colour mode; auto = from the data")
-    tile: int = Field(256, ge=32, le=2048, multiple_of=16, description="inference tile side (edge input shape)")
+    tile: int | Auto = Field(256, description="inference tile side (edge input shape); auto = from the part sizes")
     overlap: int = Field(32, ge=0, le=256, description="pixels shared by neighbouring inference tiles")
-    scale: float = Field(1.0, ge=0.05, le=1.0,
-                         description="frame -> model resolution (<1: more context per tile, less detail)")
+    scale: float | Auto = Field(1.0, description="frame -> model resolution (<1: more context per tile, less "
+                                                 "detail); auto = from the smallest defects")
     mean: list[float] | None = Field(None, description="per-channel mean of raw pixels; default 127.5")
     std: list[float] | None = Field(None, description="per-channel std of raw pixels; default 64")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> InputSection:
+        _check_int(self.tile, "input.tile", 32, 2048, 16)
+        if self.scale != AUTO and not 0.05 <= self.scale <= 1.0:
+            raise ValueError(f"input.scale must be 'auto' or in [0.05, 1.0], got {self.scale}")
+        return self
 
 
 class ModelSection(_Section):
@@ -60,8 +79,9 @@ class ModelSection(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout in the bottleneck")
     deep_supervision: bool = Field(True, description="aux heads on coarse decoder stages (training only)")
     head_bias: float = Field(-4.0, description="initial logit bias: start near 'no defect'")
-    space_to_depth: Literal[1, 2, 4] = Field(
-        1, description="fold s x s pixel blocks into channels: the network runs at 1/s resolution but sees "
+    space_to_depth: Literal[1, 2, 4, "auto"] = Field(
+        1, description="auto = input scale / body scale (training.recipe_auto); "
+                       "fold s x s pixel blocks into channels: the network runs at 1/s resolution but sees "
                        "every pixel (small defects survive, unlike input.scale)")
     stem: Stem = Field(
         "pixels", description="with space_to_depth > 1: 'pixels' = the s*s raw pixels of a block as channels; "
@@ -79,12 +99,13 @@ class ModelSection(_Section):
 
     @property
     def stride(self) -> int:
-        """Input sides (patches, tiles) must be multiples of this."""
-        return network_stride(self.depth, self.space_to_depth)
+        """Input sides (patches, tiles) must be multiples of this (an unresolved auto counts as 1:
+        the resolver only picks a space_to_depth that fits explicit patch and tile sides)."""
+        return network_stride(self.depth, 1 if self.space_to_depth == AUTO else self.space_to_depth)
 
 
 class PatchSection(_Section):
-    size: int = Field(128, ge=32, le=1024, multiple_of=16, description="training patch side P")
+    size: int | Auto = Field(128, description="training patch side P (input pixels); auto = from the part sizes")
     batch_size: int = Field(16, ge=1, le=1024, description="patches per step (per DDP rank: divided)")
     per_epoch: int = Field(1024, ge=1, description="patches per epoch over all ranks")
     defect_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of defect-centred patches")
@@ -106,6 +127,7 @@ class PatchSection(_Section):
 
     @model_validator(mode="after")
     def _fractions(self) -> PatchSection:
+        _check_int(self.size, "patches.size", 32, 1024, 16)
         if self.defect_fraction + self.hard_negative_fraction > 1.0:
             raise ValueError("defect_fraction + hard_negative_fraction must be <= 1")
         return self
@@ -153,8 +175,15 @@ class ScheduleSection(_Section):
                                               "(they are skipped or spaced out to stay under it)")
     patience: int | None = Field(8, ge=1, description="stop after this many validations without a new best")
     val_every: int = Field(1, ge=1, description="validate every N epochs")
-    val_every_s: float | None = Field(None, gt=0.0,
-                                      description="or: validate at the first epoch end N s after the last")
+    val_every_s: float | Auto | None = Field(
+        None, description="or: validate at the first epoch end N s after the last; auto = validation <= ~10 % "
+                          "of the time (training.recipe_auto)")
+
+    @model_validator(mode="after")
+    def _positive(self) -> ScheduleSection:
+        if self.val_every_s not in (None, AUTO) and not self.val_every_s > 0:  # type: ignore[operator]
+            raise ValueError(f"schedule.val_every_s must be > 0, 'auto' or null, got {self.val_every_s}")
+        return self
 
 
 class ValidationSection(_Section):
@@ -193,19 +222,26 @@ class TrainConfig(_Section):
     def _consistent(self) -> TrainConfig:
         if self.data.val_fraction + self.data.test_fraction >= 0.9:
             raise ValueError("data.val_fraction + data.test_fraction must be < 0.9 (parts are needed for training)")
-        stride = self.model.stride
-        if self.patches.size % stride or self.input.tile % stride:
-            raise ValueError(f"patches.size and input.tile must be multiples of the network stride "
-                             f"2**model.depth * model.space_to_depth = {stride}")
+        stride = self.model.stride  # unresolved autos are checked when training.recipe_auto resolves them
+        for name, side in (("patches.size", self.patches.size), ("input.tile", self.input.tile)):
+            if side != AUTO and side % stride:  # type: ignore[operator]
+                raise ValueError(f"patches.size and input.tile must be multiples of the network stride "
+                                 f"2**model.depth * model.space_to_depth = {stride} ({name} is {side})")
         if self.model.decision_head and self.loss.decision_weight <= 0:
             raise ValueError("model.decision_head needs loss.decision_weight > 0: an untrained head would decide "
                              "the verdict (or set model.decision_head: false)")
-        if self.input.overlap * 2 >= self.input.tile:
+        if self.input.tile != AUTO and self.input.overlap * 2 >= self.input.tile:  # type: ignore[operator]
             raise ValueError("input.overlap must be < input.tile / 2")
         for key in self.validation.score:
             if key not in SCORE_METRICS:
                 raise ValueError(f"validation.score: unknown metric {key!r} (one of {', '.join(SCORE_METRICS)})")
         return self
+
+    def auto_fields(self) -> list[str]:
+        """The fields still set to "auto" (empty once training.recipe_auto resolved them)."""
+        fields = {"input.scale": self.input.scale, "input.tile": self.input.tile, "patches.size": self.patches.size,
+                  "model.space_to_depth": self.model.space_to_depth, "schedule.val_every_s": self.schedule.val_every_s}
+        return [k for k, v in fields.items() if v == AUTO]
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """Plain dict for best.yaml / the checkpoint (data.root left out: it is per machine)."""

@@ -147,7 +147,7 @@ def test_coarse_outputs_stitch_to_the_frame(shape: tuple[int, int]) -> None:
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     truth = 0.5 + 0.4 * np.sin(yy / 17.0) * np.cos(xx / 23.0)
-    tiles, layout = preprocess((truth * 255).astype(np.uint8), spec)
+    _, layout = preprocess((truth * 255).astype(np.uint8), spec)
     assert all(y % 4 == 0 and x % 4 == 0 for y, x in layout.origins)
     padded = cv2.copyMakeBorder(truth, 0, layout.padded_height - h, 0, layout.padded_width - w,
                                 cv2.BORDER_REFLECT_101)

@@ -104,3 +104,51 @@ def test_same_rng_state_gives_same_part() -> None:
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_part(np.random.default_rng(0), **kwargs)
+
+
+# --------------------------------------------------------------------------- the strip profile
+
+STRIP = (96, 240)  # a small long part: the profile's 500 x 1250 would make the tests slow
+
+
+def test_strip_profile_is_deterministic_long_and_mixes_hairline_cracks(tmp_path: Path) -> None:
+    a = generate_dataset(tmp_path / "a", 16, seed=5, size=STRIP, progress=False, profile="strip")
+    b = generate_dataset(tmp_path / "b", 16, seed=5, size=STRIP, progress=False, profile="strip")
+    assert a == b and _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert a == {"good": 8, "crack": 4, "pit": 2, "scratch": 2}  # half good; cracks are half the defects
+    for path in (tmp_path / "a" / "images").glob("*.png"):
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(tmp_path / "a" / "masks" / path.name), cv2.IMREAD_UNCHANGED)
+        assert image.shape == STRIP and mask.shape == STRIP
+        assert mask.any() == (not path.name.startswith("good"))
+
+
+def test_strip_defaults_to_500_by_1250() -> None:
+    part = render_part(np.random.default_rng(0), None, defect_type=None, profile="strip")
+    assert part.image.shape == (500, 1250) and part.texture == "commutator"
+
+
+def test_strip_cracks_are_hairlines_and_the_mask_is_exact() -> None:
+    from training.recipe_auto import component_sizes
+
+    thin = []
+    for seed in range(12):
+        part = render_part(np.random.default_rng(seed), STRIP, defect_type="crack", profile="strip")
+        assert np.array_equal(part.mask > 0, part.image != part.clean)
+        t, _ = component_sizes(part.mask)
+        thin += t.tolist()
+    assert 1 <= np.median(thin) <= 3 and max(thin) <= 5 and min(thin) == 1  # 1-3 px (wider where branches meet)
+
+
+def test_strip_bars_make_a_periodic_texture_across_the_long_axis() -> None:
+    part = render_part(np.random.default_rng(3), STRIP, profile="strip")
+    profile = part.image.astype(np.float32).mean(axis=0)  # averaged along the bars
+    dips = profile < np.percentile(profile, 5)  # the dark insulating gaps between the bars
+    assert 2 <= np.count_nonzero(np.diff(dips.astype(int)) == 1) <= 8
+
+
+def test_unknown_profile_and_defect_are_named() -> None:
+    with pytest.raises(ValueError, match="profile"):
+        render_part(np.random.default_rng(0), STRIP, profile="disc")
+    with pytest.raises(ValueError, match="stain"):
+        render_part(np.random.default_rng(0), STRIP, defect_type="stain", profile="strip")

@@ -369,3 +369,18 @@ def test_decision_head_gradients_are_clipped_apart_from_the_segmentation() -> No
     assert {id(p) for p in head} == {id(p) for p in model.decision.parameters()}  # type: ignore[union-attr]
     assert len(seg) + len(head) == len(list(model.parameters()))
     torch.testing.assert_close(step(0.0), step(1e4))
+
+
+def test_auto_is_accepted_where_allowed_and_bounds_still_hold() -> None:
+    cfg = load_config(DEMO, {"input": {"scale": "auto", "tile": "auto"}, "patches": {"size": "auto"},
+                             "model": {"space_to_depth": "auto"}, "schedule": {"val_every_s": "auto"}})
+    assert len(cfg.auto_fields()) == 5
+    for over, match in [({"input": {"scale": 1.5}}, r"scale"), ({"input": {"tile": 40}}, r"tile"),
+                        ({"patches": {"size": "big"}}, r"patches\.size"), ({"model": {"space_to_depth": 3}}, r"space_to_depth"),
+                        ({"schedule": {"val_every_s": -1}}, r"val_every_s"), ({"model": {"depth": "auto"}}, r"depth")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(DEMO, over)
+    # an explicit side is still checked against an explicit fold; an auto fold is checked later
+    with pytest.raises(ConfigError, match="stride"):
+        load_config(DEMO, {"model": {"space_to_depth": 4}, "patches": {"size": 96}})
+    assert load_config(DEMO, {"model": {"space_to_depth": "auto"}, "patches": {"size": 96}}).model.stride == 16
