@@ -103,9 +103,13 @@ def _shifted(mean: float, offset: int, area: int) -> float:
 def postprocess(prob: np.ndarray, params: PostprocessParams, part: float | None = None) -> Detection:
     """Regions of one probability map (HxW float in [0, 1]); NonFiniteError for NaN/inf.
 
-    `part`: the frame's part score (see `part_score`) when the model has a part output."""
+    `part`: the frame's part score (see `part_score`) when the model has a part output. A package
+    with a `part_threshold` but no part output is judged by the map's peak instead (the calibration
+    chose that: a verdict threshold of its own leaves the pixel threshold free to draw good masks)."""
     if prob.ndim != 2:
         raise ValueError(f"probability map must be HxW, got shape {prob.shape}")
+    if part is None and params.part_threshold is not None and prob.size:
+        part = float(prob.max())
     if part is not None and not math.isfinite(part):
         raise NonFiniteError(f"part score is not finite: {part}")
     prob = prob.astype(np.float32, copy=False)

@@ -230,8 +230,10 @@ def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str,
         raise ExportError(f"OpenVINO FP32 differs from PyTorch by {parity:.2e} (max abs probability): "
                           "conversion is wrong, not shipping it")
     if ref_pred.has_part and params.part_threshold is None:
-        raise ExportError("the model has a decision head but its checkpoint has no calibrated part_threshold: "
-                          "train with validation (it calibrates part_threshold), then export")
+        # validation judged the regions better than the head on the calibration parts (choose_verdict):
+        # the part output ships for information (events show its score) but the regions decide
+        print("export: the model has a decision head, but calibration chose the regions to decide the verdict "
+              "(no part_threshold); the part score is reported, not used", file=sys.stderr)
     ref = q.evaluate_model(ref_pred.predict_part, items, names, params, "validate fp32")
     metrics: dict[str, Any] = {"fp32": ref.metrics}
     report: dict[str, Any] = {"precision_requested": precision, "torch_vs_ov_fp32_max_abs": parity}

@@ -452,7 +452,8 @@ def _report_test(out: Path, spec: InputSpec, test_s: Sequence[Any], color: str, 
     pairs = [predict_image_part(model, im, spec) for im in tqdm(images, desc="test", unit="img", leave=False)]
     probs = [p for p, _ in pairs]
     # the part score judges only where calibration chose it to (train_utils.choose_verdict)
-    parts = [float(q) for _, q in pairs] if meta.postprocess.part_threshold is not None else None
+    head = bool(pairs) and pairs[0][1] is not None  # without a head, postprocess scores by the map's peak
+    parts = [float(q) for _, q in pairs] if head and meta.postprocess.part_threshold is not None else None
     metrics, rows = evaluate_detailed(probs, masks, meta.postprocess, parts)
     names = [s.name for s in test_s]
     by_cat = errors_by_category(rows, [s.category for s in test_s], names)

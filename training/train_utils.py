@@ -6,6 +6,7 @@ Kept apart so training/train.py reads top to bottom like nanoGPT's train.py.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -304,25 +305,38 @@ def pixel_bce(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float
     return total / max(n, 1)
 
 
-def choose_verdict(regions: dict[str, Any], part: dict[str, Any], min_recall: float) -> tuple[str, str]:
-    """Which decides a part on the line, the decision head's score or the mask's regions: the one
-    that reaches `min_recall` with fewer false alarms on the calibration parts (else the higher
-    recall). Ties go to the regions.
+def choose_verdict(options: dict[str, dict[str, Any]], min_recall: float) -> tuple[str, str]:
+    """Which rule decides a part on the line: the one that reaches `min_recall` with the fewest false
+    alarms on the calibration parts (else the highest recall). Ties go to the earlier option.
 
-    Why: a short training can leave the head behind the masks (synthetic demo: part verdict 0.64
-    against 0.86 by regions); choosing on the calibration parts means the head is used where it
-    helps and cannot make a package worse, and the held-out parts still judge the choice.
+    Options (each with metrics at its own calibrated threshold): "regions" (any region at the pixel
+    threshold and min area), "peak" (the map's peak >= part_threshold) and, with a decision head,
+    "part_score". Why: a short training can leave the head behind the masks (synthetic demo: part
+    verdict 0.64 against 0.86 by regions), and a pixel threshold low enough for recall ruins the
+    masks; choosing on the calibration parts uses each where it helps, and the held-out parts still
+    judge the choice.
     """
     def key(m: dict[str, Any]) -> tuple[bool, float, float]:
         recall = float(m["image_recall"]) if m["image_recall"] == m["image_recall"] else 0.0
         reached = recall >= min_recall - 1e-12
         return (reached, recall if not reached else 0.0, -float(m.get("image_fp", 0)))
 
-    r, p = key(regions), key(part)
     label = lambda m: f"recall {m['image_recall']:.4f}, {m.get('image_fp', 0)} false alarm(s)"  # noqa: E731
-    if p > r:
-        return "part_score", f"part score ({label(part)}) beats regions ({label(regions)})"
-    return "regions", f"regions ({label(regions)}) at least as good as the part score ({label(part)})"
+    best = max(options, key=lambda k: (key(options[k]), -list(options).index(k)))
+    others = "; ".join(f"{k}: {label(m)}" for k, m in options.items() if k != best)
+    return best, f"{best} ({label(options[best])}) against {others}"
+
+
+def best_mask_params(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                     base: PostprocessParams) -> PostprocessParams:
+    """Pixel threshold and min area with the best pooled pixel IoU: once a score decides the verdict,
+    the regions only draw the defect, so they are chosen for the drawing."""
+    from training.calibrate import DEFAULT_MIN_AREAS, DEFAULT_THRESHOLDS, grid_counts
+
+    g = grid_counts(probs, masks, DEFAULT_THRESHOLDS, DEFAULT_MIN_AREAS, base)
+    rows = [g.row(i, j) for i in range(len(g.thresholds)) for j in range(len(g.min_areas))]
+    best = max(rows, key=lambda r: (r["pixel_iou"], -r["min_area"], -r["pixel_threshold"]))
+    return dataclasses.replace(base, pixel_threshold=best["pixel_threshold"], min_area=best["min_area"])
 
 
 def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -345,12 +359,17 @@ def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequen
     parts = None if any(s is None for _, _, s in mine) or not mine else [float(s) for _, _, s in mine]
     params, report = calibrate(probs, masks, min_recall=cfg.min_recall)
     metrics = report.get("metrics") or evaluate_predictions(probs, masks, params)
-    if parts is not None:
-        with_part, report["part"] = calibrate_part_threshold(parts, masks, params, min_recall=cfg.min_recall)
-        part_metrics = evaluate_predictions(probs, masks, with_part, parts=parts)
-        report["verdict_by"], report["verdict_reason"] = choose_verdict(metrics, part_metrics, cfg.min_recall)
-        if report["verdict_by"] == "part_score":
-            params, metrics = with_part, part_metrics
+    if any(np.any(m) for m in masks):  # a verdict threshold of its own: calibrated, then chosen or not
+        drawn = best_mask_params(probs, masks, params)
+        options: dict[str, tuple[PostprocessParams, list[float] | None, dict[str, Any]]] = {
+            "regions": (params, None, metrics)}
+        # the edge scores a part by its head where the package has one, else by the map's peak
+        name, scores = ("part_score", parts) if parts is not None else ("peak", [float(p.max()) for p in probs])
+        with_score, report[name] = calibrate_part_threshold(scores, masks, drawn, min_recall=cfg.min_recall)
+        options[name] = (with_score, scores, evaluate_predictions(probs, masks, with_score, parts=scores))
+        report["verdict_by"], report["verdict_reason"] = choose_verdict(
+            {k: v[2] for k, v in options.items()}, cfg.min_recall)
+        params, parts, metrics = options[report["verdict_by"]]
     metrics = dict(metrics)
     metrics["val_loss"] = pixel_bce(probs, masks)
     score = combined_score(metrics, cfg.score)
