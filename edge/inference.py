@@ -81,14 +81,19 @@ def read_ir(xml_path: Path, spec: InputSpec) -> ov.Model:
 
 def infer_tiles_parts(request: ov.InferRequest, tiles: np.ndarray, map_index: int = 0,
                       part_index: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """N x C x T x T raw tiles -> (N x T x T probabilities, N part probabilities or None)."""
-    out = np.empty((tiles.shape[0], tiles.shape[2], tiles.shape[3]), dtype=np.float32)
+    """N x C x T x T raw tiles -> (N x t x t probabilities, N part probabilities or None); t is T, or
+    T / output_stride for a model whose map comes out coarse."""
+    out: np.ndarray | None = None
     parts = None if part_index is None else np.empty(tiles.shape[0], dtype=np.float32)
     for i in range(tiles.shape[0]):
         res = request.infer({0: tiles[i : i + 1]}, share_inputs=True)
+        if out is None:
+            out = np.empty((tiles.shape[0], *res[map_index].shape[-2:]), dtype=np.float32)
         out[i] = res[map_index][0, 0]
         if parts is not None and part_index is not None:
             parts[i] = res[part_index].reshape(-1)[0]
+    if out is None:
+        raise ValueError("no tiles to infer")
     return out, parts
 
 

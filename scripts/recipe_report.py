@@ -51,14 +51,16 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         train += ["--max-steps", str(args.max_steps)]
     for item in args.set:
         train += ["--set", item]
-    row["train_s"] = run(train, out / "train.log")
+    done = args.resume and (run_dir / "summary.json").is_file()
+    row["train_s"] = None if done else run(train, out / "train.log")
     summary = json.loads((run_dir / "summary.json").read_text())
     row.update(steps=summary["steps"], overhead_pct=summary.get("overhead_pct"),
                calibration=summary["metrics"], torch_test=summary.get("test", {}).get("metrics"))
     speed = [ln for ln in (out / "train.log").read_text().splitlines() if ln.startswith("speed:")]
     row["speed"] = speed[0] if speed else None
-    row["export_s"] = run([py, "-m", "training", "export", "--checkpoint", str(run_dir / "best.pt"), "--out", str(pkg),
-                           "--calib-data", args.data], out / "export.log")
+    done = args.resume and (pkg / "export_report.json").is_file()
+    row["export_s"] = None if done else run([py, "-m", "training", "export", "--checkpoint", str(run_dir / "best.pt"),
+                                             "--out", str(pkg), "--calib-data", args.data], out / "export.log")
     report = json.loads((pkg / "export_report.json").read_text())
     row["precision"] = report.get("precision")
     row["gate"] = {k: report.get("gate", {}).get(k) for k in ("passed", "method", "reason", "quantizers")}
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget", type=float, default=8.0, help="minutes per training (default 8)")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep a seed's finished training and export (their outputs exist) and redo the rest")
     args = ap.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []

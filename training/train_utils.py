@@ -369,7 +369,7 @@ def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequen
         options[name] = (with_score, scores, evaluate_predictions(probs, masks, with_score, parts=scores))
         report["verdict_by"], report["verdict_reason"] = choose_verdict(
             {k: v[2] for k, v in options.items()}, cfg.min_recall)
-        params, parts, metrics = options[report["verdict_by"]]
+        params, _, metrics = options[report["verdict_by"]]  # `parts` stays: the head's scores, for the record
     metrics = dict(metrics)
     metrics["val_loss"] = pixel_bce(probs, masks)
     score = combined_score(metrics, cfg.score)

@@ -166,3 +166,31 @@ def test_daemon_events_carry_part_score_and_nan_is_an_error(tmp_path: Path, brok
                 assert e["verdict"] == "error" and "not finite" in e["error"] and e["part_score"] is None
         if name == "ok":
             assert {e["verdict"] for e in got} == {"pass", "fail"}
+
+
+def test_a_package_without_a_part_output_is_judged_by_its_peak() -> None:
+    """part_threshold without a part output: the map's peak is the part score (the calibration chose
+    a verdict threshold apart from the pixel threshold that draws the regions)."""
+    from edge.postprocess import postprocess
+    from edge.rules import Rules, decide
+
+    prob = np.zeros((32, 32), np.float32)
+    prob[10, 10] = 0.45  # one faint pixel: no region at the pixel threshold, yet above part_threshold
+    params = PostprocessParams(pixel_threshold=0.6, min_area=4, part_threshold=0.4)
+    det = postprocess(prob, params)
+    assert det.part_score == pytest.approx(0.45) and not det.regions
+    assert decide(det, Rules())[0] == "fail"
+    assert decide(postprocess(prob * 0.5, params), Rules())[0] == "pass"
+    old = postprocess(prob, PostprocessParams(pixel_threshold=0.6, min_area=4))  # older packages: unchanged
+    assert old.part_score is None and decide(old, Rules())[0] == "pass"
+
+
+def test_calibration_keeps_the_rule_with_fewer_false_alarms_at_the_recall() -> None:
+    from training.train_utils import choose_verdict
+
+    regions = {"image_recall": 1.0, "image_fp": 9}
+    part = {"image_recall": 0.98, "image_fp": 2}
+    weak = {"image_recall": 0.9, "image_fp": 0}
+    assert choose_verdict({"regions": regions, "part_score": part}, 0.97)[0] == "part_score"
+    assert choose_verdict({"regions": regions, "part_score": weak}, 0.97)[0] == "regions"  # recall first
+    assert choose_verdict({"regions": part, "peak": dict(part)}, 0.97)[0] == "regions"  # ties: the regions

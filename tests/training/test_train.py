@@ -116,9 +116,15 @@ def test_decision_head_separates_defective_from_good_parts(trained: Path, synth_
     labels = np.array([bool(m.any()) for m in masks])
     scores = np.array(v.parts)
     ap = image_metrics(scores >= 0.5, labels, scores)["image_ap"]
-    assert ap >= 0.8 and v.metrics["image_ap"] == pytest.approx(ap), (ap, scores, labels)
+    assert ap >= 0.8, (ap, scores, labels)
     assert np.median(scores[labels]) > np.median(scores[~labels])
-    assert v.report["part"]["part_threshold"] == v.params.part_threshold
+    # calibration then keeps whichever of the part score and the regions errs less on these parts
+    assert v.report["verdict_by"] in ("part_score", "regions") and v.report["verdict_reason"]
+    if v.report["verdict_by"] == "part_score":
+        assert v.report["part_score"]["part_threshold"] == v.params.part_threshold
+        assert v.metrics["image_ap"] == pytest.approx(ap)
+    else:
+        assert v.params.part_threshold is None
 
 
 def test_scaled_input_trains_at_model_scale_and_judges_in_frame_pixels(synth_data: Path, tmp_path: Path) -> None:
