@@ -259,6 +259,8 @@ def calibrate(
         feasible = [r for r in rows if r["image_recall"] >= min_recall - 1e-12] or rows
         top = sorted(feasible, key=_order)[:5]
         report["cost"] = recall_cost(rows, best)
+        # the setting that draws the defects best, for when a score threshold decides the verdict
+        report["mask_best"] = max(rows, key=lambda r: (r["pixel_iou"], -r["min_area"], -r["pixel_threshold"]))
     chosen.validate()
     metrics = evaluate_predictions(probs, masks, chosen)
     report.update(

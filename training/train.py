@@ -60,7 +60,7 @@ from training.train_utils import (
     train_step,
     validate,
 )
-from training.unet import UNetConfig, build_model, count_parameters
+from training.unet import UNetConfig, build_model, count_parameters, network_output_stride
 
 
 @dataclass
@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         say("auto recipe:\n  " + "\n  ".join(why))
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     spec = InputSpec(color=color, tile=cfg.input.tile, overlap=cfg.input.overlap, scale=cfg.input.scale,
-                     multiple_of=cfg.model.stride, output_stride=output_stride(cfg),
+                     multiple_of=cfg.model.stride, output_stride=network_output_stride(cfg.model.stem, int(cfg.model.space_to_depth)),
                      mean=tuple(cfg.input.mean or [127.5] * channels), std=tuple(cfg.input.std or [64.0] * channels))
     try:
         spec.validate()
@@ -428,11 +428,6 @@ def _finish(out: Path, cfg: TrainConfig, spec: InputSpec, val_images: list[np.nd
     print(f"done: {result.stopped}; best epoch {result.best_epoch} score {result.best_score:.4f} "
           f"(pixel_iou {result.best_metrics.get('pixel_iou', float('nan')):.4f}, "
           f"image_accuracy {result.best_metrics.get('image_accuracy', float('nan')):.4f}) -> {best_path}")
-
-
-def output_stride(cfg: TrainConfig) -> int:
-    """The package's output stride: the views stem's map stays at body resolution (edge resizes it)."""
-    return cfg.model.space_to_depth if cfg.model.stem == "views" and cfg.model.space_to_depth > 1 else 1
 
 
 def _report_test(out: Path, spec: InputSpec, test_s: Sequence[Any], color: str, result: TrainResult) -> None:

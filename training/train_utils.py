@@ -327,18 +327,6 @@ def choose_verdict(options: dict[str, dict[str, Any]], min_recall: float) -> tup
     return best, f"{best} ({label(options[best])}) against {others}"
 
 
-def best_mask_params(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                     base: PostprocessParams) -> PostprocessParams:
-    """Pixel threshold and min area with the best pooled pixel IoU: once a score decides the verdict,
-    the regions only draw the defect, so they are chosen for the drawing."""
-    from training.calibrate import DEFAULT_MIN_AREAS, DEFAULT_THRESHOLDS, grid_counts
-
-    g = grid_counts(probs, masks, DEFAULT_THRESHOLDS, DEFAULT_MIN_AREAS, base)
-    rows = [g.row(i, j) for i in range(len(g.thresholds)) for j in range(len(g.min_areas))]
-    best = max(rows, key=lambda r: (r["pixel_iou"], -r["min_area"], -r["pixel_threshold"]))
-    return dataclasses.replace(base, pixel_threshold=best["pixel_threshold"], min_area=best["min_area"])
-
-
 def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
              spec: InputSpec, cfg: Any, d: Dist) -> Validation | None:
     """Full-resolution prediction through the edge's tiling (shared over ranks), then, on rank 0,
@@ -360,7 +348,8 @@ def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequen
     params, report = calibrate(probs, masks, min_recall=cfg.min_recall)
     metrics = report.get("metrics") or evaluate_predictions(probs, masks, params)
     if any(np.any(m) for m in masks):  # a verdict threshold of its own: calibrated, then chosen or not
-        drawn = best_mask_params(probs, masks, params)
+        mb = report["mask_best"]  # from calibrate's own grid: no second pass over the maps
+        drawn = dataclasses.replace(params, pixel_threshold=mb["pixel_threshold"], min_area=mb["min_area"])
         options: dict[str, tuple[PostprocessParams, list[float] | None, dict[str, Any]]] = {
             "regions": (params, None, metrics)}
         # the edge scores a part by its head where the package has one, else by the map's peak

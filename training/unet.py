@@ -213,7 +213,7 @@ class UNetConfig:
     @property
     def output_stride(self) -> int:
         """The eval/exported map comes out at input / this (the views stem keeps it at body size)."""
-        return self.space_to_depth if self.stem == "views" and self.space_to_depth > 1 else 1
+        return network_output_stride(self.stem, self.space_to_depth)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,6 +225,11 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"unknown model option(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def network_output_stride(stem: str, space_to_depth: int) -> int:
+    """The one rule for the package's output_stride: the views stem's map stays at body resolution."""
+    return space_to_depth if stem == "views" and space_to_depth > 1 else 1
 
 
 def network_stride(depth: int, space_to_depth: int = 1) -> int:
