@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 
@@ -27,7 +28,8 @@ class NetCamera:
         self.image = workdir / "part.png"
         cv2.imwrite(str(self.image), make_part((96, 128), defect=False, seed=3))  # the tiny model passes it
         self.fps = fps
-        self.served = 0
+        self.served = 0  # ffmpeg runs that ended (a client came and went, or ffmpeg failed)
+        self._log = workdir / "ffmpeg.log"
         self._stop = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         self._thread = threading.Thread(target=self._run, name="net-camera", daemon=True)
@@ -36,12 +38,20 @@ class NetCamera:
     def uri(self) -> str:
         return f"tcp://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> NetCamera:
+    def start(self, timeout: float = 20.0) -> NetCamera:
+        """Wait until ffmpeg listens. free_port's port is in the ephemeral range, so an outgoing
+        connection of another test can take it before ffmpeg binds; ffmpeg then exits at once,
+        and the camera moves to a new port (no client knows the port before start returns)."""
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.listening():  # a client connecting earlier is refused and backs off
+            if self.served:  # ffmpeg ended with no client: it could not bind
+                self.served = 0
+                self.port = free_port()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"ffmpeg does not listen on port {self.port}")
+                log = self._log.read_text(errors="replace")[-2000:] if self._log.exists() else ""
+                raise TimeoutError(f"ffmpeg does not listen on port {self.port} after {timeout:.0f} s; "
+                                   f"its last output:\n{log}")
             time.sleep(0.05)
         return self
 
@@ -52,12 +62,16 @@ class NetCamera:
             return any(port in line and line.split()[3] == "0A" for line in f)
 
     def _run(self) -> None:
+        with open(self._log, "ab") as log:
+            self._serve(log)
+
+    def _serve(self, log: BinaryIO) -> None:
         while not self._stop.is_set():
             self._proc = subprocess.Popen(
                 [FFMPEG, "-hide_banner", "-loglevel", "error", "-re", "-loop", "1", "-framerate", str(self.fps),
                  "-i", str(self.image), "-pix_fmt", "yuv420p", "-q:v", "2", "-f", "mpegts",
                  f"{self.uri}?listen=1"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)
+                stderr=log)
             self._proc.wait()
             self.served += 1
             self._stop.wait(0.05)
