@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from edge.contract import PACKAGE_JSON, PostprocessParams
+from edge.contract import PACKAGE_JSON, Detection, PostprocessParams
 from edge.postprocess import postprocess
 from edge.rules import Rules, decide
-from training.metrics import PixelCounts, image_metrics
+from training.metrics import PixelCounts, average_precision, image_metrics
 
 # image -> HxW map, or (map, part score or None) for a model with a decision head
 Predictor = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, float | None]"]
@@ -59,6 +59,7 @@ def evaluate_detailed(
     labels = np.zeros(len(probs), bool)
     preds = np.zeros(len(probs), bool)
     scores = np.zeros(len(probs), np.float64)
+    head = np.zeros(len(probs), np.float64)  # the part output's scores, kept when the regions decide
     pixels = PixelCounts()
     rows: list[dict[str, Any]] = []
     for i, (prob, mask) in enumerate(zip(probs, masks, strict=True)):
@@ -66,13 +67,16 @@ def evaluate_detailed(
         verdict, _ = decide(det, _RULES)
         labels[i] = bool(np.any(mask))
         preds[i] = verdict == "fail"
-        scores[i] = det.score if det.part_score is None else det.part_score
+        scores[i] = det.part_score if _score_decides(det) else det.score
+        head[i] = det.score if det.part_score is None else det.part_score
         pixels.add(det.mask, mask)
         rows.append({"defective": bool(labels[i]), "predicted": bool(preds[i]), "score": float(scores[i]),
                      "n_regions": len(det.regions), "defect_area": det.total_area})
         if det.part_score is not None:
             rows[-1]["part_score"] = det.part_score
     metrics = image_metrics(preds, labels, scores)
+    if parts is not None and params.part_threshold is None:  # the head ranks, the regions decide
+        metrics["image_ap_part_output"] = average_precision(head, labels)
     metrics.update(pixels.to_dict())
     metrics.update({
         "n_images": len(probs),
@@ -87,6 +91,12 @@ def evaluate_detailed(
     return metrics, rows
 
 
+def _score_decides(det: Detection) -> bool:
+    """True when the part score (not the regions) gives the verdict, as edge.rules.decide judges it:
+    image AP must rank parts by what decides them, or it credits a score the station never uses."""
+    return det.part_score is not None and det.part_threshold is not None
+
+
 def evaluate_predictions(
     probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams,
     parts: Sequence[float] | None = None,
@@ -96,7 +106,8 @@ def evaluate_predictions(
     Per image: `postprocess(prob, params, part)`; label = any true defect pixel; prediction = the
     default rules fail the part (any region survives, or - with `parts`, the per-image part
     scores of a model with a decision head - part score >= params.part_threshold); score =
-    the part score when given, else `Detection.score` (ranks parts for image AP); pixel counts
+    the part score when it decides (a part_threshold is set), else `Detection.score` (ranks parts
+    for image AP; the part output's own AP is then `image_ap_part_output`); pixel counts
     compare `Detection.mask` (after morphology and the area filter) with the true mask, pooled
     over images. Conventions for 0/0 and AP: see training.metrics.
     """

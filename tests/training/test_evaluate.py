@@ -147,6 +147,22 @@ def test_cli_judges_a_part_output_by_part_threshold(dataset: Path, tmp_path: Pat
     assert high["image_recall"] == 0.0 and high["pixel_iou"] == result["pixel_iou"]  # regions unchanged
 
 
+def test_ap_ranks_by_the_regions_when_they_decide(dataset: Path, tmp_path: Path) -> None:
+    """A part output without a part_threshold does not decide: image AP ranks parts by the region
+    score the station judges by, and the part output's AP is reported on its own."""
+    from tests.tiny_package import make_tiny_package
+
+    pkg = make_tiny_package(tmp_path / "pkg", part="max", part_threshold=None)
+    out = tmp_path / "m.json"
+    assert main(["--model", str(pkg), "--data", str(dataset), "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert result["part_threshold"] is None and "image_ap_part_output" in result
+    rows = result["per_image"]
+    assert all("part_score" in row for row in rows)
+    assert all(row["score"] < 0.5 or row["n_regions"] > 0 for row in rows)  # the region score, not the head's
+    assert any(row["score"] != row["part_score"] for row in rows)
+
+
 def test_cli_on_a_checkpoint_with_a_decision_head(dataset: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     from training.checkpoint import CheckpointMeta, save_checkpoint

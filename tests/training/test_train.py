@@ -7,6 +7,7 @@ the whole file costs a few minutes of 2 shared cores, not one training per test.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -245,9 +246,13 @@ def test_time_budget_stops_with_a_low_lr(synth_data: Path, tmp_path: Path) -> No
     assert code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped"] == "time budget"
-    assert summary["elapsed_s"] < 0.3 * 60 + 15
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))
+    # the budget may end in the middle of an epoch and its validation, never much later: the slack
+    # is the slowest row's span on this machine at this load, not a fixed number of seconds
+    times = [0.0] + [float(r["time_s"]) for r in rows]
+    slowest_row = max(b - a for a, b in itertools.pairwise(times))
+    assert summary["elapsed_s"] < 0.3 * 60 + slowest_row + 5
     assert float(rows[-1]["lr"]) < 0.3 * load_config(DEMO).optim.lr
     # each row's loss covers the steps since the row before, so the budget ending an epoch
     # before its first step still logs a loss (a 20-minute Magnetic-Tile run logged nan here)
