@@ -22,8 +22,9 @@ import openvino as ov
 
 from edge.contract import Detection, InputSpec, ModelInfo, PackageMeta, PostprocessParams
 from edge.package import PackageError, package_hash, read_package
-from edge.postprocess import part_score, postprocess
+from edge.postprocess import postprocess
 from edge.preprocess import TileLayout, preprocess, stitch
+from edge.tiled import predict_frame
 
 _CORE: ov.Core | None = None
 _CORE_LOCK = threading.Lock()
@@ -52,6 +53,23 @@ def output_roles(model: ov.Model | ov.CompiledModel) -> tuple[int, int | None]:
     named = [i for i, o in enumerate(outs) if PART_OUTPUT in o.get_names()]
     part = named[0] if named else next((i for i, o in enumerate(outs) if len(o.get_partial_shape()) == 2), 1)
     return (1 if part == 0 else 0), part
+
+
+def compile_config(hint: str, precision: str, precision_hint: str | None = "auto",
+                   threads: int | None = None) -> dict[str, Any]:
+    """The one rule for how a model is compiled on the CPU plugin.
+
+    `precision` is the package's (fp32, fp16, int8). CPUs with bf16 units run float models in bf16 by
+    default; a float package must compute as it was validated, so "auto" asks for f32 there. INT8
+    packages keep the plugin's default: the export gate measured them so. An explicit hint wins."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+    if precision_hint == "auto":
+        precision_hint = "f32" if precision in ("fp32", "fp16") else None
+    if precision_hint:
+        config["INFERENCE_PRECISION_HINT"] = precision_hint
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
 
 
 def read_ir(xml_path: Path, spec: InputSpec) -> ov.Model:
@@ -140,16 +158,8 @@ class Inferencer:
         model = read_ir(self.model_dir / xml_name, self.spec)
         self.map_index, self.part_index = output_roles(model)
         self.has_part = self.part_index is not None
-        config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
         precision = self.meta.precision if xml_name == "model.xml" else Path(xml_name).parent.name or "fp32"
-        if precision_hint == "auto":
-            # CPUs with bf16 units run float models in bf16 by default; a package exported as fp32/fp16
-            # must compute as validated. INT8 packages keep the default: the export gate measured them so.
-            precision_hint = "f32" if precision in ("fp32", "fp16") else None
-        if precision_hint:
-            config["INFERENCE_PRECISION_HINT"] = precision_hint
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        config = compile_config(hint, precision, precision_hint, threads)
         try:
             self.compiled = core().compile_model(model, device, config)
         except Exception as e:
@@ -180,9 +190,7 @@ class Inferencer:
 
     def predict_part(self, frame: np.ndarray) -> tuple[np.ndarray, float | None]:
         """Frame -> (HxW probability map, part score or None); NonFiniteError for a NaN part output."""
-        tiles, layout = preprocess(frame, self.spec)
-        maps, parts = self.infer_tiles_parts(tiles)
-        return stitch(maps, layout, self.spec.overlap), None if parts is None else part_score(parts)
+        return predict_frame(self, frame, self.spec)
 
     def inspect(self, frame: np.ndarray, params: PostprocessParams | None = None) -> Detection:
         """Preprocess, infer, postprocess: nothing else."""

@@ -171,6 +171,15 @@ def plan_tiles(height: int, width: int, spec: InputSpec) -> TileLayout:
     return TileLayout(height, width, ph, pw, origins, tile)
 
 
+def pad_bottom_right(img: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
+    """The one padding rule, for frames on the line and patches in training alike: mirror the
+    image below and to the right (no new edge for the model to flag; a 1-pixel side repeats).
+    HxW stays HxW; HxWxC keeps its channel axis even for C = 1 (copyMakeBorder drops it)."""
+    mode = cv2.BORDER_REFLECT_101 if min(img.shape[:2]) > 1 else cv2.BORDER_REPLICATE
+    out = cv2.copyMakeBorder(img, 0, pad_h, 0, pad_w, mode)
+    return out if out.ndim == img.ndim else out[:, :, None]
+
+
 def preprocess(frame: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, TileLayout]:
     """Frame -> (tiles float32 Nx C x tile x tile, layout). Raw pixel values, NCHW."""
     img = to_model_color(frame, spec.color)
@@ -184,8 +193,7 @@ def preprocess(frame: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, TileLayo
     if (h, w) != (fh, fw):
         layout = replace(layout, frame_height=fh, frame_width=fw)
     if (layout.padded_height, layout.padded_width) != (h, w):
-        mode = cv2.BORDER_REFLECT_101 if min(h, w) > 1 else cv2.BORDER_REPLICATE
-        img = cv2.copyMakeBorder(img, 0, layout.padded_height - h, 0, layout.padded_width - w, mode)
+        img = pad_bottom_right(img, layout.padded_height - h, layout.padded_width - w)
     if img.ndim == 2:
         img = img[:, :, None]
     t = spec.tile

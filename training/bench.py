@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from edge.contract import InputSpec
+from edge.inference import compile_config, core
 from edge.package import read_package
 from edge.preprocess import preprocess
 from training.quantize import inference_precision
@@ -98,11 +99,9 @@ def vnni_peak_gops(cores: int, mhz: float, units: int = 2) -> tuple[float, str]:
 
 
 def compile_ov(xml: Path, threads: int, hint: str = "LATENCY", precision: str | None = None) -> ov.CompiledModel:
-    config: dict[str, Any] = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads}
-    if precision:
-        config["INFERENCE_PRECISION_HINT"] = precision
-    c = ov.Core()
-    return c.compile_model(c.read_model(str(xml)), "CPU", config)
+    """`precision`: an explicit INFERENCE_PRECISION_HINT (f32, bf16) or None for the plugin's default."""
+    c = core()
+    return c.compile_model(c.read_model(str(xml)), "CPU", compile_config(hint, "int8", precision, threads))
 
 
 def ov_runner(compiled: ov.CompiledModel, tile: np.ndarray) -> Callable[[], None]:

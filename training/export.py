@@ -319,7 +319,7 @@ def _torch_parity(module: torch.nn.Module, ref: q.OVPredictor, image: np.ndarray
     from training.predict import predict_tiles_part
 
     pt, pt_parts = predict_tiles_part(module, x, batch=len(x))
-    ov_maps, ov_parts = ref.infer_tiles_part(x)
+    ov_maps, ov_parts = ref.infer_tiles_parts(x)
     diff = float(np.abs(pt - ov_maps).max())
     if pt_parts is not None and ov_parts is not None:
         diff = max(diff, float(np.abs(pt_parts - ov_parts).max()))

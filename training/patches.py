@@ -48,7 +48,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
-from edge.preprocess import coarse_mask
+from edge.preprocess import coarse_mask, pad_bottom_right
 from training.augment import build_augmentation
 
 
@@ -74,11 +74,7 @@ class HardPositive:
 def _pad_bottom_right(a: np.ndarray, margin: int, size: int) -> np.ndarray:
     """Reflect-pad by `margin` (> 0) below and to the right, and at least to size x size."""
     h, w = a.shape[:2]
-    pad_h, pad_w = max(margin, size - h), max(margin, size - w)
-    mode = cv2.BORDER_REFLECT_101 if min(h, w) > 1 else cv2.BORDER_REPLICATE
-    out = cv2.copyMakeBorder(a, 0, pad_h, 0, pad_w, mode)
-    # copyMakeBorder keeps the channel axis only when there is more than one channel
-    return out if out.ndim == a.ndim else out[:, :, None]
+    return pad_bottom_right(a, max(margin, size - h), max(margin, size - w))
 
 
 class PatchDataset(IterableDataset):

@@ -1,19 +1,20 @@
 """Torch inference of one full image through the edge's own pre/postprocessing.
 
-Validation, calibration and the export accuracy gate all predict through here, and the
-tiling, padding and blending are edge.preprocess functions, so a model is judged exactly
-as the daemon will run it. A model with a decision head also gives one part probability per
+Validation, calibration and the export accuracy gate all predict through here, and a whole
+image goes through edge.tiled.predict_frame - the daemon's own tiling, padding and blending -
+so a model is judged exactly as the daemon will run it. A model with a decision head also gives one part probability per
 tile; the image's part score is `edge.postprocess.part_score` of them, as on the line.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from edge.contract import InputSpec
-from edge.postprocess import part_score
-from edge.preprocess import preprocess, stitch
+from edge.tiled import predict_frame
 
 
 def _split(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -60,12 +61,22 @@ def predict_tiles(model: torch.nn.Module, tiles: np.ndarray, batch: int = 8, tta
     return predict_tiles_part(model, tiles, batch=batch, tta=tta)[0]
 
 
+@dataclass(frozen=True)
+class TorchTiles:
+    """The torch back end of edge.tiled.predict_frame (model in eval mode)."""
+
+    model: torch.nn.Module
+    batch: int = 8
+    tta: bool = False
+
+    def infer_tiles_parts(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return predict_tiles_part(self.model, tiles, batch=self.batch, tta=self.tta)
+
+
 def predict_image_part(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, tta: bool = False,
                        batch: int = 8) -> tuple[np.ndarray, float | None]:
     """(HxW probability map, part score or None without a decision head) of one image (eval mode)."""
-    tiles, layout = preprocess(image, spec)
-    maps, parts = predict_tiles_part(model, tiles, batch=batch, tta=tta)
-    return stitch(maps, layout, spec.overlap), None if parts is None else part_score(parts)
+    return predict_frame(TorchTiles(model, batch, tta), image, spec)
 
 
 def predict_image(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, tta: bool = False,

@@ -29,16 +29,16 @@ import openvino as ov
 from tqdm import tqdm
 
 from edge.contract import InputSpec, PostprocessParams
-from edge.inference import core, infer_tiles_parts, output_roles
-from edge.postprocess import part_score
-from edge.preprocess import preprocess, stitch
+from edge.inference import compile_config, core, infer_tiles_parts, output_roles
+from edge.preprocess import preprocess
+from edge.tiled import predict_frame
 from training.data import Sample, load_sample
 
 MIN_CALIB_TILES = 50
 MIN_CALIB_IMAGES = 20
 # Reference FP32 must really be FP32: on CPUs with avx512_bf16/AMX OpenVINO's default
 # INFERENCE_PRECISION_HINT is bf16, which is not the reference the gate compares against.
-F32_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+F32_CONFIG = compile_config("LATENCY", "fp32")
 
 def warn(msg: str) -> None:
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)
@@ -65,17 +65,15 @@ class OVPredictor:
         self.map_index, self.part_index = output_roles(self.compiled)
         self.has_part = self.part_index is not None
 
-    def infer_tiles_part(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def infer_tiles_parts(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return infer_tiles_parts(self._request, tiles, self.map_index, self.part_index)
 
     def infer_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        return self.infer_tiles_part(tiles)[0]
+        return self.infer_tiles_parts(tiles)[0]
 
     def predict_part(self, image: np.ndarray) -> tuple[np.ndarray, float | None]:
         """(map, part score or None), as `Inferencer.predict_part`."""
-        tiles, layout = preprocess(image, self.spec)
-        maps, parts = self.infer_tiles_part(tiles)
-        return stitch(maps, layout, self.spec.overlap), None if parts is None else part_score(parts)
+        return predict_frame(self, image, self.spec)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         return self.predict_part(image)[0]

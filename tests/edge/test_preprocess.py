@@ -158,3 +158,32 @@ def test_coarse_outputs_stitch_to_the_frame(shape: tuple[int, int]) -> None:
     assert np.abs(prob - truth)[4:-4, 4:-4].max() < 0.03
     with pytest.raises(ValueError, match="do not divide"):
         stitch(coarse[:, :15, :15], layout, spec.overlap)
+
+
+class _Echo:
+    """A back end that returns each tile's own pixels / 255 as its map and the tile's max as its part score."""
+
+    def infer_tiles_parts(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        maps = tiles[:, 0] / 255.0
+        return maps.astype(np.float32), maps.reshape(len(maps), -1).max(axis=1)
+
+
+@pytest.mark.parametrize("shape", [(97, 131), (300, 200), (64, 64)])
+def test_predict_frame_is_tiling_and_stitching_of_any_back_end(shape: tuple[int, int]) -> None:
+    """An identity model gives the frame back through the one tiled prediction (padding and blending
+    leave no seam), and the part score is the max over tiles."""
+    from edge.tiled import predict_frame
+
+    frame = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    prob, part = predict_frame(_Echo(), frame, InputSpec(color="gray", tile=64, overlap=16, multiple_of=16))
+    assert prob.shape == shape
+    np.testing.assert_allclose(prob, frame / 255.0, atol=1e-5)
+    assert part == pytest.approx(frame.max() / 255.0)
+
+
+def test_padding_keeps_a_single_channel_axis() -> None:
+    from edge.preprocess import pad_bottom_right
+
+    assert pad_bottom_right(np.zeros((5, 7, 1), np.uint8), 3, 1).shape == (8, 8, 1)
+    assert pad_bottom_right(np.zeros((5, 7), np.uint8), 3, 1).shape == (8, 8)
+    assert pad_bottom_right(np.arange(3, dtype=np.uint8)[None, :], 2, 0).tolist() == [[0, 1, 2]] * 3
