@@ -99,7 +99,7 @@ def grid_counts(
         defective = n_true > 0
         peak = prob.max(keepdims=True)  # an array, so `>= t` rounds t exactly as binarize does
         for i, t in enumerate(ths.tolist()):  # Python floats: compared in float32 like binarize
-            flagged = np.zeros(na, bool)
+            flagged: np.ndarray = np.zeros(na, bool)
             if bool((peak >= t).any()):  # else the binary map is empty (morphology cannot add pixels)
                 binary = binarize(prob, dataclasses.replace(base, pixel_threshold=float(t)))
                 n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
@@ -112,7 +112,7 @@ def grid_counts(
                     g.px_tp[i] += tp
                     g.px_fp[i] += keep @ comp_area - tp
                     g.px_fn[i] += n_true - tp
-                    flagged = keep.any(axis=1)
+                    flagged = np.asarray(keep.any(axis=1))
                 else:
                     g.px_fn[i] += n_true
             else:

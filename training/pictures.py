@@ -138,7 +138,7 @@ def save_training_curves(csv_path: str | Path, png_path: str | Path) -> Path:
     x = cols.get("epoch", np.arange(n, dtype=np.float64))
     fig, (ax_loss, ax_met, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     drawn_loss = [_plot(ax_loss, x, cols[c], c) for c in ("train_loss", "val_loss") if c in cols]
-    metric_cols = [c for c in ("pixel_iou", "image_f1", "image_accuracy") if c in cols]
+    metric_cols: list[str] = [c for c in ("pixel_iou", "image_f1", "image_accuracy") if c in cols]
     metric_cols += sorted(c for c in cols if c.startswith(("image_", "pixel_")) and c not in metric_cols
                           and not c.endswith(("_tp", "_fp", "_fn", "_tn")))
     drawn_met = [_plot(ax_met, x, cols[c], c) for c in metric_cols]

@@ -150,7 +150,7 @@ def component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0), np.zeros(0)
     dist = cv2.distanceTransform(np.pad(m, 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
     peak = np.zeros(n, np.float32)
-    np.maximum.at(peak, labels.ravel(), dist.ravel())
+    np.maximum.at(peak, labels.ravel().astype(np.intp), dist.ravel())
     ridge = (m > 0) & (dist >= cv2.dilate(dist, np.ones((3, 3), np.uint8)) - 1e-4)
     ridge &= dist >= 0.5 * peak[labels]  # not the spurs of a ragged outline: they would make a blob thin
     lab, d = labels[ridge], dist[ridge]

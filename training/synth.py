@@ -240,8 +240,8 @@ def _stain(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
         axes = (max(2, int(r * rng.uniform(0.5, 1.2))), max(2, int(r * rng.uniform(0.5, 1.2))))
         cv2.ellipse(layer, tuple(int(v) for v in cc), axes, float(rng.uniform(0, 180)), 0, 360, 255, -1)
     alpha = cv2.GaussianBlur(layer.astype(np.float32) / 255.0, (0, 0), max(1.0, r * rng.uniform(0.15, 0.4)))
-    delta = rng.uniform(20, 55) * rng.choice([-1.0, 1.0])
-    tint = rng.uniform(0.6, 1.4, base.shape[2]).astype(np.float32) if base.shape[2] == 3 else np.ones(1, np.float32)
+    delta = float(rng.uniform(20, 55) * rng.choice([-1.0, 1.0]))
+    tint = np.asarray(rng.uniform(0.6, 1.4, base.shape[2]), np.float32) if base.shape[2] == 3 else np.ones(1, np.float32)
     return base + alpha[:, :, None] * delta * tint[None, None, :]
 
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from training.data import DataError, load_dataset, split_holdout
 from training.losses import build_loss
 from training.patches import HardNegative, PatchDataset, mine_hard_negatives, mine_hard_positives, update_pool
 from training.recipe_auto import resolve_auto
-from training.train_config import ConfigError, TrainConfig, load_config, parse_overrides
+from training.train_config import ConfigError, TrainConfig, fixed, load_config, parse_overrides
 from training.train_utils import (
     Clock,
     Overhead,
@@ -60,7 +60,7 @@ from training.train_utils import (
     train_step,
     validate,
 )
-from training.unet import UNetConfig, build_model, count_parameters, network_output_stride
+from training.unet import UNet, UNetConfig, build_model, count_parameters, network_output_stride
 
 
 @dataclass
@@ -101,14 +101,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         raise ConfigError("no dataset: pass --data DIR (or set data.root in the config)")
     dataset = load_dataset(cfg.data.root, strict=cfg.data.strict)
     say(f"data: {cfg.data.root}: {dataset.summary()}")
-    for path, why in dataset.skipped[:5]:
-        say(f"  skipped {path}: {why}")
+    for path, reason in dataset.skipped[:5]:
+        say(f"  skipped {path}: {reason}")
     split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
     split = split_holdout(dataset.samples, cfg.data.val_fraction, cfg.data.test_fraction, split_seed)
     train_s, val_s, test_s = split.train, split.val, split.test
     if not train_s or not val_s:
         raise DataError(f"{cfg.data.root}: too few images for a train/val split ({len(dataset.samples)})")
-    color = cfg.input.color if cfg.input.color != "auto" else detect_color(dataset.samples)
+    color = detect_color(dataset.samples) if cfg.input.color == "auto" else cfg.input.color
     channels = 1 if color == "gray" else 3
     train_images, train_masks = load_images(train_s, color)
     val_images, val_masks = load_images(val_s, color)
@@ -116,7 +116,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     if why and d.main:  # the recipe chose from the data: say what and why; config.yaml keeps the numbers
         say("auto recipe:\n  " + "\n  ".join(why))
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    spec = InputSpec(color=color, tile=cfg.input.tile, overlap=cfg.input.overlap, scale=cfg.input.scale,
+    spec = InputSpec(color=color, tile=fixed(cfg.input.tile, "input.tile"), overlap=cfg.input.overlap,
+                     scale=fixed(cfg.input.scale, "input.scale"),
                      multiple_of=cfg.model.stride, output_stride=network_output_stride(cfg.model.stem, int(cfg.model.space_to_depth)),
                      mean=tuple(cfg.input.mean or [127.5] * channels), std=tuple(cfg.input.std or [64.0] * channels))
     try:
@@ -146,16 +147,16 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
                                      "decision_detach": cfg.model.decision_detach})
         init_state = init_model.state_dict()
         say(f"init-from {init_from}: {init_meta.name} {init_meta.version} (epoch {init_meta.epoch})")
-    model = build_model(mcfg)
+    unet = build_model(mcfg)
     if init_state is not None:
-        missing, unexpected = model.load_state_dict(init_state, strict=False)
+        missing, unexpected = unet.load_state_dict(init_state, strict=False)
         bad = [k for k in [*missing, *unexpected] if not k.startswith(("aux_heads.", "decision."))]
         if bad:
             raise CheckpointError(f"{init_from}: weights do not fit the model: {', '.join(bad[:5])}")
     # NHWC is the layout oneDNN's CPU convolutions run fastest in: a step took 0.75x the time of
     # NCHW here, in bf16 and in fp32 alike (scripts/bench_train_step.py); the maths is the same up to rounding
-    model = model.to(memory_format=torch.channels_last)
-    raw_model = model
+    raw_model = unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
+    model: torch.nn.Module = raw_model  # what trains: raw_model, or its DDP wrapper
     loss_fn = build_loss(cfg.loss)
     opt_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -189,13 +190,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     if ema is not None and "raw_state_dict" in ts:
         ema.module.load_state_dict(payload["state_dict"])
         ema.n_averaged.fill_(1)
-    eval_model = ema.module if ema is not None else raw_model
+    eval_model = cast(UNet, ema.module) if ema is not None else raw_model
     if d.ddp:
         model = DistributedDataParallel(raw_model)  # also makes rank 0's initial weights everyone's
 
     # ---------------------------------------------------------------- patches
     pc = cfg.patches
-    patches = PatchDataset(train_images, train_masks, pc.size, pc.per_epoch, pc.defect_fraction,
+    patch = fixed(pc.size, "patches.size")
+    patches = PatchDataset(train_images, train_masks, patch, pc.per_epoch, pc.defect_fraction,
                            pc.hard_negative_fraction, pc.jitter, pc.augment, seed=cfg.seed, rank=d.rank,
                            world_size=d.world, target_stride=mcfg.space_to_depth if raw_model.views else 1,
                            hard_positive_fraction=pc.hard_positive_fraction)
@@ -247,7 +249,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             chosen = sorted(rng.choice(good_train, min(pc.mine_images, len(good_train)), replace=False).tolist())
             raw_model.eval()
             found = mine_hard_negatives(raw_model, train_images, chosen[d.rank :: d.world], pc.mine_per_image,
-                                        spacing=pc.size // 4, min_prob=pc.mine_min_prob, stride=mcfg.stride)
+                                        spacing=patch // 4, min_prob=pc.mine_min_prob, stride=mcfg.stride)
             if d.ddp:
                 parts: list[Any] = [None] * d.world
                 dist.all_gather_object(parts, found)
@@ -312,7 +314,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
                     if text:
                         tqdm.write(text) if show else say(text, flush=True)
                 if overhead is not None:  # a forward pass costs about a third of a training step per pixel
-                    overhead.expect("validate", val_pixels / (batch * pc.size**2) * step_s / run_steps / 3)
+                    overhead.expect("validate", val_pixels / (batch * patch**2) * step_s / run_steps / 3)
         step_bar.close()
         row_sum, row_n = row_sum + sum(losses), row_n + len(losses)
         epoch += 1
@@ -327,7 +329,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         # ------------------------------------------------------------ validate, checkpoint, log
         due = epoch % cfg.schedule.val_every == 0
         if cfg.schedule.val_every_s is not None:
-            due = clock.elapsed() - last_val_t >= cfg.schedule.val_every_s
+            due = clock.elapsed() - last_val_t >= fixed(cfg.schedule.val_every_s, "schedule.val_every_s")
         if due and overhead is not None:
             due = overhead.affordable("validate", clock.elapsed())
         if d.ddp:
@@ -448,7 +450,8 @@ def _report_test(out: Path, spec: InputSpec, test_s: Sequence[Any], color: str, 
     probs = [p for p, _ in pairs]
     # the part score judges only where calibration chose it to (train_utils.choose_verdict)
     head = bool(pairs) and pairs[0][1] is not None  # without a head, postprocess scores by the map's peak
-    parts = [float(q) for _, q in pairs] if head and meta.postprocess.part_threshold is not None else None
+    parts = ([float(q) for _, q in pairs if q is not None] if head and meta.postprocess.part_threshold is not None
+             else None)
     metrics, rows = evaluate_detailed(probs, masks, meta.postprocess, parts)
     names = [s.name for s in test_s]
     by_cat = errors_by_category(rows, [s.category for s in test_s], names)

@@ -12,16 +12,31 @@ configs/train/magnetic-tile.yaml holds only what differs from the general recipe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing_extensions import TypeIs
 
 from training.losses import LossName
 from training.unet import Stem, Upsample, network_stride
 
 AUTO = "auto"  # a field left to training.recipe_auto, resolved from the data when training starts
 Auto = Literal["auto"]
+T = TypeVar("T")
+
+
+def is_auto(value: object) -> TypeIs[Auto]:
+    """True for a field left to the recipe (narrows the type on both branches)."""
+    return value == AUTO
+
+
+def fixed(value: T | Auto, field: str) -> T:
+    """The value of a field that training.recipe_auto.resolve_auto has resolved; using one it has not
+    is a bug in the caller, named by the field."""
+    if is_auto(value):
+        raise ConfigError(f"{field} is still 'auto': training.recipe_auto.resolve_auto must resolve it first")
+    return value
 
 
 class ConfigError(ValueError):
@@ -66,7 +81,7 @@ class InputSection(_Section):
     @model_validator(mode="after")
     def _bounds(self) -> InputSection:
         _check_int(self.tile, "input.tile", 32, 2048, 16)
-        if self.scale != AUTO and not 0.05 <= self.scale <= 1.0:
+        if not is_auto(self.scale) and not 0.05 <= self.scale <= 1.0:
             raise ValueError(f"input.scale must be 'auto' or in [0.05, 1.0], got {self.scale}")
         return self
 
@@ -101,7 +116,7 @@ class ModelSection(_Section):
     def stride(self) -> int:
         """Input sides (patches, tiles) must be multiples of this (an unresolved auto counts as 1:
         the resolver only picks a space_to_depth that fits explicit patch and tile sides)."""
-        return network_stride(self.depth, 1 if self.space_to_depth == AUTO else self.space_to_depth)
+        return network_stride(self.depth, 1 if is_auto(self.space_to_depth) else self.space_to_depth)
 
 
 class PatchSection(_Section):
@@ -181,7 +196,7 @@ class ScheduleSection(_Section):
 
     @model_validator(mode="after")
     def _positive(self) -> ScheduleSection:
-        if self.val_every_s not in (None, AUTO) and not self.val_every_s > 0:  # type: ignore[operator]
+        if self.val_every_s is not None and not is_auto(self.val_every_s) and not self.val_every_s > 0:
             raise ValueError(f"schedule.val_every_s must be > 0, 'auto' or null, got {self.val_every_s}")
         return self
 
@@ -224,13 +239,13 @@ class TrainConfig(_Section):
             raise ValueError("data.val_fraction + data.test_fraction must be < 0.9 (parts are needed for training)")
         stride = self.model.stride  # unresolved autos are checked when training.recipe_auto resolves them
         for name, side in (("patches.size", self.patches.size), ("input.tile", self.input.tile)):
-            if side != AUTO and side % stride:  # type: ignore[operator]
+            if not is_auto(side) and side % stride:
                 raise ValueError(f"patches.size and input.tile must be multiples of the network stride "
                                  f"2**model.depth * model.space_to_depth = {stride} ({name} is {side})")
         if self.model.decision_head and self.loss.decision_weight <= 0:
             raise ValueError("model.decision_head needs loss.decision_weight > 0: an untrained head would decide "
                              "the verdict (or set model.decision_head: false)")
-        if self.input.tile != AUTO and self.input.overlap * 2 >= self.input.tile:  # type: ignore[operator]
+        if not is_auto(self.input.tile) and self.input.overlap * 2 >= self.input.tile:
             raise ValueError("input.overlap must be < input.tile / 2")
         for key in self.validation.score:
             if key not in SCORE_METRICS:

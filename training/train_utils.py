@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -253,7 +253,7 @@ def speed_report(steps: int, seconds: float, clock: Clock, usual_steps: int | No
 # --------------------------------------------------------------------------- data
 
 
-def detect_color(samples: Sequence[Sample], limit: int = 32) -> str:
+def detect_color(samples: Sequence[Sample], limit: int = 32) -> Literal["gray", "bgr"]:
     """'bgr' if any of the first images has colour (channels that differ), else 'gray'."""
     for s in samples[:limit]:
         img = cv2.imread(str(s.image_path), cv2.IMREAD_UNCHANGED)
@@ -344,7 +344,7 @@ def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequen
         mine = [(i, p.astype(np.float32), s) for part in gathered for i, p, s in part]
     mine.sort(key=lambda t: t[0])
     probs = [p for _, p, _ in mine]
-    parts = None if any(s is None for _, _, s in mine) or not mine else [float(s) for _, _, s in mine]
+    parts = None if any(s is None for _, _, s in mine) or not mine else [float(s) for _, _, s in mine if s is not None]
     params, report = calibrate(probs, masks, min_recall=cfg.min_recall)
     metrics = report.get("metrics") or evaluate_predictions(probs, masks, params)
     if any(np.any(m) for m in masks):  # a verdict threshold of its own: calibrated, then chosen or not

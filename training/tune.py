@@ -25,7 +25,7 @@ from typing import Any, get_args
 import yaml
 
 from training.data import DataError
-from training.train_config import ConfigError, TrainConfig, config_from_dict, deep_merge, load_config
+from training.train_config import Auto, ConfigError, TrainConfig, config_from_dict, deep_merge, load_config
 from training.unet import Upsample
 
 WIDTHS = (8, 12, 16, 24)
@@ -38,7 +38,7 @@ IMAGE_WEIGHTS = (0.0, 0.1, 0.3, 1.0)  # loss.image_weight: part ranking vs. pixe
 def suggest(trial: Any, base: TrainConfig) -> dict[str, Any]:
     """The trial's overrides of the base config (nested like the YAML)."""
     stride = base.model.stride
-    sizes = [s for s in PATCH_SIZES if s % stride == 0] or [base.patches.size]
+    sizes: list[int | Auto] = [s for s in PATCH_SIZES if s % stride == 0] or [base.patches.size]
     return {
         "input": {"scale": trial.suggest_categorical("scale", list(SCALES))},
         "optim": {"lr": trial.suggest_float("lr", 2e-4, 5e-3, log=True)},

@@ -110,6 +110,9 @@ class UNet(nn.Module):
     views stem in training mode returns logits (and aux) at body size H/s x W/s, for coarse targets.
     """
 
+    mean: torch.Tensor  # buffers [1, C, 1, 1]: normalisation inside the graph (exported with it)
+    std: torch.Tensor
+
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -131,6 +134,7 @@ class UNet(nn.Module):
         self.aux_heads = nn.ModuleList(
             nn.Conv2d(widths[i], 1, 1) for i in reversed(range(1, cfg.depth))
         ) if cfg.deep_supervision else nn.ModuleList()
+        assert self.head.bias is not None  # Conv2d's default bias=True
         nn.init.constant_(self.head.bias, cfg.head_bias)
         self.decision = DecisionHead(widths[-1], detach=cfg.decision_detach) if cfg.decision_head else None
 
