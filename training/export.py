@@ -41,9 +41,9 @@ from edge.package import read_package, sha256_file, write_package_json
 from edge.preprocess import preprocess
 from edge.signature import sign_package
 from training import quantize as q
-from training.bench import median_latency_ms, ov_runner
 from training.checkpoint import CheckpointMeta, load_model
 from training.data import load_dataset, load_sample, split_holdout
+from training.timing import median_latency_ms, ov_runner
 
 
 class ExportError(RuntimeError):
