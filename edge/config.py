@@ -315,6 +315,19 @@ class AlarmsConfig(_Model):
     backlog_ratio: float = Field(default=0.5, gt=0, le=1, description="Outbox fill above this share of max_events -> alarm.")
 
 
+class SelfTestConfig(_Model):
+    """Golden-sample self-test (edge.selftest); the set lives in <state_dir>/golden (`python -m edge golden`)."""
+
+    interval_s: float = Field(default=0.0, ge=0, le=7 * 86400, description="Run the golden set between parts every "
+                              "this many seconds (0 = only at start, at every reload and on a command).")
+    on_failure: Literal["stop", "alarm"] = Field(default="stop", description="A failed run between parts raises "
+                                                 "selftest_failed and then: stop = every part gets an `error` "
+                                                 "verdict until a self-test passes again; alarm = keep inspecting.")
+    commands: bool = Field(default=True, description="Run on {\"command\": \"selftest\"} published to <base>/command.")
+    min_samples: int = Field(default=0, ge=0, le=10_000, description="Fewer golden samples than this fail the "
+                             "self-test (0 = an empty set passes, untested).")
+
+
 class MetricsConfig(_Model):
     enabled: bool = Field(default=True, description="Serve /metrics (Prometheus) and /healthz.")
     host: str = Field(default="127.0.0.1", description="Bind address; keep localhost unless a firewall is in place.")
@@ -339,6 +352,7 @@ class Config(_Model):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable event store.")
     evidence: EvidenceConfig = Field(default_factory=EvidenceConfig, description="Saved images.")
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig, description="Alarm thresholds.")
+    selftest: SelfTestConfig = Field(default_factory=SelfTestConfig, description="Golden-sample self-test.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics, health and stats.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Daemon logs.")
     state_dir: Path = Field(description="Writable folder for the outbox, sequence numbers and evidence.")
