@@ -23,20 +23,29 @@ def append(state_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     except (KeyError, OSError):  # no passwd entry for the uid (containers)
         user = str(os.getuid())
     body = {"ts": round(time.time(), 3), "user": user, "pid": os.getpid(), **record}
-    line = (json.dumps(body, separators=(",", ":"), default=str) + "\n").encode()
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    fd = os.open(Path(state_dir) / AUDIT_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_jsonl(Path(state_dir) / AUDIT_FILE, body)
     return body
 
 
+def append_jsonl(path: Path, body: dict[str, Any], sync: bool = True) -> None:
+    """One line, one write on an O_APPEND descriptor (never interleaved), fsynced unless `sync` is False."""
+    line = (json.dumps(body, separators=(",", ":"), default=str) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, line)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read(state_dir: Path) -> list[dict[str, Any]]:
-    """Every complete record; a torn last line (power cut mid-write) is skipped."""
-    path = Path(state_dir) / AUDIT_FILE
+    """Every complete audit record; a torn last line (power cut mid-write) is skipped."""
+    return read_jsonl(Path(state_dir) / AUDIT_FILE)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

@@ -6,6 +6,7 @@
     python -m edge golden test --config S.yaml        run the set through model.path here, print margins
     python -m edge promote --config S.yaml --package DIR
     python -m edge rollback --config S.yaml
+    python -m edge shadow-report --state-dir DIR [--hours H] [--json]
 
 Exit codes: 0 ok, 1 refused (the golden set disagrees, the station refused the model), 78 bad
 config, golden set or model store.
@@ -113,7 +114,10 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    """Register golden, promote and rollback on the `python -m edge` subparsers."""
+    """Register golden, promote, rollback and shadow-report on the `python -m edge` subparsers."""
+    from edge.shadow_report import add_command
+
+    add_command(sub)
     g = sub.add_parser("golden", help="manage the station's golden set (reference parts with known verdicts)")
     gsub = g.add_subparsers(dest="golden_command", required=True)
     ga = gsub.add_parser("add", help="copy an image into the golden set with its expected verdict")
@@ -134,6 +138,7 @@ def add_commands(sub: Any) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", "-c", required=True, help="station YAML (model.path is the store's `current`)")
         if name == "promote":
-            p.add_argument("--package", required=True, help="model package folder, normally <store>/versions/<id>")
+            p.add_argument("--package", help="model package folder, normally <store>/versions/<id> "
+                           "(default: model.shadow)")
         p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the running daemon")
         p.set_defaults(fn=cmd_switch)

@@ -140,6 +140,14 @@ class ModelConfig(_Model):
     public_key: Path | None = Field(default=None, description="Ed25519 public key (PEM). When set, a package loads "
                                     "only with a valid package.json.sig made by the matching private key "
                                     "(`python -m training export --sign KEY`); needs verify_hashes.")
+    shadow: Path | None = Field(default=None, description="A second package judged beside the live one (edge.shadow): "
+                                "only the live model decides; disagreements go to <base>/shadow and "
+                                "<state_dir>/shadow; `python -m edge promote` without --package makes it live. "
+                                "Loaded at start (a change needs a restart).")
+    shadow_every_nth: int = Field(default=1, ge=1, le=100_000, description="Offer every Nth part to the shadow.")
+    shadow_cpu_share: float = Field(default=0.5, gt=0, le=1, description="Most of one core the shadow may keep busy "
+                                    "(duty cycle); parts it has no room for are skipped and counted as thinned, "
+                                    "the line is never slowed.")
 
     @model_validator(mode="after")
     def _signed_needs_hashes(self) -> ModelConfig:

@@ -24,6 +24,7 @@ from edge.mqtt import MqttSink
 from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
 from edge.selftest import SelfTester
+from edge.shadow import ShadowRunner, start_shadow
 from edge.sources import SourceError, make_source
 from edge.sources.gate import FrameGate
 from edge.statelock import LockHeld, ProcessLock, client_id_lock, state_lock
@@ -59,6 +60,7 @@ class Pipeline:
         self.evidence: EvidenceWriter | None = None
         self._thinned = 0
         self.triggers: TriggerStore | None = None
+        self.shadow: ShadowRunner | None = None
         self.locks: list[ProcessLock] = []
 
     # -- startup: a flat list of steps; any failure here is a startup failure ------------------
@@ -108,6 +110,7 @@ class Pipeline:
             queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder",
             max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)),
             group_commit_ms=cfg.outbox.group_commit_ms, group_commit_max=cfg.outbox.group_commit_max)
+        self.flow.shadow = self.shadow = start_shadow(cfg, self.sink, self.station, self.alarms.set)
         self.flow.start()
         self.notifier.ready(f"inspecting {self.source.name} with {self.model.info['name']} {self.model.info['version']}")
         log.info("station %s ready: source %s, topics %s/#", self.station_key, self.source.name, cfg.base_topic)
@@ -280,6 +283,8 @@ class Pipeline:
             self.flow.drain(deadline, self.notifier.watchdog)
         if hasattr(self, "source"):
             self.source.close()
+        if self.shadow is not None:  # its last pair counts are written and published
+            self.shadow.close()
         if self.evidence is not None:  # what is queued is written (bounded: events already say "pending")
             self.evidence.close(timeout=max(1.0, deadline - time.monotonic()))
         if self.sink is not None:

@@ -108,13 +108,15 @@ def running_daemon(state_dir: Path) -> int | None:
 
 
 def switch(cfg: Config, action: str, package: Path | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
-    """promote (to `package`) or rollback (to `previous`); returns the audit record (ok or not)."""
+    """promote (to `package`, default model.shadow) or rollback (to `previous`); returns the audit
+    record (ok or not)."""
     store = store_of(cfg)
     with store_lock(store):
         old = read_link(store, CURRENT)
         if action == "promote":
+            package = package or cfg.model.shadow
             if package is None:
-                raise PromotionError("promote needs --package DIR")
+                raise PromotionError("promote needs --package DIR (or model.shadow in the config)")
             resolved = package.resolve()
             try:
                 target = str(resolved.relative_to(store.resolve()))
