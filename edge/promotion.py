@@ -209,9 +209,14 @@ def _offline_selftest(cfg: Config, path: Path) -> str:
 def publish_once(cfg: Config, name: str, body: dict[str, Any], timeout_s: float = 5.0) -> bool:
     """QoS 1 to <base>/<name> over a short connection of its own (client id <station's>-admin, so the
     running daemon is not kicked off); best effort: the audit log is the record. False if not sent."""
+    from edge.config import ConfigError
     from edge.station import mqtt_settings
 
-    s = mqtt_settings(cfg)
+    try:
+        s = mqtt_settings(cfg)
+    except ConfigError as e:  # e.g. the password is a systemd credential of the unit, not readable here
+        log.warning("event on %s/%s not published (%s); it is in the audit log", cfg.base_topic, name, e)
+        return False
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{s.client_id}-admin",
                          protocol=MQTTProtocolVersion.MQTTv5 if s.protocol == "5" else MQTTProtocolVersion.MQTTv311)
     if s.username is not None:
