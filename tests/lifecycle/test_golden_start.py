@@ -82,3 +82,13 @@ def test_start_refused_when_the_model_disagrees(tmp_path: Path, store: Path, gol
     (alarm,) = [a for a in alarms(sub) if a["alarm"] == "selftest_failed"]
     assert alarm["state"] == "raised" and "defect-a expected fail, got pass" in alarm["message"]
     assert "golden self-test failed for tiny-dark-spot 3.0.0" in d.text()
+
+
+def test_shipped_acl_lets_a_station_use_its_lifecycle_topics() -> None:
+    """Side messages are not held like results: a topic the ACL denies would lose them silently."""
+    from edge import promotion, selftest, shadow
+
+    text = (Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "acl.example").read_text()
+    for topic in (selftest.TOPIC, shadow.TOPIC, promotion.MODEL_TOPIC):
+        assert f"pattern write inspection/%u/{topic}\n" in text
+    assert f"pattern read inspection/%u/{selftest.COMMAND_TOPIC}\n" in text
