@@ -248,6 +248,8 @@ class Pipeline:
                             "alarms", "logging", "selftest"):
                 if getattr(new_cfg, section) != getattr(self.cfg, section):
                     log.warning("reload: section %r changed; it takes effect only after a restart", section)
+            if new_cfg.model.shadow != self.cfg.model.shadow:
+                log.warning("reload: model.shadow changed; the shadow changes only after a restart")
             new_model = load_model(new_cfg)
             self.selftest.gate(new_model, new_cfg.roi, "reload", (request or {}).get("id"))  # fails: old model stays
         except (ConfigError, PackageError, OSError, RuntimeError) as e:
