@@ -1,7 +1,8 @@
 """Append-only audit log of what changed a station's judgement: model promotions and rollbacks,
 golden set edits. `<state_dir>/audit.jsonl`, one JSON object per line, each write one `write`
 on an O_APPEND descriptor followed by fsync, so concurrent writers never interleave a line and
-a power cut loses at most the record being written (never an earlier one).
+a power cut loses at most the record being written (never an earlier one). `append_jsonl` and
+`read_jsonl` serve other station logs of the same kind (edge.shadow).
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ class SelfTestResult:
         if not bad:
             return f"{len(self.samples)} golden samples agree (min margin {self.min_margin})"
         parts = [f"{s['id']} expected {s['expected']}, got {s['verdict']}"
-                 + (f" ({s['error']})" if s["error"] else f" (score {s['score']} vs {s['threshold']})") for s in bad]
+                 + (f" ({s['error']})" if s["error"] else
+                    f" (score {s['score']} vs {s['threshold']}, {s['regions']} region(s))") for s in bad]
         return f"{len(bad)} of {len(self.samples)} golden samples disagree: " + "; ".join(parts)
 
     def event(self, station: dict[str, str], request: str | None = None) -> dict[str, Any]:
