@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -20,15 +19,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_tiny_package(root / "versions" / "v2", version="2.0.0")
     make_tiny_package(root / "versions" / "blind", version="3.0.0", min_area=5000)
     return root
-
-
-def reset_links(store: Path) -> Path:
-    """current -> versions/v1, no previous; returns the `current` link."""
-    for name in ("current", "previous"):
-        if os.path.lexists(store / name):
-            (store / name).unlink()
-    (store / "current").symlink_to("versions/v1")
-    return store / "current"
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,7 @@ from edge import audit, golden
 from edge.__main__ import main
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import BASE, Daemon, alarms, results, station, write_config
-from tests.lifecycle.conftest import reset_links
-
-
-def add_set(cfg: Path, images: dict[str, Path]) -> None:
-    for name, path in images.items():
-        assert main(["golden", "add", "--config", str(cfg), str(path), "--expect",
-                     "fail" if name.startswith("defect") else "pass", "--note", name]) == 0
+from tests.lifecycle.helpers import add_set, reset_links
 
 
 def test_golden_cli_manages_the_set(tmp_path: Path, store: Path, golden_images: dict[str, Path],

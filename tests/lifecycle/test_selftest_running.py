@@ -15,7 +15,7 @@ from edge.__main__ import main
 from edge.events import rules_hash, validate_event
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import BASE, Daemon, alarms, expected, results, station, wait_results, write_config
-from tests.lifecycle.test_golden_start import add_set
+from tests.lifecycle.helpers import add_set, assert_every_part_once
 
 
 def selftests(sub: Subscriber) -> list[dict[str, Any]]:
@@ -81,8 +81,7 @@ def test_reload_scheduled_and_commanded_selftests(tmp_path: Path, store: Path, g
     assert commanded["kind"] == "command" and commanded["status"] == "pass" and commanded["min_margin"] > 0
 
     got = sorted(results(sub), key=lambda e: e["seq"])
-    indices = sorted(int(e["part_id"][3:]) for e in got)
-    assert indices == list(range(1, len(got) + 1)), "a part was lost or duplicated"
+    assert_every_part_once(got)
     errors = [e for e in got if e["verdict"] == "error"]
     assert errors and all("golden self-test failed" in e["error"] for e in errors)
     assert all(e["verdict"] == expected(e["part_id"]) for e in got if e["verdict"] != "error")
