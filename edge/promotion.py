@@ -137,18 +137,26 @@ def switch(cfg: Config, action: str, package: Path | None = None, timeout_s: flo
         except (PackageError, PromotionError, OSError) as e:
             record["error"] = str(e)
         if record["error"] is None:
-            if action == "promote":  # previous first: if interrupted, `current` still names the running model
-                if old is not None:
-                    switch_link(store, PREVIOUS, old)
-                switch_link(store, CURRENT, target)
-            else:  # current first (install.sh): interrupted, `previous` still names the rollback target
-                switch_link(store, CURRENT, target)
-                if old is not None:
-                    switch_link(store, PREVIOUS, old)
-            record["ok"] = True
+            try:
+                _switch_links(store, action, old, target)
+                record["ok"] = True
+            except OSError as e:  # the station runs the target already; a restart would load `current`
+                record["error"] = (f"the station loaded {target} but the links were not switched ({e}): "
+                                   f"`{CURRENT}` is {read_link(store, CURRENT)}; fix the store before a restart")
     written = audit.append(cfg.state_dir, record)
     publish_once(cfg, MODEL_TOPIC, written)
     return written
+
+
+def _switch_links(store: Path, action: str, old: str | None, target: str) -> None:
+    if action == "promote":  # previous first: if interrupted, `current` still names the old model
+        if old is not None:
+            switch_link(store, PREVIOUS, old)
+        switch_link(store, CURRENT, target)
+    else:  # current first (install.sh): if interrupted, `previous` still names the rollback target
+        switch_link(store, CURRENT, target)
+        if old is not None:
+            switch_link(store, PREVIOUS, old)
 
 
 def _verify(cfg: Config, path: Path) -> dict[str, Any]:
