@@ -44,15 +44,13 @@ def test_promote_and_rollback_under_load(tmp_path: Path, store: Path, golden_ima
 
         assert main(["promote", "--config", str(cfg), "--package", str(versions / "v2"), "--timeout", "30"]) == 0
         assert links(store) == ("versions/v2", "versions/v1")
-        n = len(results(sub))
-        wait_results(sub, n + 3)
-        assert results(sub)[-1]["model"]["version"] == "2.0.0"
+        assert sub.wait_for(lambda ms: results(sub)[-1]["model"]["version"] == "2.0.0", 20), d.text()
 
         assert main(["rollback", "--config", str(cfg), "--timeout", "30"]) == 0
         assert links(store) == ("versions/v1", "versions/v2")
         n = len(results(sub))
-        wait_results(sub, n + 3)
-        assert results(sub)[-1]["model"]["version"] == "1.0.0"
+        assert sub.wait_for(lambda ms: len(results(sub)) > n + 3 and results(sub)[-1]["model"]["version"] == "1.0.0",
+                            20), d.text()
         d.signal(signal.SIGTERM)
         assert d.wait() == 0, d.text()
     finally:

@@ -61,8 +61,8 @@ def test_reload_scheduled_and_commanded_selftests(tmp_path: Path, store: Path, g
         assert sub.wait_for(lambda ms: any(a["alarm"] == "selftest_failed" and a["state"] == "cleared"
                                            for a in alarms(sub)), 20), d.text()
         n = len(results(sub))
-        wait_results(sub, n + 5)
-        assert all(e["verdict"] == expected(e["part_id"]) for e in results(sub)[n + 2:]), "inspecting again"
+        wait_results(sub, n + 8)
+        assert all(e["verdict"] == expected(e["part_id"]) for e in results(sub)[-3:]), "inspecting again"
 
         # 3. a self-test on command, between parts
         sub.publish(f"{BASE}/command", json.dumps({"command": "selftest", "id": "shift-start"}))
