@@ -46,6 +46,10 @@ def test_golden_cli_manages_the_set(tmp_path: Path, store: Path, golden_images: 
     assert main(["golden", "test", "--config", str(blind)]) == 1
     out = capsys.readouterr().out
     assert "2 of 3 golden samples disagree" in out and "defect-a expected fail, got pass" in out
+    strict = write_config(tmp_path / "m.yaml", station(tmp_path, store / "versions" / "v1", None, {"type": "synthetic"},
+                                                       selftest={"min_samples": 10}))
+    assert main(["golden", "test", "--config", str(strict)]) == 1
+    assert "3 golden sample(s), selftest.min_samples is 10" in capsys.readouterr().out
     # a changed reference image is caught, not trusted
     (golden.golden_dir(state) / "good-a.png").write_bytes(golden_images["defect-a"].read_bytes())
     assert main(["golden", "test", "--config", str(cfg)]) == 1
