@@ -154,6 +154,7 @@ class SelfTester:
         self._next_due = time.monotonic() + settings.interval_s if settings.interval_s else math.inf
         self._thread: threading.Thread | None = None
         self._generation = 0  # +1 per model that passed a reload gate: older runs are superseded
+        self._state_lock = threading.Lock()  # generation, alarm and hold change together
         self.last: SelfTestResult | None = None
         if sink is not None and settings.commands:
             sink.add_subscription(COMMAND_TOPIC, self.on_command)
@@ -163,9 +164,10 @@ class SelfTester:
         """Pass, or close `model` and raise SelfTestFailed naming the samples that disagree."""
         result = self._run(model, roi, kind, request)
         if result.ok:
-            if kind == "reload":
-                self._generation += 1
-            self._failed(False, f"{kind}: {result.summary()}")
+            with self._state_lock:
+                if kind == "reload":
+                    self._generation += 1
+                self._failed(False, f"{kind}: {result.summary()}")
             return
         if kind == "start":
             self.alarms.set(SELFTEST_FAILED, True, f"refusing to inspect: {result.summary()}")
@@ -210,12 +212,13 @@ class SelfTester:
         except Exception:
             log.exception("self-test (%s) crashed", kind)
             return
-        if generation != self._generation:  # a reload swapped (and closed) this model meanwhile
-            log.info("self-test (%s) of %s %s superseded by a reload; result dropped", kind,
-                     model.info["name"], model.info["version"])
-            return
-        self._report(result, request)
-        self._failed(not result.ok, f"{kind}: {result.summary()}")
+        with self._state_lock:  # a reload gate passing at the same moment must not be overwritten by this
+            if generation != self._generation:  # a reload swapped (and closed) this model meanwhile
+                log.info("self-test (%s) of %s %s superseded by a reload; result dropped", kind,
+                         model.info["name"], model.info["version"])
+                return
+            self._report(result, request)
+            self._failed(not result.ok, f"{kind}: {result.summary()}")
 
     # -- shared ---------------------------------------------------------------------------------
     def _run(self, model: LoadedModel, roi: RoiConfig | None, kind: str, request: str | None) -> SelfTestResult:
