@@ -5,6 +5,8 @@
     python -m edge inspect --model PKG img.png ...    inspect files once, print verdicts, write overlays
     python -m edge keygen --out DIR                   Ed25519 key pair for signing model packages
     python -m edge sign --key KEY PKG                 (re)sign a package (what `training export --sign` does)
+    python -m edge golden add|list|remove|test ...    the station's golden set (edge.cli_lifecycle)
+    python -m edge promote|rollback --config S.yaml   switch the model store's links after a golden test
 
 Exit codes: 0 ok, 1 runtime failure (or an image that could not be inspected), 2 usage,
 78 bad config or bad model package. Heavy modules (OpenVINO) load only for the commands
@@ -278,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--key", required=True, help="private key made by `python -m edge keygen`")
     g.add_argument("package", help="model package folder (verified before it is signed)")
     g.set_defaults(fn=cmd_sign)
+    from edge.cli_lifecycle import add_commands
+
+    add_commands(sub)
     return p
 
 

@@ -140,6 +140,14 @@ class ModelConfig(_Model):
     public_key: Path | None = Field(default=None, description="Ed25519 public key (PEM). When set, a package loads "
                                     "only with a valid package.json.sig made by the matching private key "
                                     "(`python -m training export --sign KEY`); needs verify_hashes.")
+    shadow: Path | None = Field(default=None, description="A second package judged beside the live one (edge.shadow): "
+                                "only the live model decides; disagreements go to <base>/shadow and "
+                                "<state_dir>/shadow; `python -m edge promote` without --package makes it live. "
+                                "Loaded at start (a change needs a restart).")
+    shadow_every_nth: int = Field(default=1, ge=1, le=100_000, description="Offer every Nth part to the shadow.")
+    shadow_cpu_share: float = Field(default=0.5, gt=0, le=1, description="Most of one core the shadow may keep busy "
+                                    "(duty cycle); parts it has no room for are skipped and counted as thinned, "
+                                    "the line is never slowed.")
 
     @model_validator(mode="after")
     def _signed_needs_hashes(self) -> ModelConfig:
@@ -315,6 +323,19 @@ class AlarmsConfig(_Model):
     backlog_ratio: float = Field(default=0.5, gt=0, le=1, description="Outbox fill above this share of max_events -> alarm.")
 
 
+class SelfTestConfig(_Model):
+    """Golden-sample self-test (edge.selftest); the set lives in <state_dir>/golden (`python -m edge golden`)."""
+
+    interval_s: float = Field(default=0.0, ge=0, le=7 * 86400, description="Run the golden set between parts every "
+                              "this many seconds (0 = only at start, at every reload and on a command).")
+    on_failure: Literal["stop", "alarm"] = Field(default="stop", description="A failed run between parts raises "
+                                                 "selftest_failed and then: stop = every part gets an `error` "
+                                                 "verdict until a self-test passes again; alarm = keep inspecting.")
+    commands: bool = Field(default=True, description="Run on {\"command\": \"selftest\"} published to <base>/command.")
+    min_samples: int = Field(default=0, ge=0, le=10_000, description="Fewer golden samples than this fail the "
+                             "self-test (0 = an empty set passes, untested).")
+
+
 class MetricsConfig(_Model):
     enabled: bool = Field(default=True, description="Serve /metrics (Prometheus) and /healthz.")
     host: str = Field(default="127.0.0.1", description="Bind address; keep localhost unless a firewall is in place.")
@@ -339,6 +360,7 @@ class Config(_Model):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable event store.")
     evidence: EvidenceConfig = Field(default_factory=EvidenceConfig, description="Saved images.")
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig, description="Alarm thresholds.")
+    selftest: SelfTestConfig = Field(default_factory=SelfTestConfig, description="Golden-sample self-test.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics, health and stats.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Daemon logs.")
     state_dir: Path = Field(description="Writable folder for the outbox, sequence numbers and evidence.")

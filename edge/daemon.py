@@ -23,6 +23,8 @@ from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
+from edge.selftest import SelfTester
+from edge.shadow import ShadowRunner, start_shadow
 from edge.sources import SourceError, make_source
 from edge.sources.gate import FrameGate
 from edge.statelock import LockHeld, ProcessLock, client_id_lock, state_lock
@@ -58,6 +60,7 @@ class Pipeline:
         self.evidence: EvidenceWriter | None = None
         self._thinned = 0
         self.triggers: TriggerStore | None = None
+        self.shadow: ShadowRunner | None = None
         self.locks: list[ProcessLock] = []
 
     # -- startup: a flat list of steps; any failure here is a startup failure ------------------
@@ -90,12 +93,14 @@ class Pipeline:
         self.gate = FrameGate(cfg.pipeline, self.metrics, self.triggers, on_alarm=self.alarms.set)
         self.sink = MqttSink(ms, self.outbox, cfg.base_topic, self._status_payload(),
                              on_alarm=self.alarms.set, on_trigger=self.gate.on_trigger)
+        self.selftest = SelfTester(cfg.selftest, cfg.state_dir, self.station, self.sink, self.alarms, self._hold_parts)
         self.sink.start()
         if self.outbox.recovery:
             self.alarms.set(OUTBOX_RECOVERED, True, self.outbox.recovery)
         if cfg.metrics.enabled:
             self.server = MetricsServer(self.metrics, self.health, cfg.metrics.host, cfg.metrics.port)
             self.server.start()
+        self.selftest.gate(self.model, cfg.roi, "start")  # golden set disagrees -> SelfTestFailed (exit 78)
         self.source = make_source(cfg.source, cfg.state_dir, lambda: self.model.inferencer.spec)
         self.source.open()  # SourceError (missing folder/file) -> exit 78
         self.flow = FrameFlow(
@@ -105,6 +110,7 @@ class Pipeline:
             queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder",
             max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)),
             group_commit_ms=cfg.outbox.group_commit_ms, group_commit_max=cfg.outbox.group_commit_max)
+        self.flow.shadow = self.shadow = start_shadow(cfg, self.sink, self.station, self.alarms.set)
         self.flow.start()
         self.notifier.ready(f"inspecting {self.source.name} with {self.model.info['name']} {self.model.info['version']}")
         log.info("station %s ready: source %s, topics %s/#", self.station_key, self.source.name, cfg.base_topic)
@@ -130,6 +136,8 @@ class Pipeline:
             if self.reload_event.is_set():
                 self.reload_event.clear()
                 self._start_reload()
+            self.selftest.tick(self.model, self.cfg.roi, busy=self._reload_thread is not None
+                               and self._reload_thread.is_alive())
             if time.monotonic() >= next_stats:
                 next_stats += self.cfg.metrics.stats_interval_s
                 self._publish_stats()
@@ -212,6 +220,11 @@ class Pipeline:
         if self.sink:
             self.sink.publish_stats(stats)
 
+    def _hold_parts(self, reason: str | None) -> None:
+        """edge.selftest: with a reason every part gets an `error` verdict; None inspects again."""
+        if self.flow is not None:
+            self.flow.hold_reason = reason
+
     def _on_alarm(self, name: str, active: bool, message: str) -> None:
         self.metrics.alarm.labels(name).set(1 if active else 0)
         if self.sink is not None:
@@ -232,10 +245,13 @@ class Pipeline:
         try:
             new_cfg = model_state.apply(load_config(self.config_path) if self.config_path else self.cfg, request)
             for section in ("station", "source", "mqtt", "state_dir", "outbox", "metrics", "pipeline", "evidence",
-                            "alarms", "logging"):
+                            "alarms", "logging", "selftest"):
                 if getattr(new_cfg, section) != getattr(self.cfg, section):
                     log.warning("reload: section %r changed; it takes effect only after a restart", section)
+            if new_cfg.model.shadow != self.cfg.model.shadow:
+                log.warning("reload: model.shadow changed; the shadow changes only after a restart")
             new_model = load_model(new_cfg)
+            self.selftest.gate(new_model, new_cfg.roi, "reload", (request or {}).get("id"))  # fails: old model stays
         except (ConfigError, PackageError, OSError, RuntimeError) as e:
             self.metrics.reloads.labels("failed").inc()
             model_state.record(self.cfg.state_dir, request, error=str(e))
@@ -269,6 +285,8 @@ class Pipeline:
             self.flow.drain(deadline, self.notifier.watchdog)
         if hasattr(self, "source"):
             self.source.close()
+        if self.shadow is not None:  # its last pair counts are written and published
+            self.shadow.close()
         if self.evidence is not None:  # what is queued is written (bounded: events already say "pending")
             self.evidence.close(timeout=max(1.0, deadline - time.monotonic()))
         if self.sink is not None:

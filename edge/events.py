@@ -10,6 +10,7 @@ property `sent_ts`; on MQTT 3.1.1 consumers use their receive time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -49,6 +50,14 @@ def event_id_for(station: str, part_id: str, capture_ts: float) -> str:
     return str(uuid.uuid5(_NAMESPACE, key))
 
 
+def rules_hash(rules: dict[str, Any]) -> str:
+    """SHA-256 of the rules as canonical JSON (sorted keys, no spaces): an auditor recomputes it
+    from the event's own `rules` object, and equal limits always give the same hash."""
+    text = json.dumps(rules, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def iso_utc(ts: float) -> str:
     """Epoch seconds -> ISO-8601 UTC with millisecond precision and a 'Z' suffix."""
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -85,7 +94,9 @@ def build_result_event(
     `region_count` regions; the part id, reasons and error are escaped and clipped
     (edge.text), so any input gives valid, bounded UTF-8. `part_score`/`part_threshold`: the
     model's part decision and the threshold that judged it (None for a model without a part output,
-    and the score None for an error verdict).
+    and the score None for an error verdict). `rules_sha256` (edge.events.rules_hash) and the model's
+    `package_sha256` (edge.package.content_hash) let an auditor prove which limits and which exact
+    package judged the part.
     """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
@@ -117,6 +128,7 @@ def build_result_event(
         "image": {"width": int(image["width"]), "height": int(image["height"])},
         "model": dict(model),
         "rules": dict(rules),
+        "rules_sha256": rules_hash(rules),
         "timings_ms": dict(timings_ms),
         "error": None if error is None else safe_text(error),
         "evidence": evidence,

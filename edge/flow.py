@@ -110,6 +110,8 @@ class FrameFlow:
         self.group_commit_s, self.group_commit_max = group_commit_ms / 1000.0, max(1, group_commit_max)
         self.counts = {"pass": 0, "fail": 0, "error": 0, "duplicate": 0}
         self.fatal: str | None = None
+        self.hold_reason: str | None = None  # set: every part gets an `error` verdict (edge.selftest, on_failure stop)
+        self.shadow: Any = None  # edge.shadow.ShadowRunner: judged parts are offered to it, never waited for
         self.last_progress = self.hold_beat = self.capture_beat = time.monotonic()  # hold_beat: a full outbox/disk is retried
         self._frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         # Unbounded: the budget admits at most queue_size + 64 parts, so it never blocks a callback.
@@ -273,6 +275,8 @@ class FrameFlow:
 
     def _submit(self, job: Job) -> None:
         frame = job.frame
+        if job.error is None and self.hold_reason is not None:
+            job.error, job.error_kind = self.hold_reason, "selftest"
         if job.error is None and frame.image is not None:
             img = frame.image
             job.image_size = (int(img.shape[1]), int(img.shape[0]))
@@ -388,6 +392,8 @@ class FrameFlow:
                 return None
         if built is None:
             return None  # shutdown while the disk is full: the file stays for the next run
+        if self.shadow is not None and outcome.verdict != "error":
+            self.shadow.offer(built[0], frame, self.roi, job.model.info, outcome)
         return Ready(job, built[0], built[1], outcome.verdict, time.monotonic())
 
     def _account(self, item: Ready, added: bool) -> None:

@@ -55,7 +55,7 @@ def record(state_dir: Path, request: dict[str, Any] | None, *, path: Path | None
     body = {"ok": error is None, "request": request["id"] if request else None,
             "path": str(path) if path is not None else (request or {}).get("path"),
             "resolved": os.path.realpath(path) if path is not None else None,
-            **{k: (info or {}).get(k) for k in ("name", "version", "sha256")},
+            **{k: (info or {}).get(k) for k in ("name", "version", "sha256", "package_sha256")},
             "error": error, "time": round(time.time(), 3), "pid": os.getpid()}
     out = state_dir / STATE_FILE
     tmp = out.with_suffix(".json.tmp")

@@ -110,6 +110,9 @@ class MqttSink:
         self.topic_result, self.topic_status = f"{base}/result", f"{base}/status"
         self.topic_alarm, self.topic_stats, self.topic_trigger = f"{base}/alarm", f"{base}/stats", f"{base}/trigger"
         self._status = dict(status_payload)
+        self._base = base
+        self._side_topics = {self.topic_alarm}  # QoS 1 side messages re-published after a reconnect
+        self._subscriptions: list[str] = []  # <base>/<name> topics besides the trigger (add_subscription)
         self._on_alarm = on_alarm
         self._on_trigger = on_trigger
         self._v5 = settings.protocol == "5"
@@ -243,6 +246,27 @@ class MqttSink:
             body["details"] = details
         self._client.publish(self.topic_alarm, json.dumps(body, default=str, separators=(",", ":")), qos=1)
 
+    def publish_side(self, name: str, body: dict[str, Any]) -> None:
+        """QoS 1 to <base>/<name> (e.g. selftest, model), outside the outbox like alarms: queued while
+        offline and re-published after a reconnect, never held for a missing subscriber."""
+        topic = f"{self._base}/{name}"
+        self._side_topics.add(topic)
+        self._client.publish(topic, json.dumps(body, default=str, separators=(",", ":")), qos=1)
+
+    def add_subscription(self, name: str, callback: Callable[[bytes, bool], None]) -> None:
+        """Before start(): messages on <base>/<name> go to callback(payload, retained), then are acked."""
+        topic = f"{self._base}/{name}"
+        self._subscriptions.append(topic)
+
+        def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+            try:
+                callback(bytes(msg.payload), bool(msg.retain))
+            except Exception:
+                log.exception("handler of %s failed", msg.topic)
+            client.ack(msg.mid, msg.qos)
+
+        self._client.message_callback_add(topic, on_message)
+
     def publish_stats(self, stats: dict[str, Any]) -> None:
         """QoS 0 snapshot; skipped while offline (stale stats are worthless)."""
         if self._connected:
@@ -274,7 +298,7 @@ class MqttSink:
         # Drop paho's copies of unacked messages: results are resent from the outbox (in order);
         # alarms are re-published since they live nowhere else.
         for m in client.drop_out_messages():
-            if m.topic == self.topic_alarm:
+            if m.topic in self._side_topics:
                 client.publish(m.topic, m.payload, qos=1)
         recv_max = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
         self._window = self.settings.max_inflight
@@ -284,7 +308,7 @@ class MqttSink:
         self._resumed_at = time.monotonic() if resumed else None
         if self.settings.session_expiry and not resumed and self._connects:
             log.warning("mqtt broker kept no session for us: triggers sent while the station was away are lost")
-        client.subscribe(self.topic_trigger, qos=1)
+        client.subscribe([(t, 1) for t in (self.topic_trigger, *self._subscriptions)])
         client.publish(self.topic_status, self._status_bytes("online"), qos=1, retain=True)
         self._connects += 1
         if self._connects > 1:

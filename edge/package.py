@@ -47,6 +47,13 @@ def package_hash(meta: PackageMeta) -> str:
     return meta.files.get("model.bin", "")
 
 
+def content_hash(model_dir: str | Path) -> str:
+    """The identity of the whole package: SHA-256 of its package.json, which lists the SHA-256 of
+    every file and holds the calibrated thresholds (the bytes a package signature signs). Two
+    packages with the same weights but other thresholds differ here, not in package_hash."""
+    return sha256_file(Path(model_dir) / PACKAGE_JSON)
+
+
 def parse_meta(data: dict[str, Any], where: str) -> PackageMeta:
     """Validate the metadata dict; errors name the field."""
     if data.get("format") != PACKAGE_FORMAT:

@@ -18,7 +18,7 @@ from edge.config import Config, resolve_password
 from edge.contract import PostprocessParams, Region
 from edge.inference import Inferencer
 from edge.mqtt import MqttSettings
-from edge.package import PackageError
+from edge.package import PackageError, content_hash
 from edge.rules import Rules
 from edge.signature import verify_package_signature
 from edge.sources.base import FrameChecks
@@ -33,7 +33,7 @@ class LoadedModel:
     inferencer: Inferencer
     params: PostprocessParams
     rules: Rules
-    info: dict[str, Any]  # name, version, sha256, precision: recorded in every event
+    info: dict[str, Any]  # name, version, sha256, package_sha256, precision: recorded in every event
     rules_dict: dict[str, Any]  # every limit that decides a verdict: recorded in every event
     max_regions: int = 50  # regions listed in an event (the largest; pipeline.event_max_regions)
 
@@ -66,7 +66,8 @@ def load_model(cfg: Config) -> LoadedModel:
     except (TypeError, ValueError) as e:
         raise PackageError(f"{m.path}: rules are invalid: {e}") from e
     roi = None if cfg.roi is None else [cfg.roi.x, cfg.roi.y, cfg.roi.w, cfg.roi.h]
-    return LoadedModel(inf, params, rules, inf.info.to_dict(), {**params.to_dict(), **rules.to_dict(), "roi": roi},
+    info = {**inf.info.to_dict(), "package_sha256": content_hash(inf.model_dir)}  # the folder read at load
+    return LoadedModel(inf, params, rules, info, {**params.to_dict(), **rules.to_dict(), "roi": roi},
                        cfg.pipeline.event_max_regions)
 
 
