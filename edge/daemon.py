@@ -23,6 +23,7 @@ from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
+from edge.recipes import Recipes
 from edge.sources import SourceError, make_source
 from edge.sources.gate import FrameGate
 from edge.statelock import LockHeld, ProcessLock, client_id_lock, state_lock
@@ -58,6 +59,7 @@ class Pipeline:
         self.evidence: EvidenceWriter | None = None
         self._thinned = 0
         self.triggers: TriggerStore | None = None
+        self.opcua: Any = None  # edge.opcua.server.OpcuaServer when opcua.enabled (the extra is optional)
         self.locks: list[ProcessLock] = []
 
     # -- startup: a flat list of steps; any failure here is a startup failure ------------------
@@ -87,7 +89,9 @@ class Pipeline:
         # here, before the MQTT session (which may redeliver them) is resumed.
         self.triggers = TriggerStore(cfg.state_dir / "triggers.sqlite3", cfg.pipeline.trigger_dedup_s) \
             if cfg.pipeline.mode == "triggered" else None
-        self.gate = FrameGate(cfg.pipeline, self.metrics, self.triggers, on_alarm=self.alarms.set)
+        recipes = Recipes(cfg.recipes)
+        self.gate = FrameGate(cfg.pipeline, self.metrics, self.triggers, on_alarm=self.alarms.set,
+                              recipes=recipes.names)
         self.sink = MqttSink(ms, self.outbox, cfg.base_topic, self._status_payload(),
                              on_alarm=self.alarms.set, on_trigger=self.gate.on_trigger)
         self.sink.start()
@@ -105,7 +109,13 @@ class Pipeline:
             queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder",
             max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)),
             group_commit_ms=cfg.outbox.group_commit_ms, group_commit_max=cfg.outbox.group_commit_max)
+        self.flow.recipe_model = recipes.model
+        if cfg.opcua.enabled:  # before flow.start(): results of triggers recovered at start reach the PLC too
+            from edge.opcua import attach
+            self.opcua = attach(cfg, self.flow, self.alarms, recipes.names)
         self.flow.start()
+        if self.opcua is not None:
+            self.opcua.handshake.set_ready(True)
         self.notifier.ready(f"inspecting {self.source.name} with {self.model.info['name']} {self.model.info['version']}")
         log.info("station %s ready: source %s, topics %s/#", self.station_key, self.source.name, cfg.base_topic)
 
@@ -264,6 +274,8 @@ class Pipeline:
         """Stop capture, finish every part in flight, flush the outbox (bounded), say offline."""
         timeout = self.cfg.pipeline.drain_timeout_s
         self.notifier.stopping("draining")
+        if self.opcua is not None:
+            self.opcua.handshake.set_ready(False)  # StartJob is refused (NotReady) while parts drain
         deadline = time.monotonic() + timeout
         if self.flow is not None:
             self.flow.drain(deadline, self.notifier.watchdog)
@@ -279,6 +291,8 @@ class Pipeline:
             self.triggers.close()
         if self.server is not None:
             self.server.stop()
+        if self.opcua is not None:
+            self.opcua.stop()
         for lock in self.locks:
             lock.release()
         log.info("station %s stopped: %s", self.station_key, self.counts)
