@@ -131,6 +131,8 @@ class OpcuaServer:
             loop.call_soon_threadsafe(wake.set)
 
     def _run(self) -> None:
+        if not log.isEnabledFor(logging.DEBUG):  # asyncua logs every method call at INFO: one line per part
+            logging.getLogger("asyncua").setLevel(logging.WARNING)
         try:
             asyncio.run(self._main())
         except BaseException as e:  # reported to start(), or logged when the server dies later
