@@ -154,6 +154,9 @@ class Handshake:
             self._forget(part)
             return JobStatus.DUPLICATE, (f"part {part!r} was triggered within pipeline.trigger_dedup_s "
                                          f"({self.gate.cfg.trigger_dedup_s:g} s): no second result")
+        if outcome in ("retained", "malformed", "ignored"):  # no result will come (free_run is refused by config)
+            self._forget(part)
+            return JobStatus.NOT_READY, f"the station does not take triggers ({outcome})"
         self.on_change()
         if outcome != "accepted":  # stored as rejected: its `error` result follows from the gate
             return JobStatus.ACCEPTED, f"accepted; the gate refused a frame for it ({outcome}): an error result follows"
