@@ -112,7 +112,7 @@ class Pipeline:
         self.flow.recipe_model = recipes.model
         if cfg.opcua.enabled:  # before flow.start(): results of triggers recovered at start reach the PLC too
             from edge.opcua import attach
-            self.opcua = attach(cfg, self.flow, self.alarms, recipes.names)
+            self.opcua = attach(cfg, self.flow, self.alarms)
         self.flow.start()
         if self.opcua is not None:
             self.opcua.handshake.set_ready(True)
@@ -242,7 +242,7 @@ class Pipeline:
         try:
             new_cfg = model_state.apply(load_config(self.config_path) if self.config_path else self.cfg, request)
             for section in ("station", "source", "mqtt", "state_dir", "outbox", "metrics", "pipeline", "evidence",
-                            "alarms", "logging"):
+                            "alarms", "logging", "recipes", "opcua"):
                 if getattr(new_cfg, section) != getattr(self.cfg, section):
                     log.warning("reload: section %r changed; it takes effect only after a restart", section)
             new_model = load_model(new_cfg)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 FAULT_ALARMS = ("camera_lost", "model_error", "outbox_error", "trigger_store")
 
 
-def attach(cfg: Config, flow: FrameFlow, alarms: AlarmTracker, recipes: frozenset[str]) -> OpcuaServer:
+def attach(cfg: Config, flow: FrameFlow, alarms: AlarmTracker) -> OpcuaServer:
     """Start the server for this station; call before flow.start() (results of triggers recovered at
     start must reach it), then `server.handshake.set_ready(True)` once the station inspects."""
     try:
@@ -36,7 +36,7 @@ def attach(cfg: Config, flow: FrameFlow, alarms: AlarmTracker, recipes: frozense
             active["pipeline"] = flow.fatal
         return active
 
-    handshake = Handshake(flow.gate, recipes, cfg.opcua.max_jobs, cfg.state_dir / "opcua-results.json", faults)
+    handshake = Handshake(flow.gate, cfg.opcua.max_jobs, cfg.state_dir / "opcua-results.json", faults)
     flow.result_listeners.append(handshake.on_result)
     server = OpcuaServer(cfg.opcua, handshake, f"{cfg.station.line}/{cfg.station.name}")
     server.start()

@@ -36,9 +36,10 @@ from edge.triggers import TriggerMessage
 
 log = logging.getLogger(__name__)
 
-# A result is kept for the PLC while fewer than this wait; more means nobody acknowledges (the MQTT
-# outbox still has every one): the oldest are dropped with an error log, never silently.
-MAX_UNACKED = 1000
+# A result is kept for the PLC while fewer than this wait. PLC jobs alone never get there (max_jobs);
+# more means MQTT triggers nobody acknowledges here (the MQTT outbox has every one): the oldest are
+# dropped from the PLC's view with an error log, never silently. Bounds the state file written per result.
+MAX_UNACKED = 100
 
 
 class JobStatus(IntEnum):
@@ -105,9 +106,10 @@ class View:
 class Handshake:
     """Thread-safe: StartJob/Acknowledge on the OPC UA loop's executor, results on the flow's result thread."""
 
-    def __init__(self, gate: FrameGate, recipes: frozenset[str], max_jobs: int, state_path: Path | None,
+    def __init__(self, gate: FrameGate, max_jobs: int, state_path: Path | None,
                  faults: Callable[[], dict[str, str]] = dict) -> None:
-        self.gate, self.recipes, self.max_jobs, self.path = gate, recipes, max_jobs, state_path
+        self.gate, self.max_jobs, self.path = gate, max_jobs, state_path
+        self.recipes = gate.recipes  # one list of names: the gate refuses the same ones for MQTT triggers
         self._faults = faults
         self._lock = threading.Lock()
         self._jobs: dict[str, str] = {}  # part id -> recipe ("" = the station rules), result not yet there
