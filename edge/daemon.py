@@ -134,6 +134,9 @@ class Pipeline:
             if flow.fatal:
                 log.critical("pipeline thread failed: %s; exiting so the service manager restarts us", flow.fatal)
                 return EX_FAILURE
+            if self.opcua is not None and not self.opcua.alive():  # the PLC would wait for a station that is gone
+                log.critical("OPC UA server stopped; exiting so the service manager restarts us")
+                return EX_FAILURE
             if self._healthy_for_watchdog():
                 self.notifier.watchdog()
             self._refresh_gauges()

@@ -104,6 +104,8 @@ class OpcuaServer:
     def __init__(self, cfg: OpcuaConfig, handshake: Handshake, station_name: str) -> None:
         self.cfg, self.handshake, self.station_name = cfg, handshake, station_name
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._nodes: address_space.StationNodes | None = None
+        self._publishing = asyncio.Lock()  # one publish at a time, each of the view current inside it
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
@@ -124,6 +126,10 @@ class OpcuaServer:
         if loop is not None and stop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(stop.set)
         self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        """False once the server's thread ended (an error after start): the daemon exits and is restarted."""
+        return self._thread.is_alive()
 
     def _wakeup(self) -> None:
         loop, wake = self._loop, self._wake
@@ -149,7 +155,8 @@ class OpcuaServer:
         nodes = await address_space.build(server, await server.register_namespace(self.cfg.namespace_uri),
                                           self.station_name, sorted(self.handshake.recipes),
                                           self._start_job, self._acknowledge)
-        await nodes.publish(self.handshake.view())
+        self._nodes = nodes
+        await self._publish()
         self.handshake.on_change = self._wakeup
         async with server:
             log.info("OPC UA server listening on %s (security %s, namespace %s)", self.cfg.endpoint,
@@ -159,7 +166,7 @@ class OpcuaServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), PUBLISH_TICK_S)
                 self._wake.clear()
-                await nodes.publish(self.handshake.view())
+                await self._publish()
             self.handshake.on_change = lambda: None
 
     async def _server(self) -> Server:
@@ -194,12 +201,21 @@ class OpcuaServer:
             server.set_certificate_validator(trust.validate)
         return server
 
+    async def _publish(self) -> None:
+        async with self._publishing:
+            if self._nodes is not None:
+                await self._nodes.publish(self.handshake.view())
+
     # -- methods (on the loop; the handshake's work on the executor) ---------------------------------
+    # Each publishes before it answers: when the PLC has the answer, every node already shows its effect
+    # (an Acknowledge answered before ResultsPending drops would make a PLC read the same result again).
     async def _start_job(self, parent: ua.NodeId, part_id: ua.Variant, recipe: ua.Variant) -> list[ua.Variant]:
         loop = asyncio.get_running_loop()
         status, text = await loop.run_in_executor(None, self.handshake.start_job, part_id.Value, recipe.Value)
+        await self._publish()
         return [ua.Variant(int(status), ua.VariantType.Int32), ua.Variant(text, ua.VariantType.String)]
 
     async def _acknowledge(self, parent: ua.NodeId, counter: ua.Variant) -> list[ua.Variant]:
         status, text = self.handshake.acknowledge(counter.Value)
+        await self._publish()
         return [ua.Variant(int(status), ua.VariantType.Int32), ua.Variant(text, ua.VariantType.String)]

@@ -26,7 +26,7 @@ def test_camera_outage_gives_error_state_and_an_error_result(tmp_path: Path, tin
                                                              module_broker: Broker) -> None:
     video = tmp_path / "line.avi"
     w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 96), isColor=False)
-    for i in range(40):  # 4 s of parts, then the camera is gone
+    for i in range(60):  # 6 s of parts, then the camera is gone
         w.write(make_part(defect=False, seed=i))
     w.release()
     section = opcua_section(None)

@@ -124,8 +124,10 @@ def test_jobs_while_busy_are_queued_up_to_the_limit_then_refused(st: Station) ->
             seen = []
             for _ in range(3):
                 r = await plc.wait_result()
-                assert (await plc.acknowledge(r["Counter"] + 7))[0] != 0
-                assert (await plc.acknowledge(r["Counter"]))[0] == 0
+                wrong = await plc.acknowledge(r["Counter"] + 7)
+                assert wrong[0] != 0
+                ack = await plc.acknowledge(r["Counter"])
+                assert ack[0] == 0, (r, wrong, ack)
                 seen.append(r["PartId"])
             assert seen == ["busy-0", "busy-1", "busy-2"]
             await plc.wait_state(READY)
