@@ -80,3 +80,15 @@ def test_trusted_folder_takes_der_and_pem_and_names_what_to_copy(tmp_path: Path)
     assert trust.get_user(None, certificate=None) is None  # no certificate proved a key
     assert trust.get_user(None, username="admin", password="x") is None
     assert TrustedClients(trusted, open_access=True).get_user(None, certificate=None) is not None
+
+
+def test_opcua_certs_cli_writes_private_keys_0600_and_never_replaces_one(tmp_path: Path) -> None:
+    from edge.__main__ import main
+
+    assert main(["opcua-certs", "--out", str(tmp_path), "--client", "press-7", "--days", "30"]) == 0
+    for key in (tmp_path / "server/key.pem", tmp_path / "clients/press-7/key.pem"):
+        assert key.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "trusted/press-7.der").read_bytes() == (tmp_path / "clients/press-7/cert.der").read_bytes()
+    before = (tmp_path / "server/key.pem").read_bytes()
+    assert main(["opcua-certs", "--out", str(tmp_path)]) == 1  # a deployed key must not change under a PLC
+    assert (tmp_path / "server/key.pem").read_bytes() == before
