@@ -104,7 +104,8 @@ class View:
 
 
 class Handshake:
-    """Thread-safe: StartJob/Acknowledge on the OPC UA loop's executor, results on the flow's result thread."""
+    """Thread-safe: StartJob runs on the OPC UA loop's executor, Acknowledge on the loop, results on the
+    flow's result thread."""
 
     def __init__(self, gate: FrameGate, max_jobs: int, state_path: Path | None,
                  faults: Callable[[], dict[str, str]] = dict) -> None:
