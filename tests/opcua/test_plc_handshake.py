@@ -187,6 +187,15 @@ def test_untrusted_and_wrong_certificates_are_refused(st: Station, tmp_path: Pat
         plc2 = await Plc(st.url, st.certs / "clients/plc2", name="plc2").connect()
         assert await plc2.state() in (READY, BUSY)
         await plc2.close()
+        # Trusting the stranger is copying its certificate into trusted/: no restart.
+        copied = st.certs / "trusted/stranger.der"
+        copied.write_bytes((stranger / "cert.der").read_bytes())
+        try:
+            welcome = await Plc(st.url, stranger, name="stranger").connect()
+            assert await welcome.state() in (READY, BUSY)
+            await welcome.close()
+        finally:
+            copied.unlink()
 
     run(scenario())
     assert "is not in" in st.daemon.text() and "copy its DER file there" in st.daemon.text()
