@@ -24,7 +24,7 @@ def attach(cfg: Config, flow: FrameFlow, alarms: AlarmTracker) -> OpcuaServer:
     """Start the server for this station; call before flow.start() (results of triggers recovered at
     start must reach it), then `server.handshake.set_ready(True)` once the station inspects."""
     try:
-        from edge.opcua.server import OpcuaServer
+        from edge.opcua.server import OpcuaMetrics, OpcuaServer
     except ImportError as e:
         raise ConfigError([f"opcua.enabled: the OPC UA library is missing ({e}); install the extra: "
                            f"pip install 'defect-inspection[opcua]'"]) from None
@@ -38,6 +38,7 @@ def attach(cfg: Config, flow: FrameFlow, alarms: AlarmTracker) -> OpcuaServer:
 
     handshake = Handshake(flow.gate, cfg.opcua.max_jobs, cfg.state_dir / "opcua-results.json", faults)
     flow.result_listeners.append(handshake.on_result)
-    server = OpcuaServer(cfg.opcua, handshake, f"{cfg.station.line}/{cfg.station.name}")
+    server = OpcuaServer(cfg.opcua, handshake, f"{cfg.station.line}/{cfg.station.name}",
+                         OpcuaMetrics(flow.metrics.registry))
     server.start()
     return server

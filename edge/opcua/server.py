@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import User, UserRole
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client import CollectorRegistry, Counter
 
 from edge.config import ConfigError, OpcuaConfig
 from edge.opcua import address_space
@@ -38,13 +40,24 @@ log = logging.getLogger(__name__)
 PUBLISH_TICK_S = 0.2  # faults (alarms) are polled this often; results and jobs wake the publisher at once
 
 
+class OpcuaMetrics:
+    """Prometheus counters of the PLC side, in the station's registry (/metrics)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.jobs = Counter("edge_opcua_start_job", "OPC UA StartJob calls by status.", ["status"], registry=registry)
+        self.refused = Counter("edge_opcua_sessions_refused", "OPC UA sessions refused: certificate not trusted "
+                               "or identity not allowed.", registry=registry)
+
+
 class TrustedClients:
     """The folder of trusted client certificates, read again for each new session (adding a PLC
     needs no restart); a certificate is trusted when its exact DER bytes are in the folder."""
 
-    def __init__(self, folder: Path | None, open_access: bool = False) -> None:
+    def __init__(self, folder: Path | None, open_access: bool = False,
+                 on_refuse: Callable[[], None] = lambda: None) -> None:
         self.folder = folder
         self.open_access = open_access  # SecurityPolicy None with allow_anonymous: no certificate to check
+        self._on_refuse = on_refuse
 
     def _trusted(self) -> set[bytes]:
         out: set[bytes] = set()
@@ -62,6 +75,7 @@ class TrustedClients:
         """Why this certificate is refused, or None."""
         if der in self._trusted():
             return None
+        self._on_refuse()
         try:
             cn = x509.load_der_x509_certificate(der).subject.rfc4514_string()
         except ValueError:
@@ -87,9 +101,13 @@ class TrustedClients:
         """asyncua user manager (ActivateSession): `certificate` proved its key (token or channel)."""
         if username is not None:
             log.warning("OPC UA: session refused: user names are not accepted, only certificates")
+            self._on_refuse()
             return None
         if not certificate:  # no certificate proved a key: only a configured SecurityPolicy None lets it in
-            return User(role=UserRole.User, name="anonymous") if self.open_access else None
+            if self.open_access:
+                return User(role=UserRole.User, name="anonymous")
+            self._on_refuse()
+            return None
         der = certificate if isinstance(certificate, bytes) else certificate.public_bytes(Encoding.DER)
         why = self.refuse(der)
         if why is not None:
@@ -101,8 +119,10 @@ class TrustedClients:
 class OpcuaServer:
     """Start/stop from the daemon's thread; everything else runs on the server's loop."""
 
-    def __init__(self, cfg: OpcuaConfig, handshake: Handshake, station_name: str) -> None:
+    def __init__(self, cfg: OpcuaConfig, handshake: Handshake, station_name: str,
+                 metrics: OpcuaMetrics | None = None) -> None:
         self.cfg, self.handshake, self.station_name = cfg, handshake, station_name
+        self.metrics = metrics or OpcuaMetrics(CollectorRegistry())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nodes: address_space.StationNodes | None = None
         self._publishing = asyncio.Lock()  # one publish at a time, each of the view current inside it
@@ -171,7 +191,8 @@ class OpcuaServer:
 
     async def _server(self) -> Server:
         cfg = self.cfg
-        trust = TrustedClients(cfg.trusted_clients, open_access=cfg.security_policy == "None")
+        trust = TrustedClients(cfg.trusted_clients, open_access=cfg.security_policy == "None",
+                               on_refuse=self.metrics.refused.inc)
         server = Server(user_manager=trust)  # type: ignore[arg-type]  # asyncua's UserManager is duck-typed
         await server.init()
         server.set_endpoint(cfg.endpoint)
@@ -212,6 +233,7 @@ class OpcuaServer:
     async def _start_job(self, parent: ua.NodeId, part_id: ua.Variant, recipe: ua.Variant) -> list[ua.Variant]:
         loop = asyncio.get_running_loop()
         status, text = await loop.run_in_executor(None, self.handshake.start_job, part_id.Value, recipe.Value)
+        self.metrics.jobs.labels(status.name.lower()).inc()
         await self._publish()
         return [ua.Variant(int(status), ua.VariantType.Int32), ua.Variant(text, ua.VariantType.String)]
 

@@ -9,11 +9,12 @@ that is a lost camera, after parts were inspected from it.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from pathlib import Path
 
 import cv2
 
-from tests.broker import Broker
+from tests.broker import Broker, free_port
 from tests.daemon_proc import Daemon, station, write_config
 from tests.opcua.conftest import opcua_section
 from tests.opcua.plc import connect_when_up
@@ -30,10 +31,12 @@ def test_camera_outage_gives_error_state_and_an_error_result(tmp_path: Path, tin
         w.write(make_part(defect=False, seed=i))
     w.release()
     section = opcua_section(None)
+    metrics_port = free_port()
     data = station(tmp_path, tiny_package, module_broker,
                    {"type": "video", "path": str(video), "realtime": True, "stall_timeout_s": 0.5},
                    pipeline={"mode": "triggered", "trigger_timeout_s": 1.0, "trigger_max_age_s": 0},
-                   frame_checks={"max_age_s": 0}, mqtt={"no_subscribers": "deliver"}, opcua=section)
+                   frame_checks={"max_age_s": 0}, mqtt={"no_subscribers": "deliver"}, opcua=section,
+                   metrics={"enabled": True, "port": metrics_port})
     daemon = Daemon(write_config(tmp_path / "station.yaml", data), tmp_path / "daemon.log")
 
     async def scenario() -> tuple[dict[str, object], dict[str, object], str]:
@@ -44,14 +47,19 @@ def test_camera_outage_gives_error_state_and_an_error_result(tmp_path: Path, tin
             await plc.wait_state(ERROR, 30)  # the video ended: camera_lost
             text = (await plc.read("StateText"))[0]
             lost = await plc.cycle("during-outage")
+            assert (await plc.start_job("during-outage"))[0] == 4  # Duplicate: one result per part id
             return good, lost, text
         finally:
             await plc.close()
 
     try:
         good, lost, state_text = asyncio.run(scenario())
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
     finally:
         daemon.kill()
+    assert 'edge_opcua_start_job_total{status="accepted"} 2.0' in metrics
+    assert 'edge_opcua_start_job_total{status="duplicate"} 1.0' in metrics
     assert good["Verdict"] == "pass", good
     assert "camera_lost" in state_text
     assert lost["PartId"] == "during-outage" and lost["Verdict"] == "error"
