@@ -7,6 +7,7 @@
     python -m edge sign --key KEY PKG                 (re)sign a package (what `training export --sign` does)
     python -m edge golden add|list|remove|test ...    the station's golden set (edge.cli_lifecycle)
     python -m edge promote|rollback --config S.yaml   switch the model store's links after a golden test
+    python -m edge opcua-certs --out DIR              OPC UA certificates for the station and its PLC(s)
 
 Exit codes: 0 ok, 1 runtime failure (or an image that could not be inspected), 2 usage,
 78 bad config or bad model package. Heavy modules (OpenVINO) load only for the commands
@@ -249,6 +250,22 @@ def cmd_sign(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_opcua_certs(args: argparse.Namespace) -> int:
+    from edge.opcua.certs import make_station_certs
+
+    try:
+        paths = make_station_certs(Path(args.out), args.client, args.host or None, args.days)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EX_FAILURE
+    print("station config (docs/opcua.md):\n  opcua:\n    enabled: true")
+    for key, path in paths.items():
+        print(f"    {key}: {path}")
+    for name in args.client:
+        print(f"client {name!r}: give {Path(args.out) / 'clients' / name} (cert.der, key.pem, server.der) to the PLC")
+    return EX_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge", description="Edge defect inspection runtime.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -283,11 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
     from edge.cli_lifecycle import add_commands
 
     add_commands(sub)
+    o = sub.add_parser("opcua-certs", help="make OPC UA certificates: the station's, one per client, trusted/")
+    o.add_argument("--out", required=True, help="folder for server/, clients/<name>/ and trusted/")
+    o.add_argument("--client", action="append", default=None, help="client (PLC) name; repeat for several "
+                   "(default: plc)")
+    o.add_argument("--host", action="append", help="station host name or IP in its certificate; repeat "
+                   "(default: this host name, localhost, 127.0.0.1)")
+    o.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    o.set_defaults(fn=cmd_opcua_certs)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "opcua-certs" and not args.client:
+        args.client = ["plc"]
     if args.command != "run":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     code: int = args.fn(args)

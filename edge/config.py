@@ -348,6 +348,43 @@ class LoggingConfig(_Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
 
 
+class OpcuaConfig(_Model):
+    """The PLC handshake (issue 19, docs/opcua.md): an OPC UA server in the daemon, OPC 40100 style."""
+
+    enabled: bool = Field(default=False, description="Serve the station's OPC UA handshake (needs the `opcua` "
+                          "extra and pipeline.mode triggered).")
+    endpoint: str = Field(default="opc.tcp://0.0.0.0:4840/edge/", pattern=r"^opc\.tcp://[^\s/]+:[0-9]+(/\S*)?$",
+                          description="Listen URL, opc.tcp://HOST:PORT/PATH (0.0.0.0 = every interface).")
+    namespace_uri: str = Field(default="urn:edge-inspection:station", min_length=1, max_length=256,
+                               description="Namespace of the station's nodes (string node ids, docs/opcua.md).")
+    security_policy: Literal["Basic256Sha256", "None"] = Field(
+        default="Basic256Sha256", description="Basic256Sha256 with SignAndEncrypt; None (no signing, no "
+        "encryption) only on an isolated test bench: logged as a warning at every start.")
+    certificate: Path | None = Field(default=None, description="Server certificate (DER or PEM), from "
+                                     "`python -m edge opcua-certs`; required unless security_policy is None.")
+    private_key: Path | None = Field(default=None, description="Server private key (PEM) for `certificate`.")
+    trusted_clients: Path | None = Field(default=None, description="Folder of trusted client certificates (*.der, "
+                                         "*.pem): only a client whose certificate is in it may open a session "
+                                         "(re-read at every new session). Required unless security_policy is None.")
+    allow_anonymous: bool = Field(default=False, description="Accept the anonymous user identity (the secure "
+                                  "channel's certificate must still be trusted). Off: the client signs in with its "
+                                  "certificate as user identity.")
+    max_jobs: int = Field(default=4, ge=1, le=1000, description="Jobs the station holds at once: started and not yet "
+                          "acknowledged by the PLC. StartJob beyond it is refused with status Busy, never dropped.")
+
+    @model_validator(mode="after")
+    def _secure_needs_files(self) -> OpcuaConfig:
+        if self.enabled and self.security_policy != "None":
+            missing = [n for n in ("certificate", "private_key", "trusted_clients") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"security_policy {self.security_policy} needs {', '.join(missing)} (make them "
+                                 f"with `python -m edge opcua-certs --out DIR`)")
+        if self.enabled and self.security_policy == "None" and not self.allow_anonymous:
+            raise ValueError("security_policy None checks no certificate, so every client is anonymous: "
+                             "set allow_anonymous: true to mean it")
+        return self
+
+
 class Config(_Model):
     station: StationConfig = Field(description="Which station this daemon is.")
     source: SourceConfig = Field(description="Where frames come from.")
@@ -364,12 +401,18 @@ class Config(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics, health and stats.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Daemon logs.")
     state_dir: Path = Field(description="Writable folder for the outbox, sequence numbers and evidence.")
+    recipes: dict[Annotated[str, Field(pattern=TOPIC_SAFE, max_length=64)], RulesConfig] = Field(
+        default_factory=dict, description="Named rule sets a trigger (OPC UA StartJob, or `recipe` in an MQTT "
+        "trigger) selects; each overrides `rules` field by field.")
+    opcua: OpcuaConfig = Field(default_factory=OpcuaConfig, description="OPC UA PLC handshake (docs/opcua.md).")
 
     @model_validator(mode="after")
     def _trigger_needs_stream(self) -> Config:
         if self.pipeline.mode == "triggered" and self.source.type == "folder":
             raise ValueError("pipeline.mode 'triggered' needs a camera, video or synthetic source "
                              "(a folder file already names its part)")
+        if self.opcua.enabled and self.pipeline.mode != "triggered":
+            raise ValueError("opcua.enabled needs pipeline.mode 'triggered' (a StartJob is a trigger)")
         return self
 
     @property

@@ -23,6 +23,7 @@ from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
+from edge.recipes import Recipes
 from edge.selftest import SelfTester
 from edge.shadow import ShadowRunner, start_shadow
 from edge.sources import SourceError, make_source
@@ -61,6 +62,7 @@ class Pipeline:
         self._thinned = 0
         self.triggers: TriggerStore | None = None
         self.shadow: ShadowRunner | None = None
+        self.opcua: Any = None  # edge.opcua.server.OpcuaServer when opcua.enabled (the extra is optional)
         self.locks: list[ProcessLock] = []
 
     # -- startup: a flat list of steps; any failure here is a startup failure ------------------
@@ -90,7 +92,9 @@ class Pipeline:
         # here, before the MQTT session (which may redeliver them) is resumed.
         self.triggers = TriggerStore(cfg.state_dir / "triggers.sqlite3", cfg.pipeline.trigger_dedup_s) \
             if cfg.pipeline.mode == "triggered" else None
-        self.gate = FrameGate(cfg.pipeline, self.metrics, self.triggers, on_alarm=self.alarms.set)
+        recipes = Recipes(cfg.recipes)
+        self.gate = FrameGate(cfg.pipeline, self.metrics, self.triggers, on_alarm=self.alarms.set,
+                              recipes=recipes.names)
         self.sink = MqttSink(ms, self.outbox, cfg.base_topic, self._status_payload(),
                              on_alarm=self.alarms.set, on_trigger=self.gate.on_trigger)
         self.selftest = SelfTester(cfg.selftest, cfg.state_dir, self.station, self.sink, self.alarms, self._hold_parts)
@@ -111,7 +115,13 @@ class Pipeline:
             max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)),
             group_commit_ms=cfg.outbox.group_commit_ms, group_commit_max=cfg.outbox.group_commit_max)
         self.flow.shadow = self.shadow = start_shadow(cfg, self.sink, self.station, self.alarms.set)
+        self.flow.recipe_model = recipes.model
+        if cfg.opcua.enabled:  # before flow.start(): results of triggers recovered at start reach the PLC too
+            from edge.opcua import attach
+            self.opcua = attach(cfg, self.flow, self.alarms)
         self.flow.start()
+        if self.opcua is not None:
+            self.opcua.handshake.set_ready(True)
         self.notifier.ready(f"inspecting {self.source.name} with {self.model.info['name']} {self.model.info['version']}")
         log.info("station %s ready: source %s, topics %s/#", self.station_key, self.source.name, cfg.base_topic)
 
@@ -129,6 +139,9 @@ class Pipeline:
         while not self.stop_event.wait(tick):
             if flow.fatal:
                 log.critical("pipeline thread failed: %s; exiting so the service manager restarts us", flow.fatal)
+                return EX_FAILURE
+            if self.opcua is not None and not self.opcua.alive():  # the PLC would wait for a station that is gone
+                log.critical("OPC UA server stopped; exiting so the service manager restarts us")
                 return EX_FAILURE
             if self._healthy_for_watchdog():
                 self.notifier.watchdog()
@@ -245,7 +258,7 @@ class Pipeline:
         try:
             new_cfg = model_state.apply(load_config(self.config_path) if self.config_path else self.cfg, request)
             for section in ("station", "source", "mqtt", "state_dir", "outbox", "metrics", "pipeline", "evidence",
-                            "alarms", "logging", "selftest"):
+                            "alarms", "logging", "selftest", "recipes", "opcua"):
                 if getattr(new_cfg, section) != getattr(self.cfg, section):
                     log.warning("reload: section %r changed; it takes effect only after a restart", section)
             if new_cfg.model.shadow != self.cfg.model.shadow:
@@ -280,6 +293,8 @@ class Pipeline:
         """Stop capture, finish every part in flight, flush the outbox (bounded), say offline."""
         timeout = self.cfg.pipeline.drain_timeout_s
         self.notifier.stopping("draining")
+        if self.opcua is not None:
+            self.opcua.handshake.set_ready(False)  # StartJob is refused (NotReady) while parts drain
         deadline = time.monotonic() + timeout
         if self.flow is not None:
             self.flow.drain(deadline, self.notifier.watchdog)
@@ -297,6 +312,8 @@ class Pipeline:
             self.triggers.close()
         if self.server is not None:
             self.server.stop()
+        if self.opcua is not None:
+            self.opcua.stop()
         for lock in self.locks:
             lock.release()
         log.info("station %s stopped: %s", self.station_key, self.counts)

@@ -50,6 +50,9 @@ NON_FINITE = "non_finite"  # error kind: the model's map held NaN/inf (raises mo
 INTERNAL = "internal"  # error kind: building this part's event failed; the part still gets an error event
 _STOP = object()  # sentinel through the queues
 
+ResultListener = Callable[[Frame, str, bytes], None]  # (part's frame, event id, encoded event) once durable
+RecipeModel = Callable[[LoadedModel, str], LoadedModel]  # the model judging by a named recipe's rules
+
 
 @dataclass
 class Outcome:
@@ -122,6 +125,9 @@ class FrameFlow:
         self._capture_stop = threading.Event()
         self._abandon = threading.Event()  # drain deadline: stop waiting, leave the rest uncommitted
         self._last_size: tuple[int, int] | None = None
+        # Hooks (edge.opcua): told of every result once it is durable; a trigger's recipe -> its rules.
+        self.result_listeners: list[ResultListener] = []
+        self.recipe_model: RecipeModel | None = None
         self.threads = [threading.Thread(target=self._guard, args=(fn,), name=name, daemon=True)
                         for name, fn in (("capture", self._capture_loop), ("submit", self._submit_loop),
                                          ("results", self._result_loop))]
@@ -270,8 +276,14 @@ class FrameFlow:
                 return
             with self._inflight_cond:
                 self._inflight += 1
-            job = Job(frame, self.model)  # model read per frame: a reload swaps it between frames
+            job = Job(frame, self._model_for(frame))  # model read per frame: a reload swaps it between frames
             self._submit(job)
+
+    def _model_for(self, frame: Frame) -> LoadedModel:
+        recipe = frame.meta.get("recipe")
+        if recipe is None or self.recipe_model is None:
+            return self.model
+        return self.recipe_model(self.model, recipe)
 
     def _submit(self, job: Job) -> None:
         frame = job.frame
@@ -300,7 +312,7 @@ class FrameFlow:
                     try:
                         job.model.inferencer.submit(img, job, self._on_inferred)
                     except ModelClosed:  # a reload released this model just now: use the new one
-                        job.model = self.model
+                        job.model = self._model_for(frame)
                         job.model.inferencer.submit(img, job, self._on_inferred)
                     return
                 except FrameError as e:  # the frame's fault (size, type): not a model error
@@ -414,6 +426,11 @@ class FrameFlow:
         if job.t_done:
             self.metrics.inference.observe(job.t_done - job.t_submit)
         self.gate.inspected += 1
+        for listener in self.result_listeners:
+            try:
+                listener(frame, item.event_id, item.payload)
+            except Exception:  # a listener (the PLC handshake) never stops the result thread
+                log.exception("part %s: result listener failed", safe_part_id(frame.part_id))
 
     def _outcome(self, job: Job) -> Outcome:
         """Verdict of one part from its map (or its error); feeds the inference alarm."""

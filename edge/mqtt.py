@@ -101,7 +101,7 @@ class MqttSink:
         base_topic: str,
         status_payload: dict[str, Any],
         on_alarm: Callable[[str, bool, str], None] | None = None,
-        on_trigger: Callable[[TriggerMessage], None] | None = None,
+        on_trigger: Callable[[TriggerMessage], object] | None = None,
     ) -> None:
         settings.validate()
         self.settings = settings

@@ -37,7 +37,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   # CPU wheel of torch first; elsewhere: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[train,dev]"
+  .venv/bin/pip install -q -e ".[train,dev,opcua]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -17,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 PART_ID_MAX = 128
+RECIPE_NAME = r"[A-Za-z0-9_.-]{1,64}"  # as config.recipes keys
 
 
 @dataclass
@@ -88,6 +90,7 @@ class TriggerFields:
     seq: int | None = None  # PLC counter, +1 per part: a gap or a repeat is detected and alarmed
     ts: float | None = None  # PLC send time, epoch seconds: a trigger that arrives late is detected
     problem: str | None = None
+    recipe: str | None = None  # named rule set of the station config (`recipes:`) this part is judged by
 
 
 def parse_trigger(payload: bytes) -> str:
@@ -99,7 +102,8 @@ def parse_trigger(payload: bytes) -> str:
 
 
 def parse_trigger_fields(payload: bytes) -> TriggerFields:
-    """Like parse_trigger, plus the optional JSON fields "seq" (integer >= 0) and "ts" (epoch seconds)."""
+    """Like parse_trigger, plus the optional JSON fields "seq" (integer >= 0), "ts" (epoch seconds) and
+    "recipe" (a name of the station's `recipes:`; whether it exists is the gate's question)."""
     if len(payload) > 4096:
         raise ValueError(f"payload too large ({len(payload)} bytes)")
     try:
@@ -126,7 +130,10 @@ def parse_trigger_fields(payload: bytes) -> TriggerFields:
 def _optional_fields(part: str, fields: dict[str, Any]) -> TriggerFields:
     """PLCs often send numbers as text: "12" and ISO-8601 times with a zone are taken too. A value
     that still does not fit is not ignored (it claims to order or date the part): `problem`."""
-    seq, ts = fields.get("seq"), fields.get("ts")
+    seq, ts, recipe = fields.get("seq"), fields.get("ts"), fields.get("recipe")
+    if recipe is not None and not (isinstance(recipe, str) and re.fullmatch(RECIPE_NAME, recipe)):
+        return TriggerFields(part, problem=f'trigger field "recipe" must be a recipe name ({RECIPE_NAME}), '
+                                           f'got {recipe!r:.40}')
     if isinstance(seq, str) and seq.strip().isdigit():
         seq = int(seq)
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63):
@@ -143,7 +150,7 @@ def _optional_fields(part: str, fields: dict[str, Any]) -> TriggerFields:
     if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)
                            or ts <= 0):
         return TriggerFields(part, problem=f'trigger field "ts" must be epoch seconds, got {ts!r:.40}')
-    return TriggerFields(part, seq, None if ts is None else float(ts))
+    return TriggerFields(part, seq, None if ts is None else float(ts), recipe=recipe)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from edge.config import PipelineConfig
@@ -56,12 +56,13 @@ class FrameGate:
     """Thread-safe: triggers arrive on the MQTT thread, frames on the capture thread."""
 
     def __init__(self, cfg: PipelineConfig, metrics: Metrics, store: TriggerStore | None = None,
-                 on_alarm: AlarmCallback | None = None) -> None:
+                 on_alarm: AlarmCallback | None = None, recipes: Collection[str] = ()) -> None:
         self.cfg, self.metrics, self._on_alarm = cfg, metrics, on_alarm
+        self.recipes = frozenset(recipes)  # names a trigger's "recipe" may take (config `recipes:`)
         self.triggered = cfg.mode == "triggered"
         self.store = store if store is not None else TriggerStore(dedup_s=cfg.trigger_dedup_s)
         self._lock = threading.Lock()
-        self._pending: deque[tuple[str, float, float]] = deque()  # (part_id, wall ts, monotonic ts)
+        self._pending: deque[tuple[str, float, float, str | None]] = deque()  # (part_id, wall ts, monotonic ts, recipe)
         self._rejected_after = 0  # store cursor: rejected rows up to this id were handed over
         self._rejected_due = self.triggered  # rejected rows may wait in the store (bounded memory)
         self._n = 0
@@ -85,21 +86,25 @@ class FrameGate:
                             recovered)
 
     # -- triggers (MQTT thread) --------------------------------------------------------------------
-    def on_trigger(self, message: TriggerMessage | bytes) -> None:
-        """Decide and store one trigger; returns once it is durable (the caller acks it afterwards)."""
+    def on_trigger(self, message: TriggerMessage | bytes) -> str:
+        """Decide and store one trigger; returns once it is durable (the caller acks it afterwards).
+
+        Returns the outcome: "accepted" (waits for its frame), "duplicate", "retained", "malformed" or
+        "ignored" (no result will come), or the reason of an `error` result that will come ("invalid",
+        "late", "overflow", "sequence_error"). The OPC UA StartJob answers the PLC with it."""
         msg = message if isinstance(message, TriggerMessage) else TriggerMessage(bytes(message))
         if msg.retain:
             self._note("retained", "retained trigger ignored: the broker replays it at every subscribe, it is "
                                    "not a part (clear it with an empty retained message): %r", msg.payload[:80])
-            return
+            return "retained"
         try:
             fields = parse_trigger_fields(msg.payload)
         except ValueError as e:
             self._note("malformed", "malformed trigger ignored (%s): %r", e, msg.payload[:80])
-            return
+            return "malformed"
         if not self.triggered:
             self._note("ignored", "trigger for part %r ignored: pipeline.mode is free_run", fields.part_id)
-            return
+            return "ignored"
         now, mono = time.time(), time.monotonic()
         alarms: list[tuple[str, bool, str]] = []
         with self._lock:  # one trigger at a time: store, sequence and pending list stay consistent
@@ -110,7 +115,7 @@ class FrameGate:
                     outcome, reason, kind = self._judge(fields, msg, now, alarms)
                     self.store.add(fields.part_id, now, fields.seq, reason, kind)
                     if reason is None:
-                        self._pending.append((fields.part_id, now, mono))
+                        self._pending.append((fields.part_id, now, mono, fields.recipe))
                     else:
                         self._rejected_due = True
                 failure = None
@@ -129,6 +134,7 @@ class FrameGate:
             self._count(outcome)
         for alarm in alarms:
             self._alarm(*alarm)
+        return outcome
 
     def _stored(self, ok: bool, message: str) -> None:
         """Raise trigger_store on a write failure, clear it on the next success (a corrupt store found
@@ -148,6 +154,9 @@ class FrameGate:
         alarms.append((TRIGGER_LATE, late is not None, late or "triggers arrive in time"))
         if f.problem is not None:
             return "invalid", f.problem, "bad_trigger"
+        if f.recipe is not None and f.recipe not in self.recipes:
+            return "invalid", (f"unknown recipe {f.recipe!r} (the station config's recipes: "
+                               f"{', '.join(sorted(self.recipes)) or 'none'})"), "bad_trigger"
         if seq_reason is not None:
             return "sequence_error", seq_reason, "trigger_sequence"
         if late is not None:
@@ -261,8 +270,10 @@ class FrameGate:
                     self.skipped += 1
                     self.metrics.skipped.inc()
                 return []
-            part_id, received, _ = self._pending.popleft()
+            part_id, received, _, recipe = self._pending.popleft()
         frame.part_id = part_id
+        if recipe is not None:
+            frame.meta["recipe"] = recipe  # the flow judges the part by this rule set
         frame.live = False  # now it is a part: never dropped, never "stale"
         frame.meta["trigger_ts"] = received  # the event id's key, shared with a restart's error result
         return [frame]
@@ -273,7 +284,7 @@ class FrameGate:
         limit = time.monotonic() - self.cfg.trigger_timeout_s
         with self._lock:
             while self._pending and self._pending[0][2] < limit:
-                part_id, ts, _ = self._pending.popleft()
+                part_id, ts, _, _ = self._pending.popleft()
                 self._bump("expired")
                 out.append(_error_part(part_id, ts, NO_FRAME,
                                        f"no frame within {self.cfg.trigger_timeout_s} s after the trigger"))
@@ -291,7 +302,7 @@ class FrameGate:
         """Waiting triggers as error parts (shutdown); rejected ones beyond `max_rejected` stay stored
         and get their error result at the next start, so a flood cannot stretch the shutdown."""
         with self._lock:
-            out = [_error_part(p, ts, NO_FRAME, reason) for p, ts, _ in self._pending]
+            out = [_error_part(p, ts, NO_FRAME, reason) for p, ts, _, _ in self._pending]
             self._pending = deque()
             out += [self._rejected_part(r) for r in self.store.rejected(self._rejected_after, max_rejected)]
         return out

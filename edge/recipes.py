@@ -1,0 +1,55 @@
+"""Recipes: named rule sets of the station config that a trigger selects per part.
+
+A PLC that runs several part types on one line names the type with each job (OPC UA StartJob's
+`recipe`, or "recipe" in an MQTT trigger). A recipe overrides the station's effective limits
+(package values overridden by `rules:`) field by field, so it lists only what differs. The
+variant shares the compiled model: only the postprocess parameters and verdict limits change,
+and the event's `rules` records which recipe judged the part (`rules.recipe`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from edge.config import RulesConfig
+from edge.rules import Rules
+from edge.station import LoadedModel
+
+_PARAM_FIELDS = ("pixel_threshold", "min_area", "open_radius", "close_radius", "part_threshold")
+_RULE_FIELDS = tuple(f.name for f in dataclasses.fields(Rules))
+
+
+class Recipes:
+    """Thread-safe: the submit thread asks, a reload swaps the base model underneath."""
+
+    def __init__(self, recipes: dict[str, RulesConfig]) -> None:
+        self.rules = dict(recipes)
+        self._lock = threading.Lock()
+        self._base: LoadedModel | None = None
+        self._variants: dict[str, LoadedModel] = {}
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.rules)
+
+    def model(self, base: LoadedModel, name: str) -> LoadedModel:
+        """`base` judging by recipe `name`; KeyError for a name the config does not have (the gate
+        refuses those before a frame is taken)."""
+        with self._lock:
+            if base is not self._base:  # a reload: variants of the old model must not outlive it
+                self._base, self._variants = base, {}
+            variant = self._variants.get(name)
+            if variant is None:
+                variant = self._variants[name] = apply_recipe(base, name, self.rules[name])
+            return variant
+
+
+def apply_recipe(base: LoadedModel, name: str, recipe: RulesConfig) -> LoadedModel:
+    """A copy of `base` with the recipe's set fields replacing its effective values."""
+    given = recipe.model_dump(exclude_none=True)
+    params = dataclasses.replace(base.params, **{k: v for k, v in given.items() if k in _PARAM_FIELDS})
+    params.validate()
+    rules = dataclasses.replace(base.rules, **{k: v for k, v in given.items() if k in _RULE_FIELDS})
+    rules_dict = {**params.to_dict(), **rules.to_dict(), "roi": base.rules_dict.get("roi"), "recipe": name}
+    return dataclasses.replace(base, params=params, rules=rules, rules_dict=rules_dict)
