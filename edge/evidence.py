@@ -7,8 +7,9 @@ deleted first once the quota is exceeded. The event carries the relative prefix
 
 Encoding a 5 MP PNG costs tens of milliseconds, far more than a verdict. So the verdict path
 only hands the arrays to an `EvidenceWriter` (a bounded background writer, bound in bytes) and
-the event says `evidence_status: pending`. When the writer falls behind, evidence is thinned by
-rule instead of slowing the line (see `EvidenceWriter`).
+the event says `evidence_status: pending`. When the writer falls behind, or uses more than its
+CPU budget while the machine's CPUs are saturated, evidence is thinned by rule instead of slowing
+the line (see `EvidenceWriter`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import cv2
 import numpy as np
 
 from edge.contract import Region
+from edge.cpubusy import CpuBusy
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +229,28 @@ class EvidenceWriter:
       `keep_first_bad` fails (or errors) after a pass, which are kept while they fit: they are the
       frames a person wants when a line turns bad;
     - an item that does not fit the bound at all is thinned.
+    The writer also counts as behind while it has spent more than `cpu_share` of one core (on
+    average, with `cpu_burst_s` of CPU in hand) and the machine's CPUs are `busy_share` busy:
+    a slow line's idle cores encode every fail, a saturated line's cores go to verdicts (encoding
+    runs at nice 19, but a thread that holds the GIL while descheduled still stalls the others).
     Thinned parts are counted (`thinned`), and the `evidence_thinned` alarm is raised when
     thinning goes on for `alarm_after_s` and cleared after as long without any.
     A crash loses what is still queued: events say `pending`, never that a file exists.
     """
 
     def __init__(self, store: EvidenceStore, max_bytes: int, keep_every: int = 10, keep_first_bad: int = 3,
-                 alarm_after_s: float = 10.0, on_alarm: Callable[[str, bool, str], None] | None = None) -> None:
+                 alarm_after_s: float = 10.0, on_alarm: Callable[[str, bool, str], None] | None = None,
+                 cpu_share: float | None = None, cpu_burst_s: float = 1.0, busy_share: float = 0.9,
+                 cpu: CpuBusy | None = None) -> None:
         if max_bytes <= 0 or keep_every < 1:
             raise ValueError("max_bytes must be > 0 and keep_every >= 1")
+        if cpu_share is not None and cpu_share <= 0:
+            raise ValueError("cpu_share must be > 0 (None = no CPU budget)")
+        self.cpu_share, self.cpu_burst_s, self.busy_share = cpu_share, cpu_burst_s, busy_share
+        self._cpu = cpu or CpuBusy()
+        self._cpu_debt = 0.0  # CPU seconds spent beyond the budget's refill (a leaky bucket)
+        self._debt_t = time.monotonic()
+        self.cpu_s = 0.0  # CPU seconds the writer spent encoding and writing
         self.store, self.max_bytes, self.keep_every = store, int(max_bytes), int(keep_every)
         self.keep_first_bad, self.alarm_after_s, self._on_alarm = keep_first_bad, alarm_after_s, on_alarm
         self._q: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
@@ -265,7 +280,8 @@ class EvidenceWriter:
         with self._lock:
             used = self.queued_bytes
             fits = used + item.nbytes <= self.max_bytes
-            if fits and used + item.nbytes > self.max_bytes // 2 and not first_bad:
+            behind = used + item.nbytes > self.max_bytes // 2 or self._over_cpu_budget()
+            if fits and behind and not first_bad:
                 self._behind_seen += 1
                 fits = self._behind_seen % self.keep_every == 0
             if fits:
@@ -275,6 +291,15 @@ class EvidenceWriter:
             return None, THINNED
         self._q.put(item)
         return f"{_day(capture_ts)}/{event_id}", PENDING
+
+    def _over_cpu_budget(self) -> bool:
+        """Over its CPU budget while the CPUs are saturated (call with the lock held)."""
+        if self.cpu_share is None:
+            return False
+        now = time.monotonic()
+        self._cpu_debt = max(0.0, self._cpu_debt - self.cpu_share * (now - self._debt_t))
+        self._debt_t = now
+        return self._cpu_debt > self.cpu_burst_s and self._cpu.share() >= self.busy_share
 
     def _thin(self) -> None:
         now = time.monotonic()
@@ -306,6 +331,7 @@ class EvidenceWriter:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return {"queued_bytes": self.queued_bytes, "written": self.written, "thinned": self.thinned,
+                    "cpu_ms": round(self.cpu_s * 1000),
                     "failed": self.store.failed, "disk_bytes": self.store.used_bytes}
 
     def _run(self) -> None:
@@ -314,15 +340,19 @@ class EvidenceWriter:
             item = self._q.get()
             if item is None:
                 return
+            t_cpu = time.thread_time()
             try:
                 ref = self.store.save(item.event_id, item.capture_ts, item.image, item.mask, item.regions,
                                       item.verdict, item.offset)
             except Exception:  # never let one bad frame stop the writer
                 log.exception("evidence for %s not saved", item.event_id)
                 ref = None
+            spent = time.thread_time() - t_cpu
             with self._lock:
                 self.queued_bytes -= item.nbytes
                 self.written += ref is not None
+                self.cpu_s += spent
+                self._cpu_debt += spent
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (up to `timeout`), then stop the thread."""

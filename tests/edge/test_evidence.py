@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.cpubusy import CpuBusy
 from edge.events import validate_event
 from edge.evidence import EVIDENCE_THINNED, PENDING, THINNED, EvidenceStore, EvidenceWriter
 from tests.broker import Broker, Subscriber
@@ -100,3 +101,44 @@ def test_station_thins_evidence_by_rule_and_says_so(tmp_path: Path, tiny_package
         if e["evidence_status"] == "pending":
             assert (root / f"{e['evidence']}.frame.png").is_file()
     assert any(a["alarm"] == EVIDENCE_THINNED and a["state"] == "raised" for a in alarms(sub))
+
+
+class FixedBusy(CpuBusy):
+    """The machine's busy share as the test sets it (the real /proc/stat reader is tested below)."""
+
+    def __init__(self, share: float) -> None:
+        super().__init__()
+        self.value = share
+
+    def share(self) -> float:
+        return self.value
+
+
+def test_cpu_budget_thins_only_while_the_cpus_are_saturated(tmp_path: Path) -> None:
+    """Over its CPU budget the writer thins as when behind (the first fails after a pass are still
+    kept); with idle CPUs it keeps everything, whatever it has spent."""
+    img = np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)  # costs real encoding time
+    cpu = FixedBusy(1.0)
+    writer = EvidenceWriter(EvidenceStore(tmp_path, quota_bytes=10**9), max_bytes=10**9, keep_every=3,
+                            keep_first_bad=2, cpu_share=1e-6, cpu_burst_s=0.0, cpu=cpu)
+    assert [writer.offer(f"a{i}", 0.0, img, None, [], "fail")[1] for i in range(2)] == [PENDING] * 2
+    writer.close(timeout=30)  # the two were encoded: the budget is spent
+    assert writer.cpu_s > 0 and writer.snapshot()["cpu_ms"] >= 0
+    writer = EvidenceWriter(EvidenceStore(tmp_path, quota_bytes=10**9), max_bytes=10**9, keep_every=3,
+                            keep_first_bad=2, cpu_share=1e-6, cpu_burst_s=0.0, cpu=cpu)
+    writer._cpu_debt = 1.0  # as if it had just encoded a second's worth
+    got = [writer.offer(f"b{i}", 0.0, img, None, [], "fail")[1] for i in range(8)]
+    assert got == [PENDING, PENDING, THINNED, THINNED, PENDING, THINNED, THINNED, PENDING]  # first 2, every 3rd
+    cpu.value = 0.3  # the line slowed down: idle cores encode every fail again
+    assert [writer.offer(f"c{i}", 0.0, img, None, [], "fail")[1] for i in range(4)] == [PENDING] * 4
+    writer.close(timeout=30)
+    assert writer.thinned == 4
+
+
+def test_cpu_busy_reads_proc_stat(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\n")
+    busy = CpuBusy(period_s=0.0, path=stat)
+    stat.write_text("cpu  190 0 190 820 0 0 0 0 0 0\n")  # 180 busy of 200 jiffies
+    assert busy.share() == 0.9
+    assert CpuBusy(path=tmp_path / "missing").share() == 1.0  # unknown counts as busy: verdicts first
