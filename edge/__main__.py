@@ -145,11 +145,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
+    from edge.config import FrameChecksConfig
     from edge.contract import PostprocessParams
     from edge.evidence import draw_overlay
     from edge.package import PackageError
     from edge.rules import Rules, decide
-    from edge.sources.base import Frame, FrameChecks, check_frame
+    from edge.sources.base import Frame, check_frame
 
     try:
         from edge.inference import Inferencer
@@ -192,7 +193,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if image is None:
             row["error"] = row["error"] or "not a readable image"
         else:  # the same frame checks as the daemon: a black image is an error, not a pass
-            row["error"] = check_frame(Frame(path.stem, 0.0, image, live=False), FrameChecks())
+            row["error"] = check_frame(Frame(path.stem, 0.0, image, live=False), FrameChecksConfig())
         if row["error"] is None and image is not None:
             try:
                 det = inf.inspect(image, params)

@@ -28,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge.alarms import EVIDENCE_THINNED
 from edge.contract import Region
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,6 @@ class EvidenceStore:
 
 
 PENDING, THINNED = "pending", "thinned"
-EVIDENCE_THINNED = "evidence_thinned"  # alarm: the writer has been dropping evidence for a while
 
 
 @dataclass

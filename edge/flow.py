@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from edge.alarms import AlarmTracker
-from edge.config import RoiConfig
+from edge.alarms import FRAME_ERROR, OUTBOX_ERROR, STALE_FRAMES, AlarmTracker
+from edge.config import FrameChecksConfig, RoiConfig
 from edge.contract import NonFiniteError, Region, Verdict
 from edge.events import EVENT_MAX_BYTES, build_result_event, encode, event_id_for
 from edge.evidence import EvidenceWriter
@@ -36,16 +36,13 @@ from edge.outbox import Outbox
 from edge.postprocess import postprocess
 from edge.preprocess import FrameError
 from edge.rules import decide
-from edge.sources import Frame, FrameChecks, FrameSource, check_frame
+from edge.sources import Frame, FrameSource, check_frame
 from edge.sources.gate import FrameGate
 from edge.station import LoadedModel, SeqStore, expected_size, region_dict, shift_regions
 from edge.text import safe_part_id, safe_text
 
 log = logging.getLogger(__name__)
 
-OUTBOX_ERROR = "outbox_error"
-FRAME_ERROR = "frame_error"  # unreadable/black/wrong-size files from a folder source
-STALE_FRAMES = "stale_frames"  # live frames waited longer than frame_checks.max_age_s
 NON_FINITE = "non_finite"  # error kind: the model's map held NaN/inf (raises model_error like inference errors)
 INTERNAL = "internal"  # error kind: building this part's event failed; the part still gets an error event
 _STOP = object()  # sentinel through the queues
@@ -96,7 +93,7 @@ class FrameFlow:
     at any time (reload); each frame uses the values current when it is submitted."""
 
     def __init__(self, *, station: dict[str, str], result_topic: str, source: FrameSource, gate: FrameGate,
-                 model: LoadedModel, checks: FrameChecks, roi: RoiConfig | None, outbox: Outbox,
+                 model: LoadedModel, checks: FrameChecksConfig, roi: RoiConfig | None, outbox: Outbox,
                  sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceWriter | None,
                  seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool,
                  max_queued_bytes: int = 256 << 20, group_commit_ms: float = 2.0, group_commit_max: int = 64) -> None:

@@ -1,5 +1,7 @@
 """Station runtime pieces derived from the config: the loaded model with its effective rules,
-the persistent sequence number, and config -> settings conversions used by the daemon.
+the persistent sequence number, and the MQTT settings. Every default lives in edge.config; the
+other runtime objects take their validated config section as it is (AlarmTracker: alarms,
+check_frame: frame_checks, FrameGate: pipeline, sources: source).
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config, resolve_password
+from edge.config import Config, FrameChecksConfig, resolve_password
 from edge.contract import PostprocessParams, Region
 from edge.inference import Inferencer
 from edge.mqtt import MqttSettings
 from edge.package import PackageError
 from edge.rules import Rules
 from edge.signature import verify_package_signature
-from edge.sources.base import FrameChecks
 
 log = logging.getLogger(__name__)
 
@@ -124,24 +125,12 @@ class SeqStore:
 
 
 def mqtt_settings(cfg: Config) -> MqttSettings:
+    """The sink's settings: the mqtt section, the station's client id and the resolved password."""
     m = cfg.mqtt
-    return MqttSettings(
-        host=m.host, port=m.port, client_id=m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}",
-        username=m.username, password=resolve_password(m), protocol=m.protocol, keepalive=m.keepalive,
-        tls_ca=_s(m.tls_ca), tls_cert=_s(m.tls_cert), tls_key=_s(m.tls_key), tls_insecure=m.tls_insecure,
-        max_inflight=m.max_inflight, reconnect_min=m.reconnect_min_s, reconnect_max=m.reconnect_max_s,
-        no_subscribers=m.no_subscribers, session_expiry=m.session_expiry_s)
+    return MqttSettings(m, m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}", resolve_password(m))
 
 
-def _s(path: Path | None) -> str | None:
-    return None if path is None else str(path)
-
-
-def frame_checks(cfg: Config) -> FrameChecks:
-    return FrameChecks(**cfg.frame_checks.model_dump())
-
-
-def expected_size(checks: FrameChecks) -> tuple[int, int]:
+def expected_size(checks: FrameChecksConfig) -> tuple[int, int]:
     """Size reported for an error part that never had an image (the schema wants a positive size)."""
     return checks.expect_width or 1, checks.expect_height or 1
 

@@ -17,15 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge.config import ConfigError  # one error type for bad configs, station or training
 from training.losses import LossName
 from training.unet import Stem, Upsample, network_stride
 
 AUTO = "auto"  # a field left to training.recipe_auto, resolved from the data when training starts
 Auto = Literal["auto"]
-
-
-class ConfigError(ValueError):
-    """The config cannot be used; the message names the file and the field."""
 
 
 class _Section(BaseModel):

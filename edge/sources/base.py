@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from edge.config import FrameChecksConfig
+
 PART_ID_MAX = 128
 
 
@@ -146,20 +148,9 @@ def _optional_fields(part: str, fields: dict[str, Any]) -> TriggerFields:
     return TriggerFields(part, seq, None if ts is None else float(ts))
 
 
-@dataclass(frozen=True)
-class FrameChecks:
-    """Frame sanity limits (from config.frame_checks); violations become `error` verdicts."""
-
-    reject_black: bool = True
-    black_mean_below: float = 4.0
-    black_std_below: float = 2.0
-    expect_width: int | None = None
-    expect_height: int | None = None
-    max_age_s: float = 0.0
-
-
-def check_frame(frame: Frame, checks: FrameChecks, now_mono: float | None = None) -> str | None:
-    """Why this frame must not be inspected, or None. Cheap: runs on every frame."""
+def check_frame(frame: Frame, checks: FrameChecksConfig, now_mono: float | None = None) -> str | None:
+    """Why this frame must not be inspected, or None. Cheap: runs on every frame. The limits and
+    their defaults are the station's `frame_checks` section (edge.config.FrameChecksConfig)."""
     img = frame.image
     if img is None or not isinstance(img, np.ndarray) or img.size == 0:
         return "frame is empty"

@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from edge.alarms import CAMERA_LOST, TRIGGER_LATE, TRIGGER_SEQUENCE, TRIGGER_STORE
 from edge.config import PipelineConfig
 from edge.metrics import Metrics
 from edge.sources.base import Frame, TriggerFields, parse_trigger_fields
@@ -39,10 +40,6 @@ from edge.triggers import StoredTrigger, TriggerMessage, TriggerStore
 
 log = logging.getLogger(__name__)
 
-CAMERA_LOST = "camera_lost"
-TRIGGER_SEQUENCE = "trigger_sequence"  # alarm: the PLC's sequence numbers skipped or went back
-TRIGGER_LATE = "trigger_late"  # alarm: triggers arrive too late (or too early) for their frame
-TRIGGER_STORE = "trigger_store"  # alarm: triggers cannot be stored, so they are not acknowledged
 NO_FRAME = "no_frame"
 RESUME_GRACE_S = 1.0  # a broker flushes what it queued for us right after the CONNACK
 _REJECTED_BATCH = 32  # error parts per capture-loop turn: a flood of overflowed triggers never holds capture

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from edge.config import (
     CameraSourceConfig,
     FolderSourceConfig,
+    FrameChecksConfig,
     PipelineConfig,
     SyntheticSourceConfig,
     VideoSourceConfig,
@@ -25,7 +26,6 @@ from edge.sources import (
     CameraSource,
     FolderSource,
     Frame,
-    FrameChecks,
     SyntheticSource,
     check_frame,
     parse_trigger,
@@ -112,7 +112,7 @@ def test_gate_free_run_every_nth_and_errors_always_pass() -> None:
 
 # -- frame checks ---------------------------------------------------------------------------------
 def test_check_frame_rejects_black_empty_wrong_size_and_stale() -> None:
-    checks = FrameChecks(expect_width=128, expect_height=96, max_age_s=0.5)
+    checks = FrameChecksConfig(expect_width=128, expect_height=96, max_age_s=0.5)
     assert check_frame(Frame("p", 0, make_part()), checks) is None
     assert "black" in (check_frame(Frame("p", 0, np.zeros((96, 128), np.uint8)), checks) or "")
     assert "empty" in (check_frame(Frame("p", 0, np.zeros((0, 0), np.uint8)), checks) or "")
