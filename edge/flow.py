@@ -35,7 +35,7 @@ from edge.mqtt import MqttSink
 from edge.outbox import Outbox
 from edge.postprocess import postprocess
 from edge.preprocess import FrameError
-from edge.rules import decide
+from edge.rules import BAD_FRAME, INFERENCE, INTERNAL, NON_FINITE, STALE, decide
 from edge.sources import Frame, FrameSource, check_frame
 from edge.sources.gate import FrameGate
 from edge.station import LoadedModel, SeqStore, expected_size, region_dict, shift_regions
@@ -43,8 +43,6 @@ from edge.text import safe_part_id, safe_text
 
 log = logging.getLogger(__name__)
 
-NON_FINITE = "non_finite"  # error kind: the model's map held NaN/inf (raises model_error like inference errors)
-INTERNAL = "internal"  # error kind: building this part's event failed; the part still gets an error event
 _STOP = object()  # sentinel through the queues
 
 
@@ -206,7 +204,7 @@ class FrameFlow:
             if frame.error is None:
                 bad = check_frame(frame, self.checks)
                 if bad is not None:
-                    frame.image, frame.error, frame.error_kind = None, bad, "bad_frame"
+                    frame.image, frame.error, frame.error_kind = None, bad, BAD_FRAME
             if self.observe_camera:  # live sources: a bad frame means the camera (or its light) is in trouble
                 self.alarms.observe_camera(frame.error is None, frame.error or "frames arrive again")
             else:  # files: whoever writes them is in trouble
@@ -279,12 +277,12 @@ class FrameFlow:
             if frame.live:  # latched: one raise when frames go stale, one clear when they are fresh again
                 self.alarms.set(STALE_FRAMES, stale, f"frame {age:.2f} s old at inference" if stale else "fresh")
             if stale:
-                job.error, job.error_kind = f"stale frame: {age:.2f} s old > {self.checks.max_age_s} s", "stale"
+                job.error, job.error_kind = f"stale frame: {age:.2f} s old > {self.checks.max_age_s} s", STALE
             elif self.roi is not None:
                 r = self.roi
                 if r.x + r.w > img.shape[1] or r.y + r.h > img.shape[0]:
                     job.error, job.error_kind = (f"roi {r.x},{r.y} {r.w}x{r.h} is outside the "
-                                                 f"{img.shape[1]}x{img.shape[0]} frame"), "bad_frame"
+                                                 f"{img.shape[1]}x{img.shape[0]} frame"), BAD_FRAME
                 else:
                     img, job.offset = img[r.y : r.y + r.h, r.x : r.x + r.w], (r.x, r.y)
             if job.error is None:
@@ -297,9 +295,9 @@ class FrameFlow:
                         job.model.inferencer.submit(img, job, self._on_inferred)
                     return
                 except FrameError as e:  # the frame's fault (size, type): not a model error
-                    job.error, job.error_kind, job.t_submit = f"cannot inspect frame: {e}", "bad_frame", 0.0
+                    job.error, job.error_kind, job.t_submit = f"cannot inspect frame: {e}", BAD_FRAME, 0.0
                 except Exception as e:  # OpenVINO errors: an error verdict and the model_error alarm
-                    job.error, job.error_kind = f"cannot inspect frame: {e}", "inference"
+                    job.error, job.error_kind = f"cannot inspect frame: {e}", INFERENCE
         self._results.put(job)
 
     def _on_inferred(self, prob: np.ndarray | None, error: BaseException | None, job: Job,
@@ -308,7 +306,7 @@ class FrameFlow:
         job.t_done = time.monotonic()
         job.prob, job.part = prob, part
         if error is not None:
-            job.error, job.error_kind = f"inference failed: {type(error).__name__}: {error}", "inference"
+            job.error, job.error_kind = f"inference failed: {type(error).__name__}: {error}", INFERENCE
         self._results.put(job)
 
     # -- result thread -----------------------------------------------------------------------------
@@ -418,8 +416,8 @@ class FrameFlow:
             except NonFiniteError as e:  # a model emitting NaN would otherwise pass every part
                 job.error, job.error_kind = f"model output rejected: {e}", NON_FINITE
             except Exception as e:
-                job.error, job.error_kind = f"postprocess failed: {e}", "inference"
-        if job.error_kind in ("inference", NON_FINITE) or job.t_submit:
+                job.error, job.error_kind = f"postprocess failed: {e}", INFERENCE
+        if job.error_kind in (INFERENCE, NON_FINITE) or job.t_submit:
             self.alarms.observe_inference(job.error is None, job.error or "")
         if job.error is not None:
             outcome = Outcome("error")

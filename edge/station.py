@@ -21,7 +21,7 @@ from edge.contract import PostprocessParams, Region
 from edge.inference import Inferencer
 from edge.mqtt import MqttSettings
 from edge.package import PackageError
-from edge.rules import Rules
+from edge.rules import Rules, effective_rules
 from edge.signature import verify_package_signature
 
 log = logging.getLogger(__name__)
@@ -40,34 +40,18 @@ class LoadedModel:
 
 
 def load_model(cfg: Config) -> LoadedModel:
-    """Compile the package; config rules override the package's calibrated values one by one."""
+    """Compile the package; its limits are edge.rules.effective_rules (config `rules:` over the package)."""
     m = cfg.model
     if m.public_key is not None:  # before anything trusts package.json's hashes
         verify_package_signature(m.path, m.public_key)
     inf = Inferencer(m.path, xml_name=m.file, device=m.device, num_requests=m.num_requests,
                      threads=m.threads or None, hint=m.hint, verify=m.verify_hashes)
-    r, base = cfg.rules, inf.params
     try:
-        params = PostprocessParams(
-            pixel_threshold=base.pixel_threshold if r.pixel_threshold is None else r.pixel_threshold,
-            min_area=base.min_area if r.min_area is None else r.min_area,
-            open_radius=base.open_radius if r.open_radius is None else r.open_radius,
-            close_radius=base.close_radius if r.close_radius is None else r.close_radius,
-            part_threshold=base.part_threshold if r.part_threshold is None else r.part_threshold,
-        )
-        params.validate()
-        pkg = inf.meta.extra.get("rules", {}) if isinstance(inf.meta.extra.get("rules"), dict) else {}
-        rules = Rules(
-            max_defects=int(r.max_defects if r.max_defects is not None else pkg.get("max_defects", 0)),
-            max_total_area=r.max_total_area if r.max_total_area is not None else pkg.get("max_total_area"),
-            max_region_area_mm2=(r.max_region_area_mm2 if r.max_region_area_mm2 is not None
-                                 else pkg.get("max_region_area_mm2")),
-            mm_per_pixel=r.mm_per_pixel if r.mm_per_pixel is not None else pkg.get("mm_per_pixel"),
-        )
+        policy = effective_rules(inf.params, cfg.rules)
     except (TypeError, ValueError) as e:
         raise PackageError(f"{m.path}: rules are invalid: {e}") from e
     roi = None if cfg.roi is None else [cfg.roi.x, cfg.roi.y, cfg.roi.w, cfg.roi.h]
-    return LoadedModel(inf, params, rules, inf.info.to_dict(), {**params.to_dict(), **rules.to_dict(), "roi": roi},
+    return LoadedModel(inf, policy.params, policy.rules, inf.info.to_dict(), {**policy.to_dict(), "roi": roi},
                        cfg.pipeline.event_max_regions)
 
 

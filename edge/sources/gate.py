@@ -35,12 +35,12 @@ from typing import Any
 from edge.alarms import CAMERA_LOST, TRIGGER_LATE, TRIGGER_SEQUENCE, TRIGGER_STORE
 from edge.config import PipelineConfig
 from edge.metrics import Metrics
+from edge.rules import BAD_TRIGGER, LATE_TRIGGER, NO_FRAME
 from edge.sources.base import Frame, TriggerFields, parse_trigger_fields
 from edge.triggers import StoredTrigger, TriggerMessage, TriggerStore
 
 log = logging.getLogger(__name__)
 
-NO_FRAME = "no_frame"
 RESUME_GRACE_S = 1.0  # a broker flushes what it queued for us right after the CONNACK
 _REJECTED_BATCH = 32  # error parts per capture-loop turn: a flood of overflowed triggers never holds capture
 RESTARTED = ("the station restarted before this part's result was stored; a frame taken after the restart "
@@ -144,11 +144,11 @@ class FrameGate:
         late = self._late(f, msg, now)
         alarms.append((TRIGGER_LATE, late is not None, late or "triggers arrive in time"))
         if f.problem is not None:
-            return "invalid", f.problem, "bad_trigger"
+            return "invalid", f.problem, BAD_TRIGGER
         if seq_reason is not None:
-            return "sequence_error", seq_reason, "trigger_sequence"
+            return "sequence_error", seq_reason, TRIGGER_SEQUENCE
         if late is not None:
-            return "late", late, "late_trigger"
+            return "late", late, LATE_TRIGGER
         if len(self._pending) >= self.cfg.trigger_max_pending:
             return "overflow", (f"trigger dropped: {len(self._pending)} triggers already wait for a frame "
                                 f"(trigger_max_pending)"), NO_FRAME
