@@ -17,8 +17,9 @@ from typing import Any
 from edge import __version__, model_state
 from edge.alarms import MODEL_RELOAD, OUTBOX_RECOVERED, AlarmTracker
 from edge.config import Config, ConfigError, load_config
+from edge.counters import PART_COUNTS
 from edge.evidence import EvidenceStore, EvidenceWriter
-from edge.flow import FrameFlow
+from edge.flow import FrameFlow, Runtime
 from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox, OutboxUnwritable
@@ -71,7 +72,6 @@ class Pipeline:
         log.info("model %s %s (%s) from %s, rules %s", self.model.info["name"], self.model.info["version"],
                  self.model.info["precision"], cfg.model.path, self.model.rules_dict)
         self.metrics.model.info({k: str(v) for k, v in self.model.info.items()})
-        self.checks = cfg.frame_checks
         self.outbox = Outbox(cfg.outbox.path or cfg.state_dir / "outbox.sqlite3", cfg.outbox.max_events)
         self.seq = SeqStore(cfg.state_dir / "seq.json")
         self.alarms = AlarmTracker(cfg.alarms, self._on_alarm)
@@ -98,7 +98,7 @@ class Pipeline:
         self.source.open()  # SourceError (missing folder/file) -> exit 78
         self.flow = FrameFlow(
             station=self.station, result_topic=f"{cfg.base_topic}/result", source=self.source, gate=self.gate,
-            model=self.model, checks=self.checks, roi=cfg.roi, outbox=self.outbox, sink=self.sink,
+            runtime=Runtime(self.model, cfg.frame_checks, cfg.roi), outbox=self.outbox, sink=self.sink,
             alarms=self.alarms, metrics=self.metrics, evidence=self.evidence, seq=self.seq, latency=self.latency,
             queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder",
             max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)),
@@ -164,7 +164,7 @@ class Pipeline:
         overwritten = int(getattr(self.source, "overwritten", 0))
         if overwritten > self._overwritten:  # a live camera replaced frames the pipeline had no time for
             self.metrics.dropped.labels("camera_overwrite").inc(overwritten - self._overwritten)
-            self.gate.dropped += overwritten - self._overwritten
+            self.gate.counters.add("dropped", overwritten - self._overwritten)
             self._overwritten = overwritten
         backlog = self.outbox.count()
         self.metrics.backlog.set(backlog)
@@ -184,7 +184,7 @@ class Pipeline:
 
     @property
     def counts(self) -> dict[str, int]:
-        return dict(self.flow.counts) if self.flow else {}
+        return self.flow.counters.snapshot(PART_COUNTS) if self.flow else {}
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """/healthz: 200 while every pipeline thread runs; details for the person looking."""
@@ -244,9 +244,8 @@ class Pipeline:
         model_state.record(self.cfg.state_dir, request, path=new_cfg.model.path, info=new_model.info)
         self.cfg = self.cfg.model_copy(update={"model": new_cfg.model, "rules": new_cfg.rules, "roi": new_cfg.roi,
                                                "frame_checks": new_cfg.frame_checks})
-        self.checks = self.cfg.frame_checks
-        if self.flow is not None:  # frames already submitted keep their model (Job.model)
-            self.flow.model, self.flow.checks, self.flow.roi = new_model, self.checks, self.cfg.roi
+        if self.flow is not None:  # frames already submitted keep their runtime (Job.runtime)
+            self.flow.swap(Runtime(new_model, self.cfg.frame_checks, self.cfg.roi))
         self.metrics.model.info({k: str(v) for k, v in new_model.info.items()})
         self.metrics.reloads.labels("ok").inc()
         if self.sink is not None:

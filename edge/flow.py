@@ -68,14 +68,24 @@ class Ready:
     t_built: float  # monotonic: the part's latency is counted up to here (as before group commit)
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """What a reload replaces, as one snapshot (FrameFlow.swap): each frame is checked, cropped and
+    inspected with the model, frame checks and ROI of one config, never a mix of old and new."""
+
+    model: LoadedModel
+    checks: FrameChecksConfig
+    roi: RoiConfig | None
+
+
 class Job:
     """One part on its way through the pipeline (slots: created per frame)."""
 
     __slots__ = ("error", "error_kind", "frame", "image_size", "model", "nbytes", "offset", "part", "prob",
-                 "t_done", "t_submit")
+                 "runtime", "t_done", "t_submit")
 
-    def __init__(self, frame: Frame, model: LoadedModel) -> None:
-        self.frame, self.model = frame, model
+    def __init__(self, frame: Frame, runtime: Runtime) -> None:
+        self.frame, self.runtime, self.model = frame, runtime, runtime.model
         self.prob: np.ndarray | None = None
         self.part: float | None = None  # max over tiles of the part output (None: the model has none)
         self.error: str | None = frame.error
@@ -87,23 +97,23 @@ class Job:
 
 
 class FrameFlow:
-    """The three pipeline threads and their queues. `model`, `checks` and `roi` may be replaced
-    at any time (reload); each frame uses the values current when it is submitted."""
+    """The three pipeline threads and their queues. `swap` replaces the runtime (model, checks, ROI)
+    at any time (reload); each frame uses the one current when it is submitted."""
 
     def __init__(self, *, station: dict[str, str], result_topic: str, source: FrameSource, gate: FrameGate,
-                 model: LoadedModel, checks: FrameChecksConfig, roi: RoiConfig | None, outbox: Outbox,
+                 runtime: Runtime, outbox: Outbox,
                  sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceWriter | None,
                  seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool,
                  max_queued_bytes: int = 256 << 20, group_commit_ms: float = 2.0, group_commit_max: int = 64) -> None:
         self.station, self.station_key = station, f"{station['line']}/{station['name']}"
         self.result_topic, self.source, self.gate = result_topic, source, gate
-        self.model, self.checks, self.roi = model, checks, roi
+        self.runtime = runtime
         self.outbox, self.sink, self.alarms, self.metrics = outbox, sink, alarms, metrics
         self.evidence, self.seq, self.latency = evidence, seq, latency
         self.observe_camera = observe_camera
         # Group commit: results ready together share one outbox transaction (one fsync); 1 = one per part.
         self.group_commit_s, self.group_commit_max = group_commit_ms / 1000.0, max(1, group_commit_max)
-        self.counts = {"pass": 0, "fail": 0, "error": 0, "duplicate": 0}
+        self.counters = gate.counters  # parts by verdict, inspected, dropped, skipped: one lock
         self.fatal: str | None = None
         self.last_progress = self.hold_beat = self.capture_beat = time.monotonic()  # hold_beat: a full outbox/disk is retried
         self._frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -118,6 +128,10 @@ class FrameFlow:
         self.threads = [threading.Thread(target=self._guard, args=(fn,), name=name, daemon=True)
                         for name, fn in (("capture", self._capture_loop), ("submit", self._submit_loop),
                                          ("results", self._result_loop))]
+
+    def swap(self, runtime: Runtime) -> None:
+        """Use `runtime` from the next frame on; frames already submitted keep theirs (Job.runtime)."""
+        self.runtime = runtime  # one reference: readers take it once per frame, never half old, half new
 
     def start(self) -> None:
         for t in self.threads:
@@ -202,7 +216,7 @@ class FrameFlow:
                 continue
             self.metrics.frames.inc()
             if frame.error is None:
-                bad = check_frame(frame, self.checks)
+                bad = check_frame(frame, self.runtime.checks)
                 if bad is not None:
                     frame.image, frame.error, frame.error_kind = None, bad, BAD_FRAME
             if self.observe_camera:  # live sources: a bad frame means the camera (or its light) is in trouble
@@ -244,7 +258,7 @@ class FrameFlow:
 
     def _drop(self, reason: str) -> None:
         self.metrics.dropped.labels(reason).inc()
-        self.gate.dropped += 1
+        self.counters.add("dropped")
 
     def _give_up(self, frame: Frame, force: bool) -> bool:
         if self.fatal or self._abandon.is_set():
@@ -263,23 +277,23 @@ class FrameFlow:
                 return
             with self._inflight_cond:
                 self._inflight += 1
-            job = Job(frame, self.model)  # model read per frame: a reload swaps it between frames
+            job = Job(frame, self.runtime)  # read per frame: a reload swaps it between frames
             self._submit(job)
 
     def _submit(self, job: Job) -> None:
-        frame = job.frame
+        frame, checks = job.frame, job.runtime.checks
         if job.error is None and frame.image is not None:
             img = frame.image
             job.image_size = (int(img.shape[1]), int(img.shape[0]))
             self._last_size = job.image_size
             age = time.monotonic() - frame.mono_ts
-            stale = frame.live and self.checks.max_age_s > 0 and age > self.checks.max_age_s
+            stale = frame.live and checks.max_age_s > 0 and age > checks.max_age_s
             if frame.live:  # latched: one raise when frames go stale, one clear when they are fresh again
                 self.alarms.set(STALE_FRAMES, stale, f"frame {age:.2f} s old at inference" if stale else "fresh")
             if stale:
-                job.error, job.error_kind = f"stale frame: {age:.2f} s old > {self.checks.max_age_s} s", STALE
-            elif self.roi is not None:
-                r = self.roi
+                job.error, job.error_kind = f"stale frame: {age:.2f} s old > {checks.max_age_s} s", STALE
+            elif job.runtime.roi is not None:
+                r = job.runtime.roi
                 if r.x + r.w > img.shape[1] or r.y + r.h > img.shape[0]:
                     job.error, job.error_kind = (f"roi {r.x},{r.y} {r.w}x{r.h} is outside the "
                                                  f"{img.shape[1]}x{img.shape[0]} frame"), BAD_FRAME
@@ -291,7 +305,7 @@ class FrameFlow:
                     try:
                         job.model.inferencer.submit(img, job, self._on_inferred)
                     except ModelClosed:  # a reload released this model just now: use the new one
-                        job.model = self.model
+                        job.model = self.runtime.model
                         job.model.inferencer.submit(img, job, self._on_inferred)
                     return
                 except FrameError as e:  # the frame's fault (size, type): not a model error
@@ -391,18 +405,18 @@ class FrameFlow:
         frame = job.frame
         self._commit(frame, ok=verdict != "error")
         if added:
-            self.counts[verdict] += 1
+            self.counters.add(verdict)
             self.metrics.results.labels(verdict).inc()
             self.alarms.observe_verdict(verdict)
         else:
-            self.counts["duplicate"] += 1
+            self.counters.add("duplicate")
             self.metrics.duplicates.inc()
         self.metrics.last_result.set(time.time())
         self.latency.add(item.t_built - frame.mono_ts)
         self.metrics.latency.observe(item.t_built - frame.mono_ts)
         if job.t_done:
             self.metrics.inference.observe(job.t_done - job.t_submit)
-        self.gate.inspected += 1
+        self.counters.add("inspected")
 
     def _outcome(self, job: Job) -> Outcome:
         """Verdict of one part from its map (or its error); feeds the inference alarm."""
@@ -449,7 +463,7 @@ class FrameFlow:
                    "queue": round(max(0.0, (job.t_submit or now) - frame.mono_ts) * 1000, 3),
                    "inference": round(max(0.0, job.t_done - job.t_submit) * 1000, 3) if job.t_done else 0.0,
                    "postprocess": round((now - t0) * 1000, 3)}
-        width, height = job.image_size or self._last_size or expected_size(self.checks)
+        width, height = job.image_size or self._last_size or expected_size(job.runtime.checks)
         mpp = model.rules.mm_per_pixel
         seq = self._next_seq(part_id)
         if seq is None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from edge.alarms import CAMERA_LOST, TRIGGER_LATE, TRIGGER_SEQUENCE, TRIGGER_STORE
 from edge.config import PipelineConfig
+from edge.counters import Counters
 from edge.metrics import Metrics
 from edge.rules import BAD_TRIGGER, LATE_TRIGGER, NO_FRAME
 from edge.sources.base import Frame, TriggerFields, parse_trigger_fields
@@ -53,7 +54,7 @@ class FrameGate:
     """Thread-safe: triggers arrive on the MQTT thread, frames on the capture thread."""
 
     def __init__(self, cfg: PipelineConfig, metrics: Metrics, store: TriggerStore | None = None,
-                 on_alarm: AlarmCallback | None = None) -> None:
+                 on_alarm: AlarmCallback | None = None, counters: Counters | None = None) -> None:
         self.cfg, self.metrics, self._on_alarm = cfg, metrics, on_alarm
         self.triggered = cfg.mode == "triggered"
         self.store = store if store is not None else TriggerStore(dedup_s=cfg.trigger_dedup_s)
@@ -63,8 +64,7 @@ class FrameGate:
         self._rejected_due = self.triggered  # rejected rows may wait in the store (bounded memory)
         self._n = 0
         self._last_taken = float("-inf")
-        self.inspected = self.dropped = self.skipped = 0
-        self._inspected_at_snapshot = 0
+        self.counters = counters if counters is not None else Counters()  # shared with the frame flow
         self.triggers = dict.fromkeys(("accepted", "malformed", "ignored", "expired", "overflow", "duplicate",
                                        "retained", "late", "invalid", "sequence_gap", "sequence_error", "sequence_restart",
                                        "recovered"), 0)
@@ -245,7 +245,7 @@ class FrameGate:
             self._n += 1
             now = time.monotonic()
             if self._n % self.cfg.every_nth or (self.cfg.max_fps and now - self._last_taken < 1.0 / self.cfg.max_fps):
-                self.skipped += 1
+                self.counters.add("skipped")
                 self.metrics.skipped.inc()
                 return []
             self._last_taken = now
@@ -255,7 +255,7 @@ class FrameGate:
             if frame.error_kind == CAMERA_LOST or not due or frame.meta.get("buffered"):
                 # A stall alone is not a part; waiting triggers time out with an error verdict.
                 if frame.error is None:
-                    self.skipped += 1
+                    self.counters.add("skipped")
                     self.metrics.skipped.inc()
                 return []
             part_id, received, _ = self._pending.popleft()
@@ -303,9 +303,8 @@ class FrameGate:
         with self._lock:
             pending = len(self._pending)
             triggers = dict(self.triggers)
-        interval = self.inspected - self._inspected_at_snapshot
-        self._inspected_at_snapshot = self.inspected
-        return {"inspected_interval": interval, "dropped": self.dropped, "skipped": self.skipped,
+        c = self.counters
+        return {"inspected_interval": c.since_last("inspected"), "dropped": c.get("dropped"), "skipped": c.get("skipped"),
                 "triggers": {**triggers, "pending": pending} if self.triggered or any(triggers.values()) else None}
 
 
