@@ -362,6 +362,12 @@ class Config(_Model):
         return f"{self.mqtt.topic_prefix}/{self.station.line}/{self.station.name}"
 
 
+def default_of(section: type[BaseModel], name: str) -> Any:
+    """A field's default, for the parameters of runtime classes that tests and tools build without
+    a config: the value itself lives only in its config section above."""
+    return section.model_fields[name].default
+
+
 # -- loading -------------------------------------------------------------------------------------
 
 def _node_child(node: yaml.Node | None, key: Any) -> yaml.Node | None:

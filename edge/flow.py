@@ -104,7 +104,7 @@ class FrameFlow:
                  runtime: Runtime, outbox: Outbox,
                  sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceWriter | None,
                  seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool,
-                 max_queued_bytes: int = 256 << 20, group_commit_ms: float = 2.0, group_commit_max: int = 64) -> None:
+                 max_queued_bytes: int, group_commit_ms: float, group_commit_max: int) -> None:
         self.station, self.station_key = station, f"{station['line']}/{station['name']}"
         self.result_topic, self.source, self.gate = result_topic, source, gate
         self.runtime = runtime

@@ -36,7 +36,7 @@ class LoadedModel:
     rules: Rules
     info: dict[str, Any]  # name, version, sha256, precision: recorded in every event
     rules_dict: dict[str, Any]  # every limit that decides a verdict: recorded in every event
-    max_regions: int = 50  # regions listed in an event (the largest; pipeline.event_max_regions)
+    max_regions: int  # regions listed in an event (the largest; pipeline.event_max_regions)
 
 
 def load_model(cfg: Config) -> LoadedModel:

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.config import PipelineConfig, default_of
 from edge.outbox import move_aside
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ class StoredTrigger:
 class TriggerStore:
     """Thread-safe (one connection and a lock): the MQTT thread adds, the result thread marks done."""
 
-    def __init__(self, path: str | Path = ":memory:", dedup_s: float = 300.0) -> None:
+    def __init__(self, path: str | Path = ":memory:",
+                 dedup_s: float = default_of(PipelineConfig, "trigger_dedup_s")) -> None:
         self.path, self.dedup_s = str(path), dedup_s
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
