@@ -29,7 +29,7 @@ class Frame:
     capture_ts: float  # wall clock, seconds since the epoch (file mtime for folder parts)
     image: np.ndarray | None  # None when `error` is set
     error: str | None = None  # why there is no usable image; becomes an `error` verdict
-    error_kind: str = ""  # "camera_lost", "unreadable", ... (alarm names and metrics labels)
+    error_kind: str = ""  # one of edge.rules.ERROR_KINDS (metrics label errors{kind})
     mono_ts: float = field(default_factory=time.monotonic)  # when the source produced it: latency, staleness
     live: bool = True  # a live stream frame may be dropped or found stale; a part (file, trigger) never
     meta: dict[str, Any] = field(default_factory=dict)  # source details for the event (file name, frame index)
