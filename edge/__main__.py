@@ -24,9 +24,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge.redact import RedactingFilter
+
+if TYPE_CHECKING:
+    from edge.config import RulesConfig
 
 EX_OK, EX_FAILURE, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
@@ -148,33 +151,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from edge.contract import PostprocessParams
+    from edge.config import FrameChecksConfig
     from edge.evidence import draw_overlay
     from edge.package import PackageError
-    from edge.rules import Rules, decide
-    from edge.sources.base import Frame, FrameChecks, check_frame
+    from edge.rules import decide, effective_rules
+    from edge.sources.base import Frame, check_frame
+    from edge.station import region_dict
 
     try:
         from edge.inference import Inferencer
 
         inf = Inferencer(args.model, xml_name=args.file, num_requests=1, hint="LATENCY")
-        base = inf.params
-        params = PostprocessParams(
-            pixel_threshold=base.pixel_threshold if args.pixel_threshold is None else args.pixel_threshold,
-            min_area=base.min_area if args.min_area is None else args.min_area,
-            open_radius=base.open_radius, close_radius=base.close_radius,
-            part_threshold=base.part_threshold if args.part_threshold is None else args.part_threshold)
-        params.validate()
+        policy = effective_rules(inf.params, rule_options(args))  # what the daemon does with `rules:`
     except (PackageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EX_CONFIG
-    rules = Rules(max_defects=args.max_defects)
+    params, rules = policy.params, policy.rules
     overlay_dir = Path(args.overlay_dir) if args.overlay_dir else None
     if overlay_dir:
         overlay_dir.mkdir(parents=True, exist_ok=True)
     if not args.json:
         verdict_by = (f"part output, part_threshold {params.part_threshold}" if inf.has_part
                       and params.part_threshold is not None else f"regions, max_defects {rules.max_defects}")
+        limits = {k: v for k, v in rules.to_dict().items() if k != "max_defects" and v is not None}
+        verdict_by += "".join(f", {k} {v}" for k, v in limits.items())
         print(f"model {inf.info.name} {inf.info.version} ({inf.info.precision}), threshold {params.pixel_threshold}, "
               f"min_area {params.min_area}, verdict by {verdict_by}")
         print(f"{'FILE':40} {'VERDICT':7} {'REGIONS':>7} {'AREA':>7} {'SCORE':>6} {'PART':>6} {'MS':>7}  REASON")
@@ -195,12 +195,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if image is None:
             row["error"] = row["error"] or "not a readable image"
         else:  # the same frame checks as the daemon: a black image is an error, not a pass
-            row["error"] = check_frame(Frame(path.stem, 0.0, image, live=False), FrameChecks())
+            row["error"] = check_frame(Frame(path.stem, 0.0, image, live=False), FrameChecksConfig())
         if row["error"] is None and image is not None:
             try:
                 det = inf.inspect(image, params)
                 verdict, reasons = decide(det, rules)
-                row.update(verdict=verdict, reasons=reasons, regions=[r.to_dict() for r in det.regions],
+                row.update(verdict=verdict, reasons=reasons, regions=[region_dict(r, rules.mm_per_pixel) for r in det.regions],
                            total_defect_area=det.total_area, score=round(det.score, 4),
                            part_score=None if det.part_score is None else round(det.part_score, 4))
                 if overlay_dir:
@@ -220,6 +220,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"{str(path)[-40:]:40} {row['verdict']:7} {len(row['regions']):>7} {row['total_defect_area']:>7} "
                   f"{score:>6} {part:>6} {row['ms']:>7.1f}  {reason}", flush=True)
     return EX_FAILURE if errors else EX_OK
+
+
+def rule_options(args: argparse.Namespace) -> RulesConfig:
+    """inspect's rule options, validated as the station config's `rules:` section (same bounds)."""
+    from pydantic import ValidationError
+
+    from edge.config import RulesConfig
+
+    given = {k: getattr(args, k) for k in RulesConfig.model_fields if getattr(args, k, None) is not None}
+    try:
+        return RulesConfig(**given)
+    except ValidationError as e:
+        raise ValueError("; ".join(f"--{'-'.join(map(str, err['loc'])).replace('_', '-') or 'rules'}: {err['msg']}"
+                                   for err in e.errors(include_url=False))) from None
 
 
 # -- model signing -------------------------------------------------------------------------------------
@@ -286,7 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--min-area", type=int, help="override the package's minimum defect area (pixels)")
     i.add_argument("--part-threshold", type=float, help="override the package's part_threshold (models with a "
                    "part output: fail iff part score >= this)")
-    i.add_argument("--max-defects", type=int, default=0, help="regions allowed before a part fails")
+    i.add_argument("--open-radius", type=int, help="override the package's morphological opening radius")
+    i.add_argument("--close-radius", type=int, help="override the package's morphological closing radius")
+    i.add_argument("--max-defects", type=int, help="regions allowed before a part fails (default 0)")
+    i.add_argument("--max-total-area", type=int, help="fail when the total defect area exceeds this (pixels)")
+    i.add_argument("--max-region-area-mm2", type=float, help="fail on any region larger than this (mm2); "
+                   "needs --mm-per-pixel")
+    i.add_argument("--mm-per-pixel", type=float, help="scale of the images (mm per pixel)")
     i.add_argument("images", nargs="+")
     i.set_defaults(fn=cmd_inspect)
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing model packages")

@@ -11,46 +11,48 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from edge.config import AlarmsConfig
 from edge.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
+# Every alarm name the station raises, in one place (MQTT <base>/alarm, metrics label, health).
 CONSECUTIVE_FAILS = "consecutive_fails"
 FAIL_RATE = "fail_rate"
-CAMERA_LOST = "camera_lost"
+CAMERA_LOST = "camera_lost"  # also the error kind of the part a lost camera reports
 MODEL_ERROR = "model_error"
 BACKLOG_GROWING = "backlog_growing"
-PUBLISH_REJECTED = "publish_rejected"
-ALARMS = (CONSECUTIVE_FAILS, FAIL_RATE, CAMERA_LOST, MODEL_ERROR, BACKLOG_GROWING, PUBLISH_REJECTED)
+PUBLISH_REJECTED = "publish_rejected"  # MQTT 5 PUBACK >= 0x80: the broker refused a result
+NO_SUBSCRIBERS = "no_subscribers"  # PUBACK 0x10: nobody subscribes to the results
+MQTT_UNVERIFIED_ACKS = "mqtt_unverified_acks"  # MQTT 3.1.1 cannot report a refused publish
+CLIENT_ID_CONFLICT = "client_id_conflict"  # another connection took our MQTT client id
+OUTBOX_ERROR = "outbox_error"  # results or sequence numbers cannot be stored: the pipeline holds
+OUTBOX_RECOVERED = "outbox_recovered"  # a corrupt outbox was moved aside; the message says what was saved
+FRAME_ERROR = "frame_error"  # unreadable/black/wrong-size files from a folder source
+STALE_FRAMES = "stale_frames"  # live frames waited longer than frame_checks.max_age_s
+EVIDENCE_THINNED = "evidence_thinned"  # the evidence writer has been dropping evidence for a while
+TRIGGER_SEQUENCE = "trigger_sequence"  # the PLC's sequence numbers skipped or went back
+TRIGGER_LATE = "trigger_late"  # triggers arrive too late (or too early) for their frame
+TRIGGER_STORE = "trigger_store"  # triggers cannot be stored, so they are not acknowledged
+MODEL_RELOAD = "model_reload"  # a reload failed; the previous model keeps running
+ALARMS = (CONSECUTIVE_FAILS, FAIL_RATE, CAMERA_LOST, MODEL_ERROR, BACKLOG_GROWING, PUBLISH_REJECTED, NO_SUBSCRIBERS,
+          MQTT_UNVERIFIED_ACKS, CLIENT_ID_CONFLICT, OUTBOX_ERROR, OUTBOX_RECOVERED, FRAME_ERROR, STALE_FRAMES,
+          EVIDENCE_THINNED, TRIGGER_SEQUENCE, TRIGGER_LATE, TRIGGER_STORE, MODEL_RELOAD)
+HYSTERESIS = 0.8  # rate alarms clear below HYSTERESIS * threshold
 
 AlarmCallback = Callable[[str, bool, str], None]
-
-
-@dataclass(frozen=True)
-class AlarmSettings:
-    consecutive_fails: int = 5  # raise after this many fails in a row; a pass clears
-    fail_rate_window: int = 50  # parts (pass/fail; error verdicts are not counted)
-    fail_rate_max: float = 0.3  # raise when the window's fail ratio exceeds this
-    backlog_ratio: float = 0.5  # raise when the outbox fill ratio exceeds this
-    hysteresis: float = 0.8  # rate alarms clear below hysteresis * threshold
-
-    def validate(self) -> None:
-        if self.consecutive_fails < 1 or self.fail_rate_window < 1:
-            raise ValueError("consecutive_fails and fail_rate_window must be >= 1")
-        if not 0.0 < self.fail_rate_max <= 1.0 or not 0.0 < self.backlog_ratio <= 1.0:
-            raise ValueError("fail_rate_max and backlog_ratio must be in (0, 1]")
-        if not 0.0 < self.hysteresis <= 1.0:
-            raise ValueError("hysteresis must be in (0, 1]")
 
 
 class AlarmTracker:
     """Thread-safe; the callback runs outside the lock (it may publish over MQTT)."""
 
-    def __init__(self, settings: AlarmSettings | None = None, callback: AlarmCallback | None = None) -> None:
-        self.settings = settings or AlarmSettings()
-        self.settings.validate()
+    def __init__(self, settings: AlarmsConfig | None = None, callback: AlarmCallback | None = None, *,
+                 hysteresis: float = HYSTERESIS) -> None:
+        if not 0.0 < hysteresis <= 1.0:
+            raise ValueError(f"hysteresis must be in (0, 1], got {hysteresis}")
+        self.settings = settings or AlarmsConfig()  # thresholds and their defaults: edge.config.AlarmsConfig
+        self.hysteresis = hysteresis
         self._callback = callback
         self._lock = threading.Lock()
         self._active: dict[str, str] = {}
@@ -81,7 +83,7 @@ class AlarmTracker:
                 msg = f"fail rate {rate:.0%} over the last {len(self._window)} parts"
                 if rate > s.fail_rate_max:
                     self._set(changes, FAIL_RATE, True, f"{msg} (max {s.fail_rate_max:.0%})")
-                elif rate <= s.fail_rate_max * s.hysteresis:
+                elif rate <= s.fail_rate_max * self.hysteresis:
                     self._set(changes, FAIL_RATE, False, msg)
         self._emit(changes)
 
@@ -99,7 +101,7 @@ class AlarmTracker:
         msg = f"outbox {fill_ratio:.0%} full"
         if fill_ratio > s.backlog_ratio:
             self.set(BACKLOG_GROWING, True, f"{msg} (threshold {s.backlog_ratio:.0%})")
-        elif fill_ratio <= s.backlog_ratio * s.hysteresis:
+        elif fill_ratio <= s.backlog_ratio * self.hysteresis:
             self.set(BACKLOG_GROWING, False, msg)
 
     def set(self, name: str, active: bool, message: str = "") -> None:

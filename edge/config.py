@@ -27,15 +27,22 @@ CREDENTIAL_NAME = "mqtt-password"
 
 
 class ConfigError(ValueError):
-    """The config cannot be used; `errors` holds one line per problem, each naming the field."""
+    """A config (station YAML here, training's in training.train_config) cannot be used; `errors`
+    holds one line per problem, each naming the file and the field."""
 
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
+    def __init__(self, errors: str | list[str]) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _check_backoff(minimum: float, maximum: float) -> None:
+    """Reconnect backoff doubles from the minimum up to the maximum: the other way round is a typo."""
+    if maximum < minimum:
+        raise ValueError("reconnect_max_s must be >= reconnect_min_s")
 
 
 class StationConfig(_Model):
@@ -57,8 +64,7 @@ class _CaptureConfig(_Model):
 
     @model_validator(mode="after")
     def _backoff_order(self) -> _CaptureConfig:
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        _check_backoff(self.reconnect_min_s, self.reconnect_max_s)
         return self
 
 
@@ -285,6 +291,7 @@ class MqttConfig(_Model):
             raise ValueError("set only one of password_file and password_env")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        _check_backoff(self.reconnect_min_s, self.reconnect_max_s)
         return self
 
 
@@ -418,6 +425,12 @@ class Config(_Model):
     @property
     def base_topic(self) -> str:
         return f"{self.mqtt.topic_prefix}/{self.station.line}/{self.station.name}"
+
+
+def default_of(section: type[BaseModel], name: str) -> Any:
+    """A field's default, for the parameters of runtime classes that tests and tools build without
+    a config: the value itself lives only in its config section above."""
+    return section.model_fields[name].default
 
 
 # -- loading -------------------------------------------------------------------------------------

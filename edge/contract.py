@@ -79,9 +79,9 @@ class InputSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
         known = {k: d[k] for k in ("color", "tile", "overlap", "multiple_of", "layout", "output_stride") if k in d}
-        spec = cls(mean=tuple(float(x) for x in d.get("mean", (127.5,))),
-                   std=tuple(float(x) for x in d.get("std", (64.0,))),
-                   scale=float(d.get("scale", 1.0)), **known)
+        spec = cls(mean=tuple(float(x) for x in d.get("mean", cls.mean)),  # absent: the class's default
+                   std=tuple(float(x) for x in d.get("std", cls.std)),
+                   scale=float(d.get("scale", cls.scale)), **known)
         spec.validate()
         return spec
 
@@ -116,10 +116,10 @@ class PostprocessParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PostprocessParams:
         p = cls(
-            pixel_threshold=float(d.get("pixel_threshold", 0.5)),
-            min_area=int(d.get("min_area", 0)),
-            open_radius=int(d.get("open_radius", 0)),
-            close_radius=int(d.get("close_radius", 1)),
+            pixel_threshold=float(d.get("pixel_threshold", cls.pixel_threshold)),  # absent: the class's default
+            min_area=int(d.get("min_area", cls.min_area)),
+            open_radius=int(d.get("open_radius", cls.open_radius)),
+            close_radius=int(d.get("close_radius", cls.close_radius)),
             part_threshold=None if d.get("part_threshold") is None else float(d["part_threshold"]),
         )
         p.validate()

@@ -15,10 +15,11 @@ import time
 from typing import Any
 
 from edge import __version__, model_state
-from edge.alarms import AlarmSettings, AlarmTracker
+from edge.alarms import MODEL_RELOAD, OUTBOX_RECOVERED, AlarmTracker
 from edge.config import Config, ConfigError, load_config
+from edge.counters import PART_COUNTS
 from edge.evidence import EvidenceStore, EvidenceWriter
-from edge.flow import FrameFlow
+from edge.flow import FrameFlow, Runtime
 from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox, OutboxUnwritable
@@ -29,15 +30,13 @@ from edge.shadow import ShadowRunner, start_shadow
 from edge.sources import SourceError, make_source
 from edge.sources.gate import FrameGate
 from edge.statelock import LockHeld, ProcessLock, client_id_lock, state_lock
-from edge.station import SeqStore, frame_checks, load_model, mqtt_settings
+from edge.station import SeqStore, load_model, mqtt_settings
 from edge.systemd import Notifier
 from edge.triggers import TriggerStore
 
 log = logging.getLogger(__name__)
 
 EX_OK, EX_FAILURE, EX_CONFIG = 0, 1, 78
-MODEL_RELOAD = "model_reload"
-OUTBOX_RECOVERED = "outbox_recovered"  # a corrupt outbox was moved aside; the message says what was saved
 HARD_STOP_GRACE_S = 15.0  # past drain_timeout_s: a stop that still hangs ends the process anyway
 
 
@@ -71,17 +70,16 @@ class Pipeline:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.locks.append(state_lock(cfg.state_dir))  # LockHeld -> exit 78: a second daemon on this station
         ms = mqtt_settings(cfg)
-        self.locks.append(client_id_lock(ms.host, ms.port, ms.client_id))
+        self.locks.append(client_id_lock(ms.config.host, ms.config.port, ms.client_id))
         self.notifier.status("loading model")
         self.model = load_model(cfg)  # PackageError -> exit 78 before touching the camera
         model_state.record(cfg.state_dir, None, path=cfg.model.path, info=self.model.info)
         log.info("model %s %s (%s) from %s, rules %s", self.model.info["name"], self.model.info["version"],
                  self.model.info["precision"], cfg.model.path, self.model.rules_dict)
         self.metrics.model.info({k: str(v) for k, v in self.model.info.items()})
-        self.checks = frame_checks(cfg)
         self.outbox = Outbox(cfg.outbox.path or cfg.state_dir / "outbox.sqlite3", cfg.outbox.max_events)
         self.seq = SeqStore(cfg.state_dir / "seq.json")
-        self.alarms = AlarmTracker(AlarmSettings(**cfg.alarms.model_dump()), self._on_alarm)
+        self.alarms = AlarmTracker(cfg.alarms, self._on_alarm)
         if cfg.evidence.enabled:
             ev = cfg.evidence
             store = EvidenceStore(ev.dir or cfg.state_dir / "evidence", int(ev.quota_mb * 1024 * 1024),
@@ -109,7 +107,7 @@ class Pipeline:
         self.source.open()  # SourceError (missing folder/file) -> exit 78
         self.flow = FrameFlow(
             station=self.station, result_topic=f"{cfg.base_topic}/result", source=self.source, gate=self.gate,
-            model=self.model, checks=self.checks, roi=cfg.roi, outbox=self.outbox, sink=self.sink,
+            runtime=Runtime(self.model, cfg.frame_checks, cfg.roi), outbox=self.outbox, sink=self.sink,
             alarms=self.alarms, metrics=self.metrics, evidence=self.evidence, seq=self.seq, latency=self.latency,
             queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder",
             max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)),
@@ -187,7 +185,7 @@ class Pipeline:
         overwritten = int(getattr(self.source, "overwritten", 0))
         if overwritten > self._overwritten:  # a live camera replaced frames the pipeline had no time for
             self.metrics.dropped.labels("camera_overwrite").inc(overwritten - self._overwritten)
-            self.gate.dropped += overwritten - self._overwritten
+            self.gate.counters.add("dropped", overwritten - self._overwritten)
             self._overwritten = overwritten
         backlog = self.outbox.count()
         self.metrics.backlog.set(backlog)
@@ -207,7 +205,7 @@ class Pipeline:
 
     @property
     def counts(self) -> dict[str, int]:
-        return dict(self.flow.counts) if self.flow else {}
+        return self.flow.counters.snapshot(PART_COUNTS) if self.flow else {}
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """/healthz: 200 while every pipeline thread runs; details for the person looking."""
@@ -275,9 +273,8 @@ class Pipeline:
         model_state.record(self.cfg.state_dir, request, path=new_cfg.model.path, info=new_model.info)
         self.cfg = self.cfg.model_copy(update={"model": new_cfg.model, "rules": new_cfg.rules, "roi": new_cfg.roi,
                                                "frame_checks": new_cfg.frame_checks})
-        self.checks = frame_checks(self.cfg)
-        if self.flow is not None:  # frames already submitted keep their model (Job.model)
-            self.flow.model, self.flow.checks, self.flow.roi = new_model, self.checks, self.cfg.roi
+        if self.flow is not None:  # frames already submitted keep their runtime (Job.runtime)
+            self.flow.swap(Runtime(new_model, self.cfg.frame_checks, self.cfg.roi))
         self.metrics.model.info({k: str(v) for k, v in new_model.info.items()})
         self.metrics.reloads.labels("ok").inc()
         if self.sink is not None:

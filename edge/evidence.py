@@ -29,6 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge.alarms import EVIDENCE_THINNED
+from edge.config import EvidenceConfig, default_of
 from edge.contract import Region
 from edge.cpubusy import CpuBusy
 
@@ -98,8 +100,10 @@ def _tint(out: np.ndarray, mask: np.ndarray, offset: tuple[int, int]) -> None:
 class EvidenceStore:
     """Writes evidence files and deletes the oldest beyond `quota_bytes`. Thread-safe."""
 
-    def __init__(self, root: str | Path, quota_bytes: int, fmt: str = "png", save_fail: bool = True,
-                 save_error: bool = True, pass_sample_every: int = 0) -> None:
+    def __init__(self, root: str | Path, quota_bytes: int, fmt: str = default_of(EvidenceConfig, "format"),
+                 save_fail: bool = default_of(EvidenceConfig, "save_fail"),
+                 save_error: bool = default_of(EvidenceConfig, "save_error"),
+                 pass_sample_every: int = default_of(EvidenceConfig, "pass_sample_every")) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.quota_bytes = int(quota_bytes)
@@ -201,7 +205,6 @@ class EvidenceStore:
 
 
 PENDING, THINNED = "pending", "thinned"
-EVIDENCE_THINNED = "evidence_thinned"  # alarm: the writer has been dropping evidence for a while
 
 
 @dataclass
@@ -238,10 +241,14 @@ class EvidenceWriter:
     A crash loses what is still queued: events say `pending`, never that a file exists.
     """
 
-    def __init__(self, store: EvidenceStore, max_bytes: int, keep_every: int = 10, keep_first_bad: int = 3,
-                 alarm_after_s: float = 10.0, on_alarm: Callable[[str, bool, str], None] | None = None,
+    def __init__(self, store: EvidenceStore, max_bytes: int,
+                 keep_every: int = default_of(EvidenceConfig, "keep_every_when_behind"),
+                 keep_first_bad: int = default_of(EvidenceConfig, "keep_first_bad"),
+                 alarm_after_s: float = default_of(EvidenceConfig, "thinning_alarm_s"),
+                 on_alarm: Callable[[str, bool, str], None] | None = None,
                  cpu_share: float | None = None, cpu_burst_s: float = 1.0, busy_share: float = 0.9,
                  cpu: CpuBusy | None = None) -> None:
+        """`cpu_share` None: no CPU budget (the daemon passes evidence.cpu_share)."""
         if max_bytes <= 0 or keep_every < 1:
             raise ValueError("max_bytes must be > 0 and keep_every >= 1")
         if cpu_share is not None and cpu_share <= 0:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from edge.alarms import AlarmTracker
-from edge.config import RoiConfig
+from edge.alarms import FRAME_ERROR, OUTBOX_ERROR, STALE_FRAMES, AlarmTracker
+from edge.config import FrameChecksConfig, RoiConfig
 from edge.contract import NonFiniteError, Region, Verdict
 from edge.events import EVENT_MAX_BYTES, build_result_event, encode, event_id_for
 from edge.evidence import EvidenceWriter
@@ -35,19 +35,14 @@ from edge.mqtt import MqttSink
 from edge.outbox import Outbox
 from edge.postprocess import postprocess
 from edge.preprocess import FrameError
-from edge.rules import decide
-from edge.sources import Frame, FrameChecks, FrameSource, check_frame
+from edge.rules import BAD_FRAME, INFERENCE, INTERNAL, NON_FINITE, SELFTEST, STALE, decide
+from edge.sources import Frame, FrameSource, check_frame
 from edge.sources.gate import FrameGate
 from edge.station import LoadedModel, SeqStore, expected_size, region_dict, shift_regions
 from edge.text import safe_part_id, safe_text
 
 log = logging.getLogger(__name__)
 
-OUTBOX_ERROR = "outbox_error"
-FRAME_ERROR = "frame_error"  # unreadable/black/wrong-size files from a folder source
-STALE_FRAMES = "stale_frames"  # live frames waited longer than frame_checks.max_age_s
-NON_FINITE = "non_finite"  # error kind: the model's map held NaN/inf (raises model_error like inference errors)
-INTERNAL = "internal"  # error kind: building this part's event failed; the part still gets an error event
 _STOP = object()  # sentinel through the queues
 
 ResultListener = Callable[[Frame, str, bytes], None]  # (part's frame, event id, encoded event) once durable
@@ -76,14 +71,24 @@ class Ready:
     t_built: float  # monotonic: the part's latency is counted up to here (as before group commit)
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """What a reload replaces, as one snapshot (FrameFlow.swap): each frame is checked, cropped and
+    inspected with the model, frame checks and ROI of one config, never a mix of old and new."""
+
+    model: LoadedModel
+    checks: FrameChecksConfig
+    roi: RoiConfig | None
+
+
 class Job:
     """One part on its way through the pipeline (slots: created per frame)."""
 
     __slots__ = ("error", "error_kind", "frame", "image_size", "model", "nbytes", "offset", "part", "prob",
-                 "t_done", "t_submit")
+                 "runtime", "t_done", "t_submit")
 
-    def __init__(self, frame: Frame, model: LoadedModel) -> None:
-        self.frame, self.model = frame, model
+    def __init__(self, frame: Frame, runtime: Runtime) -> None:
+        self.frame, self.runtime, self.model = frame, runtime, runtime.model
         self.prob: np.ndarray | None = None
         self.part: float | None = None  # max over tiles of the part output (None: the model has none)
         self.error: str | None = frame.error
@@ -95,23 +100,23 @@ class Job:
 
 
 class FrameFlow:
-    """The three pipeline threads and their queues. `model`, `checks` and `roi` may be replaced
-    at any time (reload); each frame uses the values current when it is submitted."""
+    """The three pipeline threads and their queues. `swap` replaces the runtime (model, checks, ROI)
+    at any time (reload); each frame uses the one current when it is submitted."""
 
     def __init__(self, *, station: dict[str, str], result_topic: str, source: FrameSource, gate: FrameGate,
-                 model: LoadedModel, checks: FrameChecks, roi: RoiConfig | None, outbox: Outbox,
+                 runtime: Runtime, outbox: Outbox,
                  sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceWriter | None,
                  seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool,
-                 max_queued_bytes: int = 256 << 20, group_commit_ms: float = 2.0, group_commit_max: int = 64) -> None:
+                 max_queued_bytes: int, group_commit_ms: float, group_commit_max: int) -> None:
         self.station, self.station_key = station, f"{station['line']}/{station['name']}"
         self.result_topic, self.source, self.gate = result_topic, source, gate
-        self.model, self.checks, self.roi = model, checks, roi
+        self.runtime = runtime
         self.outbox, self.sink, self.alarms, self.metrics = outbox, sink, alarms, metrics
         self.evidence, self.seq, self.latency = evidence, seq, latency
         self.observe_camera = observe_camera
         # Group commit: results ready together share one outbox transaction (one fsync); 1 = one per part.
         self.group_commit_s, self.group_commit_max = group_commit_ms / 1000.0, max(1, group_commit_max)
-        self.counts = {"pass": 0, "fail": 0, "error": 0, "duplicate": 0}
+        self.counters = gate.counters  # parts by verdict, inspected, dropped, skipped: one lock
         self.fatal: str | None = None
         self.hold_reason: str | None = None  # set: every part gets an `error` verdict (edge.selftest, on_failure stop)
         self.shadow: Any = None  # edge.shadow.ShadowRunner: judged parts are offered to it, never waited for
@@ -131,6 +136,10 @@ class FrameFlow:
         self.threads = [threading.Thread(target=self._guard, args=(fn,), name=name, daemon=True)
                         for name, fn in (("capture", self._capture_loop), ("submit", self._submit_loop),
                                          ("results", self._result_loop))]
+
+    def swap(self, runtime: Runtime) -> None:
+        """Use `runtime` from the next frame on; frames already submitted keep theirs (Job.runtime)."""
+        self.runtime = runtime  # one reference: readers take it once per frame, never half old, half new
 
     def start(self) -> None:
         for t in self.threads:
@@ -215,9 +224,9 @@ class FrameFlow:
                 continue
             self.metrics.frames.inc()
             if frame.error is None:
-                bad = check_frame(frame, self.checks)
+                bad = check_frame(frame, self.runtime.checks)
                 if bad is not None:
-                    frame.image, frame.error, frame.error_kind = None, bad, "bad_frame"
+                    frame.image, frame.error, frame.error_kind = None, bad, BAD_FRAME
             if self.observe_camera:  # live sources: a bad frame means the camera (or its light) is in trouble
                 self.alarms.observe_camera(frame.error is None, frame.error or "frames arrive again")
             else:  # files: whoever writes them is in trouble
@@ -257,7 +266,7 @@ class FrameFlow:
 
     def _drop(self, reason: str) -> None:
         self.metrics.dropped.labels(reason).inc()
-        self.gate.dropped += 1
+        self.counters.add("dropped")
 
     def _give_up(self, frame: Frame, force: bool) -> bool:
         if self.fatal or self._abandon.is_set():
@@ -276,34 +285,36 @@ class FrameFlow:
                 return
             with self._inflight_cond:
                 self._inflight += 1
-            job = Job(frame, self._model_for(frame))  # model read per frame: a reload swaps it between frames
+            job = Job(frame, self.runtime)  # read per frame: a reload swaps it between frames
+            job.model = self._model_for(frame, job.runtime)
             self._submit(job)
 
-    def _model_for(self, frame: Frame) -> LoadedModel:
+    def _model_for(self, frame: Frame, runtime: Runtime) -> LoadedModel:
+        """The runtime's model, judging by the rules of the recipe a trigger named (edge.recipes)."""
         recipe = frame.meta.get("recipe")
         if recipe is None or self.recipe_model is None:
-            return self.model
-        return self.recipe_model(self.model, recipe)
+            return runtime.model
+        return self.recipe_model(runtime.model, recipe)
 
     def _submit(self, job: Job) -> None:
-        frame = job.frame
+        frame, checks = job.frame, job.runtime.checks
         if job.error is None and self.hold_reason is not None:
-            job.error, job.error_kind = self.hold_reason, "selftest"
+            job.error, job.error_kind = self.hold_reason, SELFTEST
         if job.error is None and frame.image is not None:
             img = frame.image
             job.image_size = (int(img.shape[1]), int(img.shape[0]))
             self._last_size = job.image_size
             age = time.monotonic() - frame.mono_ts
-            stale = frame.live and self.checks.max_age_s > 0 and age > self.checks.max_age_s
+            stale = frame.live and checks.max_age_s > 0 and age > checks.max_age_s
             if frame.live:  # latched: one raise when frames go stale, one clear when they are fresh again
                 self.alarms.set(STALE_FRAMES, stale, f"frame {age:.2f} s old at inference" if stale else "fresh")
             if stale:
-                job.error, job.error_kind = f"stale frame: {age:.2f} s old > {self.checks.max_age_s} s", "stale"
-            elif self.roi is not None:
-                r = self.roi
+                job.error, job.error_kind = f"stale frame: {age:.2f} s old > {checks.max_age_s} s", STALE
+            elif job.runtime.roi is not None:
+                r = job.runtime.roi
                 if r.x + r.w > img.shape[1] or r.y + r.h > img.shape[0]:
                     job.error, job.error_kind = (f"roi {r.x},{r.y} {r.w}x{r.h} is outside the "
-                                                 f"{img.shape[1]}x{img.shape[0]} frame"), "bad_frame"
+                                                 f"{img.shape[1]}x{img.shape[0]} frame"), BAD_FRAME
                 else:
                     img, job.offset = img[r.y : r.y + r.h, r.x : r.x + r.w], (r.x, r.y)
             if job.error is None:
@@ -312,13 +323,13 @@ class FrameFlow:
                     try:
                         job.model.inferencer.submit(img, job, self._on_inferred)
                     except ModelClosed:  # a reload released this model just now: use the new one
-                        job.model = self._model_for(frame)
+                        job.model = self._model_for(frame, self.runtime)
                         job.model.inferencer.submit(img, job, self._on_inferred)
                     return
                 except FrameError as e:  # the frame's fault (size, type): not a model error
-                    job.error, job.error_kind, job.t_submit = f"cannot inspect frame: {e}", "bad_frame", 0.0
+                    job.error, job.error_kind, job.t_submit = f"cannot inspect frame: {e}", BAD_FRAME, 0.0
                 except Exception as e:  # OpenVINO errors: an error verdict and the model_error alarm
-                    job.error, job.error_kind = f"cannot inspect frame: {e}", "inference"
+                    job.error, job.error_kind = f"cannot inspect frame: {e}", INFERENCE
         self._results.put(job)
 
     def _on_inferred(self, prob: np.ndarray | None, error: BaseException | None, job: Job,
@@ -327,7 +338,7 @@ class FrameFlow:
         job.t_done = time.monotonic()
         job.prob, job.part = prob, part
         if error is not None:
-            job.error, job.error_kind = f"inference failed: {type(error).__name__}: {error}", "inference"
+            job.error, job.error_kind = f"inference failed: {type(error).__name__}: {error}", INFERENCE
         self._results.put(job)
 
     # -- result thread -----------------------------------------------------------------------------
@@ -405,7 +416,7 @@ class FrameFlow:
         if built is None:
             return None  # shutdown while the disk is full: the file stays for the next run
         if self.shadow is not None and outcome.verdict != "error":
-            self.shadow.offer(built[0], frame, self.roi, job.model.info, outcome)
+            self.shadow.offer(built[0], frame, job.runtime.roi, job.model.info, outcome)
         return Ready(job, built[0], built[1], outcome.verdict, time.monotonic())
 
     def _account(self, item: Ready, added: bool) -> None:
@@ -414,18 +425,18 @@ class FrameFlow:
         frame = job.frame
         self._commit(frame, ok=verdict != "error")
         if added:
-            self.counts[verdict] += 1
+            self.counters.add(verdict)
             self.metrics.results.labels(verdict).inc()
             self.alarms.observe_verdict(verdict)
         else:
-            self.counts["duplicate"] += 1
+            self.counters.add("duplicate")
             self.metrics.duplicates.inc()
         self.metrics.last_result.set(time.time())
         self.latency.add(item.t_built - frame.mono_ts)
         self.metrics.latency.observe(item.t_built - frame.mono_ts)
         if job.t_done:
             self.metrics.inference.observe(job.t_done - job.t_submit)
-        self.gate.inspected += 1
+        self.counters.add("inspected")
         for listener in self.result_listeners:
             try:
                 listener(frame, item.event_id, item.payload)
@@ -444,8 +455,8 @@ class FrameFlow:
             except NonFiniteError as e:  # a model emitting NaN would otherwise pass every part
                 job.error, job.error_kind = f"model output rejected: {e}", NON_FINITE
             except Exception as e:
-                job.error, job.error_kind = f"postprocess failed: {e}", "inference"
-        if job.error_kind in ("inference", NON_FINITE) or job.t_submit:
+                job.error, job.error_kind = f"postprocess failed: {e}", INFERENCE
+        if job.error_kind in (INFERENCE, NON_FINITE) or job.t_submit:
             self.alarms.observe_inference(job.error is None, job.error or "")
         if job.error is not None:
             outcome = Outcome("error")
@@ -477,7 +488,7 @@ class FrameFlow:
                    "queue": round(max(0.0, (job.t_submit or now) - frame.mono_ts) * 1000, 3),
                    "inference": round(max(0.0, job.t_done - job.t_submit) * 1000, 3) if job.t_done else 0.0,
                    "postprocess": round((now - t0) * 1000, 3)}
-        width, height = job.image_size or self._last_size or expected_size(self.checks)
+        width, height = job.image_size or self._last_size or expected_size(job.runtime.checks)
         mpp = model.rules.mm_per_pixel
         seq = self._next_seq(part_id)
         if seq is None:

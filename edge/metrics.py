@@ -26,6 +26,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from edge.config import MetricsConfig, default_of
+
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -97,7 +99,8 @@ HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
 class MetricsServer:
     """GET /metrics (Prometheus text) and GET /healthz (200 healthy / 503 not, JSON details)."""
 
-    def __init__(self, metrics: Metrics, health: HealthFn, host: str = "127.0.0.1", port: int = 9108) -> None:
+    def __init__(self, metrics: Metrics, health: HealthFn, host: str = default_of(MetricsConfig, "host"),
+                 port: int = default_of(MetricsConfig, "port")) -> None:
         self.metrics, self.health = metrics, health
         handler = self._handler_class()
         self._server = ThreadingHTTPServer((host, port), handler)

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -37,58 +38,55 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge.alarms import CLIENT_ID_CONFLICT, MQTT_UNVERIFIED_ACKS, NO_SUBSCRIBERS, PUBLISH_REJECTED
+from edge.config import MqttConfig
 from edge.outbox import Outbox, OutboxRow
 from edge.triggers import TriggerMessage
 
 log = logging.getLogger(__name__)
 
-PUBLISH_REJECTED = "publish_rejected"
-NO_SUBSCRIBERS = "no_subscribers"
-MQTT_UNVERIFIED_ACKS = "mqtt_unverified_acks"
 _RC_NO_MATCHING_SUBSCRIBERS = 0x10
-CLIENT_ID_CONFLICT = "client_id_conflict"
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another connection took our client id
 _RESERVED_INFLIGHT = 2  # slots left for status/alarm messages under the broker's Receive Maximum
 
 
-@dataclass
+@dataclass(frozen=True)
 class MqttSettings:
-    host: str = "localhost"
-    port: int = 1883
-    client_id: str = ""
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    protocol: str = "5"  # "5" | "3.1.1"
-    keepalive: int = 30
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_insecure: bool = False  # skips hostname verification only; the chain is still verified
-    max_inflight: int = 20
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
-    no_subscribers: str = "retry"  # PUBACK 0x10: "retry" keeps the row, "deliver" acks it
-    session_expiry: int = 0  # s; > 0: persistent session (clean_start False), the broker queues triggers
+    """What the sink runs with: the validated `mqtt` config section (edge.config.MqttConfig holds
+    every field, bound and default) plus what is known only at start (edge.station.mqtt_settings)."""
 
-    def validate(self) -> None:
-        if self.protocol not in ("5", "3.1.1"):
-            raise ValueError(f"mqtt.protocol must be '5' or '3.1.1', got {self.protocol!r}")
-        if self.max_inflight < 1:
-            raise ValueError("mqtt.max_inflight must be >= 1")
-        if not 0 < self.reconnect_min <= self.reconnect_max:
-            raise ValueError("mqtt.reconnect_min must be > 0 and <= reconnect_max")
-        if self.tls_key and not self.tls_cert:
-            raise ValueError("mqtt.tls_key needs mqtt.tls_cert")
-        if self.session_expiry < 0:
-            raise ValueError("mqtt.session_expiry must be >= 0")
-        if self.password is not None and self.username is None:
+    config: MqttConfig = field(default_factory=MqttConfig)
+    client_id: str = ""  # "" = a random id; the daemon's is mqtt.client_id or edge-<line>-<station>
+    password: str | None = field(default=None, repr=False)  # from password_file/_env or LoadCredential
+
+    def __post_init__(self) -> None:
+        if self.password is not None and self.config.username is None:
             raise ValueError("mqtt.password needs mqtt.username")
-        if self.no_subscribers not in ("retry", "deliver"):
-            raise ValueError(f"mqtt.no_subscribers must be 'retry' or 'deliver', got {self.no_subscribers!r}")
 
     @property
     def tls(self) -> bool:
-        return bool(self.tls_ca or self.tls_cert)
+        return bool(self.config.tls_ca or self.config.tls_cert)
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def new_client(s: MqttSettings, client_id: str, **options: Any) -> mqtt.Client:
+    """A paho client speaking the station's protocol with its credentials and TLS: the daemon's sink
+    and the station's side connections (promote's event) alike. TLS never falls back to plaintext:
+    a handshake failure is a connect failure."""
+    c = s.config
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=MQTTProtocolVersion.MQTTv5 if c.protocol == "5" else MQTTProtocolVersion.MQTTv311,
+                         **options)
+    if c.username is not None:
+        client.username_pw_set(c.username, s.password)
+    if s.tls:
+        client.tls_set(ca_certs=_str(c.tls_ca), certfile=_str(c.tls_cert), keyfile=_str(c.tls_key),
+                       cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(c.tls_insecure)
+    return client
 
 
 class MqttSink:
@@ -103,8 +101,7 @@ class MqttSink:
         on_alarm: Callable[[str, bool, str], None] | None = None,
         on_trigger: Callable[[TriggerMessage], object] | None = None,
     ) -> None:
-        settings.validate()
-        self.settings = settings
+        self.settings, self.cfg = settings, settings.config
         self.outbox = outbox
         base = base_topic.rstrip("/")
         self.topic_result, self.topic_status = f"{base}/result", f"{base}/status"
@@ -115,7 +112,7 @@ class MqttSink:
         self._subscriptions: list[str] = []  # <base>/<name> topics besides the trigger (add_subscription)
         self._on_alarm = on_alarm
         self._on_trigger = on_trigger
-        self._v5 = settings.protocol == "5"
+        self._v5 = self.cfg.protocol == "5"
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._counters = {"published": 0, "acked": 0, "rejected": 0, "no_subscribers": 0, "reconnects": 0,
@@ -123,32 +120,25 @@ class MqttSink:
         self._connected = False
         self._connects = 0
         self._resumed_at: float | None = None  # monotonic time of a CONNACK that resumed a stored session
-        self._window = settings.max_inflight
+        self._window = self.cfg.max_inflight
         self._held: dict[str, set[int]] = {PUBLISH_REJECTED: set(), NO_SUBSCRIBERS: set()}  # alarm -> seqs kept
-        self._ack_timeout = max(30.0, 2.0 * settings.keepalive)
+        self._ack_timeout = max(30.0, 2.0 * self.cfg.keepalive)
         self._thread: threading.Thread | None = None
         self._started = False
         self._client = self._make_client()
 
     # --- setup --------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        if s.session_expiry and not s.client_id:
+        s, c = self.settings, self.cfg
+        if c.session_expiry_s and not s.client_id:
             log.warning("mqtt.session_expiry set without a fixed client id: the session can never be resumed")
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=s.client_id or f"edge-{socket.gethostname()}-{id(self):x}",
-            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if self._v5 else not s.session_expiry,
+        client = new_client(
+            s, s.client_id or f"edge-{socket.gethostname()}-{id(self):x}",
+            clean_session=None if self._v5 else not c.session_expiry_s,
             manual_ack=True,  # a trigger is acked only once the gate has stored it
         )
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        if s.tls:  # never falls back to plaintext: a TLS handshake failure is a connect failure
-            client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key, cert_reqs=ssl.CERT_REQUIRED)
-            client.tls_insecure_set(s.tls_insecure)
-        client.reconnect_delay_set(s.reconnect_min, s.reconnect_max)  # type: ignore[arg-type]  # floats work
-        client.max_inflight_messages_set(s.max_inflight)
+        client.reconnect_delay_set(c.reconnect_min_s, c.reconnect_max_s)  # type: ignore[arg-type]  # floats work
+        client.max_inflight_messages_set(c.max_inflight)
         client.max_queued_messages_set(0)
         self._set_will(client)
         client.on_connect = self._on_connect
@@ -174,9 +164,9 @@ class MqttSink:
         if self._started:
             return
         self._started = True
-        s = self.settings
-        log.info("mqtt connecting to %s:%d (MQTT %s%s) as %r", s.host, s.port, s.protocol,
-                 ", TLS" if s.tls else "", s.username)
+        c = self.cfg
+        log.info("mqtt connecting to %s:%d (MQTT %s%s) as %r", c.host, c.port, c.protocol,
+                 ", TLS" if self.settings.tls else "", c.username)
         if not self._v5:
             msg = ("MQTT 3.1.1: a PUBACK cannot report an ACL denial or a missing subscriber; the broker acks and "
                    "drops such results, so 'nothing lost' is not verified: use mqtt.protocol 5")
@@ -187,9 +177,9 @@ class MqttSink:
         session: dict[str, Any] = {}
         if self._v5:  # 3.1.1: clean_session was set on the client
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = s.session_expiry
-            session = {"clean_start": not s.session_expiry, "properties": props}
-        self._client.connect_async(s.host, s.port, keepalive=s.keepalive, **session)
+            props.SessionExpiryInterval = c.session_expiry_s
+            session = {"clean_start": not c.session_expiry_s, "properties": props}
+        self._client.connect_async(c.host, c.port, keepalive=c.keepalive, **session)
         self._client.loop_start()
 
     def stop(self, drain_timeout: float = 5.0) -> None:
@@ -293,7 +283,7 @@ class MqttSink:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any) -> None:
         if reason_code.is_failure:
-            log.error("mqtt connection refused by %s:%d: %s", self.settings.host, self.settings.port, reason_code)
+            log.error("mqtt connection refused by %s:%d: %s", self.cfg.host, self.cfg.port, reason_code)
             return
         # Drop paho's copies of unacked messages: results are resent from the outbox (in order);
         # alarms are re-published since they live nowhere else.
@@ -301,12 +291,12 @@ class MqttSink:
             if m.topic in self._side_topics:
                 client.publish(m.topic, m.payload, qos=1)
         recv_max = getattr(properties, "ReceiveMaximum", None) if self._v5 else None
-        self._window = self.settings.max_inflight
+        self._window = self.cfg.max_inflight
         if recv_max is not None and recv_max - _RESERVED_INFLIGHT < self._window:
             self._window = max(1, int(recv_max) - _RESERVED_INFLIGHT)
         resumed = bool(getattr(flags, "session_present", False))
         self._resumed_at = time.monotonic() if resumed else None
-        if self.settings.session_expiry and not resumed and self._connects:
+        if self.cfg.session_expiry_s and not resumed and self._connects:
             log.warning("mqtt broker kept no session for us: triggers sent while the station was away are lost")
         client.subscribe([(t, 1) for t in (self.topic_trigger, *self._subscriptions)])
         client.publish(self.topic_status, self._status_bytes("online"), qos=1, retain=True)
@@ -314,7 +304,7 @@ class MqttSink:
         if self._connects > 1:
             self._count("reconnects")
         self._connected = True
-        log.info("mqtt connected to %s:%d (window %d)", self.settings.host, self.settings.port, self._window)
+        log.info("mqtt connected to %s:%d (window %d)", self.cfg.host, self.cfg.port, self._window)
         self._events.put(("connected",))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
@@ -370,7 +360,7 @@ class MqttSink:
                         continue  # from a connection we already gave up on; the row was resent
                     if ev[2] == "no_subscribers":
                         self._count("no_subscribers")
-                        if self.settings.no_subscribers == "deliver":
+                        if self.cfg.no_subscribers == "deliver":
                             acks.append(entry[0])
                         else:
                             self._hold(NO_SUBSCRIBERS, entry[0], ev[3], retry)
@@ -474,8 +464,8 @@ class MqttSink:
         self.outbox.mark_attempt(seq)
         row = self.outbox.get(seq)
         attempts = row.attempts if row else 1
-        s = self.settings
-        delay = min(s.reconnect_max, max(1.0, s.reconnect_min) * 2 ** min(attempts - 1, 10))
+        c = self.cfg
+        delay = min(c.reconnect_max_s, max(1.0, c.reconnect_min_s) * 2 ** min(attempts - 1, 10))
         retry[seq] = time.monotonic() + delay
         held = self._held[alarm]
         # Loud once per episode (the alarm says the rest); every retry would flood the journal.

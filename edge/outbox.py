@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge.config import OutboxConfig, default_of
+
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -59,7 +61,7 @@ class OutboxRow:
 class Outbox:
     """Thread-safe SQLite outbox (one connection guarded by a lock; the pipeline adds, the MQTT thread acks)."""
 
-    def __init__(self, path: str | Path, max_events: int = 100_000) -> None:
+    def __init__(self, path: str | Path, max_events: int = default_of(OutboxConfig, "max_events")) -> None:
         if max_events <= 0:
             raise ValueError(f"max_events must be > 0, got {max_events}")
         self.path = Path(path)

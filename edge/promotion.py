@@ -24,9 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
 from edge import audit, model_state
 from edge.config import Config
 from edge.package import PackageError, content_hash, read_package
@@ -218,6 +215,7 @@ def publish_once(cfg: Config, name: str, body: dict[str, Any], timeout_s: float 
     """QoS 1 to <base>/<name> over a short connection of its own (client id <station's>-admin, so the
     running daemon is not kicked off); best effort: the audit log is the record. False if not sent."""
     from edge.config import ConfigError
+    from edge.mqtt import new_client
     from edge.station import mqtt_settings
 
     try:
@@ -225,15 +223,9 @@ def publish_once(cfg: Config, name: str, body: dict[str, Any], timeout_s: float 
     except ConfigError as e:  # e.g. the password is a systemd credential of the unit, not readable here
         log.warning("event on %s/%s not published (%s); it is in the audit log", cfg.base_topic, name, e)
         return False
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{s.client_id}-admin",
-                         protocol=MQTTProtocolVersion.MQTTv5 if s.protocol == "5" else MQTTProtocolVersion.MQTTv311)
-    if s.username is not None:
-        client.username_pw_set(s.username, s.password)
-    if s.tls:
-        client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key, cert_reqs=ssl.CERT_REQUIRED)
-        client.tls_insecure_set(s.tls_insecure)
+    client = new_client(s, f"{s.client_id}-admin")
     try:
-        client.connect(s.host, s.port, keepalive=10)
+        client.connect(s.config.host, s.config.port, keepalive=10)
         client.loop_start()
         info = client.publish(f"{cfg.base_topic}/{name}", json.dumps(body, default=str, separators=(",", ":")), qos=1)
         info.wait_for_publish(timeout_s)

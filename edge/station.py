@@ -1,5 +1,7 @@
 """Station runtime pieces derived from the config: the loaded model with its effective rules,
-the persistent sequence number, and config -> settings conversions used by the daemon.
+the persistent sequence number, and the MQTT settings. Every default lives in edge.config; the
+other runtime objects take their validated config section as it is (AlarmTracker: alarms,
+check_frame: frame_checks, FrameGate: pipeline, sources: source).
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config, resolve_password
+from edge.config import Config, FrameChecksConfig, resolve_password
 from edge.contract import PostprocessParams, Region
 from edge.inference import Inferencer
 from edge.mqtt import MqttSettings
 from edge.package import PackageError, content_hash
-from edge.rules import Rules
+from edge.rules import Rules, effective_rules
 from edge.signature import verify_package_signature
-from edge.sources.base import FrameChecks
 
 log = logging.getLogger(__name__)
 
@@ -35,39 +36,23 @@ class LoadedModel:
     rules: Rules
     info: dict[str, Any]  # name, version, sha256, package_sha256, precision: recorded in every event
     rules_dict: dict[str, Any]  # every limit that decides a verdict: recorded in every event
-    max_regions: int = 50  # regions listed in an event (the largest; pipeline.event_max_regions)
+    max_regions: int  # regions listed in an event (the largest; pipeline.event_max_regions)
 
 
 def load_model(cfg: Config) -> LoadedModel:
-    """Compile the package; config rules override the package's calibrated values one by one."""
+    """Compile the package; its limits are edge.rules.effective_rules (config `rules:` over the package)."""
     m = cfg.model
     if m.public_key is not None:  # before anything trusts package.json's hashes
         verify_package_signature(m.path, m.public_key)
     inf = Inferencer(m.path, xml_name=m.file, device=m.device, num_requests=m.num_requests,
                      threads=m.threads or None, hint=m.hint, verify=m.verify_hashes)
-    r, base = cfg.rules, inf.params
     try:
-        params = PostprocessParams(
-            pixel_threshold=base.pixel_threshold if r.pixel_threshold is None else r.pixel_threshold,
-            min_area=base.min_area if r.min_area is None else r.min_area,
-            open_radius=base.open_radius if r.open_radius is None else r.open_radius,
-            close_radius=base.close_radius if r.close_radius is None else r.close_radius,
-            part_threshold=base.part_threshold if r.part_threshold is None else r.part_threshold,
-        )
-        params.validate()
-        pkg = inf.meta.extra.get("rules", {}) if isinstance(inf.meta.extra.get("rules"), dict) else {}
-        rules = Rules(
-            max_defects=int(r.max_defects if r.max_defects is not None else pkg.get("max_defects", 0)),
-            max_total_area=r.max_total_area if r.max_total_area is not None else pkg.get("max_total_area"),
-            max_region_area_mm2=(r.max_region_area_mm2 if r.max_region_area_mm2 is not None
-                                 else pkg.get("max_region_area_mm2")),
-            mm_per_pixel=r.mm_per_pixel if r.mm_per_pixel is not None else pkg.get("mm_per_pixel"),
-        )
+        policy = effective_rules(inf.params, cfg.rules)
     except (TypeError, ValueError) as e:
         raise PackageError(f"{m.path}: rules are invalid: {e}") from e
     roi = None if cfg.roi is None else [cfg.roi.x, cfg.roi.y, cfg.roi.w, cfg.roi.h]
     info = {**inf.info.to_dict(), "package_sha256": content_hash(inf.model_dir)}  # the folder read at load
-    return LoadedModel(inf, params, rules, info, {**params.to_dict(), **rules.to_dict(), "roi": roi},
+    return LoadedModel(inf, policy.params, policy.rules, info, {**policy.to_dict(), "roi": roi},
                        cfg.pipeline.event_max_regions)
 
 
@@ -125,24 +110,12 @@ class SeqStore:
 
 
 def mqtt_settings(cfg: Config) -> MqttSettings:
+    """The sink's settings: the mqtt section, the station's client id and the resolved password."""
     m = cfg.mqtt
-    return MqttSettings(
-        host=m.host, port=m.port, client_id=m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}",
-        username=m.username, password=resolve_password(m), protocol=m.protocol, keepalive=m.keepalive,
-        tls_ca=_s(m.tls_ca), tls_cert=_s(m.tls_cert), tls_key=_s(m.tls_key), tls_insecure=m.tls_insecure,
-        max_inflight=m.max_inflight, reconnect_min=m.reconnect_min_s, reconnect_max=m.reconnect_max_s,
-        no_subscribers=m.no_subscribers, session_expiry=m.session_expiry_s)
+    return MqttSettings(m, m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}", resolve_password(m))
 
 
-def _s(path: Path | None) -> str | None:
-    return None if path is None else str(path)
-
-
-def frame_checks(cfg: Config) -> FrameChecks:
-    return FrameChecks(**cfg.frame_checks.model_dump())
-
-
-def expected_size(checks: FrameChecks) -> tuple[int, int]:
+def expected_size(checks: FrameChecksConfig) -> tuple[int, int]:
     """Size reported for an error part that never had an image (the schema wants a positive size)."""
     return checks.expect_width or 1, checks.expect_height or 1
 

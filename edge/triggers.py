@@ -29,7 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.config import PipelineConfig, default_of
 from edge.outbox import move_aside
+from edge.rules import NO_FRAME
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,8 @@ class StoredTrigger:
 class TriggerStore:
     """Thread-safe (one connection and a lock): the MQTT thread adds, the result thread marks done."""
 
-    def __init__(self, path: str | Path = ":memory:", dedup_s: float = 300.0) -> None:
+    def __init__(self, path: str | Path = ":memory:",
+                 dedup_s: float = default_of(PipelineConfig, "trigger_dedup_s")) -> None:
         self.path, self.dedup_s = str(path), dedup_s
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,7 @@ class TriggerStore:
         return state != "done" or now - max(received, done_ts or 0.0) < self.dedup_s
 
     def add(self, part_id: str, received: float, plc_seq: int | None, reason: str | None = None,
-            kind: str = "no_frame") -> int:
+            kind: str = NO_FRAME) -> int:
         """Store a new trigger (pending, or rejected with `reason` and error `kind`) durably; returns its row id.
 
         A done row of the same part id outside the window is replaced; the last PLC sequence
@@ -158,8 +161,8 @@ class TriggerStore:
     def recover(self, reason: str) -> int:
         """At start: every pending trigger of the previous run becomes rejected (its frame moment has passed)."""
         with self._lock:
-            return self._db.execute("UPDATE triggers SET state = 'rejected', kind = 'no_frame', reason = ? "
-                                    "WHERE state = 'pending'", (reason,)).rowcount
+            return self._db.execute("UPDATE triggers SET state = 'rejected', kind = ?, reason = ? "
+                                    "WHERE state = 'pending'", (NO_FRAME, reason)).rowcount
 
     def open_count(self) -> int:
         with self._lock:

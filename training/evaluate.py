@@ -2,7 +2,7 @@
 
 Training validation, calibration checks, the export accuracy gate and the `evaluate` CLI all
 call `evaluate_predictions`, and it judges a map through `edge.postprocess.postprocess` and
-`edge.rules.decide` - the daemon's own code - so a reported F1 is the F1 the line will see.
+`edge.rules` (effective_rules, decide) - the daemon's own code - so a reported F1 is the F1 the line will see.
 
 CLI (`python -m training evaluate`): a model is either a checkpoint file (torch inference
 through training.predict) or a model package folder with package.json (OpenVINO inference
@@ -27,13 +27,12 @@ from tqdm import tqdm
 
 from edge.contract import PACKAGE_JSON, Detection, PostprocessParams
 from edge.postprocess import postprocess
-from edge.rules import Rules, decide
+from edge.rules import decide, effective_rules
 from training.metrics import PixelCounts, average_precision, image_metrics
 
 # image -> HxW map, or (map, part score or None) for a model with a decision head
 Predictor = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, float | None]"]
 HALF_BUDGET_BYTES = 512 << 20  # above this (float32 estimate) probability maps are kept as float16
-_RULES = Rules()  # default rules: a part fails iff it has any defect region
 
 
 def _check_inputs(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -55,7 +54,7 @@ def evaluate_detailed(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`evaluate_predictions` plus one small row per image (label, verdict, score, regions)."""
     _check_inputs(probs, masks, parts)
-    params.validate()
+    rules = effective_rules(params).rules  # no station overrides: a part fails iff it has any defect region
     labels = np.zeros(len(probs), bool)
     preds = np.zeros(len(probs), bool)
     scores = np.zeros(len(probs), np.float64)
@@ -64,7 +63,7 @@ def evaluate_detailed(
     rows: list[dict[str, Any]] = []
     for i, (prob, mask) in enumerate(zip(probs, masks, strict=True)):
         det = postprocess(prob, params, None if parts is None else float(parts[i]))
-        verdict, _ = decide(det, _RULES)
+        verdict, _ = decide(det, rules)
         labels[i] = bool(np.any(mask))
         preds[i] = verdict == "fail"
         scores[i] = det.part_score if _score_decides(det) else det.score

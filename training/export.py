@@ -81,32 +81,10 @@ def convert(module: torch.nn.Module, meta: CheckpointMeta) -> ov.Model:
     return model
 
 
-def set_model_info(model: ov.Model, info: dict[str, Any]) -> None:
-    """Metadata in the IR itself (rt_info "model_info", like OpenVINO model_api), so a bare
-    model.xml separated from its package.json still says how to feed and read it."""
-    for key, value in info.items():
-        text = " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-        model.set_rt_info(text, ["model_info", key])
-
-
-def model_info(meta: CheckpointMeta, name: str, version: str, precision: str, created: str) -> dict[str, Any]:
-    s, p = meta.input_spec, meta.postprocess
-    return {
-        "model_type": "defect_segmentation", "name": name, "version": version, "precision": precision,
-        "created": created, "color": s.color, "tile": s.tile, "overlap": s.overlap,
-        "multiple_of": s.multiple_of, "layout": s.layout, "mean_values": list(s.mean),
-        "scale_values": list(s.std), "normalization": "in_graph", "input": "raw pixels 0..255 float32",
-        "output": "sigmoid probability", "pixel_threshold": p.pixel_threshold, "min_area": p.min_area,
-        **({"part_output": f"{PART_OUTPUT}: sigmoid part probability per tile",
-            "part_threshold": p.part_threshold} if p.part_threshold is not None else {}),
-        "open_radius": p.open_radius, "close_radius": p.close_radius,
-        "data_fingerprint": meta.data_fingerprint,
-    }
-
-
-def save_ir(model: ov.Model, xml: Path, info: dict[str, Any], fp16: bool = False) -> None:
+def save_ir(model: ov.Model, xml: Path, fp16: bool = False) -> None:
+    """The IR alone; everything about how to feed and judge it is in package.json (write_meta), the
+    one metadata source the edge reads, hashes and verifies: no second copy in the IR's rt_info."""
     xml.parent.mkdir(parents=True, exist_ok=True)
-    set_model_info(model, info)
     ov.save_model(model, str(xml), compress_to_fp16=fp16)
 
 
@@ -223,7 +201,7 @@ def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str,
     spec, params = meta.input_spec, meta.postprocess
     fp32 = convert(module, meta)
     fp32_xml = root / "fp32" / "model.xml"
-    save_ir(fp32, fp32_xml, model_info(meta, name, version, "fp32", created))
+    save_ir(fp32, fp32_xml)
     ref_pred = q.OVPredictor(fp32_xml, spec)
     parity = _torch_parity(module, ref_pred, items[0][0], spec)
     if parity > 1e-4:
@@ -240,7 +218,7 @@ def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str,
 
     def stage(model: ov.Model, prec: str, fp16: bool = False) -> Any:
         """Write model.xml as the candidate and judge it through the daemon's Inferencer."""
-        save_ir(model, root / "model.xml", model_info(meta, name, version, prec, created), fp16=fp16)
+        save_ir(model, root / "model.xml", fp16=fp16)
         write_meta(root, meta, name, version, created, prec, metrics)
         inf = Inferencer(root, num_requests=1, hint="LATENCY")
         ev = q.evaluate_model(inf.predict_part, items, names, params, f"validate {prec}")

@@ -21,7 +21,7 @@ from matplotlib.patches import Rectangle
 
 from edge.contract import PostprocessParams
 from edge.postprocess import postprocess
-from edge.rules import Rules, decide
+from edge.rules import decide, effective_rules
 
 _KIND_ORDER = {"FN": 0, "FP": 1, "TP": 2, "TN": 3}
 
@@ -71,7 +71,8 @@ def save_validation_grid(
         raise ValueError("no images for the validation grid")
     dets = [postprocess(p, params, None if parts is None else float(parts[i])) for i, p in enumerate(probs)]
     labels = [bool(np.any(m)) for m in masks]
-    preds = [decide(d, Rules())[0] == "fail" for d in dets]
+    rules = effective_rules(params).rules  # as the line judges without station overrides
+    preds = [decide(d, rules)[0] == "fail" for d in dets]
     scores = [d.score if d.part_score is None else d.part_score for d in dets]
     rows = pick_rows(labels, preds, scores, max_rows)
     fig, axes = plt.subplots(len(rows), 4, figsize=(12, 2.8 * len(rows) + 0.4), squeeze=False,

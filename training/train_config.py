@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from typing_extensions import TypeIs
 
+from edge.config import ConfigError  # one error type for bad configs, station or training
 from training.losses import LossName
 from training.unet import Stem, Upsample, network_stride
 
@@ -37,10 +38,6 @@ def fixed(value: T | Auto, field: str) -> T:
     if is_auto(value):
         raise ConfigError(f"{field} is still 'auto': training.recipe_auto.resolve_auto must resolve it first")
     return value
-
-
-class ConfigError(ValueError):
-    """The config cannot be used; the message names the file and the field."""
 
 
 class _Section(BaseModel):

@@ -12,7 +12,7 @@ from edge.config import (
     VideoSourceConfig,
 )
 from edge.contract import InputSpec
-from edge.sources.base import Frame, FrameChecks, FrameSource, SourceError, check_frame, parse_trigger
+from edge.sources.base import Frame, FrameSource, SourceError, check_frame, parse_trigger
 from edge.sources.camera import CameraSource
 from edge.sources.folder import FolderSource
 from edge.sources.synthetic import SyntheticSource
@@ -21,7 +21,6 @@ __all__ = [
     "CameraSource",
     "FolderSource",
     "Frame",
-    "FrameChecks",
     "FrameSource",
     "SourceError",
     "SyntheticSource",

@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from edge.config import FrameChecksConfig
+
 PART_ID_MAX = 128
 RECIPE_NAME = r"[A-Za-z0-9_.-]{1,64}"  # as config.recipes keys
 
@@ -29,7 +31,7 @@ class Frame:
     capture_ts: float  # wall clock, seconds since the epoch (file mtime for folder parts)
     image: np.ndarray | None  # None when `error` is set
     error: str | None = None  # why there is no usable image; becomes an `error` verdict
-    error_kind: str = ""  # "camera_lost", "unreadable", ... (alarm names and metrics labels)
+    error_kind: str = ""  # one of edge.rules.ERROR_KINDS (metrics label errors{kind})
     mono_ts: float = field(default_factory=time.monotonic)  # when the source produced it: latency, staleness
     live: bool = True  # a live stream frame may be dropped or found stale; a part (file, trigger) never
     meta: dict[str, Any] = field(default_factory=dict)  # source details for the event (file name, frame index)
@@ -153,20 +155,9 @@ def _optional_fields(part: str, fields: dict[str, Any]) -> TriggerFields:
     return TriggerFields(part, seq, None if ts is None else float(ts), recipe=recipe)
 
 
-@dataclass(frozen=True)
-class FrameChecks:
-    """Frame sanity limits (from config.frame_checks); violations become `error` verdicts."""
-
-    reject_black: bool = True
-    black_mean_below: float = 4.0
-    black_std_below: float = 2.0
-    expect_width: int | None = None
-    expect_height: int | None = None
-    max_age_s: float = 0.0
-
-
-def check_frame(frame: Frame, checks: FrameChecks, now_mono: float | None = None) -> str | None:
-    """Why this frame must not be inspected, or None. Cheap: runs on every frame."""
+def check_frame(frame: Frame, checks: FrameChecksConfig, now_mono: float | None = None) -> str | None:
+    """Why this frame must not be inspected, or None. Cheap: runs on every frame. The limits and
+    their defaults are the station's `frame_checks` section (edge.config.FrameChecksConfig)."""
     img = frame.image
     if img is None or not isinstance(img, np.ndarray) or img.size == 0:
         return "frame is empty"

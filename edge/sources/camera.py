@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge.alarms import CAMERA_LOST
 from edge.config import CameraSourceConfig, VideoSourceConfig
 from edge.redact import redact_uri
 from edge.sources.base import Frame, SourceError, now_part_id
@@ -24,7 +25,6 @@ from edge.sources.base import Frame, SourceError, now_part_id
 log = logging.getLogger(__name__)
 
 _BACKENDS = {"any": cv2.CAP_ANY, "ffmpeg": cv2.CAP_FFMPEG, "gstreamer": cv2.CAP_GSTREAMER, "v4l2": cv2.CAP_V4L2}
-CAMERA_LOST = "camera_lost"
 
 
 class CameraSource:

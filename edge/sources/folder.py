@@ -34,6 +34,7 @@ import numpy as np
 from edge.config import FolderSourceConfig
 from edge.contract import InputSpec
 from edge.memory import MiB, inspection_bytes, read_budget, refusal
+from edge.rules import NO_MEMORY, NOT_A_FILE, QUARANTINED, UNREADABLE
 from edge.sources.base import Frame, SourceError
 from edge.sources.crashes import CrashLedger
 from edge.text import safe_part_id, safe_text
@@ -41,10 +42,6 @@ from edge.text import safe_part_id, safe_text
 log = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
-UNREADABLE = "unreadable"
-NOT_A_FILE = "not_a_file"  # symlink, directory, FIFO, device named like an image
-NO_MEMORY = "memory"  # the frame would not fit in the service's memory limit
-QUARANTINED = "quarantined"  # in flight during source.quarantine_after_crashes crashes in a row
 # TEST HOOK ONLY: a file whose name contains this text SIGKILLs the daemon when it is loaded,
 # standing in for a decoder segfault or an OOM kill (tests/faults/test_hostile_inputs.py).
 TEST_HOOK_KILL_ENV = "EDGE_TEST_HOOK_SIGKILL_ON_FILE"

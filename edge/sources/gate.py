@@ -32,18 +32,16 @@ from collections import deque
 from collections.abc import Callable, Collection
 from typing import Any
 
+from edge.alarms import CAMERA_LOST, TRIGGER_LATE, TRIGGER_SEQUENCE, TRIGGER_STORE
 from edge.config import PipelineConfig
+from edge.counters import Counters
 from edge.metrics import Metrics
+from edge.rules import BAD_TRIGGER, LATE_TRIGGER, NO_FRAME
 from edge.sources.base import Frame, TriggerFields, parse_trigger_fields
 from edge.triggers import StoredTrigger, TriggerMessage, TriggerStore
 
 log = logging.getLogger(__name__)
 
-CAMERA_LOST = "camera_lost"
-TRIGGER_SEQUENCE = "trigger_sequence"  # alarm: the PLC's sequence numbers skipped or went back
-TRIGGER_LATE = "trigger_late"  # alarm: triggers arrive too late (or too early) for their frame
-TRIGGER_STORE = "trigger_store"  # alarm: triggers cannot be stored, so they are not acknowledged
-NO_FRAME = "no_frame"
 RESUME_GRACE_S = 1.0  # a broker flushes what it queued for us right after the CONNACK
 _REJECTED_BATCH = 32  # error parts per capture-loop turn: a flood of overflowed triggers never holds capture
 RESTARTED = ("the station restarted before this part's result was stored; a frame taken after the restart "
@@ -56,7 +54,8 @@ class FrameGate:
     """Thread-safe: triggers arrive on the MQTT thread, frames on the capture thread."""
 
     def __init__(self, cfg: PipelineConfig, metrics: Metrics, store: TriggerStore | None = None,
-                 on_alarm: AlarmCallback | None = None, recipes: Collection[str] = ()) -> None:
+                 on_alarm: AlarmCallback | None = None, counters: Counters | None = None,
+                 recipes: Collection[str] = ()) -> None:
         self.cfg, self.metrics, self._on_alarm = cfg, metrics, on_alarm
         self.recipes = frozenset(recipes)  # names a trigger's "recipe" may take (config `recipes:`)
         self.triggered = cfg.mode == "triggered"
@@ -67,8 +66,7 @@ class FrameGate:
         self._rejected_due = self.triggered  # rejected rows may wait in the store (bounded memory)
         self._n = 0
         self._last_taken = float("-inf")
-        self.inspected = self.dropped = self.skipped = 0
-        self._inspected_at_snapshot = 0
+        self.counters = counters if counters is not None else Counters()  # shared with the frame flow
         self.triggers = dict.fromkeys(("accepted", "malformed", "ignored", "expired", "overflow", "duplicate",
                                        "retained", "late", "invalid", "sequence_gap", "sequence_error", "sequence_restart",
                                        "recovered"), 0)
@@ -153,14 +151,14 @@ class FrameGate:
         late = self._late(f, msg, now)
         alarms.append((TRIGGER_LATE, late is not None, late or "triggers arrive in time"))
         if f.problem is not None:
-            return "invalid", f.problem, "bad_trigger"
+            return "invalid", f.problem, BAD_TRIGGER
         if f.recipe is not None and f.recipe not in self.recipes:
             return "invalid", (f"unknown recipe {f.recipe!r} (the station config's recipes: "
-                               f"{', '.join(sorted(self.recipes)) or 'none'})"), "bad_trigger"
+                               f"{', '.join(sorted(self.recipes)) or 'none'})"), BAD_TRIGGER
         if seq_reason is not None:
-            return "sequence_error", seq_reason, "trigger_sequence"
+            return "sequence_error", seq_reason, TRIGGER_SEQUENCE
         if late is not None:
-            return "late", late, "late_trigger"
+            return "late", late, LATE_TRIGGER
         if len(self._pending) >= self.cfg.trigger_max_pending:
             return "overflow", (f"trigger dropped: {len(self._pending)} triggers already wait for a frame "
                                 f"(trigger_max_pending)"), NO_FRAME
@@ -257,7 +255,7 @@ class FrameGate:
             self._n += 1
             now = time.monotonic()
             if self._n % self.cfg.every_nth or (self.cfg.max_fps and now - self._last_taken < 1.0 / self.cfg.max_fps):
-                self.skipped += 1
+                self.counters.add("skipped")
                 self.metrics.skipped.inc()
                 return []
             self._last_taken = now
@@ -267,7 +265,7 @@ class FrameGate:
             if frame.error_kind == CAMERA_LOST or not due or frame.meta.get("buffered"):
                 # A stall alone is not a part; waiting triggers time out with an error verdict.
                 if frame.error is None:
-                    self.skipped += 1
+                    self.counters.add("skipped")
                     self.metrics.skipped.inc()
                 return []
             part_id, received, _, recipe = self._pending.popleft()
@@ -317,9 +315,8 @@ class FrameGate:
         with self._lock:
             pending = len(self._pending)
             triggers = dict(self.triggers)
-        interval = self.inspected - self._inspected_at_snapshot
-        self._inspected_at_snapshot = self.inspected
-        return {"inspected_interval": interval, "dropped": self.dropped, "skipped": self.skipped,
+        c = self.counters
+        return {"inspected_interval": c.since_last("inspected"), "dropped": c.get("dropped"), "skipped": c.get("skipped"),
                 "triggers": {**triggers, "pending": pending} if self.triggered or any(triggers.values()) else None}
 
 

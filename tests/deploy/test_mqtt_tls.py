@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from edge.config import MqttConfig
 from edge.mqtt import MqttSettings, MqttSink
 from edge.outbox import Outbox
 from tests.broker import MOSQUITTO, MOSQUITTO_PASSWD, free_port
@@ -171,10 +172,10 @@ class Station:
         self.triggers: list[bytes] = []
         self.outbox = Outbox(tmp / f"outbox-{port}-{time.monotonic_ns()}.sqlite3")
         settings = MqttSettings(
-            host=host, port=port, client_id=f"test-{user.replace('/', '-')}-{time.monotonic_ns()}",
-            username=user, password=USERS.get(user) if password is None else password,
-            tls_ca=str(tls_ca) if tls_ca else None, tls_cert=str(tls_cert) if tls_cert else None,
-            tls_key=str(tls_key) if tls_key else None, reconnect_min=0.2, reconnect_max=0.5,
+            MqttConfig(host=host, port=port, username=user, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                       reconnect_min_s=0.2, reconnect_max_s=0.5),
+            client_id=f"test-{user.replace('/', '-')}-{time.monotonic_ns()}",
+            password=USERS.get(user) if password is None else password,
         )
         self.sink = MqttSink(settings, self.outbox, base, {"station": base.rsplit("/", 1)[-1], "line": "line1"},
                              on_alarm=lambda *a: self.alarms.append(a), on_trigger=lambda t: self.triggers.append(t.payload))

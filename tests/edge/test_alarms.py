@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from edge.alarms import (
@@ -9,16 +11,17 @@ from edge.alarms import (
     CAMERA_LOST,
     CONSECUTIVE_FAILS,
     FAIL_RATE,
+    HYSTERESIS,
     MODEL_ERROR,
     PUBLISH_REJECTED,
-    AlarmSettings,
     AlarmTracker,
 )
+from edge.config import AlarmsConfig
 
 
-def _tracker(**kw: object) -> tuple[AlarmTracker, list[tuple[str, bool]]]:
+def _tracker(hysteresis: float = HYSTERESIS, **kw: Any) -> tuple[AlarmTracker, list[tuple[str, bool]]]:
     seen: list[tuple[str, bool]] = []
-    t = AlarmTracker(AlarmSettings(**kw), lambda name, active, msg: seen.append((name, active)))  # type: ignore[arg-type]
+    t = AlarmTracker(AlarmsConfig(**kw), lambda name, active, msg: seen.append((name, active)), hysteresis=hysteresis)
     return t, seen
 
 
@@ -77,11 +80,11 @@ def test_callback_failure_does_not_propagate() -> None:
     def bad(name: str, active: bool, msg: str) -> None:
         raise RuntimeError("mqtt down")
 
-    t = AlarmTracker(AlarmSettings(), bad)
+    t = AlarmTracker(AlarmsConfig(), bad)
     t.observe_camera(False)
     assert t.is_active(CAMERA_LOST)
 
 
 def test_settings_validated() -> None:
     with pytest.raises(ValueError):
-        AlarmTracker(AlarmSettings(fail_rate_max=0))
+        AlarmTracker(AlarmsConfig(fail_rate_max=0))

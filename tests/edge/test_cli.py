@@ -55,6 +55,20 @@ def test_inspect_prints_verdicts_and_writes_overlays(tmp_path: Path, tiny_packag
     assert "VERDICT" in lines[1] and " pass " in lines[2] and " fail " in lines[3]
 
 
+def test_inspect_applies_the_area_and_mm_rules_as_the_daemon_does(tmp_path: Path, tiny_package: Path) -> None:
+    """One defect region under max_defects 5: only the area limits can fail it, as with the station's `rules:`."""
+    img = tmp_path / "scratch.png"
+    cv2.imwrite(str(img), make_part(defect=True, seed=7))
+    base = ("inspect", "--model", str(tiny_package), "--json", "--max-defects", "5")
+    by_area = json.loads(edge(*base, "--max-total-area", "1", str(img)).stdout)
+    assert by_area["verdict"] == "fail" and len(by_area["regions"]) == 1
+    assert [r for r in by_area["reasons"] if r.startswith("total defect area")] == by_area["reasons"]
+    by_mm = json.loads(edge(*base, "--max-region-area-mm2", "0.01", "--mm-per-pixel", "0.1", str(img)).stdout)
+    assert by_mm["verdict"] == "fail" and by_mm["reasons"] == ["1 region(s) larger than 0.01 mm2"]
+    r = edge(*base, "--max-region-area-mm2", "0.01", str(img))
+    assert r.returncode == 78 and "max_region_area_mm2 needs mm_per_pixel" in r.stderr
+
+
 def test_inspect_and_run_refuse_a_bad_package(tmp_path: Path, tiny_package: Path) -> None:
     pkg = tmp_path / "pkg"
     pkg.mkdir()

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.alarms import EVIDENCE_THINNED
 from edge.cpubusy import CpuBusy
 from edge.events import validate_event
-from edge.evidence import EVIDENCE_THINNED, PENDING, THINNED, EvidenceStore, EvidenceWriter
+from edge.evidence import PENDING, THINNED, EvidenceStore, EvidenceWriter
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import BASE, alarms, running, station, wait_results
 from tests.tiny_package import make_part

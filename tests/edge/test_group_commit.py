@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from edge.alarms import OUTBOX_ERROR
 from edge.events import event_id_for
-from edge.flow import OUTBOX_ERROR
 from edge.sources import Frame
 from edge.sources.folder import FolderSource
 from edge.text import safe_part_id

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from edge.config import MqttConfig
 from edge.mqtt import MqttSettings, MqttSink
 from edge.outbox import Outbox
 from tests.broker import Broker, Received, Subscriber
@@ -27,10 +28,10 @@ RESULT, STATUS, ALARM, TRIGGER = f"{BASE}/result", f"{BASE}/status", f"{BASE}/al
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _settings(broker: Broker, **kw: Any) -> MqttSettings:
-    kw.setdefault("reconnect_min", 0.1)
-    kw.setdefault("reconnect_max", 0.5)
-    return MqttSettings(host=broker.host, port=broker.port, **kw)
+def _settings(broker: Broker, password: str | None = None, **kw: Any) -> MqttSettings:
+    kw.setdefault("reconnect_min_s", 0.1)
+    kw.setdefault("reconnect_max_s", 0.5)
+    return MqttSettings(MqttConfig(host=broker.host, port=broker.port, **kw), password=password)
 
 
 def _add(ob: Outbox, n: int, start: int = 0) -> list[str]:
@@ -184,9 +185,10 @@ def test_broker_crash_loses_nothing(tmp_path: Path, outbox: Outbox) -> None:
 
 _CHILD = """
 import sys, time
+from edge.config import MqttConfig
 from edge.mqtt import MqttSettings, MqttSink
 from edge.outbox import Outbox
-sink = MqttSink(MqttSettings(host="127.0.0.1", port=int(sys.argv[1])), Outbox(sys.argv[2]),
+sink = MqttSink(MqttSettings(MqttConfig(host="127.0.0.1", port=int(sys.argv[1]))), Outbox(sys.argv[2]),
                 "inspection/l1/s1", {"station": "s1", "model": "m1"})
 sink.start()
 while not sink.connected:
@@ -225,7 +227,7 @@ def test_acl_denied_publish_raises_alarm_and_keeps_event(tmp_path: Path, outbox:
     broker = Broker(tmp_path / "b", acl=f"topic read #\ntopic write {STATUS}\ntopic write {ALARM}\n").start()
     sub = Subscriber(broker, [RESULT])
     alarms: list[tuple[str, bool, str]] = []
-    sink = MqttSink(_settings(broker, reconnect_min=0.2), outbox, BASE, {"station": "s1"},
+    sink = MqttSink(_settings(broker, reconnect_min_s=0.2), outbox, BASE, {"station": "s1"},
                     on_alarm=lambda n, a, m: alarms.append((n, a, m)))
     _add(outbox, 1)
     try:
@@ -294,4 +296,4 @@ def test_password_never_in_repr_or_logs(broker: Broker, outbox: Outbox, caplog: 
     sink.stop(drain_timeout=0)
     assert "s3cr3t-pw" not in caplog.text
     with pytest.raises(ValueError):
-        MqttSettings(protocol="4").validate()
+        MqttConfig(protocol="4")

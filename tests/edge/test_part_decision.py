@@ -18,11 +18,12 @@ import cv2
 import numpy as np
 import pytest
 
+from edge.config import RulesConfig
 from edge.contract import Detection, NonFiniteError, PostprocessParams, Region
 from edge.events import build_result_event, validate_event
 from edge.inference import Inferencer
 from edge.postprocess import part_score, postprocess
-from edge.rules import Rules, decide
+from edge.rules import EffectiveRules, Rules, decide, effective_rules
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import BASE, ROOT, running, station, wait_results
 from tests.tiny_package import make_part, make_tiny_package
@@ -70,6 +71,18 @@ def test_params_round_trip_and_old_packages_read_unchanged() -> None:
 @pytest.fixture(scope="module")
 def part_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_package(tmp_path_factory.mktemp("pkg") / "part", part="max", part_threshold=0.5)
+
+
+def test_effective_rules_override_the_package_value_by_value() -> None:
+    """The one merge the daemon, `edge inspect` and evaluate share: set values win, the rest is the package's."""
+    package = PostprocessParams(pixel_threshold=0.4, min_area=5, open_radius=1, close_radius=2, part_threshold=0.6)
+    assert effective_rules(package) == EffectiveRules(package, Rules())
+    policy = effective_rules(package, RulesConfig(min_area=7, max_total_area=100, part_threshold=0.3))
+    assert policy.params == PostprocessParams(0.4, 7, 1, 2, 0.3)
+    assert policy.rules == Rules(max_defects=0, max_total_area=100)
+    assert policy.to_dict() == {**policy.params.to_dict(), **policy.rules.to_dict()}
+    with pytest.raises(ValueError, match="pixel_threshold"):
+        effective_rules(PostprocessParams(pixel_threshold=1.5))
 
 
 def test_two_output_package_gives_map_and_part_score(part_package: Path, tiny_package: Path) -> None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from edge.config import (
     CameraSourceConfig,
     FolderSourceConfig,
+    FrameChecksConfig,
     PipelineConfig,
     SyntheticSourceConfig,
     VideoSourceConfig,
@@ -25,7 +26,6 @@ from edge.sources import (
     CameraSource,
     FolderSource,
     Frame,
-    FrameChecks,
     SyntheticSource,
     check_frame,
     parse_trigger,
@@ -110,9 +110,22 @@ def test_gate_free_run_every_nth_and_errors_always_pass() -> None:
     assert gate.admit(err) == [err]
 
 
+def test_gate_counters_are_one_locked_object_shared_with_the_flow() -> None:
+    """skipped (gate), inspected and dropped (flow, main loop): one Counters, reported by snapshot()."""
+    gate = FrameGate(PipelineConfig(every_nth=2), Metrics())
+    for i in range(4):
+        gate.admit(Frame(str(i), 0.0, make_part()))
+    gate.counters.add("inspected", 3)
+    gate.counters.add("dropped")
+    snap = gate.snapshot()
+    assert (snap["skipped"], snap["dropped"], snap["inspected_interval"]) == (2, 1, 3)
+    gate.counters.add("inspected")
+    assert gate.snapshot()["inspected_interval"] == 1  # the increase since the previous stats message
+
+
 # -- frame checks ---------------------------------------------------------------------------------
 def test_check_frame_rejects_black_empty_wrong_size_and_stale() -> None:
-    checks = FrameChecks(expect_width=128, expect_height=96, max_age_s=0.5)
+    checks = FrameChecksConfig(expect_width=128, expect_height=96, max_age_s=0.5)
     assert check_frame(Frame("p", 0, make_part()), checks) is None
     assert "black" in (check_frame(Frame("p", 0, np.zeros((96, 128), np.uint8)), checks) or "")
     assert "empty" in (check_frame(Frame("p", 0, np.zeros((0, 0), np.uint8)), checks) or "")

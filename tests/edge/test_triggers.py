@@ -11,14 +11,15 @@ from typing import Any
 
 import pytest
 
-from edge.config import CameraSourceConfig, PipelineConfig
+from edge.alarms import TRIGGER_LATE, TRIGGER_SEQUENCE, TRIGGER_STORE
+from edge.config import CameraSourceConfig, MqttConfig, PipelineConfig
 from edge.events import event_id_for
 from edge.metrics import Metrics
 from edge.mqtt import MqttSettings, MqttSink
 from edge.outbox import Outbox
 from edge.sources.base import Frame, parse_trigger_fields
 from edge.sources.camera import CameraSource, _StreamClock
-from edge.sources.gate import RESUME_GRACE_S, TRIGGER_LATE, TRIGGER_SEQUENCE, TRIGGER_STORE, FrameGate
+from edge.sources.gate import RESUME_GRACE_S, FrameGate
 from edge.triggers import TriggerMessage, TriggerStore
 from tests.broker import Broker, Subscriber
 from tests.faults.netcam import FFMPEG, NetCamera
@@ -268,8 +269,8 @@ def test_sink_resumes_its_session_and_acks_a_trigger_only_once_it_is_taken(proxi
             raise OSError("disk full")  # not stored: must not be acked
         got.append(t)
 
-    settings = MqttSettings(host="127.0.0.1", port=proxy.port, client_id="edge-l1-s1", keepalive=5,
-                            reconnect_min=0.1, reconnect_max=0.3, session_expiry=600)
+    settings = MqttSettings(MqttConfig(host="127.0.0.1", port=proxy.port, keepalive=5, reconnect_min_s=0.1,
+                                       reconnect_max_s=0.3, session_expiry_s=600), client_id="edge-l1-s1")
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     sink = MqttSink(settings, outbox, BASE, {"station": "s1"}, on_trigger=on_trigger)
     plc = Subscriber(broker, [f"{BASE}/status"])

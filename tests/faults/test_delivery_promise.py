@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge.config import MqttConfig
 from edge.mqtt import MqttSettings, MqttSink
 from edge.outbox import Outbox
 from tests.broker import MOSQUITTO, MOSQUITTO_PASSWD, Broker, Subscriber, free_port
@@ -263,8 +264,9 @@ def test_puback_0x10_follows_the_config_choice(mode: str, tmp_path: Path, broker
     """The sink alone against a real broker with nobody subscribed: 0x10 is kept (retry) or acked (deliver)."""
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     raised: list[tuple[str, bool, str]] = []
-    sink = MqttSink(MqttSettings(host=broker.host, port=broker.port, client_id=f"t-{mode}", reconnect_min=0.1,
-                                 reconnect_max=0.3, no_subscribers=mode), outbox, BASE, {},
+    settings = MqttConfig(host=broker.host, port=broker.port, reconnect_min_s=0.1, reconnect_max_s=0.3,
+                          no_subscribers=mode)
+    sink = MqttSink(MqttSettings(settings, client_id=f"t-{mode}"), outbox, BASE, {},
                     on_alarm=lambda *a: raised.append(a))
     sink.start()
     try:

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 import edge.sources.folder as folder_module
-from edge.config import FolderSourceConfig, SyntheticSourceConfig
-from edge.sources import Frame, FrameChecks, SyntheticSource, check_frame
+from edge.config import FolderSourceConfig, FrameChecksConfig, SyntheticSourceConfig
+from edge.sources import Frame, SyntheticSource, check_frame
 from edge.sources.folder import FolderSource, image_size
 from edge.station import SeqStore
 from tests.broker import Broker
@@ -648,7 +648,7 @@ def test_folder_refuses_images_above_max_pixels(tmp_path: Path, monkeypatch: pyt
     (np.full((4, 128), 100, np.uint8), "too small (128x4)"),
 ])
 def test_check_frame_refuses_what_preprocessing_cannot_take(image: np.ndarray, message: str) -> None:
-    assert message in (check_frame(Frame("p", 0.0, image, live=False), FrameChecks()) or "")
+    assert message in (check_frame(Frame("p", 0.0, image, live=False), FrameChecksConfig()) or "")
 
 
 def test_sequence_block_is_handed_out_only_once_it_is_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
