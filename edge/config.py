@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge import DECODER_MAX_PIXELS
+from edge.ui.settings import UiConfig
 
 TOPIC_SAFE = r"^[A-Za-z0-9_.-]+$"  # no '/', '+', '#' or spaces: these end up inside MQTT topics
 CREDENTIAL_NAME = "mqtt-password"
@@ -341,6 +342,7 @@ class Config(_Model):
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig, description="Alarm thresholds.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics, health and stats.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Daemon logs.")
+    ui: UiConfig = Field(default_factory=UiConfig, description="The station page (`python -m edge ui`), not the daemon.")
     state_dir: Path = Field(description="Writable folder for the outbox, sequence numbers and evidence.")
 
     @model_validator(mode="after")
