@@ -76,6 +76,7 @@ def build_result_event(
     region_count: int | None = None,
     part_score: float | None = None,
     part_threshold: float | None = None,
+    image_quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble one result event (see edge/event.schema.json).
 
@@ -85,7 +86,7 @@ def build_result_event(
     `region_count` regions; the part id, reasons and error are escaped and clipped
     (edge.text), so any input gives valid, bounded UTF-8. `part_score`/`part_threshold`: the
     model's part decision and the threshold that judged it (None for a model without a part output,
-    and the score None for an error verdict).
+    and the score None for an error verdict). `image_quality` (edge.quality) is added only when given.
     """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
@@ -97,7 +98,7 @@ def build_result_event(
     if event_id is None:
         event_id = event_id_for(f"{st['line']}/{st['name']}", part_id, capture_ts)
     created = time.time() if created_ts is None else float(created_ts)
-    return {
+    event = {
         "schema_version": SCHEMA_VERSION,
         "event_id": event_id,
         "seq": int(seq),
@@ -122,6 +123,9 @@ def build_result_event(
         "evidence": evidence,
         "evidence_status": evidence_status,
     }
+    if image_quality is not None:
+        event["image_quality"] = dict(image_quality)
+    return event
 
 
 def _json_default(obj: Any) -> Any:

@@ -35,6 +35,7 @@ from edge.mqtt import MqttSink
 from edge.outbox import Outbox
 from edge.postprocess import postprocess
 from edge.preprocess import FrameError
+from edge.quality import image_quality
 from edge.rules import decide
 from edge.sources import Frame, FrameChecks, FrameSource, check_frame
 from edge.sources.gate import FrameGate
@@ -468,7 +469,8 @@ class FrameFlow:
             model=model.info, rules=model.rules_dict, timings_ms=timings,
             error=job.error, evidence=evidence, evidence_status=evidence_status, event_id=event_id,
             part_score=outcome.part_score,
-            part_threshold=model.params.part_threshold)
+            part_threshold=model.params.part_threshold,
+            image_quality=image_quality(frame.image) if frame.image is not None and job.error is None else None)
         payload = encode(event)
         if len(payload) > EVENT_MAX_BYTES:
             raise ValueError(f"result event is {len(payload)} bytes > {EVENT_MAX_BYTES}")
