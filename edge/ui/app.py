@@ -101,7 +101,7 @@ def create_app(store: Store, listener: StationListener, auth: Auth, evidence: Ev
 
     # -- live view ---------------------------------------------------------------------------------
     def live_context() -> dict[str, Any]:
-        return {"part": store.latest(), "station": listener.station_state(), "now": time.time()}
+        return {"part": listener.latest or store.latest(), "station": listener.station_state(), "now": time.time()}
 
     @app.get("/", response_class=HTMLResponse)
     async def live(request: Request) -> HTMLResponse:

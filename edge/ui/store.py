@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,19 +97,24 @@ class Store:
         return None if row is None else str(row[0])
 
     # -- events ----------------------------------------------------------------------------------
-    def add_event(self, event: dict[str, Any]) -> bool:
-        """Index one result event; False if its id was already there (a redelivery)."""
-        quality = event.get("image_quality") or {}
-        timings = event.get("timings_ms") or {}
-        row = (str(event["event_id"]), int(event.get("seq", 0)), str(event["part_id"]), float(event["capture_ts"]),
-               str(event["verdict"]), int(event.get("total_defect_area") or 0), timings.get("capture_to_result"),
-               str((event.get("model") or {}).get("version", "")), event.get("evidence"),
-               quality.get("sharpness") if isinstance(quality, dict) else None,
-               json.dumps(event, separators=(",", ":")), time.time())
+    def add_events(self, events: Sequence[tuple[dict[str, Any], bytes | None]]) -> list[dict[str, Any]]:
+        """Index (event, payload as received) in one transaction; returns the events that were new (not
+        redeliveries). Without the payload the event is encoded again."""
+        added = []
+        now = time.time()
         with self._tx() as db:
-            cur = db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
-            added = cur.rowcount == 1
-            self._added += added
+            for event, raw in events:
+                quality = event.get("image_quality")
+                timings = event.get("timings_ms")
+                row = (str(event["event_id"]), int(event.get("seq", 0)), str(event["part_id"]),
+                       float(event["capture_ts"]), str(event["verdict"]), int(event.get("total_defect_area") or 0),
+                       timings.get("capture_to_result") if isinstance(timings, dict) else None,
+                       str(event["model"].get("version", "")), event.get("evidence"),
+                       quality.get("sharpness") if isinstance(quality, dict) else None,
+                       raw.decode() if raw is not None else json.dumps(event, separators=(",", ":")), now)
+                if db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row).rowcount == 1:
+                    added.append(event)
+            self._added += len(added)
             if self._added >= 500:  # prune in batches, not per event
                 self._added = 0
                 db.execute("DELETE FROM events WHERE event_id IN (SELECT event_id FROM events "
