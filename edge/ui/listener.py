@@ -58,6 +58,7 @@ class StationListener:
         self.topic_alarm = f"{self.base}/alarm"
         self._lock = threading.Lock()
         self.connected = False
+        self.subscribed = threading.Event()  # set once the broker confirmed the subscriptions
         self.status: dict[str, Any] = {}
         self.stats: dict[str, Any] = {}
         self.active_alarms: dict[str, str] = {}
@@ -85,6 +86,7 @@ class StationListener:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_subscribe = lambda *_args: self.subscribed.set()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -139,6 +141,7 @@ class StationListener:
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
         self.connected = False
+        self.subscribed.clear()
         log.warning("disconnected from the broker: %s", rc)
         self._bump()
 
