@@ -20,6 +20,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge.config import Config, resolve_password
 from edge.ui.drift import DriftWatch
@@ -71,9 +73,13 @@ class StationListener:
         self._writer = threading.Thread(target=self._write_loop, name="ui-index", daemon=True)
         self.drift = DriftWatch(cfg.ui.drift, self._drift_alarm)
         m = cfg.mqtt
+        self._v5 = m.protocol == "5"
+        # A fixed client id and a persistent session: results that arrive while the page restarts are
+        # queued by the broker (mqtt.session_expiry_s, as for the daemon's triggers) and indexed after.
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
                                   client_id=f"edge-ui-{cfg.station.line}-{cfg.station.name}-{socket.gethostname()}",
-                                  protocol=MQTTProtocolVersion.MQTTv5 if m.protocol == "5" else MQTTProtocolVersion.MQTTv311)
+                                  protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
+                                  clean_session=None if self._v5 else not m.session_expiry_s)
         if m.username is not None:
             self.client.username_pw_set(m.username, resolve_password(m))
         if m.tls_ca or m.tls_cert:
@@ -92,7 +98,12 @@ class StationListener:
     def start(self) -> None:
         m = self.cfg.mqtt
         self._writer.start()
-        self.client.connect_async(m.host, m.port, keepalive=m.keepalive)
+        session: dict[str, Any] = {}
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = m.session_expiry_s
+            session = {"clean_start": not m.session_expiry_s, "properties": props}
+        self.client.connect_async(m.host, m.port, keepalive=m.keepalive, **session)
         self.client.loop_start()
 
     def stop(self) -> None:
