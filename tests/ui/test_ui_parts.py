@@ -154,3 +154,15 @@ def test_reviews_stored_while_the_broker_is_down_are_sent_after(tmp_path: Path, 
     finally:
         sub.close()
         listener.stop()
+
+
+def test_the_page_does_not_import_the_pipeline() -> None:
+    """A crash or a stall of the page must not be able to touch inspection: no pipeline code in its process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edge.ui.server, edge.ui.app, edge.ui.listener, edge.__main__; "
+            "print(sorted(m for m in sys.modules if m in ('openvino', 'torch', 'training') "
+            "or m.startswith(('edge.flow', 'edge.daemon', 'edge.inference', 'edge.sources'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout
