@@ -23,6 +23,7 @@ from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
+from edge.preview import PreviewFeed
 from edge.sources import SourceError, make_source
 from edge.sources.gate import FrameGate
 from edge.statelock import LockHeld, ProcessLock, client_id_lock, state_lock
@@ -56,6 +57,7 @@ class Pipeline:
         self.sink: MqttSink | None = None
         self.server: MetricsServer | None = None
         self.evidence: EvidenceWriter | None = None
+        self.preview: PreviewFeed | None = None
         self._thinned = 0
         self.triggers: TriggerStore | None = None
         self.locks: list[ProcessLock] = []
@@ -98,13 +100,16 @@ class Pipeline:
             self.server.start()
         self.source = make_source(cfg.source, cfg.state_dir, lambda: self.model.inferencer.spec)
         self.source.open()  # SourceError (missing folder/file) -> exit 78
+        if cfg.ui.preview_hz > 0 and self.sink is not None:  # the station page's live view (edge.preview)
+            self.preview = PreviewFeed(cfg.ui.preview_hz, self.sink.publish_preview)
         self.flow = FrameFlow(
             station=self.station, result_topic=f"{cfg.base_topic}/result", source=self.source, gate=self.gate,
             model=self.model, checks=self.checks, roi=cfg.roi, outbox=self.outbox, sink=self.sink,
             alarms=self.alarms, metrics=self.metrics, evidence=self.evidence, seq=self.seq, latency=self.latency,
             queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder",
             max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)),
-            group_commit_ms=cfg.outbox.group_commit_ms, group_commit_max=cfg.outbox.group_commit_max)
+            group_commit_ms=cfg.outbox.group_commit_ms, group_commit_max=cfg.outbox.group_commit_max,
+            preview=self.preview)
         self.flow.start()
         self.notifier.ready(f"inspecting {self.source.name} with {self.model.info['name']} {self.model.info['version']}")
         log.info("station %s ready: source %s, topics %s/#", self.station_key, self.source.name, cfg.base_topic)
@@ -269,6 +274,8 @@ class Pipeline:
             self.flow.drain(deadline, self.notifier.watchdog)
         if hasattr(self, "source"):
             self.source.close()
+        if self.preview is not None:
+            self.preview.close()
         if self.evidence is not None:  # what is queued is written (bounded: events already say "pending")
             self.evidence.close(timeout=max(1.0, deadline - time.monotonic()))
         if self.sink is not None:

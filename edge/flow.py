@@ -35,6 +35,7 @@ from edge.mqtt import MqttSink
 from edge.outbox import Outbox
 from edge.postprocess import postprocess
 from edge.preprocess import FrameError
+from edge.preview import PreviewFeed
 from edge.quality import image_quality
 from edge.rules import decide
 from edge.sources import Frame, FrameChecks, FrameSource, check_frame
@@ -100,12 +101,14 @@ class FrameFlow:
                  model: LoadedModel, checks: FrameChecks, roi: RoiConfig | None, outbox: Outbox,
                  sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceWriter | None,
                  seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool,
-                 max_queued_bytes: int = 256 << 20, group_commit_ms: float = 2.0, group_commit_max: int = 64) -> None:
+                 max_queued_bytes: int = 256 << 20, group_commit_ms: float = 2.0, group_commit_max: int = 64,
+                 preview: PreviewFeed | None = None) -> None:
         self.station, self.station_key = station, f"{station['line']}/{station['name']}"
         self.result_topic, self.source, self.gate = result_topic, source, gate
         self.model, self.checks, self.roi = model, checks, roi
         self.outbox, self.sink, self.alarms, self.metrics = outbox, sink, alarms, metrics
         self.evidence, self.seq, self.latency = evidence, seq, latency
+        self.preview = preview
         self.observe_camera = observe_camera
         # Group commit: results ready together share one outbox transaction (one fsync); 1 = one per part.
         self.group_commit_s, self.group_commit_max = group_commit_ms / 1000.0, max(1, group_commit_max)
@@ -447,6 +450,8 @@ class FrameFlow:
         # A triggered part's id is keyed by its trigger, so a restart's error result for it has the same id.
         event_id = event_id_for(self.station_key, part_id, frame.meta.get("trigger_ts", frame.capture_ts))
         evidence, evidence_status = None, None
+        if self.preview is not None:  # rate-limited, one slot, its own thread (edge.preview)
+            self.preview.offer(frame.image, outcome.mask, outcome.regions, outcome.verdict, job.offset)
         if with_evidence and self.evidence is not None:  # handed to the background writer: never waits for the disk
             evidence, evidence_status = self.evidence.offer(event_id, frame.capture_ts, frame.image, outcome.mask,
                                                             outcome.regions, outcome.verdict, job.offset)

@@ -109,6 +109,7 @@ class MqttSink:
         base = base_topic.rstrip("/")
         self.topic_result, self.topic_status = f"{base}/result", f"{base}/status"
         self.topic_alarm, self.topic_stats, self.topic_trigger = f"{base}/alarm", f"{base}/stats", f"{base}/trigger"
+        self.topic_preview = f"{base}/preview"
         self._status = dict(status_payload)
         self._on_alarm = on_alarm
         self._on_trigger = on_trigger
@@ -248,6 +249,11 @@ class MqttSink:
         if self._connected:
             body = {**stats, "ts": round(time.time(), 3)}
             self._client.publish(self.topic_stats, json.dumps(body, default=str, separators=(",", ":")), qos=0)
+
+    def publish_preview(self, jpeg: bytes) -> None:
+        """QoS 0 JPEG on /preview for the station page (edge.preview); skipped while offline."""
+        if self._connected:
+            self._client.publish(self.topic_preview, jpeg, qos=0)
 
     def update_status(self, status_payload: dict[str, Any]) -> None:
         """Replace the birth message (e.g. after a model swap) and republish it retained."""

@@ -101,7 +101,8 @@ def create_app(store: Store, listener: StationListener, auth: Auth, evidence: Ev
 
     # -- live view ---------------------------------------------------------------------------------
     def live_context() -> dict[str, Any]:
-        return {"part": listener.latest or store.latest(), "station": listener.station_state(), "now": time.time()}
+        return {"part": listener.latest or store.latest(), "station": listener.station_state(), "now": time.time(),
+                "preview_seq": listener.preview_seq}
 
     @app.get("/", response_class=HTMLResponse)
     async def live(request: Request) -> HTMLResponse:
@@ -128,6 +129,14 @@ def create_app(store: Store, listener: StationListener, auth: Auth, evidence: Ev
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @app.get("/live/preview.jpg")
+    async def live_preview() -> Response:
+        """The daemon's newest small preview (edge.preview), kept in memory only."""
+        jpeg = listener.preview
+        if jpeg is None:
+            return Response(evidence.placeholder("preview"), 404, media_type="image/svg+xml")
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     # -- parts -------------------------------------------------------------------------------------
     @app.get("/parts", response_class=HTMLResponse)

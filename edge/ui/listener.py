@@ -1,4 +1,4 @@
-"""The page's MQTT client: indexes <base>/result, tracks status/stats/alarms, publishes reviews.
+"""The page's MQTT client: indexes <base>/result, tracks status/stats/alarms/preview, publishes reviews.
 
 Everything the page knows about the station comes through here, from the topics the daemon
 already publishes; the page never talks to the daemon directly. Messages are untrusted input
@@ -30,6 +30,7 @@ from edge.ui.store import Store
 log = logging.getLogger(__name__)
 
 FLUSH_S = 0.2
+PREVIEW_MAX_BYTES = 1 << 20
 _REQUIRED = ("event_id", "part_id", "capture_ts", "verdict", "image", "model", "station")
 
 
@@ -69,6 +70,8 @@ class StationListener:
         self._pending: dict[int, int] = {}  # paho mid -> review id
         self._batch: list[tuple[dict[str, Any], bytes]] = []
         self.latest: dict[str, Any] | None = None  # newest result seen, before it is indexed
+        self.preview: bytes | None = None  # newest JPEG on <base>/preview (edge.preview), memory only
+        self.preview_seq = 0
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="ui-index", daemon=True)
         self.drift = DriftWatch(cfg.ui.drift, self._drift_alarm)
@@ -145,7 +148,8 @@ class StationListener:
             log.warning("broker refused the page's connection: %s", rc)
             return
         self.connected = True
-        client.subscribe([(f"{self.base}/{t}", 1) for t in ("result", "status", "stats", "alarm")])
+        client.subscribe([*((f"{self.base}/{t}", 1) for t in ("result", "status", "stats", "alarm")),
+                          (f"{self.base}/preview", 0)])
         for review_id, payload in self.store.unpublished():
             self._send_review(review_id, payload)
         self._bump()
@@ -159,6 +163,13 @@ class StationListener:
     # -- incoming --------------------------------------------------------------------------------
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         kind = msg.topic.rsplit("/", 1)[-1]
+        if kind == "preview":  # binary: a JPEG from edge.preview
+            if msg.payload[:2] == b"\xff\xd8" and len(msg.payload) <= PREVIEW_MAX_BYTES:
+                with self._lock:
+                    self.preview, self.preview_seq = bytes(msg.payload), self.preview_seq + 1
+            else:
+                self.dropped += 1
+            return
         try:
             body = json.loads(msg.payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):

@@ -38,6 +38,9 @@ class UiConfig(BaseModel):
                                     "its holder logs in as reviewer 'token'.")
     login_to_view: bool = Field(default=False, description="Also require a login to see the page at all.")
     live_hz: float = Field(default=4.0, ge=0.5, le=30, description="Live view updates per second at most.")
+    preview_hz: float = Field(default=2.0, ge=0, le=10, description="Read by the daemon: small JPEG previews of the "
+                              "newest part (with overlay) per second on <base>/preview, for the live view "
+                              "(0 = none; the live view then shows kept evidence only).")
     cookie_secure: bool = Field(default=False, description="Send the session cookie only over HTTPS "
                                 "(set when a TLS proxy is in front).")
     drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift alarms.")

@@ -169,6 +169,10 @@ def test_live_view_updates_without_reload(page: Station, browser: webdriver.Chro
     assert live_text(browser, "state-word").lower() == "running"
     assert live_text(browser, "model-version") == "tiny-dark-spot 1.0.0"
     assert live_text(browser, "live-verdict") in ("PASS", "FAIL")
+    # the daemon's preview feed (edge.preview) is what the live view shows, passed parts included
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+        "const i = document.getElementById('live-image');"
+        "return i && i.src.includes('/live/preview.jpg') && i.complete && i.naturalWidth > 0;"))
     browser.save_screenshot(str(page.shots / "live.png"))
 
 

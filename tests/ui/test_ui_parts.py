@@ -166,3 +166,32 @@ def test_the_page_does_not_import_the_pipeline() -> None:
             "or m.startswith(('edge.flow', 'edge.daemon', 'edge.inference', 'edge.sources'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_preview_is_small_drawn_and_rate_limited() -> None:
+    import cv2
+    import numpy as np
+
+    from edge.contract import Region
+    from edge.preview import PREVIEW_SIDE, PreviewFeed, render_preview
+
+    frame = np.full((2048, 2448), 128, np.uint8)
+    mask = np.zeros((2048, 2448), np.uint8)
+    mask[1000:1100, 1200:1300] = 255
+    jpeg = render_preview(frame, mask, [Region(10_000, (1200, 1000, 100, 100), (1250.0, 1050.0), 0.9, 0.8)], "fail")
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert jpeg[:2] == b"\xff\xd8" and max(img.shape[:2]) == PREVIEW_SIDE and len(jpeg) < 100_000
+    y, x = int(1050 * PREVIEW_SIDE / 2448), int(1250 * PREVIEW_SIDE / 2448)
+    b, g, r = (int(v) for v in img[y, x])
+    assert r > g + 40 and r > b + 40  # the defect is tinted red
+    sent: list[bytes] = []
+    feed = PreviewFeed(rate_hz=0.001, publish=sent.append)  # one per 1000 s: only the first offer is taken
+    try:
+        for _ in range(50):
+            feed.offer(frame, mask, [], "fail")
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(sent) == 1 and feed.failed == 0
+    finally:
+        feed.close()
