@@ -110,15 +110,22 @@ def environment_warnings(cfg: Any) -> list[str]:
 
 
 # -- run ---------------------------------------------------------------------------------------------
-def cmd_run(args: argparse.Namespace) -> int:
+def load_or_report(path: str) -> Any:
+    """The station config, or None after printing every problem (the caller exits EX_CONFIG)."""
     from edge.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config)
+        return load_config(path)
     except ConfigError as e:
-        print(f"{args.config}: invalid config:", file=sys.stderr)
+        print(f"{path}: invalid config:", file=sys.stderr)
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return EX_CONFIG
     setup_logging(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
     from edge.daemon import run_pipeline  # OpenVINO loads here, after the config is known to be good
@@ -251,14 +258,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 # -- station page -------------------------------------------------------------------------------------
 def cmd_ui(args: argparse.Namespace) -> int:
-    from edge.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"{args.config}: invalid config:", file=sys.stderr)
-        for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return EX_CONFIG
     setup_logging(args.log_format or cfg.logging.format, cfg.logging.level)
     try:

@@ -195,3 +195,32 @@ def test_preview_is_small_drawn_and_rate_limited() -> None:
         assert len(sent) == 1 and feed.failed == 0
     finally:
         feed.close()
+
+
+def test_cli_ui_user_and_startup_errors(tmp_path: Path, tiny_package: Path) -> None:
+    """`edge ui-user` hashes; `edge ui` exits 78 (no restart loop) naming the bad config or users file."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.daemon_proc import ROOT
+
+    def edge(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edge", *args], cwd=ROOT, input=stdin, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    users = tmp_path / "users"
+    r = edge("ui-user", "--users", str(users), "--password-stdin", "alice", stdin="long enough\n")
+    assert r.returncode == 0 and read_users(users)["alice"].startswith("scrypt$")
+    assert edge("ui-user", "--users", str(users), "--password-stdin", "bob", stdin="short\n").returncode == 1
+    data = station(tmp_path, tiny_package, None, {"type": "synthetic"}, ui={"port": 0, "users_file": str(users),
+                                                                              "colour": "red"})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    r = edge("ui", "--config", str(tmp_path / "bad.yaml"))
+    assert r.returncode == 78 and "ui.colour" in r.stderr
+    del data["ui"]["colour"]
+    (tmp_path / "users").write_text("alice:not-a-hash\n")
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(data))
+    r = edge("ui", "--config", str(tmp_path / "ok.yaml"))
+    assert r.returncode == 78 and f"{users}:1" in r.stderr
