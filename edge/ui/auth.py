@@ -12,13 +12,17 @@ page on another site cannot make a logged-in reviewer's browser post a review.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "edge_ui_session"
 CSRF_COOKIE = "edge_ui_csrf"
@@ -72,7 +76,8 @@ def read_users(path: Path) -> dict[str, str]:
 
 
 def add_user(path: Path, name: str, password: str) -> None:
-    """Append or replace one user's line; the file is rewritten atomically with mode 0600."""
+    """Append or replace one user's line; the file is rewritten atomically (new: mode 0600; else its mode
+    and owner are kept)."""
     if not NAME_RE.match(name):
         raise AuthError(f"user name {name!r}: use 1-64 letters, digits or _ . @ -")
     if len(password) < 8:
@@ -83,6 +88,11 @@ def add_user(path: Path, name: str, password: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write("".join(f"{u}:{h}\n" for u, h in users.items()))
+        if path.exists():  # keep the mode and group an admin gave it (e.g. root:edge-inspect 0640)
+            st = path.stat()
+            os.fchmod(f.fileno(), st.st_mode & 0o777)
+            with contextlib.suppress(PermissionError):
+                os.fchown(f.fileno(), st.st_uid, st.st_gid)
     tmp.replace(path)
 
 
@@ -128,7 +138,11 @@ class Auth:
                                                                                         self.token.encode()):
             return TOKEN_USER
         if self.users_file is not None and NAME_RE.match(name):
-            stored = read_users(self.users_file).get(name)
+            try:
+                stored = read_users(self.users_file).get(name)
+            except AuthError as e:  # edited into a broken state while running: nobody logs in, and it says why
+                log.error("login refused: %s", e)
+                return None
             if stored is not None and check_password(password, stored):
                 return name
             if stored is None:

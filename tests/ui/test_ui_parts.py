@@ -85,6 +85,11 @@ def test_users_tokens_cookies_and_csrf(tmp_path: Path) -> None:
     assert other.reviewer(cookie) is None  # another station's key
     assert auth.csrf_ok("c1", auth.csrf_token("c1")) and not auth.csrf_ok("c2", auth.csrf_token("c1"))
     assert not auth.csrf_ok(None, None)
+    users.chmod(0o640)
+    add_user(users, "bob", "another password")
+    assert users.stat().st_mode & 0o777 == 0o640  # an admin's mode survives an edit
+    users.write_text("alice:broken\n")  # broken while running: nobody logs in, nothing crashes
+    assert auth.login("alice", "new password") is None
     (tmp_path / "bad").write_text("alice:plaintext\n")
     with pytest.raises(AuthError, match="bad:1"):
         Auth(os.urandom(32), tmp_path / "bad")
