@@ -9,6 +9,7 @@ a second line of defence should anything ever slip through the escaping.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -53,7 +54,8 @@ def parse_time(value: str | None, field: str) -> float | None:
     if not value:
         return None
     try:
-        return datetime.fromisoformat(value).replace(tzinfo=timezone.utc).timestamp()
+        when = datetime.fromisoformat(value)
+        return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
     except ValueError:
         raise HTTPException(400, f"{field}: expected a date and time like 2026-01-31T08:00, got {value[:40]!r}") from None
 
@@ -82,7 +84,7 @@ def create_app(store: Store, listener: StationListener, auth: Auth, evidence: Ev
         if request.method == "POST" and not request.headers.get("content-type", "").startswith(
                 "application/x-www-form-urlencoded"):  # the forms' own token is checked by csrf_form()
             return HTMLResponse("refused: POST takes form data only", 415)
-        if request.method != "POST" and login_to_view and reviewer(request) is None and not request.url.path.startswith(("/login", "/static")):
+        if request.method != "POST" and login_to_view and reviewer(request) is None and not request.url.path.startswith(("/login", "/static", "/healthz")):
             return RedirectResponse("/login", 303)
         response: Response = await call_next(request)
         response.headers.update({"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
@@ -192,7 +194,7 @@ def create_app(store: Store, listener: StationListener, auth: Auth, evidence: Ev
     # -- line health -------------------------------------------------------------------------------
     @app.get("/health", response_class=HTMLResponse)
     async def health(request: Request, hours: float = 8.0) -> HTMLResponse:
-        hours = min(max(hours, 0.1), 24 * 7)
+        hours = min(max(hours, 0.1), 24 * 7) if math.isfinite(hours) else 8.0
         data = store.health(time.time() - hours * 3600, bucket_s=max(60.0, hours * 3600 / 48))
         return render(request, "health.html", hours=hours, data=data, alarms=store.alarm_history(),
                       station=listener.station_state())

@@ -192,6 +192,10 @@ def test_gallery_filters(page: Station, browser: webdriver.Chrome) -> None:
     assert "No parts match" in browser.find_element(By.ID, "gallery").text
     browser.get(page.url + "/parts?since=2000-01-01T00:00&until=2000-01-02T00:00")
     assert browser.find_element(By.ID, "count").text.startswith("0 part(s)")
+    status, body = page.get("/parts?since=yesterday")
+    assert status == 400 and b"since: expected a date and time" in body
+    assert page.get("/parts?verdict=maybe")[0] == 400
+    assert page.get("/health?hours=nan")[0] == 200
     browser.get(page.url + "/health")
     assert browser.find_elements(By.CSS_SELECTOR, "svg.chart rect.bar-fail")
     browser.save_screenshot(str(page.shots / "health.png"))
