@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_S = 0.2
 PREVIEW_MAX_BYTES = 1 << 20
+_EVENT_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _REQUIRED = ("event_id", "part_id", "capture_ts", "verdict", "image", "model", "station")
 
 
@@ -43,8 +45,10 @@ def check_result(event: Any) -> str | None:
         return f"missing {missing}"
     if event["verdict"] not in ("pass", "fail", "error"):
         return f"unknown verdict {event['verdict']!r}"
-    if not isinstance(event["part_id"], str) or not isinstance(event["event_id"], str) or len(event["event_id"]) > 64:
+    if not isinstance(event["part_id"], str) or not isinstance(event["event_id"], str):
         return "part_id/event_id not strings"
+    if not _EVENT_ID.match(event["event_id"]):  # it goes into URLs and file names: the schema's uuid form only
+        return f"event_id {event['event_id'][:80]!r} is not a uuid"
     if not isinstance(event["capture_ts"], int | float) or not isinstance(event["image"], dict) \
             or not isinstance(event["model"], dict):
         return "capture_ts/image/model of the wrong type"
