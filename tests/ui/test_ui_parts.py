@@ -233,3 +233,33 @@ def test_cli_ui_user_and_startup_errors(tmp_path: Path, tiny_package: Path) -> N
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump(data))
     r = edge("ui", "--config", str(tmp_path / "ok.yaml"))
     assert r.returncode == 78 and f"{users}:1" in r.stderr
+
+
+def test_drift_alarm_goes_out_on_mqtt_and_into_the_history(tmp_path: Path, broker: Broker,
+                                                           tiny_package: Path) -> None:
+    """A lens going soft: sharpness falls, the page raises drift_sharpness on <base>/alarm for dashboards."""
+    from edge.ui.listener import StationListener
+
+    cfg = validate_config(station(tmp_path, tiny_package, broker, {"type": "synthetic"},
+                                  ui={"drift": {"warmup_parts": 10, "alpha": 0.3}}))
+    store = Store(tmp_path / "ui.sqlite3")
+    listener = StationListener(cfg, store)
+    sub = Subscriber(broker, [f"{BASE}/alarm"])
+    listener.start()
+    try:
+        assert listener.subscribed.wait(10)
+        for i in range(40):
+            ev = event(100 + i, "pass")
+            ev["image_quality"]["sharpness"] = 500.0 if i < 15 else 50.0
+            sub.publish(f"{BASE}/result", json.dumps(ev))
+        assert sub.wait_for(lambda ms: any(json.loads(m.payload).get("alarm") == DRIFT_SHARPNESS for m in ms), 15)
+        alarm = json.loads(sub.on(f"{BASE}/alarm")[0].payload)
+        assert alarm["state"] == "raised" and alarm["source"] == "ui" and "baseline 500.0" in alarm["message"]
+        deadline = time.monotonic() + 5
+        while not store.alarm_history() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.alarm_history()[0]["alarm"] == DRIFT_SHARPNESS
+        assert DRIFT_SHARPNESS in listener.station_state()["alarms"]
+    finally:
+        sub.close()
+        listener.stop()
