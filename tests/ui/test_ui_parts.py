@@ -167,6 +167,7 @@ def test_reviews_stored_while_the_broker_is_down_are_sent_after(tmp_path: Path, 
 
 def test_the_page_does_not_import_the_pipeline() -> None:
     """A crash or a stall of the page must not be able to touch inspection: no pipeline code in its process."""
+    pytest.importorskip("fastapi", reason="needs the ui extra")
     import subprocess
     import sys
 
@@ -208,6 +209,7 @@ def test_preview_is_small_drawn_and_rate_limited() -> None:
 
 def test_cli_ui_user_and_startup_errors(tmp_path: Path, tiny_package: Path) -> None:
     """`edge ui-user` hashes; `edge ui` exits 78 (no restart loop) naming the bad config or users file."""
+    pytest.importorskip("fastapi", reason="needs the ui extra")
     import subprocess
     import sys
 
