@@ -451,7 +451,7 @@ class FrameFlow:
         event_id = event_id_for(self.station_key, part_id, frame.meta.get("trigger_ts", frame.capture_ts))
         evidence, evidence_status = None, None
         if self.preview is not None:  # rate-limited, one slot, its own thread (edge.preview)
-            self.preview.offer(frame.image, outcome.mask, outcome.regions, outcome.verdict, job.offset)
+            self.preview.offer(frame.image, outcome.mask, outcome.regions, outcome.verdict, job.offset, event_id)
         if with_evidence and self.evidence is not None:  # handed to the background writer: never waits for the disk
             evidence, evidence_status = self.evidence.offer(event_id, frame.capture_ts, frame.image, outcome.mask,
                                                             outcome.regions, outcome.verdict, job.offset)

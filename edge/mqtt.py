@@ -250,10 +250,15 @@ class MqttSink:
             body = {**stats, "ts": round(time.time(), 3)}
             self._client.publish(self.topic_stats, json.dumps(body, default=str, separators=(",", ":")), qos=0)
 
-    def publish_preview(self, jpeg: bytes) -> None:
-        """QoS 0 JPEG on /preview for the station page (edge.preview); skipped while offline."""
+    def publish_preview(self, jpeg: bytes, event_id: str = "") -> None:
+        """QoS 0 JPEG on /preview for the station page (edge.preview); skipped while offline. MQTT 5 names the
+        part's event in a user property, so the page can tell whether the preview is the part it shows."""
         if self._connected:
-            self._client.publish(self.topic_preview, jpeg, qos=0)
+            props = None
+            if self._v5 and event_id:
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = [("event_id", event_id)]
+            self._client.publish(self.topic_preview, jpeg, qos=0, properties=props)
 
     def update_status(self, status_payload: dict[str, Any]) -> None:
         """Replace the birth message (e.g. after a model swap) and republish it retained."""

@@ -55,9 +55,9 @@ def render_preview(image: np.ndarray, mask: np.ndarray | None, regions: Sequence
 
 
 class PreviewFeed:
-    """offer() from the result path; `publish(jpeg_bytes)` runs on the feed's own thread."""
+    """offer() from the result path; `publish(jpeg_bytes, event_id)` runs on the feed's own thread."""
 
-    def __init__(self, rate_hz: float, publish: Callable[[bytes], Any]) -> None:
+    def __init__(self, rate_hz: float, publish: Callable[[bytes, str], Any]) -> None:
         self.period = 1.0 / rate_hz
         self._publish = publish
         self._next = 0.0
@@ -69,14 +69,14 @@ class PreviewFeed:
         self._thread.start()
 
     def offer(self, image: np.ndarray | None, mask: np.ndarray | None, regions: Sequence[Region], verdict: str,
-              offset: tuple[int, int] = (0, 0)) -> None:
+              offset: tuple[int, int] = (0, 0), event_id: str = "") -> None:
         """Take this part if a preview is due; never blocks, never copies."""
         now = time.monotonic()
         if image is None or now < self._next:
             return
         self._next = now + self.period
         with self._cond:
-            self._slot = (image, mask, list(regions), verdict, offset)
+            self._slot = (event_id, image, mask, list(regions), verdict, offset)
             self._cond.notify()
 
     def _run(self) -> None:
@@ -88,7 +88,7 @@ class PreviewFeed:
                 if self._closed or job is None:
                     return
             try:
-                self._publish(render_preview(*job))
+                self._publish(render_preview(*job[1:]), job[0])
                 self.sent += 1
             except Exception:  # a preview is never worth stopping anything for
                 self.failed += 1

@@ -104,7 +104,7 @@ def create_app(store: Store, listener: StationListener, auth: Auth, evidence: Ev
     # -- live view ---------------------------------------------------------------------------------
     def live_context() -> dict[str, Any]:
         return {"part": listener.latest or store.latest(), "station": listener.station_state(), "now": time.time(),
-                "preview_seq": listener.preview_seq}
+                "preview_seq": listener.preview_seq, "preview_event": listener.preview_event}
 
     @app.get("/", response_class=HTMLResponse)
     async def live(request: Request) -> HTMLResponse:

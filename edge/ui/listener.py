@@ -76,6 +76,7 @@ class StationListener:
         self.latest: dict[str, Any] | None = None  # newest result seen, before it is indexed
         self.preview: bytes | None = None  # newest JPEG on <base>/preview (edge.preview), memory only
         self.preview_seq = 0
+        self.preview_event = ""  # the event the preview shows (MQTT 5 user property), "" if unknown
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="ui-index", daemon=True)
         self.drift = DriftWatch(cfg.ui.drift, self._drift_alarm)
@@ -169,8 +170,10 @@ class StationListener:
         kind = msg.topic.rsplit("/", 1)[-1]
         if kind == "preview":  # binary: a JPEG from edge.preview
             if msg.payload[:2] == b"\xff\xd8" and len(msg.payload) <= PREVIEW_MAX_BYTES:
+                props = dict(getattr(msg.properties, "UserProperty", None) or [])
                 with self._lock:
                     self.preview, self.preview_seq = bytes(msg.payload), self.preview_seq + 1
+                    self.preview_event = str(props.get("event_id", ""))
             else:
                 self.dropped += 1
             return

@@ -194,15 +194,15 @@ def test_preview_is_small_drawn_and_rate_limited() -> None:
     y, x = int(1050 * PREVIEW_SIDE / 2448), int(1250 * PREVIEW_SIDE / 2448)
     b, g, r = (int(v) for v in img[y, x])
     assert r > g + 40 and r > b + 40  # the defect is tinted red
-    sent: list[bytes] = []
-    feed = PreviewFeed(rate_hz=0.001, publish=sent.append)  # one per 1000 s: only the first offer is taken
+    sent: list[tuple[bytes, str]] = []
+    feed = PreviewFeed(rate_hz=0.001, publish=lambda jpeg, eid: sent.append((jpeg, eid)))  # one per 1000 s
     try:
-        for _ in range(50):
-            feed.offer(frame, mask, [], "fail")
+        for i in range(50):  # only the first offer is taken
+            feed.offer(frame, mask, [], "fail", event_id=f"e{i}")
         deadline = time.monotonic() + 10
         while not sent and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(sent) == 1 and feed.failed == 0
+        assert [eid for _, eid in sent] == ["e0"] and feed.failed == 0
     finally:
         feed.close()
 
