@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,17 +128,28 @@ def test_drift_alarms_raise_once_and_clear() -> None:
     assert sorted(calls[2:]) == [(DRIFT_FAIL_RATE, False), (DRIFT_SHARPNESS, False)]
 
 
-def test_reviews_stored_while_the_broker_is_down_are_sent_after(tmp_path: Path, broker: Broker,
-                                                                tiny_package: Path) -> None:
+@contextmanager
+def page_client(tmp_path: Path, broker: Broker, package: Path, topic: str,
+                **ui: Any) -> Iterator[tuple[Any, Store, Subscriber]]:
+    """The page's MQTT side (StationListener + its index), subscribed, and a test client on <base>/<topic>."""
     from edge.ui.listener import StationListener
 
-    cfg = validate_config(station(tmp_path, tiny_package, broker, {"type": "synthetic"}))
+    cfg = validate_config(station(tmp_path, package, broker, {"type": "synthetic"}, ui=ui))
     store = Store(tmp_path / "ui.sqlite3")
     listener = StationListener(cfg, store)
-    sub = Subscriber(broker, [f"{BASE}/review"])
+    sub = Subscriber(broker, [f"{BASE}/{topic}"])
     listener.start()
     try:
         assert listener.subscribed.wait(10)
+        yield listener, store, sub
+    finally:
+        sub.close()
+        listener.stop()
+
+
+def test_reviews_stored_while_the_broker_is_down_are_sent_after(tmp_path: Path, broker: Broker,
+                                                                tiny_package: Path) -> None:
+    with page_client(tmp_path, broker, tiny_package, "review") as (listener, store, sub):
         sub.publish(f"{BASE}/result", json.dumps(event(7)))
         sub.publish(f"{BASE}/result", b"\xff not json")  # hostile input is dropped, the client goes on
         sub.publish(f"{BASE}/result", json.dumps({**event(8), "event_id": "../../login"}))
@@ -160,9 +173,6 @@ def test_reviews_stored_while_the_broker_is_down_are_sent_after(tmp_path: Path, 
         while store.unpublished() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert store.unpublished() == []
-    finally:
-        sub.close()
-        listener.stop()
 
 
 def test_the_page_does_not_import_the_pipeline() -> None:
@@ -240,16 +250,8 @@ def test_cli_ui_user_and_startup_errors(tmp_path: Path, tiny_package: Path) -> N
 def test_drift_alarm_goes_out_on_mqtt_and_into_the_history(tmp_path: Path, broker: Broker,
                                                            tiny_package: Path) -> None:
     """A lens going soft: sharpness falls, the page raises drift_sharpness on <base>/alarm for dashboards."""
-    from edge.ui.listener import StationListener
-
-    cfg = validate_config(station(tmp_path, tiny_package, broker, {"type": "synthetic"},
-                                  ui={"drift": {"warmup_parts": 10, "alpha": 0.3}}))
-    store = Store(tmp_path / "ui.sqlite3")
-    listener = StationListener(cfg, store)
-    sub = Subscriber(broker, [f"{BASE}/alarm"])
-    listener.start()
-    try:
-        assert listener.subscribed.wait(10)
+    drift = {"warmup_parts": 10, "alpha": 0.3}
+    with page_client(tmp_path, broker, tiny_package, "alarm", drift=drift) as (listener, store, sub):
         for i in range(40):
             ev = event(100 + i, "pass")
             ev["image_quality"]["sharpness"] = 500.0 if i < 15 else 50.0
@@ -262,6 +264,3 @@ def test_drift_alarm_goes_out_on_mqtt_and_into_the_history(tmp_path: Path, broke
             time.sleep(0.05)
         assert store.alarm_history()[0]["alarm"] == DRIFT_SHARPNESS
         assert DRIFT_SHARPNESS in listener.station_state()["alarms"]
-    finally:
-        sub.close()
-        listener.stop()
