@@ -12,6 +12,7 @@ set -euo pipefail
 
 readonly SERVICE_USER=edge-inspect
 readonly UNIT_NAME=edge-inspect@.service
+readonly UI_UNIT_NAME=edge-ui@.service
 # Station names become unit instance names, MQTT topic levels and file names: keep them plain.
 readonly STATION_RE='^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$'
 
@@ -21,6 +22,7 @@ ACTION=install
 PURGE=0
 SYSTEMD=1
 VENV=1
+WITH_UI=0
 WHEEL_DIR=
 PYTHON=python3
 MODEL_SRC=
@@ -46,6 +48,8 @@ Usage: install.sh [options]
   --prefix ROOT          install under ROOT instead of / (no useradd/chown/systemctl)
   --no-systemd           do not call systemctl (image builds, chroots)
   --no-venv              do not create/update the virtual environment
+  --with-ui              also the station page: the venv gets the `ui` extra and each --station
+                         also enables edge-ui@NAME.service (docs/station-page.md)
   --wheel-dir DIR        offline install: pip --no-index --find-links DIR
   --python PY            interpreter for the venv (default python3, needs >= 3.10)
   --config-template F    station config template (default configs/edge/example.yaml)
@@ -73,6 +77,7 @@ while [[ $# -gt 0 ]]; do
         --prefix) [[ $# -ge 2 ]] || die "--prefix needs a folder"; ROOT=$2; shift ;;
         --no-systemd) SYSTEMD=0 ;;
         --no-venv) VENV=0 ;;
+        --with-ui) WITH_UI=1 ;;
         --wheel-dir) [[ $# -ge 2 ]] || die "--wheel-dir needs a folder"; WHEEL_DIR=$2; shift ;;
         --python) [[ $# -ge 2 ]] || die "--python needs an interpreter"; PYTHON=$2; shift ;;
         --config-template) [[ $# -ge 2 ]] || die "--config-template needs a file"; CONFIG_TEMPLATE=$2; shift ;;
@@ -166,7 +171,11 @@ install_venv() {
         pip_args+=(--no-index --find-links "$WHEEL_DIR")
     fi
     # The plain project install is the edge runtime only: no [train] extra, so no torch.
-    "$venv/bin/python" -m pip install "${pip_args[@]}" "$REPO"
+    if [[ $WITH_UI -eq 1 ]]; then
+        "$venv/bin/python" -m pip install "${pip_args[@]}" "${REPO}[ui]"
+    else
+        "$venv/bin/python" -m pip install "${pip_args[@]}" "$REPO"
+    fi
     "$venv/bin/python" - <<'EOF' || die "the venv is not a clean edge install (see above)"
 import importlib.util, sys
 import edge  # noqa: F401  (the package itself must import)
@@ -178,15 +187,19 @@ EOF
 
 install_unit() {
     install -m 0644 "$REPO/deploy/$UNIT_NAME" "$ROOT$UNIT_DIR/$UNIT_NAME"
+    install -m 0644 "$REPO/deploy/$UI_UNIT_NAME" "$ROOT$UNIT_DIR/$UI_UNIT_NAME"  # enabled only --with-ui
     install -m 0644 "$REPO/deploy/README.md" "$ROOT$OPT/share/README.md"
     run_systemctl daemon-reload
 }
 
-# metrics.port of each given config (stations on one PC each need their own port).
-metrics_ports() {
-    awk '/^[A-Za-z_][A-Za-z0-9_]*:/ { section = $0; sub(/:.*/, "", section) }
-         section == "metrics" && /^[ \t]+port:/ { print $2 }' "$@"
+# <section>.port of each given config (stations on one PC each need their own ports).
+section_port() {  # section config...
+    local section=$1
+    shift
+    awk -v want="$section" '/^[A-Za-z_][A-Za-z0-9_]*:/ { section = $0; sub(/:.*/, "", section) }
+         section == want && /^[ \t]+port:/ { print $2 }' "$@"
 }
+metrics_ports() { section_port metrics "$@"; }
 
 # A metrics port for a new station: the template's, or one above the highest already taken.
 next_metrics_port() {  # template existing-config...
@@ -202,8 +215,8 @@ next_metrics_port() {  # template existing-config...
 # other path read-only).
 # Comments survive; a password_file/password_env value is commented out because the unit
 # hands the password over as the systemd credential `mqtt-password`.
-render_config() {  # template station metrics-port > config
-    awk -v station="$2" -v model="$MODELS/current" -v state="$STATE/$2" -v port="$3" '
+render_config() {  # template station metrics-port ui-port > config
+    awk -v station="$2" -v model="$MODELS/current" -v state="$STATE/$2" -v port="$3" -v uiport="$4" '
         function set(line, value,   c) {  # keep the key, its indent and a trailing comment
             c = index(line, " #"); match(line, /^[ \t]*[A-Za-z_]+:/)
             return substr(line, 1, RLENGTH) " " value (c ? "  " substr(line, c + 1) : "")
@@ -213,6 +226,7 @@ render_config() {  # template station metrics-port > config
         section == "model" && /^[ \t]+path:/ { print set($0, model); modeled = 1; next }
         /^state_dir:/ { print set($0, state); stated = 1; next }
         section == "metrics" && /^[ \t]+port:/ { print set($0, port); next }
+        section == "ui" && /^[ \t]+port:/ { print set($0, uiport); next }
         section == "source" && /^[ \t]+type:/ { source_type = $2 }
         section == "source" && source_type == "folder" && /^[ \t]+path:/ { print set($0, state "/incoming"); next }
         section == "mqtt" && /^[ \t]+password_(file|env):/ && !/:[ \t]*(null|~)?[ \t]*(#.*)?$/ {
@@ -226,7 +240,7 @@ render_config() {  # template station metrics-port > config
 }
 
 install_station() {
-    local name=$1 cfg=$ETC/$1.yaml pw=$ETC/$1.mqtt-password tmp port others
+    local name=$1 cfg=$ETC/$1.yaml pw=$ETC/$1.mqtt-password tmp port others template_port ui_port
     mkdir_mode 0750 "$SERVICE_USER:$SERVICE_USER" "$STATE/$name"
     if [[ -e $ROOT$cfg ]]; then
         say "keeping existing $cfg"
@@ -234,9 +248,15 @@ install_station() {
         [[ -f $CONFIG_TEMPLATE ]] || die "config template $CONFIG_TEMPLATE not found (use --config-template)"
         others=("$ROOT$ETC"/*.yaml)
         [[ -e ${others[0]} ]] || others=()
-        port=$(next_metrics_port "$(metrics_ports "$CONFIG_TEMPLATE")" "${others[@]}")
+        template_port=$(metrics_ports "$CONFIG_TEMPLATE")
+        port=$(next_metrics_port "$template_port" "${others[@]}")
+        # the station page's port moves with the metrics port (8088 beside 9108, 8089 beside 9109, ...)
+        ui_port=$(section_port ui "$CONFIG_TEMPLATE")
+        if [[ ${ui_port:-0} != 0 && ${template_port:-0} != 0 ]]; then
+            ui_port=$((ui_port + ${port:-9108} - template_port))
+        fi
         tmp=$(mktemp "$ROOT$ETC/.$name.yaml.XXXXXX")
-        render_config "$CONFIG_TEMPLATE" "$name" "${port:-9108}" >"$tmp" \
+        render_config "$CONFIG_TEMPLATE" "$name" "${port:-9108}" "${ui_port:-0}" >"$tmp" \
             || { rm -f "$tmp"; die "cannot render $cfg from $CONFIG_TEMPLATE"; }
         mv -T "$tmp" "$ROOT$cfg"
         say "wrote $cfg from $(basename "$CONFIG_TEMPLATE"): set station.line, source and mqtt.* for this station"
@@ -253,6 +273,9 @@ install_station() {
         say "no $pw yet: the unit will not start without it (one line, mode 0600, owner root)"
     fi
     run_systemctl enable "edge-inspect@$name.service"
+    if [[ $WITH_UI -eq 1 ]]; then
+        run_systemctl enable "edge-ui@$name.service"
+    fi
 }
 
 do_install() {
@@ -459,11 +482,11 @@ do_uninstall() {
         while read -r unit _; do
             [[ -n $unit ]] || continue
             systemctl disable --now "$unit" || true
-        done < <(systemctl list-units --all --type=service --plain --no-legend 'edge-inspect@*.service')
+        done < <(systemctl list-units --all --type=service --plain --no-legend 'edge-inspect@*.service' 'edge-ui@*.service')
     fi
     # Instances enabled but not loaded still have their wants links.
-    rm -f "$ROOT$UNIT_DIR"/*.wants/edge-inspect@*.service
-    rm -f "$ROOT$UNIT_DIR/$UNIT_NAME"
+    rm -f "$ROOT$UNIT_DIR"/*.wants/edge-inspect@*.service "$ROOT$UNIT_DIR"/*.wants/edge-ui@*.service
+    rm -f "$ROOT$UNIT_DIR/$UNIT_NAME" "$ROOT$UNIT_DIR/$UI_UNIT_NAME"
     rm -rf "$ROOT$OPT"
     run_systemctl daemon-reload
     if [[ $PURGE -eq 1 ]]; then

@@ -8,6 +8,8 @@
     python -m edge golden add|list|remove|test ...    the station's golden set (edge.cli_lifecycle)
     python -m edge promote|rollback --config S.yaml   switch the model store's links after a golden test
     python -m edge opcua-certs --out DIR              OPC UA certificates for the station and its PLC(s)
+    python -m edge ui --config station.yaml           the station page (needs the `ui` extra)
+    python -m edge ui-user --users FILE NAME          add or change a reviewer of the page
 
 Exit codes: 0 ok, 1 runtime failure (or an image that could not be inspected), 2 usage,
 78 bad config or bad model package. Heavy modules (OpenVINO) load only for the commands
@@ -114,15 +116,22 @@ def environment_warnings(cfg: Any) -> list[str]:
 
 
 # -- run ---------------------------------------------------------------------------------------------
-def cmd_run(args: argparse.Namespace) -> int:
+def load_or_report(path: str) -> Any:
+    """The station config, or None after printing every problem (the caller exits EX_CONFIG)."""
     from edge.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config)
+        return load_config(path)
     except ConfigError as e:
-        print(f"{args.config}: invalid config:", file=sys.stderr)
+        print(f"{path}: invalid config:", file=sys.stderr)
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return EX_CONFIG
     setup_logging(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
     from edge.daemon import run_pipeline  # OpenVINO loads here, after the config is known to be good
@@ -280,6 +289,41 @@ def cmd_opcua_certs(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+# -- station page -------------------------------------------------------------------------------------
+def cmd_ui(args: argparse.Namespace) -> int:
+    cfg = load_or_report(args.config)
+    if cfg is None:
+        return EX_CONFIG
+    setup_logging(args.log_format or cfg.logging.format, cfg.logging.level)
+    try:
+        from edge.ui.auth import AuthError
+        from edge.ui.server import serve
+    except ImportError as e:
+        print(f"error: the station page needs the `ui` extra (pip install 'defect-inspection[ui]'): {e}",
+              file=sys.stderr)
+        return EX_CONFIG
+    try:
+        return serve(cfg, host=args.host, port=args.port)
+    except AuthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EX_CONFIG
+
+
+def cmd_ui_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from edge.ui.auth import AuthError, add_user
+
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass(f"password for {args.name}: ")
+    try:
+        add_user(Path(args.users), args.name, password)
+    except (AuthError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EX_FAILURE
+    print(f"{args.users}: reviewer {args.name} set (scrypt hash; the page re-reads the file at each login)")
+    return EX_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge", description="Edge defect inspection runtime.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -328,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: this host name, localhost, 127.0.0.1)")
     o.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
     o.set_defaults(fn=cmd_opcua_certs)
+    u = sub.add_parser("ui", help="serve the station page (live view, parts, reviews, line health)")
+    u.add_argument("--config", "-c", required=True, help="station YAML (the page reads its mqtt, evidence and ui sections)")
+    u.add_argument("--host", help="override ui.host")
+    u.add_argument("--port", type=int, help="override ui.port")
+    u.add_argument("--log-format", choices=["text", "json"], help="override logging.format")
+    u.set_defaults(fn=cmd_ui)
+    w = sub.add_parser("ui-user", help="add or change a reviewer in the page's users file (scrypt-hashed)")
+    w.add_argument("--users", required=True, help="users file (ui.users_file), created with mode 0600")
+    w.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    w.add_argument("name")
+    w.set_defaults(fn=cmd_ui_user)
     return p
 
 
@@ -335,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "opcua-certs" and not args.client:
         args.client = ["plc"]
-    if args.command != "run":
+    if args.command not in ("run", "ui"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     code: int = args.fn(args)
     return code

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge import DECODER_MAX_PIXELS
+from edge.ui.settings import UiConfig
 
 TOPIC_SAFE = r"^[A-Za-z0-9_.-]+$"  # no '/', '+', '#' or spaces: these end up inside MQTT topics
 CREDENTIAL_NAME = "mqtt-password"
@@ -407,6 +408,7 @@ class Config(_Model):
     selftest: SelfTestConfig = Field(default_factory=SelfTestConfig, description="Golden-sample self-test.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics, health and stats.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Daemon logs.")
+    ui: UiConfig = Field(default_factory=UiConfig, description="The station page (`python -m edge ui`), not the daemon.")
     state_dir: Path = Field(description="Writable folder for the outbox, sequence numbers and evidence.")
     recipes: dict[Annotated[str, Field(pattern=TOPIC_SAFE, max_length=64)], RulesConfig] = Field(
         default_factory=dict, description="Named rule sets a trigger (OPC UA StartJob, or `recipe` in an MQTT "

@@ -24,6 +24,7 @@ from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
+from edge.preview import PreviewFeed
 from edge.recipes import Recipes
 from edge.selftest import SelfTester
 from edge.shadow import ShadowRunner, start_shadow
@@ -58,6 +59,7 @@ class Pipeline:
         self.sink: MqttSink | None = None
         self.server: MetricsServer | None = None
         self.evidence: EvidenceWriter | None = None
+        self.preview: PreviewFeed | None = None
         self._thinned = 0
         self.triggers: TriggerStore | None = None
         self.shadow: ShadowRunner | None = None
@@ -105,13 +107,16 @@ class Pipeline:
         self.selftest.gate(self.model, cfg.roi, "start")  # golden set disagrees -> SelfTestFailed (exit 78)
         self.source = make_source(cfg.source, cfg.state_dir, lambda: self.model.inferencer.spec)
         self.source.open()  # SourceError (missing folder/file) -> exit 78
+        if cfg.ui.preview_hz > 0 and self.sink is not None:  # the station page's live view (edge.preview)
+            self.preview = PreviewFeed(cfg.ui.preview_hz, self.sink.publish_preview)
         self.flow = FrameFlow(
             station=self.station, result_topic=f"{cfg.base_topic}/result", source=self.source, gate=self.gate,
             runtime=Runtime(self.model, cfg.frame_checks, cfg.roi), outbox=self.outbox, sink=self.sink,
             alarms=self.alarms, metrics=self.metrics, evidence=self.evidence, seq=self.seq, latency=self.latency,
             queue_size=cfg.pipeline.queue_size, observe_camera=cfg.source.type != "folder",
             max_queued_bytes=int(cfg.pipeline.max_queued_mb * (1 << 20)),
-            group_commit_ms=cfg.outbox.group_commit_ms, group_commit_max=cfg.outbox.group_commit_max)
+            group_commit_ms=cfg.outbox.group_commit_ms, group_commit_max=cfg.outbox.group_commit_max,
+            preview=self.preview)
         self.flow.shadow = self.shadow = start_shadow(cfg, self.sink, self.station, self.alarms.set)
         self.flow.recipe_model = recipes.model
         if cfg.opcua.enabled:  # before flow.start(): results of triggers recovered at start reach the PLC too
@@ -299,6 +304,8 @@ class Pipeline:
             self.source.close()
         if self.shadow is not None:  # its last pair counts are written and published
             self.shadow.close()
+        if self.preview is not None:
+            self.preview.close()
         if self.evidence is not None:  # what is queued is written (bounded: events already say "pending")
             self.evidence.close(timeout=max(1.0, deadline - time.monotonic()))
         if self.sink is not None:

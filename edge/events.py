@@ -85,6 +85,7 @@ def build_result_event(
     region_count: int | None = None,
     part_score: float | None = None,
     part_threshold: float | None = None,
+    image_quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble one result event (see edge/event.schema.json).
 
@@ -97,6 +98,7 @@ def build_result_event(
     and the score None for an error verdict). `rules_sha256` (edge.events.rules_hash) and the model's
     `package_sha256` (edge.package.content_hash) let an auditor prove which limits and which exact
     package judged the part.
+    and the score None for an error verdict). `image_quality` (edge.quality) is added only when given.
     """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
@@ -108,7 +110,7 @@ def build_result_event(
     if event_id is None:
         event_id = event_id_for(f"{st['line']}/{st['name']}", part_id, capture_ts)
     created = time.time() if created_ts is None else float(created_ts)
-    return {
+    event = {
         "schema_version": SCHEMA_VERSION,
         "event_id": event_id,
         "seq": int(seq),
@@ -134,6 +136,9 @@ def build_result_event(
         "evidence": evidence,
         "evidence_status": evidence_status,
     }
+    if image_quality is not None:
+        event["image_quality"] = dict(image_quality)
+    return event
 
 
 def _json_default(obj: Any) -> Any:

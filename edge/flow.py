@@ -35,6 +35,8 @@ from edge.mqtt import MqttSink
 from edge.outbox import Outbox
 from edge.postprocess import postprocess
 from edge.preprocess import FrameError
+from edge.preview import PreviewFeed
+from edge.quality import image_quality
 from edge.rules import BAD_FRAME, INFERENCE, INTERNAL, NON_FINITE, SELFTEST, STALE, decide
 from edge.sources import Frame, FrameSource, check_frame
 from edge.sources.gate import FrameGate
@@ -107,12 +109,14 @@ class FrameFlow:
                  runtime: Runtime, outbox: Outbox,
                  sink: MqttSink | None, alarms: AlarmTracker, metrics: Metrics, evidence: EvidenceWriter | None,
                  seq: SeqStore, latency: LatencyWindow, queue_size: int, observe_camera: bool,
-                 max_queued_bytes: int, group_commit_ms: float, group_commit_max: int) -> None:
+                 max_queued_bytes: int, group_commit_ms: float, group_commit_max: int,
+                 preview: PreviewFeed | None = None) -> None:
         self.station, self.station_key = station, f"{station['line']}/{station['name']}"
         self.result_topic, self.source, self.gate = result_topic, source, gate
         self.runtime = runtime
         self.outbox, self.sink, self.alarms, self.metrics = outbox, sink, alarms, metrics
         self.evidence, self.seq, self.latency = evidence, seq, latency
+        self.preview = preview
         self.observe_camera = observe_camera
         # Group commit: results ready together share one outbox transaction (one fsync); 1 = one per part.
         self.group_commit_s, self.group_commit_max = group_commit_ms / 1000.0, max(1, group_commit_max)
@@ -480,6 +484,8 @@ class FrameFlow:
         # A triggered part's id is keyed by its trigger, so a restart's error result for it has the same id.
         event_id = event_id_for(self.station_key, part_id, frame.meta.get("trigger_ts", frame.capture_ts))
         evidence, evidence_status = None, None
+        if self.preview is not None:  # rate-limited, one slot, its own thread (edge.preview)
+            self.preview.offer(frame.image, outcome.mask, outcome.regions, outcome.verdict, job.offset, event_id)
         if with_evidence and self.evidence is not None:  # handed to the background writer: never waits for the disk
             evidence, evidence_status = self.evidence.offer(event_id, frame.capture_ts, frame.image, outcome.mask,
                                                             outcome.regions, outcome.verdict, job.offset)
@@ -502,7 +508,8 @@ class FrameFlow:
             model=model.info, rules=model.rules_dict, timings_ms=timings,
             error=job.error, evidence=evidence, evidence_status=evidence_status, event_id=event_id,
             part_score=outcome.part_score,
-            part_threshold=model.params.part_threshold)
+            part_threshold=model.params.part_threshold,
+            image_quality=image_quality(frame.image) if frame.image is not None and job.error is None else None)
         payload = encode(event)
         if len(payload) > EVENT_MAX_BYTES:
             raise ValueError(f"result event is {len(payload)} bytes > {EVENT_MAX_BYTES}")

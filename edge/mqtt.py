@@ -106,6 +106,7 @@ class MqttSink:
         base = base_topic.rstrip("/")
         self.topic_result, self.topic_status = f"{base}/result", f"{base}/status"
         self.topic_alarm, self.topic_stats, self.topic_trigger = f"{base}/alarm", f"{base}/stats", f"{base}/trigger"
+        self.topic_preview = f"{base}/preview"
         self._status = dict(status_payload)
         self._base = base
         self._side_topics = {self.topic_alarm}  # QoS 1 side messages re-published after a reconnect
@@ -262,6 +263,16 @@ class MqttSink:
         if self._connected:
             body = {**stats, "ts": round(time.time(), 3)}
             self._client.publish(self.topic_stats, json.dumps(body, default=str, separators=(",", ":")), qos=0)
+
+    def publish_preview(self, jpeg: bytes, event_id: str = "") -> None:
+        """QoS 0 JPEG on /preview for the station page (edge.preview); skipped while offline. MQTT 5 names the
+        part's event in a user property, so the page can tell whether the preview is the part it shows."""
+        if self._connected:
+            props = None
+            if self._v5 and event_id:
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = [("event_id", event_id)]
+            self._client.publish(self.topic_preview, jpeg, qos=0, properties=props)
 
     def update_status(self, status_payload: dict[str, Any]) -> None:
         """Replace the birth message (e.g. after a model swap) and republish it retained."""

@@ -2,8 +2,8 @@
 # Idempotent setup of a fresh Debian/Ubuntu machine for development, the demo and the tests:
 # the Mosquitto broker (tests and the demo start their own instance), ffmpeg (a network camera
 # for the triggered-mode fault test), shellcheck (lints deploy/install.sh), a venv with the CPU
-# build of torch (pinned: a plain "torch" requirement can pull a multi-GB CUDA build), and
-# this project with its train + dev extras.
+# build of torch (pinned: a plain "torch" requirement can pull a multi-GB CUDA build), chromium +
+# chromium-driver (tests/ui), and this project with its train + dev + ui extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,8 @@ if need mosquitto mosquitto "the tests and the demo start their own broker"; the
 fi
 need ffmpeg ffmpeg "the triggered-mode fault test streams a network camera with it" || true
 need shellcheck shellcheck "tests/deploy lints deploy/install.sh" || true
+need chromium chromium "tests/ui drive the station page in a real headless browser" || true
+need chromedriver chromium-driver "Selenium drives chromium through it (no browser download at test time)" || true
 
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
@@ -37,7 +39,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   # CPU wheel of torch first; elsewhere: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[train,dev,opcua]"
+  .venv/bin/pip install -q -e ".[train,dev,opcua,ui]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

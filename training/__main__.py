@@ -1,4 +1,4 @@
-"""`python -m training {synth,train,evaluate,export,bench,tune,demo} ...`
+"""`python -m training {synth,train,evaluate,export,bench,tune,demo,review-export} ...`
 
 Each command lives in its own module with a `main(argv) -> exit code`; this file only picks
 one. Imports are lazy so that `python -m training synth` (numpy + OpenCV) never pays for, or
@@ -20,6 +20,7 @@ COMMANDS = {
     "bench": ("training.bench", "main", "latency / throughput of a model package"),
     "tune": ("training.tune", "main", "Optuna search over the training recipe"),
     "demo": ("training.demo", "main", "the whole product end to end on synthetic parts (scripts/demo.sh)"),
+    "review-export": ("training.review_export", "main", "reviewed parts from the station page -> training data"),
 }
 
 
@@ -56,7 +57,7 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+        lines = [f"  {name:<13} {help_}" for name, (_, _, help_) in COMMANDS.items()]
         print("usage: python -m training COMMAND [options]   (COMMAND --help for its options)\n\ncommands:\n"
               + "\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):

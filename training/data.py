@@ -288,6 +288,18 @@ def load_dataset(root: str | Path, strict: bool = False) -> Dataset:
     return Dataset(root, layout, ld.samples, ld.skipped, ld.warnings, ld.digests)
 
 
+def merge_datasets(base: Dataset, extra: Dataset) -> Dataset:
+    """The union of two checked datasets (e.g. the original data and `training review-export`'s
+    reviewed parts), for fine-tuning on both. Sample names must not clash: one name, one part."""
+    names = {s.name for s in base.samples}
+    clash = sorted(s.name for s in extra.samples if s.name in names)
+    if clash:
+        raise DataError(f"{extra.root}: {len(clash)} sample name(s) also in {base.root}, first {clash[0]!r}; "
+                        "rename them (review-export names end in the event id)")
+    return Dataset(base.root, base.layout, sorted(base.samples + extra.samples, key=lambda s: s.name),
+                   base.skipped + extra.skipped, base.warnings + extra.warnings, {**base._digests, **extra._digests})
+
+
 # --------------------------------------------------------------------------- split
 
 

@@ -34,6 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from training.demo_report import contact_sheet, print_summary, score
+from training.demo_review import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    make_reviewer,
+    page_available,
+    review_one,
+    start_page,
+    wait_page,
+)
 from training.demo_station import (
     LINE,
     STATION,
@@ -42,6 +51,7 @@ from training.demo_station import (
     DemoError,
     Listener,
     feed,
+    free_port,
     render_conveyor,
     station_yaml,
     stop_process,
@@ -49,7 +59,7 @@ from training.demo_station import (
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRAIN_CONFIG = REPO / "configs" / "train" / "synthetic-demo.yaml"
-OWNED = ("data", "run", "model", "conveyor", "state", "broker", "logs")  # recreated on every run
+OWNED = ("data", "run", "model", "conveyor", "state", "broker", "logs", "reviewed")  # recreated on every run
 
 
 class Interrupted(BaseException):
@@ -232,6 +242,8 @@ def _run(args: argparse.Namespace) -> int:
     hot.mkdir(parents=True)
     broker = Broker(out / "broker")
     daemon: subprocess.Popen[bytes] | None = None
+    page: subprocess.Popen[bytes] | None = None
+    review: dict[str, Any] = {"done": False, "why": "the station page did not run"}
     listener: Listener | None = None
     feeder: threading.Thread | None = None
     stop_feed = threading.Event()
@@ -245,7 +257,21 @@ def _run(args: argparse.Namespace) -> int:
         listener = Listener(broker.host, broker.port, base, truth, prog)
         prog.say(f"   subscribed to {base}/# (paho, MQTT 5, QoS 1)")
         station = out / "station.yaml"
-        station.write_text(station_yaml(out, model_dir, hot, broker.port))
+        ui_port = free_port()
+        with_page = page_available()
+        if with_page:
+            (out / "state").mkdir(parents=True, exist_ok=True)
+            make_reviewer(out / "state" / "ui-users")
+        station.write_text(station_yaml(out, model_dir, hot, broker.port, {"port": ui_port, "users_file": str(
+            out / "state" / "ui-users")} if with_page else None))
+        page_url = f"http://127.0.0.1:{ui_port}"
+        if with_page:
+            page = start_page(py, station, logs / "ui.log")
+            wait_page(page_url, page)
+            prog.say(f"   station page: {page_url}/  (python -m edge ui, log {logs / 'ui.log'}; "
+                     f"reviewer {DEMO_USER} / {DEMO_PASSWORD})")
+        else:
+            prog.say("   station page skipped: the `ui` extra is not installed (pip install -e '.[ui]')")
         with open(daemon_log, "wb") as dlog:
             daemon = subprocess.Popen([py, "-m", "edge", "run", "--config", str(station)], cwd=REPO,
                                       stdout=dlog, stderr=subprocess.STDOUT, start_new_session=True)
@@ -278,6 +304,9 @@ def _run(args: argparse.Namespace) -> int:
             prog.say(f"   !! only {len(listener.by_part)} of {len(parts)} verdicts arrived"
                      + (f"; the daemon exited with code {early}" if early is not None else " in time"))
 
+        if page is not None:
+            review = review_one(page_url, listener, truth, prog.say)
+
         # ------------------------------------------------------------------ 6 stop + summary
         prog.stage("summary", "stop the daemon (SIGTERM), summary and pictures")
         daemon_rc = stop_process(daemon, signal.SIGTERM, timeout=60)
@@ -289,6 +318,7 @@ def _run(args: argparse.Namespace) -> int:
         stop_feed.set()
         if feeder is not None:
             feeder.join(timeout=5)
+        stop_process(page, signal.SIGTERM, timeout=15)
         stop_process(daemon, signal.SIGTERM, timeout=30)
         if listener is not None:
             listener.close()
@@ -316,6 +346,17 @@ def _run(args: argparse.Namespace) -> int:
     for name, label in (("curves.png", "training curves"), ("val_grid.png", "validation grid")):
         path = out / "run" / name
         pictures[label] = str(path) if path.is_file() else None
+    if review["done"]:  # the loop's last step: reviewed parts -> a training dataset
+        rc = run_logged([py, "-m", "training", "review-export", "--state-dir", str(out / "state"),
+                         "--out", str(out / "reviewed")], logs / "review-export.log", prog)
+        review["export"] = str(out / "reviewed") if rc == 0 else f"failed (exit {rc}), log {logs / 'review-export.log'}"
+        prog.say(f"   review-export -> {review['export']}")
+        if (out / "run" / "best.pt").is_file():
+            prog.say(f"   fine-tune on it: python -m training train --init-from {out / 'run' / 'best.pt'} "
+                     f"--data {out / 'data'} --extra-data {out / 'reviewed'} --out RUN_DIR ...")
+        prog.say(f"   open the page again: {sys.executable} -m edge ui --config {out / 'station.yaml'}  -> {page_url}/ "
+                 "(the index and the review stay in state/ui.sqlite3; the demo's broker is gone, so it says "
+                 "'broker down')")
     package = {}
     with contextlib.suppress(OSError, ValueError):
         package = json.loads((model_dir / "package.json").read_text())
@@ -334,6 +375,7 @@ def _run(args: argparse.Namespace) -> int:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cpus": os.cpu_count(),
         "pictures": pictures,
+        "review": review,
         "logs": str(logs),
         "settings": {k: v for k, v in vars(args).items()},
     }

@@ -175,6 +175,7 @@ class Listener:
     alarms: list[dict[str, Any]] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     bad_payloads: int = 0
+    reviews: list[dict[str, Any]] = field(default_factory=list)  # from the station page, <base>/review
 
     def __post_init__(self) -> None:
         import paho.mqtt.client as mqtt
@@ -215,6 +216,9 @@ class Listener:
             with self.cond:
                 self.status = body
                 self.cond.notify_all()
+        elif kind == "review":
+            with self.cond:
+                self.reviews.append(body)
         elif kind == "alarm":
             with self.cond:
                 self.alarms.append(body)
@@ -272,8 +276,8 @@ class Listener:
 
 
 # ----------------------------------------------------------------------------------- station
-def station_yaml(out: Path, model: Path, hot: Path, port: int) -> str:
-    """The daemon's config for this demo (every key is checked by edge.config at start)."""
+def station_yaml(out: Path, model: Path, hot: Path, port: int, ui: dict[str, Any] | None = None) -> str:
+    """The daemon's config for this demo (every key is checked by edge.config at start); `ui`: the page's section."""
     cfg = {
         "station": {"line": LINE, "name": STATION},
         "source": {"type": "folder", "path": str(hot), "settle_s": 0.2, "poll_interval_s": 0.1},
@@ -287,6 +291,8 @@ def station_yaml(out: Path, model: Path, hot: Path, port: int) -> str:
         "pipeline": {"drain_timeout_s": 15},
         "state_dir": str(out / "state"),
     }
+    if ui:
+        cfg["ui"] = ui
     import yaml
 
     return ("# Written by `python -m training demo`; run by `python -m edge run --config <this file>`.\n"

@@ -311,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--grid", default=None, help="also save a validation picture grid (PNG)")
     ap.add_argument("--errors-picture", default=None, metavar="PNG",
                     help="also save a picture of every wrong part (missed defects and false alarms)")
+    ap.add_argument("--baseline", metavar="MODEL", help="also evaluate this model (e.g. the one in service) on the "
+                    "same parts and report both side by side, with the parts whose verdict the new model fixed or "
+                    "broke: the evidence before switching models (issue 17's review loop); the threshold "
+                    "overrides apply to --model only")
     ap.add_argument("--device", default="CPU", help="OpenVINO device for packages (default CPU)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -376,20 +380,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def compare(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """New against baseline on the same parts: metric deltas and the parts whose verdict changed."""
+    keys = [k for k, v in new.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            and isinstance(old.get(k), int | float) and k.startswith(("image_", "pixel_"))]
+    fixed: list[str] = []
+    broken: list[str] = []
+    for a, b in zip(new["per_image"], old["per_image"], strict=True):
+        if a["predicted"] != b["predicted"]:
+            (fixed if a["predicted"] == a["defective"] else broken).append(a["name"])
+    return {"baseline_model": old["model"], "baseline_version": old["model_version"],
+            "metrics": {k: {"baseline": old[k], "new": new[k], "delta": new[k] - old[k]} for k in keys},
+            "fixed": fixed, "broken": broken}
+
+
+def format_comparison(cmp: dict[str, Any]) -> str:
+    width = max((len(k) for k in cmp["metrics"]), default=6)
+    lines = [f"against baseline {cmp['baseline_model']} ({cmp['baseline_version']}):",
+             f"{'metric':<{width}}  baseline     new   delta", f"{'-' * width}  --------  ------  ------"]
+    for k, v in cmp["metrics"].items():
+        lines.append(f"{k:<{width}}  {v['baseline']:8.4f}  {v['new']:6.4f}  {v['delta']:+6.4f}")
+    lines.append(f"verdicts fixed by the new model: {len(cmp['fixed'])}, broken: {len(cmp['broken'])}"
+                 + (f" (broken: {', '.join(cmp['broken'][:10])})" if cmp["broken"] else ""))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m training evaluate`; 0 = done, 2 = unusable input (message, no traceback)."""
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
+        if args.baseline:
+            # the baseline as it runs in service: its own thresholds, no overrides, no pictures
+            old = run(argparse.Namespace(**{**vars(args), "model": args.baseline, "grid": None, "errors_picture": None,
+                                            "threshold": None, "min_area": None, "part_threshold": None}))
+            result["vs_baseline"] = compare(result, old)
         write_json_atomic(args.json, result)
     except (ValueError, OSError) as e:  # DataError, CheckpointError, PackageError, FrameError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
-    shown = {k: v for k, v in result.items() if k not in ("per_image", "warnings", "params", "by_category")}
+    shown = {k: v for k, v in result.items()
+             if k not in ("per_image", "warnings", "params", "by_category", "vs_baseline")}
     print(format_table(shown))
     print(format_errors(result["by_category"]))
+    if "vs_baseline" in result:
+        print(format_comparison(result["vs_baseline"]))
     print(f"wrote {args.json}")
     return 0
 

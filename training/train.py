@@ -1,7 +1,8 @@
 """Train the defect U-Net on full-resolution patches and write self-describing checkpoints.
 
     python -m training train --config configs/train/magnetic-tile.yaml --data DIR --out RUN_DIR \
-        [--time-budget MINUTES] [--epochs N] [--resume] [--init-from CKPT] [--seed S] [--tta] [--set K=V]
+        [--time-budget MINUTES] [--epochs N] [--resume] [--init-from CKPT] [--extra-data DIR] [--seed S] [--tta]
+        [--set K=V]
     torchrun --nproc_per_node 2 -m training train ...      # data-parallel on CPU (gloo)
 
 One loop, in order: setup, data, model, then per epoch: mine hard negatives, train steps,
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from edge.contract import InputSpec, PostprocessParams
 from edge.preprocess import scale_image, scale_mask
 from training.checkpoint import CheckpointError, CheckpointMeta, load_model, read_checkpoint, save_checkpoint
-from training.data import DataError, load_dataset, split_holdout
+from training.data import DataError, load_dataset, merge_datasets, split_holdout
 from training.losses import build_loss
 from training.patches import HardNegative, PatchDataset, mine_hard_negatives, mine_hard_positives, update_pool
 from training.recipe_auto import resolve_auto
@@ -82,8 +83,10 @@ class TrainResult:
     test_metrics: dict[str, Any] = field(default_factory=dict)  # best.pt on the held-out parts
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: str | Path | None = None) -> TrainResult:
-    """Run one training as configured; raises ConfigError/DataError/CheckpointError on bad input."""
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: str | Path | None = None,
+          extra_data: Sequence[str | Path] = ()) -> TrainResult:
+    """Run one training as configured; raises ConfigError/DataError/CheckpointError on bad input.
+    `extra_data`: more dataset folders joined to data.root before the split (e.g. reviewed parts)."""
     # ---------------------------------------------------------------- setup
     t_start = time.monotonic()  # a time budget covers data loading too
     d = setup_distributed()
@@ -101,6 +104,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
         raise ConfigError("no dataset: pass --data DIR (or set data.root in the config)")
     dataset = load_dataset(cfg.data.root, strict=cfg.data.strict)
     say(f"data: {cfg.data.root}: {dataset.summary()}")
+    for root in extra_data:
+        extra = load_dataset(root, strict=cfg.data.strict)
+        say(f"extra data: {root}: {extra.summary()}")
+        dataset = merge_datasets(dataset, extra)
     for path, reason in dataset.skipped[:5]:
         say(f"  skipped {path}: {reason}")
     split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
@@ -481,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, help="seed of split, patches and weights")
     ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     ap.add_argument("--init-from", metavar="CHECKPOINT", help="fine-tune: start from these weights")
+    ap.add_argument("--extra-data", action="append", default=[], metavar="DIR",
+                    help="another dataset joined to --data before the split, e.g. `training review-export` "
+                         "output (repeatable)")
     ap.add_argument("--tta", action="store_true", help="flip TTA in validation")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override any config field, e.g. --set optim.lr=0.001 (repeatable)")
@@ -506,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        train(cfg, args.out, resume=args.resume, init_from=args.init_from)
+        train(cfg, args.out, resume=args.resume, init_from=args.init_from, extra_data=args.extra_data)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

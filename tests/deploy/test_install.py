@@ -84,7 +84,7 @@ def test_install_twice_gives_the_same_tree(tmp_path: Path) -> None:
     u = parse_unit(UNIT.read_text())
     assert (root / one(u, "Service", "ReadOnlyPaths").lstrip("/")).is_dir()
     assert one(u, "Service", "ExecStart").startswith("/opt/edge-inspect/venv/")
-    ports = set()
+    ports, ui_ports = set(), set()
     for station in ("s3", "s4"):
         cfg_path = root / "etc/edge-inspect" / f"{station}.yaml"
         assert mode(cfg_path) == 0o640
@@ -95,7 +95,10 @@ def test_install_twice_gives_the_same_tree(tmp_path: Path) -> None:
         assert cfg.model.path == Path("/var/lib/edge-inspect/models/current")
         assert cfg.mqtt.password_file is None and cfg.mqtt.password_env is None  # credential is used
         ports.add(cfg.metrics.port)
+        ui_ports.add(cfg.ui.port)
     assert len(ports) == 2, "two stations on one PC need two metrics ports"
+    assert len(ui_ports) == 2 and 0 not in ui_ports, "...and two station pages"
+    assert (root / "etc/systemd/system/edge-ui@.service").read_bytes() == (REPO / "deploy/edge-ui@.service").read_bytes()
 
 
 def test_existing_config_is_kept_and_secrets_tightened(tmp_path: Path) -> None:

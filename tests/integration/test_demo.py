@@ -95,6 +95,11 @@ def test_station_part_on_tiny_package(tmp_path: Path, tiny_package: Path) -> Non
     assert "events lost        0" in r.stdout
     assert port_closed(broker_port(out))
     assert not leftovers(out)
+    if s["review"]["done"]:  # with the ui extra: one review through the page, on MQTT, exported
+        assert "<base>/review carried it" in r.stdout
+        assert (out / "reviewed" / "reviews.csv").read_text().count("\n") == 2  # header + the review
+    else:
+        assert s["review"]["why"] in ("the station page did not run", "no failed part")
 
 
 def test_failed_stage_exits_1_with_the_log(tmp_path: Path) -> None:

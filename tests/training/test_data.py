@@ -299,3 +299,19 @@ def test_holdout_split_is_disjoint_stratified_and_keeps_old_splits() -> None:
     assert split_holdout(samples, 0.2, 0.0, seed=5) == type(parts)(*split_dataset(samples, 0.2, 5), [])
     with pytest.raises(ValueError, match="must be < 1"):
         split_holdout(samples, 0.5, 0.5)
+
+
+def test_merge_datasets_joins_and_refuses_a_name_twice(tmp_path: Path) -> None:
+    from training.data import merge_datasets
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, names in ((a, ["p1", "p2"]), (b, ["p3"])):
+        (root / "images").mkdir(parents=True)
+        for n in names:
+            cv2.imwrite(str(root / "images" / f"{n}.png"), np.full((32, 32), 128, np.uint8))
+    merged = merge_datasets(load_dataset(a), load_dataset(b))
+    assert [s.name for s in merged.samples] == ["p1", "p2", "p3"]
+    assert merged.fingerprint() != load_dataset(a).fingerprint()
+    cv2.imwrite(str(b / "images" / "p1.png"), np.full((32, 32), 100, np.uint8))
+    with pytest.raises(DataError, match="'p1'"):
+        merge_datasets(load_dataset(a), load_dataset(b))

@@ -70,6 +70,19 @@ def test_cli_on_tiny_package(tiny_package: Path, dataset: Path, tmp_path: Path) 
     assert grid.stat().st_size > 0
 
 
+def test_cli_compares_with_a_baseline(tiny_package: Path, dataset: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """--baseline: the model in service and the candidate on the same (reviewed) parts, side by side."""
+    out = tmp_path / "cmp.json"
+    rc = main(["--model", str(tiny_package), "--baseline", str(tiny_package), "--data", str(dataset),
+               "--json", str(out), "--min-area", "100000", "--no-progress"])  # the candidate misses every defect
+    assert rc == 0
+    cmp = json.loads(out.read_text())["vs_baseline"]
+    assert cmp["metrics"]["image_recall"]["baseline"] == 1.0 and cmp["metrics"]["image_recall"]["new"] == 0.0
+    assert len(cmp["broken"]) == 3 and cmp["fixed"] == []
+    assert "verdicts fixed by the new model: 0, broken: 3" in capsys.readouterr().out
+
+
 def test_cli_on_tiny_checkpoint_val_split(dataset: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     from training.checkpoint import CheckpointMeta, save_checkpoint

@@ -10,6 +10,7 @@ import csv
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,13 +190,22 @@ def test_weight_average_is_what_is_validated_saved_and_resumed(synth_data: Path,
     assert read_checkpoint(tmp_path / "last.pt")["step"] > last["step"]
 
 
-def test_init_from_loads_the_weights(trained: Path, synth_data: Path, tmp_path: Path) -> None:
+def test_init_from_loads_the_weights(trained: Path, synth_data: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # reviewed parts (review-export's layout and names) join the data: the fine-tune of issue 17
+    extra = tmp_path / "reviewed"
+    for sub in ("images", "masks"):
+        (extra / sub).mkdir(parents=True)
+    for p in sorted((synth_data / "masks").iterdir())[:3]:
+        shutil.copyfile(synth_data / "images" / p.name, extra / "images" / f"rev-{p.stem}-0badc0de.png")
+        shutil.copyfile(p, extra / "masks" / f"rev-{p.stem}-0badc0de.png")
     # a learning rate of ~0 leaves the loaded weights as they are: the first validation shows them
-    code = main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(tmp_path), "--epochs", "1",
+    code = main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(tmp_path / "run"), "--epochs", "1",
                  "--init-from", str(trained / "best.pt"), "--set", "optim.lr=1e-7",
-                 "--set", "patches.per_epoch=32"])
+                 "--set", "patches.per_epoch=32", "--extra-data", str(extra)])
     assert code == 0
-    _, meta = load_model(tmp_path / "best.pt")
+    assert f"extra data: {extra}: 3 images (3 defective, 0 good)" in capsys.readouterr().out
+    _, meta = load_model(tmp_path / "run" / "best.pt")
     assert meta.metrics["pixel_iou"] > 0.25
 
 
