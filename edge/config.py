@@ -322,6 +322,10 @@ class EvidenceConfig(_Model):
                                 "pass while they fit the queue: the frames wanted when a line turns bad.")
     thinning_alarm_s: float = Field(default=10.0, ge=0, le=86400, description="Thinning that lasts this long raises the "
                                     "evidence_thinned alarm; it clears after as long without thinning.")
+    cpu_share: float | None = Field(default=0.05, gt=0, le=1024, description="While the machine's CPUs are saturated, "
+                                    "the writer may use this share of one core on average (after a 1 s burst); beyond "
+                                    "it evidence is thinned by the rule above. Idle cores encode everything. null = no "
+                                    "CPU budget (only the queue bound thins).")
 
 
 class AlarmsConfig(_Model):

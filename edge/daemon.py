@@ -87,7 +87,8 @@ class Pipeline:
             store = EvidenceStore(ev.dir or cfg.state_dir / "evidence", int(ev.quota_mb * 1024 * 1024),
                                   ev.format, ev.save_fail, ev.save_error, ev.pass_sample_every)
             self.evidence = EvidenceWriter(store, int(ev.queue_mb * 1024 * 1024), ev.keep_every_when_behind,
-                                           ev.keep_first_bad, ev.thinning_alarm_s, on_alarm=self.alarms.set)
+                                           ev.keep_first_bad, ev.thinning_alarm_s, on_alarm=self.alarms.set,
+                                           cpu_share=ev.cpu_share)
         # Triggers are durable before they are acknowledged; open ones of a previous run are resolved
         # here, before the MQTT session (which may redeliver them) is resumed.
         self.triggers = TriggerStore(cfg.state_dir / "triggers.sqlite3", cfg.pipeline.trigger_dedup_s) \
