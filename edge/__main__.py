@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge.exitcodes import EX_CONFIG, EX_FAILURE, EX_OK, load_or_report
 from edge.redact import RedactingFilter
 
 if TYPE_CHECKING:
     from edge.config import RulesConfig
 
-EX_OK, EX_FAILURE, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
 log = logging.getLogger("edge")
 
@@ -116,19 +116,6 @@ def environment_warnings(cfg: Any) -> list[str]:
 
 
 # -- run ---------------------------------------------------------------------------------------------
-def load_or_report(path: str) -> Any:
-    """The station config, or None after printing every problem (the caller exits EX_CONFIG)."""
-    from edge.config import ConfigError, load_config
-
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        print(f"{path}: invalid config:", file=sys.stderr)
-        for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
-        return None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_or_report(args.config)
     if cfg is None:

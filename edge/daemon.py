@@ -19,6 +19,7 @@ from edge.alarms import MODEL_RELOAD, OUTBOX_RECOVERED, AlarmTracker
 from edge.config import Config, ConfigError, load_config
 from edge.counters import PART_COUNTS
 from edge.evidence import EvidenceStore, EvidenceWriter
+from edge.exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 from edge.flow import FrameFlow, Runtime
 from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
@@ -37,7 +38,6 @@ from edge.triggers import TriggerStore
 
 log = logging.getLogger(__name__)
 
-EX_OK, EX_FAILURE, EX_CONFIG = 0, 1, 78
 HARD_STOP_GRACE_S = 15.0  # past drain_timeout_s: a stop that still hangs ends the process anyway
 
 
