@@ -5,7 +5,7 @@
     python -m edge inspect --model PKG img.png ...    inspect files once, print verdicts, write overlays
     python -m edge keygen --out DIR                   Ed25519 key pair for signing model packages
     python -m edge sign --key KEY PKG                 (re)sign a package (what `training export --sign` does)
-    python -m edge golden add|list|remove|test ...    the station's golden set (edge.cli_lifecycle)
+    python -m edge golden add|list|remove|test ...    the station's golden set (edge.lifecycle.cli_lifecycle)
     python -m edge promote|rollback --config S.yaml   switch the model store's links after a golden test
     python -m edge opcua-certs --out DIR              OPC UA certificates for the station and its PLC(s)
     python -m edge ui --config station.yaml           the station page (needs the `ui` extra)
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--key", required=True, help="private key made by `python -m edge keygen`")
     g.add_argument("package", help="model package folder (verified before it is signed)")
     g.set_defaults(fn=cmd_sign)
-    from edge.cli_lifecycle import add_commands
+    from edge.lifecycle.cli_lifecycle import add_commands
 
     add_commands(sub)
     o = sub.add_parser("opcua-certs", help="make OPC UA certificates: the station's, one per client, trusted/")

@@ -147,7 +147,7 @@ class ModelConfig(_Model):
     public_key: Path | None = Field(default=None, description="Ed25519 public key (PEM). When set, a package loads "
                                     "only with a valid package.json.sig made by the matching private key "
                                     "(`python -m training export --sign KEY`); needs verify_hashes.")
-    shadow: Path | None = Field(default=None, description="A second package judged beside the live one (edge.shadow): "
+    shadow: Path | None = Field(default=None, description="A second package judged beside the live one (edge.lifecycle.shadow): "
                                 "only the live model decides; disagreements go to <base>/shadow and "
                                 "<state_dir>/shadow; `python -m edge promote` without --package makes it live. "
                                 "Loaded at start (a change needs a restart).")
@@ -336,7 +336,7 @@ class AlarmsConfig(_Model):
 
 
 class SelfTestConfig(_Model):
-    """Golden-sample self-test (edge.selftest); the set lives in <state_dir>/golden (`python -m edge golden`)."""
+    """Golden-sample self-test (edge.lifecycle.selftest); the set lives in <state_dir>/golden (`python -m edge golden`)."""
 
     interval_s: float = Field(default=0.0, ge=0, le=7 * 86400, description="Run the golden set between parts every "
                               "this many seconds (0 = only at start, at every reload and on a command).")

@@ -14,26 +14,27 @@ import threading
 import time
 from typing import Any
 
-from edge import __version__, model_state
+from edge import __version__
 from edge.alarms import MODEL_RELOAD, OUTBOX_RECOVERED, AlarmTracker
 from edge.config import Config, ConfigError, load_config
 from edge.counters import PART_COUNTS
 from edge.evidence import EvidenceStore, EvidenceWriter
 from edge.flow import FrameFlow, Runtime
+from edge.lifecycle import model_state
+from edge.lifecycle.selftest import SelfTester
+from edge.lifecycle.shadow import ShadowRunner, start_shadow
 from edge.metrics import LatencyWindow, Metrics, MetricsServer
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
 from edge.preview import PreviewFeed
 from edge.recipes import Recipes
-from edge.selftest import SelfTester
-from edge.shadow import ShadowRunner, start_shadow
 from edge.sources import SourceError, make_source
-from edge.sources.gate import FrameGate
 from edge.statelock import LockHeld, ProcessLock, client_id_lock, state_lock
 from edge.station import SeqStore, load_model, mqtt_settings
 from edge.systemd import Notifier
-from edge.triggers import TriggerStore
+from edge.triggering.gate import FrameGate
+from edge.triggering.triggers import TriggerStore
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class Pipeline:
             self.sink.publish_stats(stats)
 
     def _hold_parts(self, reason: str | None) -> None:
-        """edge.selftest: with a reason every part gets an `error` verdict; None inspects again."""
+        """edge.lifecycle.selftest: with a reason every part gets an `error` verdict; None inspects again."""
         if self.flow is not None:
             self.flow.hold_reason = reason
 

@@ -39,9 +39,9 @@ from edge.preview import PreviewFeed
 from edge.quality import image_quality
 from edge.rules import BAD_FRAME, INFERENCE, INTERNAL, NON_FINITE, SELFTEST, STALE, decide
 from edge.sources import Frame, FrameSource, check_frame
-from edge.sources.gate import FrameGate
 from edge.station import LoadedModel, SeqStore, expected_size, region_dict, shift_regions
 from edge.text import safe_part_id, safe_text
+from edge.triggering.gate import FrameGate
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ class FrameFlow:
         self.group_commit_s, self.group_commit_max = group_commit_ms / 1000.0, max(1, group_commit_max)
         self.counters = gate.counters  # parts by verdict, inspected, dropped, skipped: one lock
         self.fatal: str | None = None
-        self.hold_reason: str | None = None  # set: every part gets an `error` verdict (edge.selftest, on_failure stop)
-        self.shadow: Any = None  # edge.shadow.ShadowRunner: judged parts are offered to it, never waited for
+        self.hold_reason: str | None = None  # set: every part gets an `error` verdict (edge.lifecycle.selftest, on_failure stop)
+        self.shadow: Any = None  # edge.lifecycle.shadow.ShadowRunner: judged parts are offered to it, never waited for
         self.last_progress = self.hold_beat = self.capture_beat = time.monotonic()  # hold_beat: a full outbox/disk is retried
         self._frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         # Unbounded: the budget admits at most queue_size + 64 parts, so it never blocks a callback.

@@ -41,7 +41,7 @@ from paho.mqtt.properties import Properties
 from edge.alarms import CLIENT_ID_CONFLICT, MQTT_UNVERIFIED_ACKS, NO_SUBSCRIBERS, PUBLISH_REJECTED
 from edge.config import MqttConfig
 from edge.outbox import Outbox, OutboxRow
-from edge.triggers import TriggerMessage
+from edge.triggering.triggers import TriggerMessage
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from edge.config import ConfigError, PipelineConfig, RulesConfig, validate_confi
 from edge.metrics import Metrics
 from edge.recipes import Recipes
 from edge.sources.base import Frame
-from edge.sources.gate import FrameGate
 from edge.station import load_model
+from edge.triggering.gate import FrameGate
 from tests.daemon_proc import station
 
 

@@ -3,7 +3,7 @@
 station has proven the new model on its golden set.
 
 The order is install.sh's: the running daemon is asked to load the target first (model-request.json
-+ SIGHUP, edge.model_state), which goes through the reload path and its golden gate; only when
++ SIGHUP, edge.lifecycle.model_state), which goes through the reload path and its golden gate; only when
 loaded-model.json confirms the request do the links move, each by one rename of a new symlink, so
 a reader sees the old link or the new one. A refused target leaves links and the running model as
 they were. With no daemon running, the golden set is run here instead. Every attempt, accepted or
@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edge import audit, model_state
 from edge.config import Config
+from edge.lifecycle import audit, model_state
 from edge.package import PackageError, content_hash, read_package
 from edge.signature import verify_package_signature
 from edge.statelock import STATE_LOCK
@@ -197,7 +197,7 @@ def _confirm(cfg: Config, path: Path, action: str, timeout_s: float) -> str:
 
 
 def _offline_selftest(cfg: Config, path: Path) -> str:
-    from edge.selftest import run_golden  # OpenVINO loads only here
+    from edge.lifecycle.selftest import run_golden  # OpenVINO loads only here
     from edge.station import load_model
 
     trial = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})})

@@ -29,8 +29,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge.audit import append_jsonl
 from edge.config import Config, RoiConfig
+from edge.lifecycle.audit import append_jsonl
 from edge.mqtt import MqttSink
 from edge.package import PackageError
 from edge.rules import decide

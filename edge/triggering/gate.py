@@ -2,7 +2,7 @@
 
 Triggered mode: a message on `<base>/trigger` names a part; the next frame captured *after*
 the message is that part's image. Every trigger that names a part gets exactly one result:
-- it is stored durably (edge.triggers) before the MQTT layer acknowledges it, and closed only
+- it is stored durably (edge.triggering.triggers) before the MQTT layer acknowledges it, and closed only
   once its result is in the outbox; open triggers of a previous run become `error` results
   at start, never matched to a frame taken after the restart (that shows another part);
 - a trigger for a part id that is open or was seen within `trigger_dedup_s` is a duplicate:
@@ -38,7 +38,7 @@ from edge.counters import Counters
 from edge.metrics import Metrics
 from edge.rules import BAD_TRIGGER, LATE_TRIGGER, NO_FRAME
 from edge.sources.base import Frame, TriggerFields, parse_trigger_fields
-from edge.triggers import StoredTrigger, TriggerMessage, TriggerStore
+from edge.triggering.triggers import StoredTrigger, TriggerMessage, TriggerStore
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ def _config(path: str) -> Any:
 
 
 def cmd_golden(args: argparse.Namespace) -> int:
-    from edge import audit, golden
+    from edge.lifecycle import audit, golden
 
     cfg = _config(args.config)
     if cfg is None:
@@ -69,8 +69,8 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 
 def _golden_test(cfg: Any) -> int:
+    from edge.lifecycle.selftest import run_golden
     from edge.package import PackageError
-    from edge.selftest import run_golden
     from edge.station import load_model
 
     try:
@@ -93,7 +93,7 @@ def _golden_test(cfg: Any) -> int:
 
 
 def cmd_switch(args: argparse.Namespace) -> int:
-    from edge.promotion import PromotionError, switch
+    from edge.lifecycle.promotion import PromotionError, switch
 
     cfg = _config(args.config)
     if cfg is None:
@@ -115,7 +115,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Register golden, promote, rollback and shadow-report on the `python -m edge` subparsers."""
-    from edge.shadow_report import add_command
+    from edge.lifecycle.shadow_report import add_command
 
     add_command(sub)
     g = sub.add_parser("golden", help="manage the station's golden set (reference parts with known verdicts)")
