@@ -162,10 +162,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from edge.config import FrameChecksConfig
     from edge.evidence import draw_overlay
+    from edge.model_loader import region_dict
     from edge.package import PackageError
     from edge.rules import decide, effective_rules
     from edge.sources.base import Frame, check_frame
-    from edge.station import region_dict
 
     try:
         from edge.inference import Inferencer

@@ -24,6 +24,7 @@ from edge.lifecycle import model_state
 from edge.lifecycle.selftest import SelfTester
 from edge.lifecycle.shadow import ShadowRunner, start_shadow
 from edge.metrics import LatencyWindow, Metrics, MetricsServer
+from edge.model_loader import SeqStore, load_model, mqtt_settings
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
@@ -31,7 +32,6 @@ from edge.preview import PreviewFeed
 from edge.recipes import Recipes
 from edge.sources import SourceError, make_source
 from edge.statelock import LockHeld, ProcessLock, client_id_lock, state_lock
-from edge.station import SeqStore, load_model, mqtt_settings
 from edge.systemd import Notifier
 from edge.triggering.gate import FrameGate
 from edge.triggering.triggers import TriggerStore

@@ -31,6 +31,7 @@ from edge.evidence import EvidenceWriter
 from edge.inference import ModelClosed
 from edge.membudget import MemoryBudget, frame_cost
 from edge.metrics import LatencyWindow, Metrics
+from edge.model_loader import LoadedModel, SeqStore, expected_size, region_dict, shift_regions
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox
 from edge.postprocess import postprocess
@@ -39,7 +40,6 @@ from edge.preview import PreviewFeed
 from edge.quality import image_quality
 from edge.rules import BAD_FRAME, INFERENCE, INTERNAL, NON_FINITE, SELFTEST, STALE, decide
 from edge.sources import Frame, FrameSource, check_frame
-from edge.station import LoadedModel, SeqStore, expected_size, region_dict, shift_regions
 from edge.text import safe_part_id, safe_text
 from edge.triggering.gate import FrameGate
 

@@ -53,7 +53,7 @@ _RESERVED_INFLIGHT = 2  # slots left for status/alarm messages under the broker'
 @dataclass(frozen=True)
 class MqttSettings:
     """What the sink runs with: the validated `mqtt` config section (edge.config.MqttConfig holds
-    every field, bound and default) plus what is known only at start (edge.station.mqtt_settings)."""
+    every field, bound and default) plus what is known only at start (edge.model_loader.mqtt_settings)."""
 
     config: MqttConfig = field(default_factory=MqttConfig)
     client_id: str = ""  # "" = a random id; the daemon's is mqtt.client_id or edge-<line>-<station>

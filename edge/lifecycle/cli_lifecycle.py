@@ -70,8 +70,8 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 def _golden_test(cfg: Any) -> int:
     from edge.lifecycle.selftest import run_golden
+    from edge.model_loader import load_model
     from edge.package import PackageError
-    from edge.station import load_model
 
     try:
         model = load_model(cfg)

@@ -198,7 +198,7 @@ def _confirm(cfg: Config, path: Path, action: str, timeout_s: float) -> str:
 
 def _offline_selftest(cfg: Config, path: Path) -> str:
     from edge.lifecycle.selftest import run_golden  # OpenVINO loads only here
-    from edge.station import load_model
+    from edge.model_loader import load_model
 
     trial = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})})
     model = load_model(trial)
@@ -215,8 +215,8 @@ def publish_once(cfg: Config, name: str, body: dict[str, Any], timeout_s: float 
     """QoS 1 to <base>/<name> over a short connection of its own (client id <station's>-admin, so the
     running daemon is not kicked off); best effort: the audit log is the record. False if not sent."""
     from edge.config import ConfigError
+    from edge.model_loader import mqtt_settings
     from edge.mqtt import new_client
-    from edge.station import mqtt_settings
 
     try:
         s = mqtt_settings(cfg)

@@ -32,10 +32,10 @@ from edge.alarms import AlarmTracker
 from edge.config import RoiConfig, SelfTestConfig
 from edge.events import rules_hash
 from edge.lifecycle.golden import GoldenError, Sample, load_samples, read_image
+from edge.model_loader import LoadedModel
 from edge.mqtt import MqttSink
 from edge.package import PackageError
 from edge.rules import decide
-from edge.station import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from edge.contract import Region
 from edge.daemon import run_pipeline
 from edge.events import validate_event
 from edge.evidence import EvidenceStore
-from edge.station import SeqStore, region_dict, shift_regions
+from edge.model_loader import SeqStore, region_dict, shift_regions
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import (
     BASE,
