@@ -161,8 +161,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge.config import FrameChecksConfig
+    from edge.events import region_dict
     from edge.evidence import draw_overlay
-    from edge.model_loader import region_dict
     from edge.package import PackageError
     from edge.rules import decide, effective_rules
     from edge.sources.base import Frame, check_frame

@@ -24,12 +24,13 @@ from edge.lifecycle import model_state
 from edge.lifecycle.selftest import SelfTester
 from edge.lifecycle.shadow import ShadowRunner, start_shadow
 from edge.metrics import LatencyWindow, Metrics, MetricsServer
-from edge.model_loader import SeqStore, load_model, mqtt_settings
-from edge.mqtt import MqttSink
+from edge.model_loader import load_model
+from edge.mqtt import MqttSink, mqtt_settings
 from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
 from edge.preview import PreviewFeed
 from edge.recipes import Recipes
+from edge.seqstore import SeqStore
 from edge.sources import SourceError, make_source
 from edge.statelock import LockHeld, ProcessLock, client_id_lock, state_lock
 from edge.systemd import Notifier

@@ -26,12 +26,20 @@ import numpy as np
 from edge.alarms import FRAME_ERROR, OUTBOX_ERROR, STALE_FRAMES, AlarmTracker
 from edge.config import FrameChecksConfig, RoiConfig
 from edge.contract import NonFiniteError, Region, Verdict
-from edge.events import EVENT_MAX_BYTES, build_result_event, encode, event_id_for
+from edge.events import (
+    EVENT_MAX_BYTES,
+    build_result_event,
+    encode,
+    event_id_for,
+    expected_size,
+    region_dict,
+    shift_regions,
+)
 from edge.evidence import EvidenceWriter
 from edge.inference import ModelClosed
 from edge.membudget import MemoryBudget, frame_cost
 from edge.metrics import LatencyWindow, Metrics
-from edge.model_loader import LoadedModel, SeqStore, expected_size, region_dict, shift_regions
+from edge.model_loader import LoadedModel
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox
 from edge.postprocess import postprocess
@@ -39,6 +47,7 @@ from edge.preprocess import FrameError
 from edge.preview import PreviewFeed
 from edge.quality import image_quality
 from edge.rules import BAD_FRAME, INFERENCE, INTERNAL, NON_FINITE, SELFTEST, STALE, decide
+from edge.seqstore import SeqStore
 from edge.sources import Frame, FrameSource, check_frame
 from edge.text import safe_part_id, safe_text
 from edge.triggering.gate import FrameGate

@@ -39,7 +39,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.alarms import CLIENT_ID_CONFLICT, MQTT_UNVERIFIED_ACKS, NO_SUBSCRIBERS, PUBLISH_REJECTED
-from edge.config import MqttConfig
+from edge.config import Config, MqttConfig, resolve_password
 from edge.outbox import Outbox, OutboxRow
 from edge.triggering.triggers import TriggerMessage
 
@@ -53,7 +53,7 @@ _RESERVED_INFLIGHT = 2  # slots left for status/alarm messages under the broker'
 @dataclass(frozen=True)
 class MqttSettings:
     """What the sink runs with: the validated `mqtt` config section (edge.config.MqttConfig holds
-    every field, bound and default) plus what is known only at start (edge.model_loader.mqtt_settings)."""
+    every field, bound and default) plus what is known only at start (mqtt_settings below)."""
 
     config: MqttConfig = field(default_factory=MqttConfig)
     client_id: str = ""  # "" = a random id; the daemon's is mqtt.client_id or edge-<line>-<station>
@@ -66,6 +66,12 @@ class MqttSettings:
     @property
     def tls(self) -> bool:
         return bool(self.config.tls_ca or self.config.tls_cert)
+
+
+def mqtt_settings(cfg: Config) -> MqttSettings:
+    """The sink's settings: the mqtt section, the station's client id and the resolved password."""
+    m = cfg.mqtt
+    return MqttSettings(m, m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}", resolve_password(m))
 
 
 def _str(path: Path | None) -> str | None:

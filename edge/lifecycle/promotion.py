@@ -215,8 +215,7 @@ def publish_once(cfg: Config, name: str, body: dict[str, Any], timeout_s: float 
     """QoS 1 to <base>/<name> over a short connection of its own (client id <station's>-admin, so the
     running daemon is not kicked off); best effort: the audit log is the record. False if not sent."""
     from edge.config import ConfigError
-    from edge.model_loader import mqtt_settings
-    from edge.mqtt import new_client
+    from edge.mqtt import mqtt_settings, new_client
 
     try:
         s = mqtt_settings(cfg)

@@ -28,7 +28,7 @@ import pytest
 
 import edge.sources.folder as folder_module
 from edge.config import FolderSourceConfig, FrameChecksConfig, SyntheticSourceConfig
-from edge.model_loader import SeqStore
+from edge.seqstore import SeqStore
 from edge.sources import Frame, SyntheticSource, check_frame
 from edge.sources.folder import FolderSource, image_size
 from tests.broker import Broker
