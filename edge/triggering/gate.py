@@ -37,7 +37,7 @@ from edge.config import PipelineConfig
 from edge.counters import Counters
 from edge.metrics import Metrics
 from edge.rules import BAD_TRIGGER, LATE_TRIGGER, NO_FRAME
-from edge.sources.base import Frame, TriggerFields, parse_trigger_fields
+from edge.sources.base import Frame, TriggerFields, error_frame, parse_trigger_fields
 from edge.triggering.triggers import StoredTrigger, TriggerMessage, TriggerStore
 
 log = logging.getLogger(__name__)
@@ -321,5 +321,5 @@ class FrameGate:
 
 
 def _error_part(part_id: str, ts: float, kind: str, message: str) -> Frame:
-    return Frame(part_id=part_id, capture_ts=ts, image=None, error=message, error_kind=kind, live=False,
-                 meta={"trigger_ts": ts})
+    """A trigger that ends without a frame; keyed by its receive time like its part would have been."""
+    return error_frame(part_id, ts, kind, message, live=False, meta={"trigger_ts": ts})
