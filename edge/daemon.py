@@ -305,14 +305,23 @@ class Pipeline:
             self.flow.drain(deadline, self.notifier.watchdog)
         if hasattr(self, "source"):
             self.source.close()
+        self._close_writers(deadline)
+        if self.sink is not None:
+            self.sink.stop(drain_timeout=max(0.5, deadline - time.monotonic()))
+        self._close_services()
+        log.info("station %s stopped: %s", self.station_key, self.counts)
+
+    def _close_writers(self, deadline: float) -> None:
+        """The side writers fed by the flow, once it has drained: shadow, preview, evidence."""
         if self.shadow is not None:  # its last pair counts are written and published
             self.shadow.close()
         if self.preview is not None:
             self.preview.close()
         if self.evidence is not None:  # what is queued is written (bounded: events already say "pending")
             self.evidence.close(timeout=max(1.0, deadline - time.monotonic()))
-        if self.sink is not None:
-            self.sink.stop(drain_timeout=max(0.5, deadline - time.monotonic()))
+
+    def _close_services(self) -> None:
+        """After the sink: the outbox, the trigger listener, the HTTP and OPC UA servers, the state locks."""
         if hasattr(self, "outbox"):
             self.outbox.close()
         if self.triggers is not None:
@@ -323,7 +332,6 @@ class Pipeline:
             self.opcua.stop()
         for lock in self.locks:
             lock.release()
-        log.info("station %s stopped: %s", self.station_key, self.counts)
 
 
 def run_pipeline(cfg: Config, stop_event: threading.Event, *, config_path: str | None = None,

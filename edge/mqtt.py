@@ -372,20 +372,7 @@ class MqttSink:
             acks: list[int] = []
             for ev in events:
                 if ev[0] == "puback":
-                    entry = inflight.pop(ev[1], None)
-                    if entry is None:
-                        continue  # from a connection we already gave up on; the row was resent
-                    if ev[2] == "no_subscribers":
-                        self._count("no_subscribers")
-                        if self.cfg.no_subscribers == "deliver":
-                            acks.append(entry[0])
-                        else:
-                            self._hold(NO_SUBSCRIBERS, entry[0], ev[3], retry)
-                    elif ev[2] == "rejected":
-                        self._count("rejected")
-                        self._hold(PUBLISH_REJECTED, entry[0], ev[3], retry)
-                    else:
-                        acks.append(entry[0])
+                    self._on_puback(ev, inflight, retry, acks)
                 elif ev[0] in ("connected", "disconnected"):
                     online = ev[0] == "connected"
                     cursor = 0  # resend everything unacknowledged, in order
@@ -406,6 +393,24 @@ class MqttSink:
                 retry.clear()
                 time.sleep(1.0)
             self._set_inflight(len(inflight))
+
+    def _on_puback(self, ev: tuple[Any, ...], inflight: dict[int, tuple[int, float]], retry: dict[int, float],
+                   acks: list[int]) -> None:
+        """A PUBACK (sender thread): its row is acknowledged, or held for a retry (no subscribers, rejected)."""
+        entry = inflight.pop(ev[1], None)
+        if entry is None:
+            return  # from a connection we already gave up on; the row was resent
+        if ev[2] == "no_subscribers":
+            self._count("no_subscribers")
+            if self.cfg.no_subscribers == "deliver":
+                acks.append(entry[0])
+            else:
+                self._hold(NO_SUBSCRIBERS, entry[0], ev[3], retry)
+        elif ev[2] == "rejected":
+            self._count("rejected")
+            self._hold(PUBLISH_REJECTED, entry[0], ev[3], retry)
+        else:
+            acks.append(entry[0])
 
     def _next_events(self, timeout: float) -> list[tuple[Any, ...]]:
         try:
