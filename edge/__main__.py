@@ -116,21 +116,10 @@ def environment_warnings(cfg: Any) -> list[str]:
 
 
 # -- run ---------------------------------------------------------------------------------------------
-def load_or_report(path: str) -> Any:
-    """The station config, or None after printing every problem (the caller exits EX_CONFIG)."""
-    from edge.config import ConfigError, load_config
-
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        print(f"{path}: invalid config:", file=sys.stderr)
-        for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
-        return None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_or_report(args.config)
+    from edge.config import load_config_or_report
+
+    cfg = load_config_or_report(args.config)
     if cfg is None:
         return EX_CONFIG
     setup_logging(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
@@ -291,7 +280,9 @@ def cmd_opcua_certs(args: argparse.Namespace) -> int:
 
 # -- station page -------------------------------------------------------------------------------------
 def cmd_ui(args: argparse.Namespace) -> int:
-    cfg = load_or_report(args.config)
+    from edge.config import load_config_or_report
+
+    cfg = load_config_or_report(args.config)
     if cfg is None:
         return EX_CONFIG
     setup_logging(args.log_format or cfg.logging.format, cfg.logging.level)

@@ -14,6 +14,7 @@ an environment variable or systemd's `LoadCredential=mqtt-password`.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -535,6 +536,18 @@ def load_config(path: str | Path) -> Config:
     if dups:
         raise ConfigError([f"{p}:{line}: {name}: key given twice" for name, line in dups])
     return validate_config(data, str(p), node, p.resolve().parent)
+
+
+def load_config_or_report(path: str) -> Config | None:
+    """For commands: the station config, or None after printing every problem to stderr (the caller
+    exits 78, EX_CONFIG)."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(f"{path}: invalid config:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return None
 
 
 def resolve_password(mqtt: MqttConfig) -> str | None:

@@ -23,22 +23,11 @@ from typing import Any
 EX_OK, EX_FAILURE, EX_CONFIG = 0, 1, 78
 
 
-def _config(path: str) -> Any:
-    from edge.config import ConfigError, load_config
-
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        print(f"{path}: invalid config:", file=sys.stderr)
-        for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
-        return None
-
-
 def cmd_golden(args: argparse.Namespace) -> int:
+    from edge.config import load_config_or_report
     from edge.lifecycle import audit, golden
 
-    cfg = _config(args.config)
+    cfg = load_config_or_report(args.config)
     if cfg is None:
         return EX_CONFIG
     state = cfg.state_dir
@@ -93,9 +82,10 @@ def _golden_test(cfg: Any) -> int:
 
 
 def cmd_switch(args: argparse.Namespace) -> int:
+    from edge.config import load_config_or_report
     from edge.lifecycle.promotion import PromotionError, switch
 
-    cfg = _config(args.config)
+    cfg = load_config_or_report(args.config)
     if cfg is None:
         return EX_CONFIG
     try:
