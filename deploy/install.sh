@@ -373,7 +373,7 @@ confirm_stations() {  # target (versions/<id>) old-target (may be empty)
 }
 
 # Write <state>/model-request.json, SIGHUP, then wait for <state>/loaded-model.json
-# (edge/model_state.py) to report that request. Sets CONFIRMED to the stations that loaded it.
+# (edge/lifecycle/model_state.py) to report that request. Sets CONFIRMED to the stations that loaded it.
 CONFIRMED=()
 ask_stations() {  # target station-line...
     local target=$1 req_id line name how state stations=("${@:2}") rc=0

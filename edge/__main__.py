@@ -5,7 +5,7 @@
     python -m edge inspect --model PKG img.png ...    inspect files once, print verdicts, write overlays
     python -m edge keygen --out DIR                   Ed25519 key pair for signing model packages
     python -m edge sign --key KEY PKG                 (re)sign a package (what `training export --sign` does)
-    python -m edge golden add|list|remove|test ...    the station's golden set (edge.cli_lifecycle)
+    python -m edge golden add|list|remove|test ...    the station's golden set (edge.lifecycle.cli_lifecycle)
     python -m edge promote|rollback --config S.yaml   switch the model store's links after a golden test
     python -m edge opcua-certs --out DIR              OPC UA certificates for the station and its PLC(s)
     python -m edge ui --config station.yaml           the station page (needs the `ui` extra)
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge.exitcodes import EX_CONFIG, EX_FAILURE, EX_OK, load_or_report
+from edge.exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 from edge.redact import RedactingFilter
 
 if TYPE_CHECKING:
@@ -117,7 +117,9 @@ def environment_warnings(cfg: Any) -> list[str]:
 
 # -- run ---------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_or_report(args.config)
+    from edge.config import load_config_or_report
+
+    cfg = load_config_or_report(args.config)
     if cfg is None:
         return EX_CONFIG
     setup_logging(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
@@ -148,11 +150,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge.config import FrameChecksConfig
+    from edge.events import region_dict
     from edge.evidence import draw_overlay
     from edge.package import PackageError
     from edge.rules import decide, effective_rules
     from edge.sources.base import Frame, check_frame
-    from edge.station import region_dict
 
     try:
         from edge.inference import Inferencer
@@ -278,7 +280,9 @@ def cmd_opcua_certs(args: argparse.Namespace) -> int:
 
 # -- station page -------------------------------------------------------------------------------------
 def cmd_ui(args: argparse.Namespace) -> int:
-    cfg = load_or_report(args.config)
+    from edge.config import load_config_or_report
+
+    cfg = load_config_or_report(args.config)
     if cfg is None:
         return EX_CONFIG
     setup_logging(args.log_format or cfg.logging.format, cfg.logging.level)
@@ -348,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--key", required=True, help="private key made by `python -m edge keygen`")
     g.add_argument("package", help="model package folder (verified before it is signed)")
     g.set_defaults(fn=cmd_sign)
-    from edge.cli_lifecycle import add_commands
+    from edge.lifecycle.cli_lifecycle import add_commands
 
     add_commands(sub)
     o = sub.add_parser("opcua-certs", help="make OPC UA certificates: the station's, one per client, trusted/")

@@ -14,6 +14,7 @@ an environment variable or systemd's `LoadCredential=mqtt-password`.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -147,7 +148,7 @@ class ModelConfig(_Model):
     public_key: Path | None = Field(default=None, description="Ed25519 public key (PEM). When set, a package loads "
                                     "only with a valid package.json.sig made by the matching private key "
                                     "(`python -m training export --sign KEY`); needs verify_hashes.")
-    shadow: Path | None = Field(default=None, description="A second package judged beside the live one (edge.shadow): "
+    shadow: Path | None = Field(default=None, description="A second package judged beside the live one (edge.lifecycle.shadow): "
                                 "only the live model decides; disagreements go to <base>/shadow and "
                                 "<state_dir>/shadow; `python -m edge promote` without --package makes it live. "
                                 "Loaded at start (a change needs a restart).")
@@ -336,7 +337,7 @@ class AlarmsConfig(_Model):
 
 
 class SelfTestConfig(_Model):
-    """Golden-sample self-test (edge.selftest); the set lives in <state_dir>/golden (`python -m edge golden`)."""
+    """Golden-sample self-test (edge.lifecycle.selftest); the set lives in <state_dir>/golden (`python -m edge golden`)."""
 
     interval_s: float = Field(default=0.0, ge=0, le=7 * 86400, description="Run the golden set between parts every "
                               "this many seconds (0 = only at start, at every reload and on a command).")
@@ -535,6 +536,18 @@ def load_config(path: str | Path) -> Config:
     if dups:
         raise ConfigError([f"{p}:{line}: {name}: key given twice" for name, line in dups])
     return validate_config(data, str(p), node, p.resolve().parent)
+
+
+def load_config_or_report(path: str) -> Config | None:
+    """For commands: the station config, or None after printing every problem to stderr (the caller
+    exits 78, EX_CONFIG)."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(f"{path}: invalid config:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return None
 
 
 def resolve_password(mqtt: MqttConfig) -> str | None:

@@ -14,27 +14,29 @@ import threading
 import time
 from typing import Any
 
-from edge import __version__, model_state
+from edge import __version__
 from edge.alarms import MODEL_RELOAD, OUTBOX_RECOVERED, AlarmTracker
 from edge.config import Config, ConfigError, load_config
 from edge.counters import PART_COUNTS
 from edge.evidence import EvidenceStore, EvidenceWriter
 from edge.exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 from edge.flow import FrameFlow, Runtime
+from edge.lifecycle import model_state
+from edge.lifecycle.selftest import SelfTester
+from edge.lifecycle.shadow import ShadowRunner, start_shadow
 from edge.metrics import LatencyWindow, Metrics, MetricsServer
-from edge.mqtt import MqttSink
+from edge.model_loader import load_model
+from edge.mqtt import MqttSink, mqtt_settings
 from edge.outbox import Outbox, OutboxUnwritable
 from edge.package import PackageError
 from edge.preview import PreviewFeed
 from edge.recipes import Recipes
-from edge.selftest import SelfTester
-from edge.shadow import ShadowRunner, start_shadow
+from edge.seqstore import SeqStore
 from edge.sources import SourceError, make_source
-from edge.sources.gate import FrameGate
 from edge.statelock import LockHeld, ProcessLock, client_id_lock, state_lock
-from edge.station import SeqStore, load_model, mqtt_settings
 from edge.systemd import Notifier
-from edge.triggers import TriggerStore
+from edge.triggering.gate import FrameGate
+from edge.triggering.triggers import TriggerStore
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +240,7 @@ class Pipeline:
             self.sink.publish_stats(stats)
 
     def _hold_parts(self, reason: str | None) -> None:
-        """edge.selftest: with a reason every part gets an `error` verdict; None inspects again."""
+        """edge.lifecycle.selftest: with a reason every part gets an `error` verdict; None inspects again."""
         if self.flow is not None:
             self.flow.hold_reason = reason
 
@@ -303,14 +305,23 @@ class Pipeline:
             self.flow.drain(deadline, self.notifier.watchdog)
         if hasattr(self, "source"):
             self.source.close()
+        self._close_writers(deadline)
+        if self.sink is not None:
+            self.sink.stop(drain_timeout=max(0.5, deadline - time.monotonic()))
+        self._close_services()
+        log.info("station %s stopped: %s", self.station_key, self.counts)
+
+    def _close_writers(self, deadline: float) -> None:
+        """The side writers fed by the flow, once it has drained: shadow, preview, evidence."""
         if self.shadow is not None:  # its last pair counts are written and published
             self.shadow.close()
         if self.preview is not None:
             self.preview.close()
         if self.evidence is not None:  # what is queued is written (bounded: events already say "pending")
             self.evidence.close(timeout=max(1.0, deadline - time.monotonic()))
-        if self.sink is not None:
-            self.sink.stop(drain_timeout=max(0.5, deadline - time.monotonic()))
+
+    def _close_services(self) -> None:
+        """After the sink: the outbox, the trigger listener, the HTTP and OPC UA servers, the state locks."""
         if hasattr(self, "outbox"):
             self.outbox.close()
         if self.triggers is not None:
@@ -321,7 +332,6 @@ class Pipeline:
             self.opcua.stop()
         for lock in self.locks:
             lock.release()
-        log.info("station %s stopped: %s", self.station_key, self.counts)
 
 
 def run_pipeline(cfg: Config, stop_event: threading.Event, *, config_path: str | None = None,

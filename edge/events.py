@@ -1,4 +1,5 @@
-"""Result events: construction, deterministic ids, encoding, and (test-time) schema validation.
+"""Result events: construction (with the region helpers it needs), deterministic ids, encoding, and
+(test-time) schema validation. The one place an event is built: edge.flow and `edge inspect` call in.
 
 Times: an event carries `capture_ts` (epoch seconds, plus `capture_time` ISO-8601 UTC) and
 `created_ts` (when the verdict was stored in the outbox). There is deliberately no publish
@@ -19,6 +20,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from edge.config import FrameChecksConfig
+from edge.contract import Region
 from edge.text import safe_part_id, safe_text
 
 SCHEMA_VERSION = 1
@@ -139,6 +142,28 @@ def build_result_event(
     if image_quality is not None:
         event["image_quality"] = dict(image_quality)
     return event
+
+
+def expected_size(checks: FrameChecksConfig) -> tuple[int, int]:
+    """Size reported for an error part that never had an image (the schema wants a positive size)."""
+    return checks.expect_width or 1, checks.expect_height or 1
+
+
+def shift_regions(regions: list[Region], offset: tuple[int, int]) -> list[Region]:
+    """ROI coordinates -> frame coordinates, so boxes match the saved frame."""
+    ox, oy = offset
+    if not (ox or oy):
+        return regions
+    return [Region(r.area, (r.bbox[0] + ox, r.bbox[1] + oy, r.bbox[2], r.bbox[3]),
+                   (r.centroid[0] + ox, r.centroid[1] + oy), r.max_score, r.mean_score) for r in regions]
+
+
+def region_dict(r: Region, mm_per_pixel: float | None) -> dict[str, Any]:
+    """One region as the event lists it; with the station's scale its area in mm2 too."""
+    d = r.to_dict()
+    if mm_per_pixel:
+        d["area_mm2"] = round(r.area * mm_per_pixel**2, 4)
+    return d
 
 
 def _json_default(obj: Any) -> Any:

@@ -26,11 +26,20 @@ import numpy as np
 from edge.alarms import FRAME_ERROR, OUTBOX_ERROR, STALE_FRAMES, AlarmTracker
 from edge.config import FrameChecksConfig, RoiConfig
 from edge.contract import NonFiniteError, Region, Verdict
-from edge.events import EVENT_MAX_BYTES, build_result_event, encode, event_id_for
+from edge.events import (
+    EVENT_MAX_BYTES,
+    build_result_event,
+    encode,
+    event_id_for,
+    expected_size,
+    region_dict,
+    shift_regions,
+)
 from edge.evidence import EvidenceWriter
 from edge.inference import ModelClosed
 from edge.membudget import MemoryBudget, frame_cost
 from edge.metrics import LatencyWindow, Metrics
+from edge.model_loader import LoadedModel
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox
 from edge.postprocess import postprocess
@@ -38,10 +47,10 @@ from edge.preprocess import FrameError
 from edge.preview import PreviewFeed
 from edge.quality import image_quality
 from edge.rules import BAD_FRAME, INFERENCE, INTERNAL, NON_FINITE, SELFTEST, STALE, decide
+from edge.seqstore import SeqStore
 from edge.sources import Frame, FrameSource, check_frame
-from edge.sources.gate import FrameGate
-from edge.station import LoadedModel, SeqStore, expected_size, region_dict, shift_regions
 from edge.text import safe_part_id, safe_text
+from edge.triggering.gate import FrameGate
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,15 @@ class Outcome:
     regions: list[Region] = field(default_factory=list)
     mask: np.ndarray | None = None
     part_score: float | None = None  # the model's part decision score (models with a part output)
+    error: str | None = None  # why the part could not be judged (verdict `error`): the event's `error`
+    error_kind: str = ""  # one of edge.rules.ERROR_KINDS: the metrics label errors{kind}
+
+
+def error_outcome(kind: str, message: str) -> Outcome:
+    """The `error` verdict of a part that cannot be judged, of one of edge.rules.ERROR_KINDS: the one
+    place it is made. Every failure on a part's way (an error frame from its source or the trigger gate,
+    a refused frame, an inference or postprocess failure, a failed event build) ends here."""
+    return Outcome("error", error=message, error_kind=kind)
 
 
 @dataclass
@@ -100,6 +118,10 @@ class Job:
         self.t_submit = self.t_done = 0.0
         self.nbytes = frame_cost(frame.image)  # held in the memory budget until the result is stored
 
+    def fail(self, kind: str, message: str) -> None:
+        """This part cannot be judged: it is decided as error_outcome(kind, message)."""
+        self.error, self.error_kind = message, kind
+
 
 class FrameFlow:
     """The three pipeline threads and their queues. `swap` replaces the runtime (model, checks, ROI)
@@ -122,8 +144,8 @@ class FrameFlow:
         self.group_commit_s, self.group_commit_max = group_commit_ms / 1000.0, max(1, group_commit_max)
         self.counters = gate.counters  # parts by verdict, inspected, dropped, skipped: one lock
         self.fatal: str | None = None
-        self.hold_reason: str | None = None  # set: every part gets an `error` verdict (edge.selftest, on_failure stop)
-        self.shadow: Any = None  # edge.shadow.ShadowRunner: judged parts are offered to it, never waited for
+        self.hold_reason: str | None = None  # set: every part gets an `error` verdict (edge.lifecycle.selftest, on_failure stop)
+        self.shadow: Any = None  # edge.lifecycle.shadow.ShadowRunner: judged parts are offered to it, never waited for
         self.last_progress = self.hold_beat = self.capture_beat = time.monotonic()  # hold_beat: a full outbox/disk is retried
         self._frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         # Unbounded: the budget admits at most queue_size + 64 parts, so it never blocks a callback.
@@ -230,7 +252,7 @@ class FrameFlow:
             if frame.error is None:
                 bad = check_frame(frame, self.runtime.checks)
                 if bad is not None:
-                    frame.image, frame.error, frame.error_kind = None, bad, BAD_FRAME
+                    frame.fail(BAD_FRAME, bad)
             if self.observe_camera:  # live sources: a bad frame means the camera (or its light) is in trouble
                 self.alarms.observe_camera(frame.error is None, frame.error or "frames arrive again")
             else:  # files: whoever writes them is in trouble
@@ -301,40 +323,55 @@ class FrameFlow:
         return self.recipe_model(runtime.model, recipe)
 
     def _submit(self, job: Job) -> None:
-        frame, checks = job.frame, job.runtime.checks
+        """Start the part's inference; a part that cannot be inspected goes straight to the result thread."""
         if job.error is None and self.hold_reason is not None:
-            job.error, job.error_kind = self.hold_reason, SELFTEST
-        if job.error is None and frame.image is not None:
-            img = frame.image
-            job.image_size = (int(img.shape[1]), int(img.shape[0]))
-            self._last_size = job.image_size
-            age = time.monotonic() - frame.mono_ts
-            stale = frame.live and checks.max_age_s > 0 and age > checks.max_age_s
-            if frame.live:  # latched: one raise when frames go stale, one clear when they are fresh again
-                self.alarms.set(STALE_FRAMES, stale, f"frame {age:.2f} s old at inference" if stale else "fresh")
-            if stale:
-                job.error, job.error_kind = f"stale frame: {age:.2f} s old > {checks.max_age_s} s", STALE
-            elif job.runtime.roi is not None:
-                r = job.runtime.roi
-                if r.x + r.w > img.shape[1] or r.y + r.h > img.shape[0]:
-                    job.error, job.error_kind = (f"roi {r.x},{r.y} {r.w}x{r.h} is outside the "
-                                                 f"{img.shape[1]}x{img.shape[0]} frame"), BAD_FRAME
-                else:
-                    img, job.offset = img[r.y : r.y + r.h, r.x : r.x + r.w], (r.x, r.y)
-            if job.error is None:
-                job.t_submit = time.monotonic()
-                try:
-                    try:
-                        job.model.inferencer.submit(img, job, self._on_inferred)
-                    except ModelClosed:  # a reload released this model just now: use the new one
-                        job.model = self._model_for(frame, self.runtime)
-                        job.model.inferencer.submit(img, job, self._on_inferred)
-                    return
-                except FrameError as e:  # the frame's fault (size, type): not a model error
-                    job.error, job.error_kind, job.t_submit = f"cannot inspect frame: {e}", BAD_FRAME, 0.0
-                except Exception as e:  # OpenVINO errors: an error verdict and the model_error alarm
-                    job.error, job.error_kind = f"cannot inspect frame: {e}", INFERENCE
+            job.fail(SELFTEST, self.hold_reason)
+        img = self._admit(job) if job.error is None else None
+        if img is not None and self._start_inference(job, img):
+            return
         self._results.put(job)
+
+    def _admit(self, job: Job) -> np.ndarray | None:
+        """The image to inspect (cropped to the ROI), or None when the part cannot be inspected (then
+        job.error says why, unless the frame had no image at all)."""
+        frame, checks = job.frame, job.runtime.checks
+        img = frame.image
+        if img is None:
+            return None
+        job.image_size = (int(img.shape[1]), int(img.shape[0]))
+        self._last_size = job.image_size
+        age = time.monotonic() - frame.mono_ts
+        stale = frame.live and checks.max_age_s > 0 and age > checks.max_age_s
+        if frame.live:  # latched: one raise when frames go stale, one clear when they are fresh again
+            self.alarms.set(STALE_FRAMES, stale, f"frame {age:.2f} s old at inference" if stale else "fresh")
+        if stale:
+            job.fail(STALE, f"stale frame: {age:.2f} s old > {checks.max_age_s} s")
+            return None
+        r = job.runtime.roi
+        if r is None:
+            return img
+        if r.x + r.w > img.shape[1] or r.y + r.h > img.shape[0]:
+            job.fail(BAD_FRAME, f"roi {r.x},{r.y} {r.w}x{r.h} is outside the {img.shape[1]}x{img.shape[0]} frame")
+            return None
+        job.offset = (r.x, r.y)
+        return img[r.y : r.y + r.h, r.x : r.x + r.w]
+
+    def _start_inference(self, job: Job, img: np.ndarray) -> bool:
+        """Hand the image to the model (its callback takes it on); False when that failed (job.error set)."""
+        job.t_submit = time.monotonic()
+        try:
+            try:
+                job.model.inferencer.submit(img, job, self._on_inferred)
+            except ModelClosed:  # a reload released this model just now: use the new one
+                job.model = self._model_for(job.frame, self.runtime)
+                job.model.inferencer.submit(img, job, self._on_inferred)
+            return True
+        except FrameError as e:  # the frame's fault (size, type): not a model error
+            job.fail(BAD_FRAME, f"cannot inspect frame: {e}")
+            job.t_submit = 0.0
+        except Exception as e:  # OpenVINO errors: an error verdict and the model_error alarm
+            job.fail(INFERENCE, f"cannot inspect frame: {e}")
+        return False
 
     def _on_inferred(self, prob: np.ndarray | None, error: BaseException | None, job: Job,
                      part: float | None = None) -> None:
@@ -342,7 +379,7 @@ class FrameFlow:
         job.t_done = time.monotonic()
         job.prob, job.part = prob, part
         if error is not None:
-            job.error, job.error_kind = f"inference failed: {type(error).__name__}: {error}", INFERENCE
+            job.fail(INFERENCE, f"inference failed: {type(error).__name__}: {error}")
         self._results.put(job)
 
     # -- result thread -----------------------------------------------------------------------------
@@ -391,27 +428,27 @@ class FrameFlow:
         return jobs
 
     def _finish_group(self, jobs: list[Job]) -> None:
-        """Events of all parts built one by one, stored in one transaction (one fsync), and only once
-        they are durable each part is committed (folder file moved, trigger closed), in order."""
-        ready: list[Ready] = []
-        for job in jobs:
-            item = self._prepare(job)
-            if item is not None:
-                ready.append(item)
+        """A group of results, step by step: each part is decided and its event built (_prepare), the
+        events are stored in one transaction (_store: one fsync), and only once they are durable each part
+        is committed at its source (_commit: folder file moved, trigger closed) and counted (_account)."""
+        ready = [item for item in map(self._prepare, jobs) if item is not None]
         self._store(ready)
 
     def _prepare(self, job: Job) -> Ready | None:
-        """Verdict and event of one part. Whatever goes wrong while deciding or building this part's
-        event (a name that cannot be encoded, a non-finite map, a bug) gives this part an `error` event
-        (kind "internal") and its file goes to failed/: no single input stops the line."""
+        """Decide one part and build its event. Whatever goes wrong while deciding or building (a name that
+        cannot be encoded, a non-finite map, a bug) gives this part an `error` event (kind "internal")
+        and its file goes to failed/: no single input stops the line."""
         frame, t0 = job.frame, time.monotonic()
         try:
-            outcome = self._outcome(job)
-            built = self._event(job, outcome, t0, with_evidence=True)
+            outcome = self._decide(job)
+            built = self._build_event(job, outcome, t0, with_evidence=True)
         except Exception as e:
-            outcome = self._internal_error(job, e)
+            log.exception("part %s: cannot build its result event; it gets an error verdict instead",
+                          safe_part_id(frame.part_id))
+            outcome = self._error(job, INTERNAL,
+                                  f"internal error while building the result: {type(e).__name__}: {e}")
             try:
-                built = self._event(job, outcome, t0, with_evidence=False)
+                built = self._build_event(job, outcome, t0, with_evidence=False)
             except Exception:  # not even an error event: still never stop the thread for one part
                 log.exception("part %s: no result event can be built; moving it to failed/ without one",
                               safe_part_id(frame.part_id))
@@ -423,59 +460,42 @@ class FrameFlow:
             self.shadow.offer(built[0], frame, job.runtime.roi, job.model.info, outcome)
         return Ready(job, built[0], built[1], outcome.verdict, time.monotonic())
 
-    def _account(self, item: Ready, added: bool) -> None:
-        """After the row is durable: commit the part at its source and count it."""
-        job, verdict = item.job, item.verdict
-        frame = job.frame
-        self._commit(frame, ok=verdict != "error")
-        if added:
-            self.counters.add(verdict)
-            self.metrics.results.labels(verdict).inc()
-            self.alarms.observe_verdict(verdict)
-        else:
-            self.counters.add("duplicate")
-            self.metrics.duplicates.inc()
-        self.metrics.last_result.set(time.time())
-        self.latency.add(item.t_built - frame.mono_ts)
-        self.metrics.latency.observe(item.t_built - frame.mono_ts)
-        if job.t_done:
-            self.metrics.inference.observe(job.t_done - job.t_submit)
-        self.counters.add("inspected")
-        for listener in self.result_listeners:
-            try:
-                listener(frame, item.event_id, item.payload)
-            except Exception:  # a listener (the PLC handshake) never stops the result thread
-                log.exception("part %s: result listener failed", safe_part_id(frame.part_id))
-
-    def _outcome(self, job: Job) -> Outcome:
+    # -- step 1: decide --------------------------------------------------------------------------------
+    def _decide(self, job: Job) -> Outcome:
         """Verdict of one part from its map (or its error); feeds the inference alarm."""
-        model = job.model
-        outcome = Outcome("error")
-        if job.error is None and job.prob is not None:
-            try:
-                det = postprocess(job.prob, model.params, job.part)
-                verdict, reasons = decide(det, model.rules)
-                outcome = Outcome(verdict, reasons, shift_regions(det.regions, job.offset), det.mask, det.part_score)
-            except NonFiniteError as e:  # a model emitting NaN would otherwise pass every part
-                job.error, job.error_kind = f"model output rejected: {e}", NON_FINITE
-            except Exception as e:
-                job.error, job.error_kind = f"postprocess failed: {e}", INFERENCE
+        outcome = self._judge(job, job.prob) if job.error is None and job.prob is not None else None
         if job.error_kind in (INFERENCE, NON_FINITE) or job.t_submit:
             self.alarms.observe_inference(job.error is None, job.error or "")
         if job.error is not None:
-            outcome = Outcome("error")
-            self.metrics.errors.labels(job.error_kind or "other").inc()
             log.warning("part %s: error verdict: %s", safe_part_id(job.frame.part_id), safe_text(job.error))
+            return self._error(job, job.error_kind, job.error)
+        if outcome is None:  # neither a map nor an error: a source or flow bug, still never a pass
+            return self._error(job, INTERNAL, "the part has neither an inference result nor an error")
         return outcome
 
-    def _internal_error(self, job: Job, exc: Exception) -> Outcome:
-        log.exception("part %s: cannot build its result event; it gets an error verdict instead",
-                      safe_part_id(job.frame.part_id))
-        job.error, job.error_kind = f"internal error while building the result: {type(exc).__name__}: {exc}", INTERNAL
-        self.metrics.errors.labels(INTERNAL).inc()
-        return Outcome("error")
+    def _judge(self, job: Job, prob: np.ndarray) -> Outcome | None:
+        """pass/fail by the part's rules (edge.rules.decide); None when its map cannot be judged (job.error)."""
+        model = job.model
+        try:
+            det = postprocess(prob, model.params, job.part)
+            verdict, reasons = decide(det, model.rules)
+        except NonFiniteError as e:  # a model emitting NaN would otherwise pass every part
+            job.fail(NON_FINITE, f"model output rejected: {e}")
+            return None
+        except Exception as e:
+            job.fail(INFERENCE, f"postprocess failed: {e}")
+            return None
+        return Outcome(verdict, reasons, shift_regions(det.regions, job.offset), det.mask, det.part_score)
 
-    def _event(self, job: Job, outcome: Outcome, t0: float, with_evidence: bool) -> tuple[str, bytes] | None:
+    def _error(self, job: Job, kind: str, message: str) -> Outcome:
+        """The part's `error` verdict (error_outcome), counted by kind in the errors{kind} metric."""
+        job.fail(kind, message)
+        self.metrics.errors.labels(kind or "other").inc()
+        return error_outcome(kind, message)
+
+    # -- step 2: build the event ---------------------------------------------------------------------
+    def _build_event(self, job: Job, outcome: Outcome, t0: float,
+                     with_evidence: bool) -> tuple[str, bytes] | None:
         """(event_id, encoded event) of one part, or None when no sequence number could be had at shutdown.
 
         At most `model.max_regions` regions (the largest) go into the event, with the count of all."""
@@ -489,11 +509,7 @@ class FrameFlow:
         if with_evidence and self.evidence is not None:  # handed to the background writer: never waits for the disk
             evidence, evidence_status = self.evidence.offer(event_id, frame.capture_ts, frame.image, outcome.mask,
                                                             outcome.regions, outcome.verdict, job.offset)
-        now = time.monotonic()
-        timings = {"capture_to_result": round((now - frame.mono_ts) * 1000, 3),
-                   "queue": round(max(0.0, (job.t_submit or now) - frame.mono_ts) * 1000, 3),
-                   "inference": round(max(0.0, job.t_done - job.t_submit) * 1000, 3) if job.t_done else 0.0,
-                   "postprocess": round((now - t0) * 1000, 3)}
+        timings = _timings(job, t0)
         width, height = job.image_size or self._last_size or expected_size(job.runtime.checks)
         mpp = model.rules.mm_per_pixel
         seq = self._next_seq(part_id)
@@ -506,24 +522,14 @@ class FrameFlow:
             regions=[region_dict(r, mpp) for r in regions[: model.max_regions]], region_count=len(regions),
             total_defect_area=sum(r.area for r in regions), image={"width": width, "height": height},
             model=model.info, rules=model.rules_dict, timings_ms=timings,
-            error=job.error, evidence=evidence, evidence_status=evidence_status, event_id=event_id,
+            error=outcome.error, evidence=evidence, evidence_status=evidence_status, event_id=event_id,
             part_score=outcome.part_score,
             part_threshold=model.params.part_threshold,
-            image_quality=image_quality(frame.image) if frame.image is not None and job.error is None else None)
+            image_quality=image_quality(frame.image) if frame.image is not None and outcome.error is None else None)
         payload = encode(event)
         if len(payload) > EVENT_MAX_BYTES:
             raise ValueError(f"result event is {len(payload)} bytes > {EVENT_MAX_BYTES}")
         return event_id, payload
-
-    def _commit(self, frame: Frame, ok: bool, trigger: bool = True) -> None:
-        """source.commit and gate.commit (the stored trigger is done) once the result is durable; never
-        stops the result thread (a file then stays until a restart, a trigger gets its error result there)."""
-        try:
-            self.source.commit(frame, ok=ok)
-            if trigger:
-                self.gate.commit(frame)
-        except Exception:
-            log.exception("part %s: cannot commit it", safe_part_id(frame.part_id))
 
     def _next_seq(self, part_id: str) -> int | None:
         """SeqStore.next, retried while its file cannot be written (disk full): the part waits."""
@@ -545,6 +551,7 @@ class FrameFlow:
                 self.alarms.set(OUTBOX_ERROR, False, "sequence numbers are stored again")
             return seq
 
+    # -- step 3: store (one transaction per group) ---------------------------------------------------
     def _store(self, ready: list[Ready]) -> None:
         """Outbox.add_many, then each stored part's commit in order. Parts the outbox cannot take (full,
         disk full, I/O error) are held and retried, never dropped; at the drain deadline they are left
@@ -562,6 +569,7 @@ class FrameFlow:
                 log.debug("%d result(s) stored in one transaction, %d held", len(ready) - len(held), len(held))
             for r, a in zip(ready, added, strict=True):
                 if a is not None:
+                    self._commit(r.job.frame, ok=r.verdict != "error")
                     self._account(r, a)
             if self.sink is not None and len(held) < len(ready):
                 self.sink.notify_new()
@@ -583,6 +591,49 @@ class FrameFlow:
                                  safe_part_id(r.job.frame.part_id), r.event_id)
                 return
 
+
+    # -- step 4: commit the part at its source -------------------------------------------------------
+    def _commit(self, frame: Frame, ok: bool, trigger: bool = True) -> None:
+        """source.commit and gate.commit (the stored trigger is done) once the result is durable; never
+        stops the result thread (a file then stays until a restart, a trigger gets its error result there)."""
+        try:
+            self.source.commit(frame, ok=ok)
+            if trigger:
+                self.gate.commit(frame)
+        except Exception:
+            log.exception("part %s: cannot commit it", safe_part_id(frame.part_id))
+
+    # -- step 5: account -----------------------------------------------------------------------------
+    def _account(self, item: Ready, added: bool) -> None:
+        """A stored and committed part: counters, metrics, alarms, latency, then the result listeners."""
+        job, verdict, frame = item.job, item.verdict, item.job.frame
+        if added:
+            self.counters.add(verdict)
+            self.metrics.results.labels(verdict).inc()
+            self.alarms.observe_verdict(verdict)
+        else:
+            self.counters.add("duplicate")
+            self.metrics.duplicates.inc()
+        self.metrics.last_result.set(time.time())
+        self.latency.add(item.t_built - frame.mono_ts)
+        self.metrics.latency.observe(item.t_built - frame.mono_ts)
+        if job.t_done:
+            self.metrics.inference.observe(job.t_done - job.t_submit)
+        self.counters.add("inspected")
+        for listener in self.result_listeners:
+            try:
+                listener(frame, item.event_id, item.payload)
+            except Exception:  # a listener (the PLC handshake) never stops the result thread
+                log.exception("part %s: result listener failed", safe_part_id(frame.part_id))
+
+
+def _timings(job: Job, t0: float) -> dict[str, float]:
+    """The event's timings_ms: capture -> result, queue wait, inference and postprocess (t0 on)."""
+    frame, now = job.frame, time.monotonic()
+    return {"capture_to_result": round((now - frame.mono_ts) * 1000, 3),
+            "queue": round(max(0.0, (job.t_submit or now) - frame.mono_ts) * 1000, 3),
+            "inference": round(max(0.0, job.t_done - job.t_submit) * 1000, 3) if job.t_done else 0.0,
+            "postprocess": round((now - t0) * 1000, 3)}
 
 def _empty(q: queue.Queue[Any]) -> list[Any]:
     """Whatever is left in a queue, without waiting."""

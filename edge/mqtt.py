@@ -39,9 +39,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.alarms import CLIENT_ID_CONFLICT, MQTT_UNVERIFIED_ACKS, NO_SUBSCRIBERS, PUBLISH_REJECTED
-from edge.config import MqttConfig
+from edge.config import Config, MqttConfig, resolve_password
 from edge.outbox import Outbox, OutboxRow
-from edge.triggers import TriggerMessage
+from edge.triggering.triggers import TriggerMessage
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ _RESERVED_INFLIGHT = 2  # slots left for status/alarm messages under the broker'
 @dataclass(frozen=True)
 class MqttSettings:
     """What the sink runs with: the validated `mqtt` config section (edge.config.MqttConfig holds
-    every field, bound and default) plus what is known only at start (edge.station.mqtt_settings)."""
+    every field, bound and default) plus what is known only at start (mqtt_settings below)."""
 
     config: MqttConfig = field(default_factory=MqttConfig)
     client_id: str = ""  # "" = a random id; the daemon's is mqtt.client_id or edge-<line>-<station>
@@ -66,6 +66,12 @@ class MqttSettings:
     @property
     def tls(self) -> bool:
         return bool(self.config.tls_ca or self.config.tls_cert)
+
+
+def mqtt_settings(cfg: Config) -> MqttSettings:
+    """The sink's settings: the mqtt section, the station's client id and the resolved password."""
+    m = cfg.mqtt
+    return MqttSettings(m, m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}", resolve_password(m))
 
 
 def _str(path: Path | None) -> str | None:
@@ -366,20 +372,7 @@ class MqttSink:
             acks: list[int] = []
             for ev in events:
                 if ev[0] == "puback":
-                    entry = inflight.pop(ev[1], None)
-                    if entry is None:
-                        continue  # from a connection we already gave up on; the row was resent
-                    if ev[2] == "no_subscribers":
-                        self._count("no_subscribers")
-                        if self.cfg.no_subscribers == "deliver":
-                            acks.append(entry[0])
-                        else:
-                            self._hold(NO_SUBSCRIBERS, entry[0], ev[3], retry)
-                    elif ev[2] == "rejected":
-                        self._count("rejected")
-                        self._hold(PUBLISH_REJECTED, entry[0], ev[3], retry)
-                    else:
-                        acks.append(entry[0])
+                    self._on_puback(ev, inflight, retry, acks)
                 elif ev[0] in ("connected", "disconnected"):
                     online = ev[0] == "connected"
                     cursor = 0  # resend everything unacknowledged, in order
@@ -400,6 +393,24 @@ class MqttSink:
                 retry.clear()
                 time.sleep(1.0)
             self._set_inflight(len(inflight))
+
+    def _on_puback(self, ev: tuple[Any, ...], inflight: dict[int, tuple[int, float]], retry: dict[int, float],
+                   acks: list[int]) -> None:
+        """A PUBACK (sender thread): its row is acknowledged, or held for a retry (no subscribers, rejected)."""
+        entry = inflight.pop(ev[1], None)
+        if entry is None:
+            return  # from a connection we already gave up on; the row was resent
+        if ev[2] == "no_subscribers":
+            self._count("no_subscribers")
+            if self.cfg.no_subscribers == "deliver":
+                acks.append(entry[0])
+            else:
+                self._hold(NO_SUBSCRIBERS, entry[0], ev[3], retry)
+        elif ev[2] == "rejected":
+            self._count("rejected")
+            self._hold(PUBLISH_REJECTED, entry[0], ev[3], retry)
+        else:
+            acks.append(entry[0])
 
     def _next_events(self, timeout: float) -> list[tuple[Any, ...]]:
         try:

@@ -311,6 +311,22 @@ def salvage(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]], s
     except sqlite3.Error as e:
         db.close()
         return [], [], f"nothing readable ({e}): the number of lost events is unknown"
+    try:
+        rows, lost = _read_by_ranges(db, hi)
+    finally:
+        db.close()
+    if not hi:
+        return sorted(rows), _merge(lost), "the highest seq was unreadable: events past the readable ones may be lost"
+    # A zeroed page can read as an empty one: seq numbers used (<= hi) but absent from the undelivered
+    # span (from the first row or bad range on) are counted as lost too - acks delete mostly in order.
+    seen = {r[0] for r in rows}
+    start = min([*seen, *(a for a, _ in lost)], default=hi + 1)
+    lost += [(s, s) for s in range(start, hi + 1) if s not in seen]
+    return sorted(rows), _merge(lost), None
+
+
+def _read_by_ranges(db: sqlite3.Connection, hi: int) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]]]:
+    """(plausible rows, lost seq ranges) of seq 1..hi, bisecting around ranges that do not read."""
     rows: list[tuple[Any, ...]] = []
     bad: list[tuple[int, int]] = []
     damaged: list[int] = []
@@ -333,16 +349,7 @@ def salvage(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]], s
             else:  # lower half popped first: rows come out in order
                 mid = (a + b) // 2
                 todo += [(mid + 1, b), (a, mid)]
-    db.close()
-    lost = bad + [(s, s) for s in damaged]
-    if not hi:
-        return sorted(rows), _merge(lost), "the highest seq was unreadable: events past the readable ones may be lost"
-    # A zeroed page can read as an empty one: seq numbers used (<= hi) but absent from the undelivered
-    # span (from the first row or bad range on) are counted as lost too - acks delete mostly in order.
-    seen = {r[0] for r in rows}
-    start = min([*seen, *(a for a, _ in lost)], default=hi + 1)
-    lost += [(s, s) for s in range(start, hi + 1) if s not in seen]
-    return sorted(rows), _merge(lost), None
+    return rows, bad + [(s, s) for s in damaged]
 
 
 def _plausible(r: tuple[Any, ...], lo: int, hi: int) -> bool:

@@ -13,8 +13,8 @@ import dataclasses
 import threading
 
 from edge.config import RulesConfig
+from edge.model_loader import LoadedModel
 from edge.rules import Rules
-from edge.station import LoadedModel
 
 _PARAM_FIELDS = ("pixel_threshold", "min_area", "open_radius", "close_radius", "part_threshold")
 _RULE_FIELDS = tuple(f.name for f in dataclasses.fields(Rules))

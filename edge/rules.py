@@ -40,7 +40,7 @@ NO_FRAME = "no_frame"  # a trigger got no frame in time, overflowed, or its stat
 BAD_TRIGGER = "bad_trigger"  # a trigger's optional field (seq, ts) is present but unusable
 LATE_TRIGGER = "late_trigger"  # the trigger arrived after its part passed the camera (pipeline.trigger_max_age_s)
 # TRIGGER_SEQUENCE: the PLC's sequence number repeated or went back (also the alarm's name)
-SELFTEST = "selftest"  # the golden set disagreed and selftest.on_failure is stop: no part is judged (edge.selftest)
+SELFTEST = "selftest"  # the golden set disagreed and selftest.on_failure is stop: no part is judged (edge.lifecycle.selftest)
 ERROR_KINDS = (CAMERA_LOST, UNREADABLE, NOT_A_FILE, NO_MEMORY, QUARANTINED, BAD_FRAME, STALE, INFERENCE, NON_FINITE,
                INTERNAL, NO_FRAME, BAD_TRIGGER, LATE_TRIGGER, TRIGGER_SEQUENCE, SELFTEST)
 

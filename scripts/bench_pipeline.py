@@ -401,7 +401,7 @@ def rss_run(work: Path, pkg: Path, broker: Broker, size: tuple[int, int], frames
 
 
 # -- (c) zero loss under faults -------------------------------------------------------------------------
-def loss_run(work: Path, pkg: Path, size: tuple[int, int], parts: int, rate: float, m: dict[str, Any],
+def loss_run(work: Path, pkg: Path, size: tuple[int, int], parts: int, rate: float, m: dict[str, Any],  # noqa: PLR0915 - one scripted fault scenario, read top to bottom
              timeout: float) -> dict[str, Any]:
     broker = persistent_broker(work / "broker-loss").start()
     _children.append(broker)
@@ -480,7 +480,7 @@ def loss_run(work: Path, pkg: Path, size: tuple[int, int], parts: int, rate: flo
 
 
 # -- main ----------------------------------------------------------------------------------------------
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - argument parsing and the report of three benchmarks
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="model package (default: the tiny test package, built now)")
     ap.add_argument("--frames", type=int, default=2000, help="frames per throughput run (a) at the default size")

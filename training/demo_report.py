@@ -76,7 +76,7 @@ def score(parts: Sequence[Part], results: dict[str, Received], by_part: dict[str
 
 
 # ----------------------------------------------------------------------------------- pictures
-def contact_sheet(parts: Sequence[Part], events: dict[str, dict[str, Any]], evidence_root: Path, done: Path,
+def contact_sheet(parts: Sequence[Part], events: dict[str, dict[str, Any]], evidence_root: Path, done: Path,  # noqa: C901 - one picture, a branch per part state
                   png: Path, title: str, max_tiles: int = 40, cols: int = 8) -> int:
     """Tiles of parts with the predicted defect overlay (red: mask + boxes) and the truth outline
     (green); the daemon's own evidence mask when there is one, else the event's boxes alone."""

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from edge.sources.base import Frame, valid_part_id
-from edge.sources.gate import FrameGate
-from edge.triggers import TriggerMessage
+from edge.triggering.gate import FrameGate
+from edge.triggering.triggers import TriggerMessage
 
 log = logging.getLogger(__name__)
 

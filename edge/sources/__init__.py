@@ -1,4 +1,4 @@
-"""Frame sources: camera/video (OpenCV), hot folder, synthetic parts. `open_source` picks one by config."""
+"""Frame sources: camera/video (OpenCV), hot folder, synthetic parts. `make_source` picks one by config."""
 
 from __future__ import annotations
 

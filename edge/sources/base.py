@@ -36,6 +36,20 @@ class Frame:
     live: bool = True  # a live stream frame may be dropped or found stale; a part (file, trigger) never
     meta: dict[str, Any] = field(default_factory=dict)  # source details for the event (file name, frame index)
 
+    def fail(self, kind: str, message: str) -> None:
+        """This frame cannot be judged: the flow gives its part the `error` verdict of `kind` (one of
+        edge.rules.ERROR_KINDS) saying `message`. The image is let go: nothing inspects it any more."""
+        self.image, self.error, self.error_kind = None, message, kind
+
+
+def error_frame(part_id: str, capture_ts: float, kind: str, message: str, *, live: bool = True,
+                meta: dict[str, Any] | None = None) -> Frame:
+    """A part that has no usable image (lost camera, unreadable file, trigger without a frame): the one
+    way a source or the trigger gate reports a failure, so it becomes that part's `error` verdict."""
+    frame = Frame(part_id=part_id, capture_ts=capture_ts, image=None, live=live, meta=meta or {})
+    frame.fail(kind, message)
+    return frame
+
 
 @runtime_checkable
 class FrameSource(Protocol):

@@ -20,7 +20,7 @@ import numpy as np
 from edge.alarms import CAMERA_LOST
 from edge.config import CameraSourceConfig, VideoSourceConfig
 from edge.redact import redact_uri
-from edge.sources.base import Frame, SourceError, now_part_id
+from edge.sources.base import Frame, SourceError, error_frame, now_part_id
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,8 @@ class CameraSource:
                     self._counter += 1
                     ts = time.time()
                     reason = "video ended" if self._ended else self._last_error
-                    return Frame(part_id=now_part_id("lost", ts, self._counter), capture_ts=ts, image=None,
-                                 error=f"no frame for {stalled_for:.1f} s from {self.name} ({reason})",
-                                 error_kind=CAMERA_LOST)
+                    return error_frame(now_part_id("lost", ts, self._counter), ts, CAMERA_LOST,
+                                       f"no frame for {stalled_for:.1f} s from {self.name} ({reason})")
                 if now >= deadline or self._stop.is_set():
                     return None
                 self._cond.wait(min(deadline, self._last_good + self.cfg.stall_timeout_s) - now)

@@ -35,7 +35,7 @@ from edge.config import FolderSourceConfig
 from edge.contract import InputSpec
 from edge.memory import MiB, inspection_bytes, read_budget, refusal
 from edge.rules import NO_MEMORY, NOT_A_FILE, QUARANTINED, UNREADABLE
-from edge.sources.base import Frame, SourceError
+from edge.sources.base import Frame, SourceError, error_frame
 from edge.sources.crashes import CrashLedger
 from edge.text import safe_part_id, safe_text
 
@@ -62,46 +62,62 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
             return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         if data[:2] == b"\xff\xd8":
-            i = 2
-            while i + 9 <= len(data):
-                if data[i] != 0xFF:
-                    return None
-                marker = data[i + 1]
-                if marker == 0xFF:  # fill byte
-                    i += 1
-                    continue
-                if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-                    i += 2
-                    continue
-                if marker in _JPEG_SOF:
-                    return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
-                i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-            return None
+            return _jpeg_size(data)
         if data[:2] == b"BM" and len(data) >= 26:
             if int.from_bytes(data[14:18], "little") == 12:  # OS/2 header: 16-bit sizes
                 return int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little")
             return (abs(int.from_bytes(data[18:22], "little", signed=True)),
                     abs(int.from_bytes(data[22:26], "little", signed=True)))
         if data[:4] in (b"II*\x00", b"MM\x00*"):
-            order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
-            ifd = int.from_bytes(data[4:8], order)
-            n = int.from_bytes(data[ifd : ifd + 2], order)
-            dims: dict[int, int] = {}
-            for k in range(n):
-                e = ifd + 2 + 12 * k
-                tag, kind = int.from_bytes(data[e : e + 2], order), int.from_bytes(data[e + 2 : e + 4], order)
-                if tag in (256, 257):
-                    size = 2 if kind == 3 else 4
-                    dims[tag] = int.from_bytes(data[e + 8 : e + 8 + size], order)
-            return (dims[256], dims[257]) if len(dims) == 2 else None
+            return _tiff_size(data)
         if data[:1] == b"P" and data[1:2] in b"123456":
-            tokens: list[bytes] = []
-            for line in data[:1024].split(b"\n"):
-                tokens += line.split(b"#", 1)[0].split()
-                if len(tokens) >= 3:
-                    return int(tokens[1]), int(tokens[2])
+            return _pnm_size(data)
     except (IndexError, ValueError):
         return None
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """The size in the first start-of-frame segment, walking the markers before it."""
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in _JPEG_SOF:
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """ImageWidth (256) and ImageLength (257) of the first image file directory."""
+    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
+    ifd = int.from_bytes(data[4:8], order)
+    n = int.from_bytes(data[ifd : ifd + 2], order)
+    dims: dict[int, int] = {}
+    for k in range(n):
+        e = ifd + 2 + 12 * k
+        tag, kind = int.from_bytes(data[e : e + 2], order), int.from_bytes(data[e + 2 : e + 4], order)
+        if tag in (256, 257):
+            size = 2 if kind == 3 else 4
+            dims[tag] = int.from_bytes(data[e + 8 : e + 8 + size], order)
+    return (dims[256], dims[257]) if len(dims) == 2 else None
+
+
+def _pnm_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height: the second and third tokens of the header (comments skipped)."""
+    tokens: list[bytes] = []
+    for line in data[:1024].split(b"\n"):
+        tokens += line.split(b"#", 1)[0].split()
+        if len(tokens) >= 3:
+            return int(tokens[1]), int(tokens[2])
     return None
 
 
@@ -300,8 +316,8 @@ class FolderSource:
 
     @staticmethod
     def _error_frame(name: str, ts: float, message: str, kind: str = UNREADABLE) -> Frame:
-        return Frame(part_id=safe_part_id(Path(name).stem), capture_ts=ts, image=None, error=message,
-                     error_kind=kind, live=False, meta={"file": name})
+        """A file that cannot be inspected: its part id from the name, committed to failed/ later."""
+        return error_frame(safe_part_id(Path(name).stem), ts, kind, message, live=False, meta={"file": name})
 
     def commit(self, frame: Frame, ok: bool) -> None:
         """Move the file out: done/ for pass/fail, failed/ for an `error` verdict (a person looks at it)."""

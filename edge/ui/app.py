@@ -60,7 +60,7 @@ def parse_time(value: str | None, field: str) -> float | None:
         raise HTTPException(400, f"{field}: expected a date and time like 2026-01-31T08:00, got {value[:40]!r}") from None
 
 
-def create_app(store: Store, listener: StationListener, auth: Auth, evidence: EvidenceFiles, *,
+def create_app(store: Store, listener: StationListener, auth: Auth, evidence: EvidenceFiles, *,  # noqa: C901, PLR0915 - the routes are closures over the app's store/listener/auth; each one is small
                live_hz: float = 4.0, login_to_view: bool = False, cookie_secure: bool = False,
                station_name: str = "") -> FastAPI:
     app = FastAPI(title="Station page", docs_url=None, redoc_url=None, openapi_url=None)

@@ -26,9 +26,9 @@ import pytest
 from edge.config import validate_config
 from edge.contract import Region
 from edge.daemon import run_pipeline
-from edge.events import validate_event
+from edge.events import region_dict, shift_regions, validate_event
 from edge.evidence import EvidenceStore
-from edge.station import SeqStore, region_dict, shift_regions
+from edge.seqstore import SeqStore
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import (
     BASE,

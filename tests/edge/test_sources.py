@@ -31,7 +31,7 @@ from edge.sources import (
     parse_trigger,
 )
 from edge.sources.base import PART_ID_MAX
-from edge.sources.gate import FrameGate
+from edge.triggering.gate import FrameGate
 from tests.tiny_package import make_part
 
 

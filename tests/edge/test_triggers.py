@@ -19,8 +19,8 @@ from edge.mqtt import MqttSettings, MqttSink
 from edge.outbox import Outbox
 from edge.sources.base import Frame, parse_trigger_fields
 from edge.sources.camera import CameraSource, _StreamClock
-from edge.sources.gate import RESUME_GRACE_S, FrameGate
-from edge.triggers import TriggerMessage, TriggerStore
+from edge.triggering.gate import RESUME_GRACE_S, FrameGate
+from edge.triggering.triggers import TriggerMessage, TriggerStore
 from tests.broker import Broker, Subscriber
 from tests.faults.netcam import FFMPEG, NetCamera
 from tests.faults.tcp_proxy import TcpProxy

@@ -28,9 +28,9 @@ import pytest
 
 import edge.sources.folder as folder_module
 from edge.config import FolderSourceConfig, FrameChecksConfig, SyntheticSourceConfig
+from edge.seqstore import SeqStore
 from edge.sources import Frame, SyntheticSource, check_frame
 from edge.sources.folder import FolderSource, image_size
-from edge.station import SeqStore
 from tests.broker import Broker
 from tests.daemon_proc import Daemon, running, station, write_config
 from tests.faults.harness import (

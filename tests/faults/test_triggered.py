@@ -76,7 +76,7 @@ def wait_online(sub: PersistentSubscriber, after: float, timeout: float) -> bool
                         timeout)
 
 
-def test_triggered_parts_get_exactly_one_result(tmp_path: Path, tiny_package: Path, report: Any) -> None:
+def test_triggered_parts_get_exactly_one_result(tmp_path: Path, tiny_package: Path, report: Any) -> None:  # noqa: C901, PLR0915 - one end-to-end scenario with its checks in order
     broker = Broker(tmp_path / "broker").start()
     proxy = TcpProxy(broker.port).start()  # between the daemon and the broker only
     cam = NetCamera(tmp_path).start()

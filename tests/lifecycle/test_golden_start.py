@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge import audit, golden
 from edge.__main__ import main
+from edge.lifecycle import audit, golden
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import BASE, Daemon, alarms, results, station, write_config
 from tests.lifecycle.helpers import add_set, reset_links
@@ -84,7 +84,7 @@ def test_start_refused_when_the_model_disagrees(tmp_path: Path, store: Path, gol
 
 def test_shipped_acl_lets_a_station_use_its_lifecycle_topics() -> None:
     """Side messages are not held like results: a topic the ACL denies would lose them silently."""
-    from edge import promotion, selftest, shadow
+    from edge.lifecycle import promotion, selftest, shadow
 
     text = (Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "acl.example").read_text()
     for topic in (selftest.TOPIC, shadow.TOPIC, promotion.MODEL_TOPIC):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edge import audit
 from edge.__main__ import main
+from edge.lifecycle import audit
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import BASE, Daemon, expected, results, station, wait_results, write_config
 from tests.lifecycle.helpers import add_set, assert_every_part_once, reset_links

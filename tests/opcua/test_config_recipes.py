@@ -11,10 +11,10 @@ import pytest
 
 from edge.config import ConfigError, PipelineConfig, RulesConfig, validate_config
 from edge.metrics import Metrics
+from edge.model_loader import load_model
 from edge.recipes import Recipes
 from edge.sources.base import Frame
-from edge.sources.gate import FrameGate
-from edge.station import load_model
+from edge.triggering.gate import FrameGate
 from tests.daemon_proc import station
 
 

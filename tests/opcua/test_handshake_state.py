@@ -15,7 +15,7 @@ from edge.opcua.certs import make_certificate
 from edge.opcua.handshake import AckStatus, Handshake, JobStatus, State
 from edge.opcua.server import TrustedClients
 from edge.sources.base import Frame
-from edge.sources.gate import FrameGate
+from edge.triggering.gate import FrameGate
 
 
 def _result(gate: FrameGate, part_id: str, verdict: str = "pass") -> tuple[Frame, str, bytes]:

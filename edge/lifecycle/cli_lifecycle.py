@@ -20,13 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge.exitcodes import EX_CONFIG, EX_FAILURE, EX_OK, load_or_report
+from edge.exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 
 
 def cmd_golden(args: argparse.Namespace) -> int:
-    from edge import audit, golden
+    from edge.config import load_config_or_report
+    from edge.lifecycle import audit, golden
 
-    cfg = load_or_report(args.config)
+    cfg = load_config_or_report(args.config)
     if cfg is None:
         return EX_CONFIG
     state = cfg.state_dir
@@ -57,9 +58,9 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 
 def _golden_test(cfg: Any) -> int:
+    from edge.lifecycle.selftest import run_golden
+    from edge.model_loader import load_model
     from edge.package import PackageError
-    from edge.selftest import run_golden
-    from edge.station import load_model
 
     try:
         model = load_model(cfg)
@@ -81,9 +82,10 @@ def _golden_test(cfg: Any) -> int:
 
 
 def cmd_switch(args: argparse.Namespace) -> int:
-    from edge.promotion import PromotionError, switch
+    from edge.config import load_config_or_report
+    from edge.lifecycle.promotion import PromotionError, switch
 
-    cfg = load_or_report(args.config)
+    cfg = load_config_or_report(args.config)
     if cfg is None:
         return EX_CONFIG
     try:
@@ -103,7 +105,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Register golden, promote, rollback and shadow-report on the `python -m edge` subparsers."""
-    from edge.shadow_report import add_command
+    from edge.lifecycle.shadow_report import add_command
 
     add_command(sub)
     g = sub.add_parser("golden", help="manage the station's golden set (reference parts with known verdicts)")

@@ -3,7 +3,7 @@
 station has proven the new model on its golden set.
 
 The order is install.sh's: the running daemon is asked to load the target first (model-request.json
-+ SIGHUP, edge.model_state), which goes through the reload path and its golden gate; only when
++ SIGHUP, edge.lifecycle.model_state), which goes through the reload path and its golden gate; only when
 loaded-model.json confirms the request do the links move, each by one rename of a new symlink, so
 a reader sees the old link or the new one. A refused target leaves links and the running model as
 they were. With no daemon running, the golden set is run here instead. Every attempt, accepted or
@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edge import audit, model_state
 from edge.config import Config
+from edge.lifecycle import audit, model_state
 from edge.package import PackageError, content_hash, read_package
 from edge.signature import verify_package_signature
 from edge.statelock import STATE_LOCK
@@ -197,8 +197,8 @@ def _confirm(cfg: Config, path: Path, action: str, timeout_s: float) -> str:
 
 
 def _offline_selftest(cfg: Config, path: Path) -> str:
-    from edge.selftest import run_golden  # OpenVINO loads only here
-    from edge.station import load_model
+    from edge.lifecycle.selftest import run_golden  # OpenVINO loads only here
+    from edge.model_loader import load_model
 
     trial = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})})
     model = load_model(trial)
@@ -215,8 +215,7 @@ def publish_once(cfg: Config, name: str, body: dict[str, Any], timeout_s: float 
     """QoS 1 to <base>/<name> over a short connection of its own (client id <station's>-admin, so the
     running daemon is not kicked off); best effort: the audit log is the record. False if not sent."""
     from edge.config import ConfigError
-    from edge.mqtt import new_client
-    from edge.station import mqtt_settings
+    from edge.mqtt import mqtt_settings, new_client
 
     try:
         s = mqtt_settings(cfg)

@@ -4,7 +4,7 @@
     <state_dir>/golden/<id><ext>        the image of each sample, copied in at `golden add`
 
 A sample is {"id", "file", "expected": "pass"|"fail", "sha256", "added", "note"}. The daemon runs
-the set through every model it is about to trust (edge.selftest); a plant keeps e.g. five good and
+the set through every model it is about to trust (edge.lifecycle.selftest); a plant keeps e.g. five good and
 five defective parts, some borderline, so a drifting margin shows before a verdict flips.
 
 Every write is atomic (tmp + fsync + rename, image before manifest on add, manifest before image

@@ -1,5 +1,5 @@
 """Golden-sample self-test: the station proves on its own reference parts that a model still
-judges them as they were judged when they were chosen (edge.golden).
+judges them as they were judged when they were chosen (edge.lifecycle.golden).
 
 When it runs and what a failure does:
 - at start: the daemon refuses to inspect, raises `selftest_failed` and exits 78 (SelfTestFailed
@@ -31,11 +31,11 @@ from typing import Any
 from edge.alarms import AlarmTracker
 from edge.config import RoiConfig, SelfTestConfig
 from edge.events import rules_hash
-from edge.golden import GoldenError, Sample, load_samples, read_image
+from edge.lifecycle.golden import GoldenError, Sample, load_samples, read_image
+from edge.model_loader import LoadedModel
 from edge.mqtt import MqttSink
 from edge.package import PackageError
 from edge.rules import decide
-from edge.station import LoadedModel
 
 log = logging.getLogger(__name__)
 

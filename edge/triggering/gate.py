@@ -2,7 +2,7 @@
 
 Triggered mode: a message on `<base>/trigger` names a part; the next frame captured *after*
 the message is that part's image. Every trigger that names a part gets exactly one result:
-- it is stored durably (edge.triggers) before the MQTT layer acknowledges it, and closed only
+- it is stored durably (edge.triggering.triggers) before the MQTT layer acknowledges it, and closed only
   once its result is in the outbox; open triggers of a previous run become `error` results
   at start, never matched to a frame taken after the restart (that shows another part);
 - a trigger for a part id that is open or was seen within `trigger_dedup_s` is a duplicate:
@@ -37,8 +37,8 @@ from edge.config import PipelineConfig
 from edge.counters import Counters
 from edge.metrics import Metrics
 from edge.rules import BAD_TRIGGER, LATE_TRIGGER, NO_FRAME
-from edge.sources.base import Frame, TriggerFields, parse_trigger_fields
-from edge.triggers import StoredTrigger, TriggerMessage, TriggerStore
+from edge.sources.base import Frame, TriggerFields, error_frame, parse_trigger_fields
+from edge.triggering.triggers import StoredTrigger, TriggerMessage, TriggerStore
 
 log = logging.getLogger(__name__)
 
@@ -321,5 +321,5 @@ class FrameGate:
 
 
 def _error_part(part_id: str, ts: float, kind: str, message: str) -> Frame:
-    return Frame(part_id=part_id, capture_ts=ts, image=None, error=message, error_kind=kind, live=False,
-                 meta={"trigger_ts": ts})
+    """A trigger that ends without a frame; keyed by its receive time like its part would have been."""
+    return error_frame(part_id, ts, kind, message, live=False, meta={"trigger_ts": ts})

@@ -29,12 +29,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge.audit import append_jsonl
 from edge.config import Config, RoiConfig
+from edge.lifecycle.audit import append_jsonl
+from edge.model_loader import LoadedModel, load_model
 from edge.mqtt import MqttSink
 from edge.package import PackageError
 from edge.rules import decide
-from edge.station import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 golden set edits. `<state_dir>/audit.jsonl`, one JSON object per line, each write one `write`
 on an O_APPEND descriptor followed by fsync, so concurrent writers never interleave a line and
 a power cut loses at most the record being written (never an earlier one). `append_jsonl` and
-`read_jsonl` serve other station logs of the same kind (edge.shadow).
+`read_jsonl` serve other station logs of the same kind (edge.lifecycle.shadow).
 """
 
 from __future__ import annotations

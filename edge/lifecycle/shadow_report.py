@@ -1,6 +1,6 @@
 """`python -m edge shadow-report --state-dir DIR`: the agreement matrix of the live and the shadow
 model over a period, and the parts where they differ, from `<state_dir>/shadow/shadow.jsonl`
-(edge.shadow). Reads files only: no model, no OpenVINO, works on a copy of a station's state dir.
+(edge.lifecycle.shadow). Reads files only: no model, no OpenVINO, works on a copy of a station's state dir.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edge.audit import read_jsonl
+from edge.lifecycle.audit import read_jsonl
 
 VERDICTS = ("pass", "fail")
 HEADER = "live \\ shadow"
