@@ -1,6 +1,6 @@
 """`python -m training demo --out demo-out`: the whole product on built-in synthetic parts.
 
-    1 data      synthetic textured parts with exact defect masks (training.synth)
+    1 data      synthetic textured parts with exact defect masks (training.core.synth)
     2 train     `python -m training train` on configs/train/synthetic-demo.yaml, time-budgeted
     3 export    `python -m training export`: OpenVINO IR, INT8 behind the accuracy gate
     4 station   a local Mosquitto on a free port + the real daemon (`python -m edge run`)
@@ -33,8 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from training.demo_report import contact_sheet, print_summary, score
-from training.demo_review import (
+from training.demo.console import Progress
+from training.demo.report import contact_sheet, print_summary, score
+from training.demo.review import (
     DEMO_PASSWORD,
     DEMO_USER,
     make_reviewer,
@@ -43,7 +44,7 @@ from training.demo_review import (
     start_page,
     wait_page,
 )
-from training.demo_station import (
+from training.demo.station import (
     LINE,
     STATION,
     TOPIC_PREFIX,
@@ -57,47 +58,13 @@ from training.demo_station import (
     stop_process,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRAIN_CONFIG = REPO / "configs" / "train" / "synthetic-demo.yaml"
 OWNED = ("data", "run", "model", "conveyor", "state", "broker", "logs", "reviewed")  # recreated on every run
 
 
 class Interrupted(BaseException):
     """SIGTERM / SIGINT: unwind through every `finally` so the broker and daemon are stopped."""
-
-
-# ----------------------------------------------------------------------------------- printing
-class Progress:
-    def __init__(self, total_stages: int) -> None:
-        self.t0 = time.monotonic()
-        self.total = total_stages
-        self.n = 0
-        self.lock = threading.Lock()
-        self.stage_times: dict[str, float] = {}
-        self._stage: tuple[str, float] | None = None
-
-    def elapsed(self) -> str:
-        s = int(time.monotonic() - self.t0)
-        return f"{s // 60:d}:{s % 60:02d}"
-
-    def stage(self, name: str, what: str) -> None:
-        self._close_stage()
-        self.n += 1
-        self._stage = (name, time.monotonic())
-        self.say(f"\n== [{self.n}/{self.total}] {what}   (elapsed {self.elapsed()})")
-
-    def _close_stage(self) -> None:
-        if self._stage is not None:
-            name, t = self._stage
-            self.stage_times[name] = round(time.monotonic() - t, 1)
-            self._stage = None
-
-    def finish(self) -> None:
-        self._close_stage()
-
-    def say(self, text: str) -> None:
-        with self.lock:
-            print(text, flush=True)
 
 
 # ----------------------------------------------------------------------------------- children
@@ -205,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         # ------------------------------------------------------------------ 1 data
         prog.stage("data", f"synthetic dataset: {args.train_parts} parts {args.size}x{args.size}")
-        from training.synth import generate_dataset
+        from training.core.synth import generate_dataset
 
         counts = generate_dataset(out / "data", args.train_parts, args.seed, size=size, progress=False)
         prog.say("   wrote " + ", ".join(f"{k} {v}" for k, v in counts.items() if v) + f" -> {out / 'data'}")

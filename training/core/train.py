@@ -38,13 +38,25 @@ from tqdm import tqdm
 
 from edge.contract import InputSpec, PostprocessParams
 from edge.preprocess import scale_image, scale_mask
-from training.checkpoint import CheckpointError, CheckpointMeta, load_model, read_checkpoint, save_checkpoint
-from training.data import DataError, load_dataset, merge_datasets, split_holdout
-from training.losses import build_loss
-from training.patches import HardNegative, PatchDataset, mine_hard_negatives, mine_hard_positives, update_pool
-from training.recipe_auto import resolve_auto
-from training.train_config import ConfigError, TrainConfig, fixed, load_config, parse_overrides
-from training.train_utils import (
+from training.core.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
+from training.core.data import DataError, load_dataset, merge_datasets, split_holdout
+from training.core.losses import build_loss
+from training.core.patches import (
+    HardNegative,
+    PatchDataset,
+    mine_hard_negatives,
+    mine_hard_positives,
+    update_pool,
+)
+from training.core.recipe_auto import resolve_auto
+from training.core.train_config import ConfigError, TrainConfig, fixed, load_config, parse_overrides
+from training.core.train_utils import (
     Clock,
     Overhead,
     RunLog,
@@ -61,7 +73,7 @@ from training.train_utils import (
     train_step,
     validate,
 )
-from training.unet import UNet, UNetConfig, build_model, count_parameters, network_output_stride
+from training.core.unet import UNet, UNetConfig, build_model, count_parameters, network_output_stride
 
 
 @dataclass
@@ -411,8 +423,8 @@ def _finish(out: Path, cfg: TrainConfig, spec: InputSpec, val_images: list[np.nd
             val_masks: list[np.ndarray], val_s: Sequence[Any], best_probs: list[np.ndarray] | None,
             result: TrainResult, state: dict[str, Any], csv_path: Path) -> None:
     """Pictures of the best model and summary.json (rank 0 only)."""
-    from training.pictures import save_training_curves, save_validation_grid
-    from training.train_utils import Dist
+    from training.core.pictures import save_training_curves, save_validation_grid
+    from training.core.train_utils import Dist
 
     best_path = out / "best.pt"
     result.best_path = best_path if best_path.is_file() else None
@@ -445,9 +457,9 @@ def _report_test(out: Path, spec: InputSpec, test_s: Sequence[Any], color: str, 
     Nothing was chosen on these parts (checkpoint, threshold, min area), so their metrics say
     what the line will see; the calibration figures are optimistic by construction.
     """
-    from training.evaluate import errors_by_category, evaluate_detailed, format_errors, json_safe
-    from training.pictures import save_errors_picture
-    from training.predict import predict_image_part
+    from training.core.evaluate import errors_by_category, evaluate_detailed, format_errors, json_safe
+    from training.core.pictures import save_errors_picture
+    from training.core.predict import predict_image_part
 
     if result.best_path is None:
         return

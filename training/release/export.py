@@ -40,10 +40,10 @@ from edge.inference import PART_OUTPUT
 from edge.package import read_package, sha256_file, write_package_json
 from edge.preprocess import preprocess
 from edge.signature import sign_package
-from training import quantize as q
-from training.checkpoint import CheckpointMeta, load_model
-from training.data import load_dataset, load_sample, split_holdout
-from training.timing import median_latency_ms, ov_runner
+from training.core.checkpoint import CheckpointMeta, load_model
+from training.core.data import load_dataset, load_sample, split_holdout
+from training.release import quantize as q
+from training.release.timing import median_latency_ms, ov_runner
 
 
 class ExportError(RuntimeError):
@@ -294,7 +294,7 @@ def _torch_parity(module: torch.nn.Module, ref: q.OVPredictor, image: np.ndarray
     tiles, _ = preprocess(image, spec)
     rnd = np.random.default_rng(0).uniform(0, 255, tiles[:1].shape).astype(np.float32)
     x = np.concatenate([tiles[:4], rnd])
-    from training.predict import predict_tiles_part
+    from training.core.predict import predict_tiles_part
 
     pt, pt_parts = predict_tiles_part(module, x, batch=len(x))
     ov_maps, ov_parts = ref.infer_tiles_parts(x)

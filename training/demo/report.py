@@ -1,5 +1,5 @@
 """The demo's summary: accuracy, throughput and latency from the verdicts received over MQTT,
-contact sheets of failed / missed parts, and the console report (stage 6 of `training.demo`)."""
+contact sheets of failed / missed parts, and the console report (stage 6 of `training.demo.run`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from training.demo_station import Part, Received
+from training.demo.station import Part, Received
 
 
 # ----------------------------------------------------------------------------------- scoring

@@ -1,7 +1,7 @@
 """`python -m training review-export --state-dir DIR --out DATASET`: reviewed parts -> training data.
 
 Reads the station page's review database (<state_dir>/ui.sqlite3) and the evidence folder, and
-writes the generic layout that training/data.py reads (docs/data.md):
+writes the generic layout that training/core/data.py reads (docs/data.md):
 
 - a confirmed defect -> images/NAME + masks/NAME.png: the reviewer's box if one was drawn,
   else the station's own evidence mask;
