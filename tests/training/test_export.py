@@ -254,7 +254,7 @@ def test_decision_head_exports_a_second_output_through_int8(tmp_path: Path, expo
     params = PostprocessParams(pixel_threshold=0.5, min_area=4, open_radius=0, close_radius=1, part_threshold=0.5)
     ckpt = make_checkpoint(tmp_path / "run" / "best.pt", data, steps=250, decision_head=True, params=params)
     out = tmp_path / "model"
-    report = ex.export(ckpt, out, data, calib_size=64)
+    report = ex.export(ex.ExportRequest(ckpt, out, data, calib_size=64))
     assert report["torch_vs_ov_fp32_max_abs"] < 1e-4  # map and part probability alike
     meta = read_package(out)
     assert meta.postprocess.part_threshold == 0.5 and meta.postprocess.pixel_threshold == 0.5
