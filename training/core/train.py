@@ -5,8 +5,10 @@
         [--set K=V]
     torchrun --nproc_per_node 2 -m training train ...      # data-parallel on CPU (gloo)
 
-One loop, in order: setup, data, model, then per epoch: mine hard negatives, train steps,
-validate (the edge's own tiling -> calibrate threshold/min area -> metrics), checkpoint, log.
+One loop, in order: `_setup` (data, model, optimizer, resumed state, patches; fixed for the run
+in `Run`), then per epoch `_train_epoch` (mine hard negatives and positives, train steps) and
+`_after_epoch` (validate: the edge's own tiling -> calibrate threshold/min area -> metrics;
+checkpoint; log), then `_finish`. What changes as the run goes is one `RunState`.
 RUN_DIR gets best.pt (best combined score), last.pt (+ optimizer/rng state for --resume),
 log.csv, tb/, curves.png, val_grid.png, summary.json and config.yaml.
 
@@ -22,7 +24,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -45,7 +47,7 @@ from training.core.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from training.core.data import DataError, load_dataset, merge_datasets, split_holdout
+from training.core.data import DataError, Sample, load_dataset, merge_datasets, split_holdout
 from training.core.losses import build_loss
 from training.core.patches import (
     HardNegative,
@@ -58,8 +60,10 @@ from training.core.recipe_auto import resolve_auto
 from training.core.train_config import ConfigError, TrainConfig, fixed, load_config, parse_overrides
 from training.core.train_utils import (
     Clock,
+    Dist,
     Overhead,
     RunLog,
+    Validation,
     autocast_dtype,
     broadcast,
     detect_color,
@@ -95,23 +99,195 @@ class TrainResult:
     test_metrics: dict[str, Any] = field(default_factory=dict)  # best.pt on the held-out parts
 
 
+@dataclass
+class RunState:
+    """What changes as a run goes. The fields up to `best_metrics` are saved in last.pt's
+    training_state (`saved`) and restored by --resume; the rest live only in this process."""
+
+    epoch: int = 0
+    step: int = 0
+    elapsed_s: float = 0.0
+    best_score: float = float("-inf")
+    best_epoch: int = 0
+    bad_validations: int = 0
+    pool: list[HardNegative] = field(default_factory=list)  # hard negatives the patches draw from
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    params: PostprocessParams = field(default_factory=PostprocessParams)  # of the latest validation
+    metrics: dict[str, Any] = field(default_factory=dict)  # of the latest validation
+    stopped: str = ""  # why the run ends ("" = it goes on)
+    lr: float = 0.0  # as logged
+    last_val_t: float = 0.0
+    last_val_step: int = -1
+    row_sum: float = 0.0  # step losses since the last CSV row: its train_loss covers them all
+    row_n: int = 0
+    best_probs: list[np.ndarray] | None = None  # maps of the best validation, for the final picture
+    step_s: float = 0.0  # time spent in training steps (this process)
+    run_steps: int = 0
+    speed_told: bool = False
+
+    SAVED = ("epoch", "step", "elapsed_s", "best_score", "best_epoch", "bad_validations", "pool", "best_metrics")
+
+    def saved(self) -> dict[str, Any]:
+        """The part of the state that last.pt keeps (hard negatives as plain tuples)."""
+        out = {k: getattr(self, k) for k in self.SAVED}
+        out["pool"] = [(h.image, h.y, h.x, h.score) for h in self.pool]
+        return out
+
+    def restore(self, ts: dict[str, Any]) -> None:
+        """Take back what an earlier run saved (the keys it has)."""
+        for k in self.SAVED:
+            if k in ts:
+                setattr(self, k, [HardNegative(*t) for t in ts[k]] if k == "pool" else ts[k])
+
+
+@dataclass
+class Run:
+    """What setup fixes for the whole run: config, process group, data, model, optimizer, patches,
+    clock and log. The loop reads these fields; the objects themselves (model, clock...) keep moving."""
+
+    cfg: TrainConfig
+    d: Dist
+    out: Path
+    say: Callable[..., Any]
+    data: RunData
+    mcfg: UNetConfig
+    raw_model: UNet
+    model: torch.nn.Module  # what trains: raw_model, or its DDP wrapper
+    eval_model: UNet  # the weight average (or raw_model): validated, calibrated and saved
+    ema: AveragedModel | None
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    amp: torch.dtype | None
+    patches: PatchDataset
+    loader: DataLoader[Any]
+    patch: int
+    batch: int
+    steps_per_epoch: int
+    budget_s: float | None
+    clock: Clock
+    overhead: Overhead | None  # with a time budget: validation and mining stay within overhead_share
+    log: RunLog | None  # rank 0 only
+    train_config: dict[str, Any]
+    show: bool  # progress bars (rank 0)
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.data.spec
+
+    def meta(self, epoch: int, step: int, p: PostprocessParams, m: dict[str, Any]) -> CheckpointMeta:
+        return CheckpointMeta(name=self.cfg.name, version=self.cfg.version, model_config=self.mcfg,
+                              input_spec=self.spec, postprocess=p, metrics=m, data_fingerprint=self.data.fingerprint,
+                              train_config=self.train_config, epoch=epoch, step=step)
+
+    def write(self, text: str) -> None:
+        """A line that leaves the progress bars intact."""
+        if self.show:
+            tqdm.write(text)
+        else:
+            self.say(text, flush=True)
+
+
+@dataclass
+class RunData:
+    """The split, loaded: training images at model scale, validation images at full resolution
+    (validation predicts full frames through the edge), and the recipe resolved from them."""
+
+    cfg: TrainConfig
+    color: str
+    spec: InputSpec
+    split_seed: int
+    train_s: list[Sample]
+    val_s: list[Sample]
+    test_s: list[Sample]
+    train_images: list[np.ndarray]
+    train_masks: list[np.ndarray]
+    val_images: list[np.ndarray]
+    val_masks: list[np.ndarray]
+    fingerprint: str
+    good_train: list[int]  # training images without defects (where hard negatives are mined)
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: str | Path | None = None,
           extra_data: Sequence[str | Path] = ()) -> TrainResult:
     """Run one training as configured; raises ConfigError/DataError/CheckpointError on bad input.
     `extra_data`: more dataset folders joined to data.root before the split (e.g. reviewed parts)."""
-    # ---------------------------------------------------------------- setup
+    run, st = _setup(cfg, Path(out), resume, init_from, extra_data)
+    epoch_bar = tqdm(total=None if run.budget_s else run.cfg.schedule.epochs, initial=st.epoch, desc="epochs",
+                     unit="ep", disable=not run.show)
+    while st.epoch < run.cfg.schedule.epochs and not st.stopped:
+        losses = _train_epoch(run, st)
+        epoch_bar.update(1)
+        if not losses and st.stopped:
+            st.epoch -= 1  # the budget ran out before this epoch trained at all
+            if st.step == st.last_val_step:
+                break  # and these weights were validated already
+        if st.epoch >= run.cfg.schedule.epochs:
+            st.stopped = st.stopped or "epochs"
+        _after_epoch(run, st, losses)
+    epoch_bar.close()
+    return _finish(run, st)
+
+
+# -------------------------------------------------------------------- setup
+def _setup(cfg: TrainConfig, out: Path, resume: bool, init_from: str | Path | None,
+           extra_data: Sequence[str | Path]) -> tuple[Run, RunState]:
+    """Process group, data, model, loss, optimizer, the resumed state, patches, clock and log."""
     t_start = time.monotonic()  # a time budget covers data loading too
     d = setup_distributed()
-    out = Path(out)
     torch.set_num_threads(cfg.log.threads or max(1, (os.cpu_count() or 1) // d.world))
     seed_everything(cfg.seed + d.rank)
-    say = print if d.main else (lambda *a, **k: None)
+    say: Callable[..., Any] = print if d.main else (lambda *a, **k: None)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    data = _load_data(cfg, d, out, extra_data, say)
+    cfg, spec = data.cfg, data.spec
+    mcfg, raw_model = _build_model(cfg, data, init_from, say)
+    model: torch.nn.Module = raw_model
+    loss_fn = build_loss(cfg.loss)
+    opt_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    amp = autocast_dtype(cfg.optim.autocast)
+    say(f"model: {count_parameters(model) / 1e6:.3f}M parameters, widths {mcfg.widths()}, "
+        f"{d.world} process(es) x {torch.get_num_threads()} thread(s), "
+        f"forward in {'bf16 (autocast)' if amp else 'fp32'}, input scale {spec.scale}")
+    st = RunState()
+    ema = _resume(out, d, raw_model, optimizer, st, data.fingerprint, cfg, say) if resume else _ema(raw_model, cfg)
+    eval_model = cast(UNet, ema.module) if ema is not None else raw_model
+    if d.ddp:
+        model = DistributedDataParallel(raw_model)  # also makes rank 0's initial weights everyone's
 
-    # ---------------------------------------------------------------- data
+    pc = cfg.patches
+    patch = fixed(pc.size, "patches.size")
+    patches = PatchDataset(data.train_images, data.train_masks, patch, pc.per_epoch, pc.defect_fraction,
+                           pc.hard_negative_fraction, pc.jitter, pc.augment, seed=cfg.seed, rank=d.rank,
+                           world_size=d.world, target_stride=mcfg.space_to_depth if raw_model.views else 1,
+                           hard_positive_fraction=pc.hard_positive_fraction)
+    patches.set_hard_negatives(st.pool)
+    batch = max(1, pc.batch_size // d.world)
+    loader = DataLoader(patches, batch_size=batch, num_workers=pc.workers, drop_last=True)
+    steps_per_epoch = max(1, len(patches) // batch)
+    budget_s = cfg.schedule.time_budget_min * 60 if cfg.schedule.time_budget_min else None
+    clock = Clock(cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch, budget_s,
+                  elapsed_s=st.elapsed_s + time.monotonic() - t_start)
+    train_config = {**cfg.to_yaml_dict(), "val_fraction": cfg.data.val_fraction,
+                    "test_fraction": cfg.data.test_fraction, "seed": data.split_seed, "model_seed": cfg.seed,
+                    "data_root": str(cfg.data.root), "world_size": d.world,
+                    "train_names": [s.name for s in data.train_s], "val_names": [s.name for s in data.val_s],
+                    "test_names": [s.name for s in data.test_s]}
+    run = Run(cfg, d, out, say, data, mcfg, raw_model, model, eval_model, ema, loss_fn, optimizer, amp, patches,
+              loader, patch, batch, steps_per_epoch, budget_s, clock,
+              Overhead(cfg.schedule.overhead_share) if budget_s else None,
+              RunLog(out, cfg.log.tensorboard, resume) if d.main else None, train_config,
+              show=cfg.log.progress and d.main)
+    st.lr = lr_at(clock.fraction(st.step), cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)
+    st.last_val_t = clock.elapsed()
+    return run, st
+
+
+def _load_data(cfg: TrainConfig, d: Dist, out: Path, extra_data: Sequence[str | Path],
+               say: Callable[..., Any]) -> RunData:
+    """Dataset (+ extra folders), the split, the images, and the recipe's autos resolved from them."""
     if not cfg.data.root:
         raise ConfigError("no dataset: pass --data DIR (or set data.root in the config)")
     dataset = load_dataset(cfg.data.root, strict=cfg.data.strict)
@@ -150,15 +326,22 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
     say(f"split: {len(train_s)} train / {len(val_s)} calibration / {len(test_s)} held-out test "
         f"(val_fraction {cfg.data.val_fraction}, test_fraction {cfg.data.test_fraction}, seed {split_seed}), "
         f"color {color}")
+    return RunData(cfg, color, spec, split_seed, train_s, val_s, test_s, train_images, train_masks, val_images,
+                   val_masks, fingerprint, good_train=[i for i, m in enumerate(train_masks) if not m.any()])
 
-    # ---------------------------------------------------------------- model, loss, optimizer
+
+def _build_model(cfg: TrainConfig, data: RunData, init_from: str | Path | None,
+                 say: Callable[..., Any]) -> tuple[UNetConfig, UNet]:
+    """The U-Net as configured, or (fine-tune) the checkpoint's architecture and weights."""
+    spec = data.spec
+    channels = spec.channels
     mcfg = UNetConfig(in_channels=channels, mean=list(spec.mean), std=list(spec.std), **cfg.model.model_dump())
     init_state = None
     if init_from is not None:  # fine-tune: the checkpoint's architecture and weights, new data
         init_model, init_meta = load_model(init_from)
         if init_meta.model_config.in_channels != channels:
             raise CheckpointError(f"{init_from}: model has {init_meta.model_config.in_channels} input channel(s) "
-                                  f"but the data is {color}; set input.color to match")
+                                  f"but the data is {data.color}; set input.color to match")
         mcfg = UNetConfig.from_dict({**init_meta.model_config.to_dict(), "mean": list(spec.mean),
                                      "std": list(spec.std), "dropout": cfg.model.dropout,
                                      "deep_supervision": cfg.model.deep_supervision,
@@ -174,273 +357,274 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, init_from: st
             raise CheckpointError(f"{init_from}: weights do not fit the model: {', '.join(bad[:5])}")
     # NHWC is the layout oneDNN's CPU convolutions run fastest in: a step took 0.75x the time of
     # NCHW here, in bf16 and in fp32 alike (scripts/bench_train_step.py); the maths is the same up to rounding
-    raw_model = unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
-    model: torch.nn.Module = raw_model  # what trains: raw_model, or its DDP wrapper
-    loss_fn = build_loss(cfg.loss)
-    opt_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    amp = autocast_dtype(cfg.optim.autocast)
-    say(f"model: {count_parameters(model) / 1e6:.3f}M parameters, widths {mcfg.widths()}, "
-        f"{d.world} process(es) x {torch.get_num_threads()} thread(s), "
-        f"forward in {'bf16 (autocast)' if amp else 'fp32'}, input scale {spec.scale}")
+    return mcfg, unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
 
-    # ---------------------------------------------------------------- resume
-    params, metrics = PostprocessParams(), {}  # of the latest validation
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "best_score": float("-inf"),
-                             "best_epoch": 0, "bad_validations": 0, "pool": [], "best_metrics": {}}
-    ts: dict[str, Any] = {}  # the training state of the run being resumed
-    if resume:
-        if not last_path.is_file():
-            raise CheckpointError(f"{last_path}: nothing to resume (no last.pt in {out})")
-        payload = read_checkpoint(last_path)
-        ts = payload.get("training_state") or {}
-        raw_model.load_state_dict(ts.get("raw_state_dict") or payload["state_dict"])
-        optimizer.load_state_dict(ts["optimizer"])
-        set_rng_state(ts.get("rng", {}) if d.main else {})
-        state.update({k: ts[k] for k in state if k in ts})
-        params, metrics = PostprocessParams.from_dict(payload["postprocess"]), payload.get("metrics", {})
-        if payload.get("data_fingerprint") != fingerprint:
-            say("warning: the data differs from the run being resumed (fingerprint changed)")
-        say(f"resume: {last_path} after epoch {state['epoch']} (step {state['step']})")
-    # the weight average is what gets validated, calibrated and saved; the raw weights train on.
-    # BN statistics are averaged too (use_buffers), so the average needs no extra BN pass
-    ema = (AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema), use_buffers=True)
-           if cfg.optim.ema else None)
+
+def _ema(raw_model: UNet, cfg: TrainConfig) -> AveragedModel | None:
+    """The weight average is what gets validated, calibrated and saved; the raw weights train on.
+    BN statistics are averaged too (use_buffers), so the average needs no extra BN pass."""
+    return (AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema), use_buffers=True)
+            if cfg.optim.ema else None)
+
+
+def _resume(out: Path, d: Dist, raw_model: UNet, optimizer: torch.optim.Optimizer, st: RunState,
+            fingerprint: str, cfg: TrainConfig, say: Callable[..., Any]) -> AveragedModel | None:
+    """Weights, optimizer, rng and run state from out/last.pt; returns the weight average, restored."""
+    last_path = out / "last.pt"
+    if not last_path.is_file():
+        raise CheckpointError(f"{last_path}: nothing to resume (no last.pt in {out})")
+    payload = read_checkpoint(last_path)
+    ts = payload.get("training_state") or {}
+    raw_model.load_state_dict(ts.get("raw_state_dict") or payload["state_dict"])
+    optimizer.load_state_dict(ts["optimizer"])
+    set_rng_state(ts.get("rng", {}) if d.main else {})
+    st.restore(ts)
+    st.params, st.metrics = PostprocessParams.from_dict(payload["postprocess"]), payload.get("metrics", {})
+    if payload.get("data_fingerprint") != fingerprint:
+        say("warning: the data differs from the run being resumed (fingerprint changed)")
+    say(f"resume: {last_path} after epoch {st.epoch} (step {st.step})")
+    ema = _ema(raw_model, cfg)
     if ema is not None and "raw_state_dict" in ts:
         ema.module.load_state_dict(payload["state_dict"])
         ema.n_averaged.fill_(1)
-    eval_model = cast(UNet, ema.module) if ema is not None else raw_model
-    if d.ddp:
-        model = DistributedDataParallel(raw_model)  # also makes rank 0's initial weights everyone's
+    return ema
 
-    # ---------------------------------------------------------------- patches
-    pc = cfg.patches
-    patch = fixed(pc.size, "patches.size")
-    patches = PatchDataset(train_images, train_masks, patch, pc.per_epoch, pc.defect_fraction,
-                           pc.hard_negative_fraction, pc.jitter, pc.augment, seed=cfg.seed, rank=d.rank,
-                           world_size=d.world, target_stride=mcfg.space_to_depth if raw_model.views else 1,
-                           hard_positive_fraction=pc.hard_positive_fraction)
-    pool = [HardNegative(*t) for t in state["pool"]]
-    patches.set_hard_negatives(pool)
-    batch = max(1, pc.batch_size // d.world)
-    loader = DataLoader(patches, batch_size=batch, num_workers=pc.workers, drop_last=True)
-    steps_per_epoch = max(1, len(patches) // batch)
-    budget_s = cfg.schedule.time_budget_min * 60 if cfg.schedule.time_budget_min else None
-    clock = Clock(cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch, budget_s,
-                  elapsed_s=state["elapsed_s"] + time.monotonic() - t_start)
-    # with a time budget, validation and mining are spaced out to stay within overhead_share of it
-    overhead = Overhead(cfg.schedule.overhead_share) if budget_s else None
-    log = RunLog(out, cfg.log.tensorboard, resume) if d.main else None
-    train_config = {**cfg.to_yaml_dict(), "val_fraction": cfg.data.val_fraction,
-                    "test_fraction": cfg.data.test_fraction, "seed": split_seed, "model_seed": cfg.seed,
-                    "data_root": str(cfg.data.root), "world_size": d.world,
-                    "train_names": [s.name for s in train_s], "val_names": [s.name for s in val_s],
-                    "test_names": [s.name for s in test_s]}
 
-    def meta(epoch: int, step: int, p: PostprocessParams, m: dict[str, Any]) -> CheckpointMeta:
-        return CheckpointMeta(name=cfg.name, version=cfg.version, model_config=mcfg, input_spec=spec,
-                              postprocess=p, metrics=m, data_fingerprint=fingerprint,
-                              train_config=train_config, epoch=epoch, step=step)
+# -------------------------------------------------------------------- one epoch
+def _train_epoch(run: Run, st: RunState) -> list[float]:
+    """Mine hard negatives and positives, then train until the epoch or the budget ends; the losses."""
+    run.patches.set_epoch(st.epoch)
+    _mine_negatives(run, st)
+    _mine_positives(run, st)
+    losses = _train_steps(run, st)
+    st.row_sum, st.row_n = st.row_sum + sum(losses), st.row_n + len(losses)
+    st.epoch += 1
+    return losses
 
-    # ---------------------------------------------------------------- the loop
-    epoch, step, stopped = state["epoch"], state["step"], ""
-    lr = lr_at(clock.fraction(step), cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)  # as logged
-    last_val_t, last_val_step = clock.elapsed(), -1
-    row_sum, row_n = 0.0, 0  # step losses since the last CSV row: its train_loss covers them all
-    best_probs: list[np.ndarray] | None = None  # maps of the best validation, for the final picture
-    good_train = [i for i, m in enumerate(train_masks) if not m.any()]
-    step_s, run_steps, speed_told = 0.0, 0, False  # time spent in training steps (this process)
-    pad = (spec.tile / max(1, spec.tile - spec.overlap)) ** 2  # overlapping tiles predict some pixels twice
-    val_pixels = sum(im.shape[0] * im.shape[1] for im in val_images) * spec.scale**2 * pad
-    show = cfg.log.progress and d.main
-    epoch_bar = tqdm(total=None if budget_s else cfg.schedule.epochs, initial=epoch, desc="epochs", unit="ep",
-                     disable=not show)
-    while epoch < cfg.schedule.epochs and not stopped:
-        patches.set_epoch(epoch)
-        # hard negatives: where the current model fires on good training parts (ranks share the work)
-        mine = epoch > 0 and pc.hard_negative_fraction > 0 and pc.mine_images > 0 and bool(good_train)
-        if mine and overhead is not None:
-            mine = overhead.affordable("mine", clock.elapsed())
-            mine = broadcast(mine, d) if d.ddp else mine
-        if mine and (broadcast(clock.fraction(step), d) if d.ddp else clock.fraction(step)) < 1.0:
-            t_mine = time.monotonic()
-            rng = np.random.default_rng([cfg.seed, epoch, 7])
-            chosen = sorted(rng.choice(good_train, min(pc.mine_images, len(good_train)), replace=False).tolist())
-            raw_model.eval()
-            found = mine_hard_negatives(raw_model, train_images, chosen[d.rank :: d.world], pc.mine_per_image,
-                                        spacing=patch // 4, min_prob=pc.mine_min_prob, stride=mcfg.stride)
-            if d.ddp:
-                parts: list[Any] = [None] * d.world
-                dist.all_gather_object(parts, found)
-                found = [h for part in parts for h in part]
-            pool = update_pool(pool, found, chosen, pc.pool_size)
-            patches.set_hard_negatives(pool)
-            if overhead is not None:
-                overhead.add("mine", time.monotonic() - t_mine)
-        # hard positives: defect components the current model misses (bounded: mine_positive_images)
-        mine_pos = epoch > 0 and pc.hard_positive_fraction > 0 and pc.mine_positive_images > 0
-        if mine_pos and overhead is not None:
-            mine_pos = overhead.affordable("mine_positives", clock.elapsed())
-            mine_pos = broadcast(mine_pos, d) if d.ddp else mine_pos
-        if mine_pos and patches.defective and (broadcast(clock.fraction(step), d) if d.ddp
-                                               else clock.fraction(step)) < 1.0:
-            t_mine = time.monotonic()
-            rng = np.random.default_rng([cfg.seed, epoch, 11])
-            chosen = sorted(rng.choice(patches.defective, min(pc.mine_positive_images, len(patches.defective)),
-                                       replace=False).tolist())
-            raw_model.eval()
-            missed = mine_hard_positives(raw_model, train_images, patches.components, chosen[d.rank :: d.world],
-                                         stride=mcfg.stride)
-            if d.ddp:
-                pos_parts: list[Any] = [None] * d.world
-                dist.all_gather_object(pos_parts, missed)
-                missed = [h for part in pos_parts for h in part]
-            redone = set(chosen)  # images not re-mined this epoch keep their misses
-            patches.set_hard_positives([h for h in patches.hard_positives if h.image not in redone] + missed)
-            if overhead is not None:
-                overhead.add("mine_positives", time.monotonic() - t_mine)
-        model.train()
-        losses: list[float] = []
-        step_bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", unit="step", leave=False,
-                        disable=not show)
-        for x, y in loader:
-            # rank 0's clock decides the lr and the end of the budget, so all ranks agree
-            frac = clock.fraction(step)
-            if d.ddp:
-                frac = broadcast(frac, d)
-            if frac >= 1.0:
-                stopped = ("time budget" if budget_s and step < clock.total_steps
-                           else "max steps" if cfg.schedule.max_steps else "epochs")
-                break
-            lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x = x.contiguous(memory_format=torch.channels_last)
-            t_step = time.monotonic()
-            loss = train_step(model, optimizer, loss_fn, x, y, amp, cfg.optim.grad_clip)
-            step_s += time.monotonic() - t_step
-            run_steps += 1
-            if ema is not None:
-                ema.update_parameters(raw_model)
-            step += 1
-            losses.append(loss.item())
-            step_bar.update(1)
-            step_bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}")
-            if not speed_told and (step_s >= 30.0 or run_steps >= steps_per_epoch) and run_steps >= 20:
-                speed_told = True
-                line, warning = speed_report(run_steps, step_s, clock, cfg.schedule.usual_steps)
-                for text in (line, warning):
-                    if text:
-                        tqdm.write(text) if show else say(text, flush=True)
-                if overhead is not None:  # a forward pass costs about a third of a training step per pixel
-                    overhead.expect("validate", val_pixels / (batch * patch**2) * step_s / run_steps / 3)
-        step_bar.close()
-        row_sum, row_n = row_sum + sum(losses), row_n + len(losses)
-        epoch += 1
-        epoch_bar.update(1)
-        if not losses and stopped:
-            epoch -= 1  # the budget ran out before this epoch trained at all
-            if step == last_val_step:
-                break  # and these weights were validated already
-        if epoch >= cfg.schedule.epochs:
-            stopped = stopped or "epochs"
 
-        # ------------------------------------------------------------ validate, checkpoint, log
-        due = epoch % cfg.schedule.val_every == 0
-        if cfg.schedule.val_every_s is not None:
-            due = clock.elapsed() - last_val_t >= fixed(cfg.schedule.val_every_s, "schedule.val_every_s")
-        if due and overhead is not None:
-            due = overhead.affordable("validate", clock.elapsed())
-        if d.ddp:
-            due = broadcast(due, d)  # every rank takes part in a validation, or none
-        v = None
-        if due or stopped:
-            if d.ddp:  # validate every rank's share with the same weights and BN statistics
-                for b in eval_model.buffers():
-                    dist.broadcast(b, 0)
-            v = validate(eval_model, val_images, val_masks, spec, cfg.validation, d)
-            last_val_t, last_val_step = clock.elapsed(), step
-        decision: dict[str, Any] = {"stop": stopped}
-        if d.main:
-            assert log is not None
-            if losses:  # an epoch the budget ended before its first step has no loss to log
-                log.scalar("train/loss", float(np.mean(losses)), step)
-            log.scalar("train/lr", lr, step)
-            log.scalar("train/hard_negatives", len(pool), step)
-            log.scalar("train/hard_positives", len(patches.hard_positives), step)
-        if v is not None:  # rank 0 after a validation
-            clock.note_validation(v.seconds)
-            if overhead is not None:
-                overhead.add("validate", v.seconds)
-            params, metrics = v.params, v.metrics
-            state["bad_validations"] += 1
-            if v.score > state["best_score"]:
-                state.update(best_score=v.score, best_epoch=epoch, bad_validations=0, best_metrics=metrics)
-                best_probs = v.probs
-                save_checkpoint(best_path, eval_model, meta(epoch, step, params, metrics))
-            patience = cfg.schedule.patience
-            if not decision["stop"] and patience and state["bad_validations"] >= patience:
-                decision["stop"] = f"no better score in {patience} validations"
-            assert log is not None
-            train_loss = row_sum / row_n if row_n else float("nan")
-            row_sum, row_n = 0.0, 0
-            log.row({"epoch": epoch, "step": step, "time_s": round(clock.elapsed(), 1), "lr": lr,
-                     "train_loss": train_loss, "score": v.score, "val_s": round(v.seconds, 1), **metrics})
-            msg = (f"epoch {epoch} step {step} {clock.elapsed():.0f}s lr {lr:.2e} loss {train_loss:.4f} | "
-                   f"val score {v.score:.4f} iou {metrics['pixel_iou']:.4f} f1 {metrics['image_f1']:.4f} "
-                   f"acc {metrics['image_accuracy']:.4f} @ thr {params.pixel_threshold} area {params.min_area} "
-                   + (f"part_thr {params.part_threshold:.4g} " if params.part_threshold is not None else "")
-                   + f"({v.seconds:.0f}s)")
-            if show:
-                tqdm.write(msg)
-            else:
-                print(msg, flush=True)
-        if d.main:  # last.pt after every epoch, so --resume loses at most one epoch
-            state.update(epoch=epoch, step=step, elapsed_s=clock.elapsed(),
-                         pool=[(h.image, h.y, h.x, h.score) for h in pool])
-            save_checkpoint(last_path, eval_model, meta(epoch, step, params, metrics), training_state={
-                **state, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                **({"raw_state_dict": raw_model.state_dict()} if ema is not None else {}),
-                "schedule": {"fraction": clock.fraction(step), "reserve_s": clock.reserve_s}})
-        stopped = broadcast(decision, d)["stop"] if d.ddp else decision["stop"]
-    epoch_bar.close()
+def _fraction(run: Run, step: int) -> float:
+    """Progress by rank 0's clock, so all ranks agree on the lr and the end of the budget."""
+    frac = run.clock.fraction(step)
+    return broadcast(frac, run.d) if run.d.ddp else frac
 
-    # ---------------------------------------------------------------- finish (rank 0)
-    result = TrainResult(out, epochs=epoch, steps=step, elapsed_s=clock.elapsed(), stopped=stopped or "epochs",
+
+def _affordable(run: Run, kind: str) -> bool:
+    """Within the time budget's overhead share (always, without a budget); the same answer on every rank."""
+    if run.overhead is None:
+        return True
+    ok = run.overhead.affordable(kind, run.clock.elapsed())
+    return broadcast(ok, run.d) if run.d.ddp else ok
+
+
+def _gather(d: Dist, found: list[Any]) -> list[Any]:
+    """Every rank's findings, joined (the ranks shared the images)."""
+    if not d.ddp:
+        return found
+    parts: list[Any] = [None] * d.world
+    dist.all_gather_object(parts, found)
+    return [h for part in parts for h in part]
+
+
+def _mine_negatives(run: Run, st: RunState) -> None:
+    """Hard negatives: where the current model fires on good training parts (ranks share the work)."""
+    pc, d = run.cfg.patches, run.d
+    good_train = run.data.good_train
+    mine = st.epoch > 0 and pc.hard_negative_fraction > 0 and pc.mine_images > 0 and bool(good_train)
+    if not (mine and _affordable(run, "mine") and _fraction(run, st.step) < 1.0):
+        return
+    t_mine = time.monotonic()
+    rng = np.random.default_rng([run.cfg.seed, st.epoch, 7])
+    chosen = sorted(rng.choice(good_train, min(pc.mine_images, len(good_train)), replace=False).tolist())
+    run.raw_model.eval()
+    found = mine_hard_negatives(run.raw_model, run.data.train_images, chosen[d.rank :: d.world], pc.mine_per_image,
+                                spacing=run.patch // 4, min_prob=pc.mine_min_prob, stride=run.mcfg.stride)
+    st.pool = update_pool(st.pool, _gather(d, found), chosen, pc.pool_size)
+    run.patches.set_hard_negatives(st.pool)
+    if run.overhead is not None:
+        run.overhead.add("mine", time.monotonic() - t_mine)
+
+
+def _mine_positives(run: Run, st: RunState) -> None:
+    """Hard positives: defect components the current model misses (bounded: mine_positive_images)."""
+    pc, d, patches = run.cfg.patches, run.d, run.patches
+    mine_pos = st.epoch > 0 and pc.hard_positive_fraction > 0 and pc.mine_positive_images > 0
+    if not (mine_pos and _affordable(run, "mine_positives") and patches.defective
+            and _fraction(run, st.step) < 1.0):
+        return
+    t_mine = time.monotonic()
+    rng = np.random.default_rng([run.cfg.seed, st.epoch, 11])
+    chosen = sorted(rng.choice(patches.defective, min(pc.mine_positive_images, len(patches.defective)),
+                               replace=False).tolist())
+    run.raw_model.eval()
+    missed = mine_hard_positives(run.raw_model, run.data.train_images, patches.components, chosen[d.rank :: d.world],
+                                 stride=run.mcfg.stride)
+    redone = set(chosen)  # images not re-mined this epoch keep their misses
+    patches.set_hard_positives([h for h in patches.hard_positives if h.image not in redone] + _gather(d, missed))
+    if run.overhead is not None:
+        run.overhead.add("mine_positives", time.monotonic() - t_mine)
+
+
+def _train_steps(run: Run, st: RunState) -> list[float]:
+    """One pass over the patch loader, or until the budget ends (st.stopped says which)."""
+    cfg = run.cfg
+    run.model.train()
+    losses: list[float] = []
+    step_bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {st.epoch + 1}", unit="step", leave=False,
+                    disable=not run.show)
+    for x, y in run.loader:
+        frac = _fraction(run, st.step)
+        if frac >= 1.0:
+            st.stopped = ("time budget" if run.budget_s and st.step < run.clock.total_steps
+                          else "max steps" if cfg.schedule.max_steps else "epochs")
+            break
+        st.lr = lr_at(frac, cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)
+        for g in run.optimizer.param_groups:
+            g["lr"] = st.lr
+        x = x.contiguous(memory_format=torch.channels_last)
+        t_step = time.monotonic()
+        loss = train_step(run.model, run.optimizer, run.loss_fn, x, y, run.amp, cfg.optim.grad_clip)
+        st.step_s += time.monotonic() - t_step
+        st.run_steps += 1
+        if run.ema is not None:
+            run.ema.update_parameters(run.raw_model)
+        st.step += 1
+        losses.append(loss.item())
+        step_bar.update(1)
+        step_bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{st.lr:.2e}")
+        if not st.speed_told and (st.step_s >= 30.0 or st.run_steps >= run.steps_per_epoch) and st.run_steps >= 20:
+            _tell_speed(run, st)
+    step_bar.close()
+    return losses
+
+
+def _tell_speed(run: Run, st: RunState) -> None:
+    """Steps per minute, once, with a warning if far from the recipe's usual; sizes validation's overhead."""
+    st.speed_told = True
+    line, warning = speed_report(st.run_steps, st.step_s, run.clock, run.cfg.schedule.usual_steps)
+    for text in (line, warning):
+        if text:
+            run.write(text)
+    if run.overhead is not None:  # a forward pass costs about a third of a training step per pixel
+        spec = run.spec
+        pad = (spec.tile / max(1, spec.tile - spec.overlap)) ** 2  # overlapping tiles predict some pixels twice
+        val_pixels = sum(im.shape[0] * im.shape[1] for im in run.data.val_images) * spec.scale**2 * pad
+        run.overhead.expect("validate", val_pixels / (run.batch * run.patch**2) * st.step_s / st.run_steps / 3)
+
+
+# -------------------------------------------------------------------- after an epoch
+def _after_epoch(run: Run, st: RunState, losses: list[float]) -> None:
+    """Validate when due (or at the end), keep best.pt, log, save last.pt; all ranks agree to stop."""
+    d = run.d
+    v = None
+    if _validation_due(run, st) or st.stopped:
+        if d.ddp:  # validate every rank's share with the same weights and BN statistics
+            for b in run.eval_model.buffers():
+                dist.broadcast(b, 0)
+        v = validate(run.eval_model, run.data.val_images, run.data.val_masks, run.spec, run.cfg.validation, d)
+        st.last_val_t, st.last_val_step = run.clock.elapsed(), st.step
+    decision: dict[str, Any] = {"stop": st.stopped}
+    if run.log is not None:  # rank 0
+        if losses:  # an epoch the budget ended before its first step has no loss to log
+            run.log.scalar("train/loss", float(np.mean(losses)), st.step)
+        run.log.scalar("train/lr", st.lr, st.step)
+        run.log.scalar("train/hard_negatives", len(st.pool), st.step)
+        run.log.scalar("train/hard_positives", len(run.patches.hard_positives), st.step)
+    if v is not None:  # rank 0 after a validation
+        _record_validation(run, st, v, decision)
+    if d.main:  # last.pt after every epoch, so --resume loses at most one epoch
+        st.elapsed_s = run.clock.elapsed()
+        ema = run.ema
+        save_checkpoint(run.out / "last.pt", run.eval_model, run.meta(st.epoch, st.step, st.params, st.metrics),
+                        training_state={
+                            **st.saved(), "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
+                            **({"raw_state_dict": run.raw_model.state_dict()} if ema is not None else {}),
+                            "schedule": {"fraction": run.clock.fraction(st.step), "reserve_s": run.clock.reserve_s}})
+    st.stopped = broadcast(decision, d)["stop"] if d.ddp else decision["stop"]
+
+
+def _validation_due(run: Run, st: RunState) -> bool:
+    """Every val_every epochs (or val_every_s seconds), within the overhead share; the same on every rank."""
+    sched = run.cfg.schedule
+    due = st.epoch % sched.val_every == 0
+    if sched.val_every_s is not None:
+        due = run.clock.elapsed() - st.last_val_t >= fixed(sched.val_every_s, "schedule.val_every_s")
+    if due and run.overhead is not None:
+        due = run.overhead.affordable("validate", run.clock.elapsed())
+    if run.d.ddp:
+        due = broadcast(due, run.d)  # every rank takes part in a validation, or none
+    return due
+
+
+def _record_validation(run: Run, st: RunState, v: Validation, decision: dict[str, Any]) -> None:
+    """Rank 0 after a validation: best.pt if better, patience, the CSV row and the console line."""
+    run.clock.note_validation(v.seconds)
+    if run.overhead is not None:
+        run.overhead.add("validate", v.seconds)
+    params, metrics = v.params, v.metrics
+    st.params, st.metrics = params, metrics
+    st.bad_validations += 1
+    if v.score > st.best_score:
+        st.best_score, st.best_epoch, st.bad_validations, st.best_metrics = v.score, st.epoch, 0, metrics
+        st.best_probs = v.probs
+        save_checkpoint(run.out / "best.pt", run.eval_model, run.meta(st.epoch, st.step, params, metrics))
+    patience = run.cfg.schedule.patience
+    if not decision["stop"] and patience and st.bad_validations >= patience:
+        decision["stop"] = f"no better score in {patience} validations"
+    assert run.log is not None
+    train_loss = st.row_sum / st.row_n if st.row_n else float("nan")
+    st.row_sum, st.row_n = 0.0, 0
+    elapsed = run.clock.elapsed()
+    run.log.row({"epoch": st.epoch, "step": st.step, "time_s": round(elapsed, 1), "lr": st.lr,
+                 "train_loss": train_loss, "score": v.score, "val_s": round(v.seconds, 1), **metrics})
+    msg = (f"epoch {st.epoch} step {st.step} {elapsed:.0f}s lr {st.lr:.2e} loss {train_loss:.4f} | "
+           f"val score {v.score:.4f} iou {metrics['pixel_iou']:.4f} f1 {metrics['image_f1']:.4f} "
+           f"acc {metrics['image_accuracy']:.4f} @ thr {params.pixel_threshold} area {params.min_area} "
+           + (f"part_thr {params.part_threshold:.4g} " if params.part_threshold is not None else "")
+           + f"({v.seconds:.0f}s)")
+    if run.show:
+        tqdm.write(msg)
+    else:
+        print(msg, flush=True)
+
+
+# -------------------------------------------------------------------- finish (rank 0)
+def _finish(run: Run, st: RunState) -> TrainResult:
+    """The result; on rank 0 also summary.json, the pictures and the held-out test figures."""
+    clock, overhead = run.clock, run.overhead
+    result = TrainResult(run.out, epochs=st.epoch, steps=st.step, elapsed_s=clock.elapsed(),
+                         stopped=st.stopped or "epochs",
                          overhead_pct=overhead.percent(clock.elapsed()) if overhead is not None else None)
-    if d.main:
-        assert log is not None
-        log.close()
-        _finish(out, cfg, spec, val_images, val_masks, val_s, best_probs, result, state, log.csv_path)
-        if test_s:
-            _report_test(out, spec, test_s, color, result)
-    if d.ddp:
+    if run.log is not None:
+        run.log.close()
+        _write_summary(run, st, result, run.log.csv_path)
+        if run.data.test_s:
+            _report_test(run.out, run.spec, run.data.test_s, run.data.color, result)
+    if run.d.ddp:
         dist.barrier()
     return result
 
 
-def _finish(out: Path, cfg: TrainConfig, spec: InputSpec, val_images: list[np.ndarray],
-            val_masks: list[np.ndarray], val_s: Sequence[Any], best_probs: list[np.ndarray] | None,
-            result: TrainResult, state: dict[str, Any], csv_path: Path) -> None:
+def _write_summary(run: Run, st: RunState, result: TrainResult, csv_path: Path) -> None:
     """Pictures of the best model and summary.json (rank 0 only)."""
     from training.core.pictures import save_training_curves, save_validation_grid
-    from training.core.train_utils import Dist
 
+    out, cfg, data = run.out, run.cfg, run.data
     best_path = out / "best.pt"
     result.best_path = best_path if best_path.is_file() else None
     result.last_path = out / "last.pt"
-    result.best_score, result.best_epoch = state["best_score"], state["best_epoch"]
-    result.best_metrics = state["best_metrics"]
+    result.best_score, result.best_epoch = st.best_score, st.best_epoch
+    result.best_metrics = st.best_metrics
     save_training_curves(csv_path, out / "curves.png")
     if result.best_path is not None and cfg.validation.grid_images > 0:
         best, best_meta = load_model(result.best_path)
         result.postprocess = best_meta.postprocess.to_dict()
+        best_probs = st.best_probs
         if best_probs is None:  # resumed run without a new best: predict again with best.pt
-            v = validate(best, val_images, val_masks, spec, cfg.validation, Dist())
+            v = validate(best, data.val_images, data.val_masks, data.spec, cfg.validation, Dist())
             assert v is not None
             best_probs = v.probs
-        save_validation_grid(val_images, val_masks, best_probs, best_meta.postprocess, out / "val_grid.png",
-                             max_rows=cfg.validation.grid_images, names=[s.name for s in val_s])
+        save_validation_grid(data.val_images, data.val_masks, best_probs, best_meta.postprocess, out / "val_grid.png",
+                             max_rows=cfg.validation.grid_images, names=[s.name for s in data.val_s])
     summary = {"run_dir": str(out), "best": str(result.best_path), "best_epoch": result.best_epoch,
                "best_score": result.best_score, "metrics": result.best_metrics, "postprocess": result.postprocess,
                "epochs": result.epochs, "steps": result.steps, "elapsed_s": round(result.elapsed_s, 1),
