@@ -158,7 +158,7 @@ def _load_items(samples: list[Any], color: str) -> list[tuple[np.ndarray, np.nda
 def export(req: ExportRequest) -> dict[str, Any]:
     """Build the package at `req.out`; returns the report (also written to out/export_report.json).
     With `req.sign_key` (Ed25519 PEM) package.json.sig is written over the final package.json."""
-    precision, calib_data, val_data = req.precision, req.calib_data, req.val_data
+    precision = req.precision
     if precision not in ("int8", "fp16", "fp32"):
         raise ExportError(f"--precision must be int8, fp16 or fp32, got {precision!r}")
     out = Path(req.out)
@@ -167,28 +167,7 @@ def export(req: ExportRequest) -> dict[str, Any]:
     name, version = req.name or meta.name, req.version or meta.version
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
-    # -- data: calibration from the training part, validation = the checkpoint's own split
-    if calib_data is None and (precision == "int8" or val_data is None):
-        raise ExportError("--calib-data is required (INT8 calibration and/or the validation split)")
-    calib_samples: list[Any] = []
-    val_samples: list[Any] = []
-    val_source = ""
-    if calib_data is not None:
-        ds = load_dataset(calib_data)
-        if val_data is None:
-            tc = meta.train_config
-            # INT8 ranges from the training parts, the gate on the calibration parts; the held-out
-            # test parts (test_fraction) are never seen, so their figures stay honest for the package too
-            parts = split_holdout(ds.samples, float(tc.get("val_fraction", 0.2)), float(tc.get("test_fraction", 0.0)),
-                                  int(tc.get("seed", 0)))
-            calib_samples, val_samples = parts.train, parts.val
-            val_source = (f"{calib_data} calibration split (val_fraction={tc.get('val_fraction', 0.2)}, "
-                          f"test_fraction={tc.get('test_fraction', 0.0)}, seed={tc.get('seed', 0)})")
-        else:
-            calib_samples = ds.samples
-    if val_data is not None:
-        val_samples = load_dataset(val_data).samples
-        val_source = str(val_data)
+    calib_samples, val_samples, val_source = _split_data(req, meta)
     if not val_samples:
         raise ExportError(f"no validation images in {val_source}: pass --val-data DIR so the gate can run")
     print(f"export: {name} {version}, {precision}, tile {spec.tile}, validation {len(val_samples)} images "
@@ -217,6 +196,34 @@ def export(req: ExportRequest) -> dict[str, Any]:
     print_report(report, out)
     print(f"verified: {out} reads (package.json, SHA-256, XML) and compiles with edge.inference.Inferencer")
     return report
+
+
+def _split_data(req: ExportRequest, meta: CheckpointMeta) -> tuple[list[Any], list[Any], str]:
+    """Calibration from the training part, validation = the checkpoint's own split (or --val-data);
+    returns the calibration samples, the validation samples and where the latter came from."""
+    calib_data, val_data = req.calib_data, req.val_data
+    if calib_data is None and (req.precision == "int8" or val_data is None):
+        raise ExportError("--calib-data is required (INT8 calibration and/or the validation split)")
+    calib_samples: list[Any] = []
+    val_samples: list[Any] = []
+    val_source = ""
+    if calib_data is not None:
+        ds = load_dataset(calib_data)
+        if val_data is None:
+            tc = meta.train_config
+            # INT8 ranges from the training parts, the gate on the calibration parts; the held-out
+            # test parts (test_fraction) are never seen, so their figures stay honest for the package too
+            parts = split_holdout(ds.samples, float(tc.get("val_fraction", 0.2)), float(tc.get("test_fraction", 0.0)),
+                                  int(tc.get("seed", 0)))
+            calib_samples, val_samples = parts.train, parts.val
+            val_source = (f"{calib_data} calibration split (val_fraction={tc.get('val_fraction', 0.2)}, "
+                          f"test_fraction={tc.get('test_fraction', 0.0)}, seed={tc.get('seed', 0)})")
+        else:
+            calib_samples = ds.samples
+    if val_data is not None:
+        val_samples = load_dataset(val_data).samples
+        val_source = str(val_data)
+    return calib_samples, val_samples, val_source
 
 
 def _verify(root: Path) -> None:
