@@ -60,9 +60,9 @@ from training.demo.station import (
     stop_process,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TRAIN_CONFIG = REPO / "configs" / "train" / "synthetic-demo.yaml"
+REPO = Path(__file__).resolve().parents[2]  # training/demo/run.py -> the repository
 OWNED = ("data", "run", "model", "conveyor", "state", "broker", "logs", "reviewed")  # recreated on every run
+DEFAULT_TRAIN_CONFIG = REPO / "configs" / "train" / "synthetic-demo.yaml"
 
 
 class Interrupted(BaseException):
