@@ -29,7 +29,7 @@ CREDENTIAL_NAME = "mqtt-password"
 
 
 class ConfigError(ValueError):
-    """A config (station YAML here, training's in training.train_config) cannot be used; `errors`
+    """A config (station YAML here, training's in training.core.train_config) cannot be used; `errors`
     holds one line per problem, each naming the file and the field."""
 
     def __init__(self, errors: str | list[str]) -> None:

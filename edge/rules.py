@@ -7,7 +7,7 @@
    daemon, `edge inspect`, training's evaluate and the demo all judge through it.
 2. pass or fail: `decide(detection, rules)`. Two ways to a verdict: a model without a part
    output fails a part on its regions (`max_defects`); a model with one (a trained decision
-   head, see training/unet.py) fails it iff its part score >= `part_threshold`, and its regions
+   head, see training/core/unet.py) fails it iff its part score >= `part_threshold`, and its regions
    are only listed, not counted. The optional area limits (`max_total_area`,
    `max_region_area_mm2`) apply in both cases: a line engineer who sets them means them.
 3. error: a part that cannot be judged gets the `error` verdict, never a pass, with one of the

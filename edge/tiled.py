@@ -1,7 +1,7 @@
 """One tiled prediction for every back end: preprocess -> infer the tiles -> stitch -> part score.
 
-The daemon (OpenVINO, edge.inference), validation and calibration (torch, training.predict), the
-export's accuracy gate and quantization (OpenVINO on an in-memory graph, training.quantize) all
+The daemon (OpenVINO, edge.inference), validation and calibration (torch, training.core.predict), the
+export's accuracy gate and quantization (OpenVINO on an in-memory graph, training.release.quantize) all
 predict a whole frame through `predict_frame`, so the tiling, padding, blending and the frame's part
 score are one rule. A back end only turns N raw tiles into N maps (and N tile part probabilities).
 """

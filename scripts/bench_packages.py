@@ -24,7 +24,7 @@ import numpy as np
 from edge.inference import Inferencer
 from edge.postprocess import postprocess
 from edge.preprocess import plan_tiles, scaled_size
-from training.data import load_dataset, load_sample
+from training.core.data import load_dataset, load_sample
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,10 +30,10 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.losses import build_loss  # noqa: E402
-from training.train_config import TrainConfig, load_config  # noqa: E402
-from training.train_utils import autocast_dtype, train_step  # noqa: E402
-from training.unet import UNetConfig, build_model  # noqa: E402
+from training.core.losses import build_loss  # noqa: E402
+from training.core.train_config import TrainConfig, load_config  # noqa: E402
+from training.core.train_utils import autocast_dtype, train_step  # noqa: E402
+from training.core.unet import UNetConfig, build_model  # noqa: E402
 
 VARIANTS = {"nchw/bilinear": (False, "bilinear"), "nhwc/bilinear": (True, "bilinear"),
             "nhwc/nearest": (True, "nearest")}
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
-    if cfg.auto_fields():  # chosen from the data at train time (training/recipe_auto.py): no data here
+    if cfg.auto_fields():  # chosen from the data at train time (training/core/recipe_auto.py): no data here
         print(f"error: {args.config}: {', '.join(cfg.auto_fields())} are 'auto'; pass a run's RUN_DIR/config.yaml "
               f"(it holds the numbers chosen) or a config with explicit values", file=sys.stderr)
         return 2

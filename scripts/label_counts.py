@@ -7,7 +7,7 @@ Two target recipes, side by side (issue 15):
 - `scale_mask`: today's recipe, the mask downscaled by input.scale (a pixel is defect if >= half of
   it is, plus one rescued pixel per vanished component), then warped at model scale with
   nearest-neighbour masks (the augmentation before issue 15);
-- `coarse_mask`: the views stem, the mask warped soft at full resolution (training.augment.binarise)
+- `coarse_mask`: the views stem, the mask warped soft at full resolution (training.core.augment.binarise)
   and only then folded to blocks of s x s (edge.preprocess.coarse_mask).
 
 A component "vanishes" when none of its pixels has a target pixel left; components a warp moves out of
@@ -31,10 +31,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.preprocess import coarse_mask, scale_image, scale_mask
-from training.augment import A, affine, binarise
-from training.data import load_dataset
-from training.train_config import load_config
-from training.train_utils import load_images
+from training.core.augment import A, affine, binarise
+from training.core.data import load_dataset
+from training.core.train_config import load_config
+from training.core.train_utils import load_images
 
 COLUMNS = ("images", "comps", "px", "old_px", "old_lost_down", "old_lost_aug", "new_px", "new_lost_down",
            "new_lost_aug", "out_of_view")

@@ -14,13 +14,13 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "synth": ("", "synth_main", "generate a synthetic dataset (generic layout)"),
-    "train": ("training.train", "main", "train the U-Net (also under torchrun)"),
-    "evaluate": ("training.evaluate", "main", "metrics of a checkpoint or package on a dataset"),
-    "export": ("training.export", "main", "checkpoint -> OpenVINO model package"),
-    "bench": ("training.bench", "main", "latency / throughput of a model package"),
-    "tune": ("training.tune", "main", "Optuna search over the training recipe"),
-    "demo": ("training.demo", "main", "the whole product end to end on synthetic parts (scripts/demo.sh)"),
-    "review-export": ("training.review_export", "main", "reviewed parts from the station page -> training data"),
+    "train": ("training.core.train", "main", "train the U-Net (also under torchrun)"),
+    "evaluate": ("training.core.evaluate", "main", "metrics of a checkpoint or package on a dataset"),
+    "export": ("training.release.export", "main", "checkpoint -> OpenVINO model package"),
+    "bench": ("training.release.bench", "main", "latency / throughput of a model package"),
+    "tune": ("training.core.tune", "main", "Optuna search over the training recipe"),
+    "demo": ("training.demo.run", "main", "the whole product end to end on synthetic parts (scripts/demo.sh)"),
+    "review-export": ("training.release.review_export", "main", "reviewed parts from the station page -> training data"),
 }
 
 
@@ -35,12 +35,12 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
                     help="part size (default: the profile's, 256 x 256 parts, 500 x 1250 strips)")
     ap.add_argument("--profile", choices=("part", "strip"), default="part",
                     help="part: compact parts, five defect types; strip: long commutator-like strips with "
-                         "hairline cracks (training/synth.py)")
+                         "hairline cracks (training/core/synth.py)")
     ap.add_argument("--color", choices=("gray", "bgr"), default="gray")
     ap.add_argument("--defect-fraction", type=float, default=0.5, help="share of defective parts")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from training.synth import generate_dataset
+    from training.core.synth import generate_dataset
 
     try:
         counts = generate_dataset(args.out, args.count, args.seed, size=tuple(args.size) if args.size else None,

@@ -189,7 +189,7 @@ def test_training_export_sign(tmp_path: Path, keys: dict[str, Path]) -> None:
     """`python -m training export --sign KEY` writes a signature the station accepts (needs torch)."""
     pytest.importorskip("torch")
     from tests.training.test_export import make_checkpoint, make_dataset
-    from training import export as ex
+    from training.release import export as ex
 
     data = make_dataset(tmp_path / "data", n=8)
     ckpt = make_checkpoint(tmp_path / "run" / "best.pt")  # untrained: only the packaging matters here

@@ -1,6 +1,6 @@
 """The part decision of a model with a decision head: verdict by part score, regions still listed.
 
-A model package may have a second output, `part_probability` (training/unet.py's decision
+A model package may have a second output, `part_probability` (training/core/unet.py's decision
 head). The frame's part score is the max over its tiles; the verdict is `fail` iff it reaches
 the package's `part_threshold`, whatever the regions say, and the regions still come from the
 map. Packages with one output decide as before. A NaN part score is an `error`, never a pass.
@@ -199,7 +199,7 @@ def test_a_package_without_a_part_output_is_judged_by_its_peak() -> None:
 
 
 def test_calibration_keeps_the_rule_with_fewer_false_alarms_at_the_recall() -> None:
-    from training.train_utils import choose_verdict
+    from training.core.train_utils import choose_verdict
 
     regions = {"image_recall": 1.0, "image_fp": 9}
     part = {"image_recall": 0.98, "image_fp": 2}

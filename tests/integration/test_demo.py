@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from training.demo_report import score
-from training.demo_station import Part, Received
+from training.demo.report import score
+from training.demo.station import Part, Received
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.augment import build_augmentation
+from training.core.augment import build_augmentation
 
 
 def _marked(shape: tuple[int, ...], box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:

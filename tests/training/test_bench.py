@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.training.test_export import make_checkpoint, make_dataset
-from training import bench
-from training import export as ex
-from training.unet import UNetConfig, build_model
+from training.core.unet import UNetConfig, build_model
+from training.release import bench
+from training.release import export as ex
 
 KEYS = {
     "torch_fp32_ms", "ov_fp32_ms", "ov_int8_ms", "ov_fp32_fps", "ov_int8_fps", "speedup_int8_vs_torch",

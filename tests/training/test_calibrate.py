@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from edge.contract import PostprocessParams
-from training.calibrate import calibrate, grid_counts
-from training.evaluate import evaluate_predictions
+from training.core.calibrate import calibrate, grid_counts
+from training.core.evaluate import evaluate_predictions
 
 SHAPE = (40, 48)
 
@@ -134,7 +134,7 @@ def test_recall_first_then_fewest_false_alarms() -> None:
 def test_part_threshold_fewest_false_alarms_at_required_recall() -> None:
     """calibrate_part_threshold: the highest threshold that keeps recall >= min_recall, placed halfway
     to the next lower score; low scores are reachable (no fixed grid floor)."""
-    from training.calibrate import calibrate_part_threshold
+    from training.core.calibrate import calibrate_part_threshold
 
     bad, good = np.ones((4, 4), np.uint8), np.zeros((4, 4), np.uint8)
     # 10 defective parts (one very faint), 10 good ones with a few high-scoring false alarms

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from training.data import (
+from training.core.data import (
     DataError,
     Dataset,
     Sample,
@@ -22,7 +22,7 @@ from training.data import (
     split_dataset,
     split_holdout,
 )
-from training.synth import make_part
+from training.core.synth import make_part
 
 SHAPE = (40, 48)  # height, width
 
@@ -302,7 +302,7 @@ def test_holdout_split_is_disjoint_stratified_and_keeps_old_splits() -> None:
 
 
 def test_merge_datasets_joins_and_refuses_a_name_twice(tmp_path: Path) -> None:
-    from training.data import merge_datasets
+    from training.core.data import merge_datasets
 
     a, b = tmp_path / "a", tmp_path / "b"
     for root, names in ((a, ["p1", "p2"]), (b, ["p3"])):

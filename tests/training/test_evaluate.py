@@ -11,8 +11,8 @@ import pytest
 
 from edge.contract import InputSpec, PostprocessParams
 from tests.tiny_package import make_part
-from training.evaluate import evaluate_predictions, main
-from training.pictures import save_training_curves, save_validation_grid
+from training.core.evaluate import evaluate_predictions, main
+from training.core.pictures import save_training_curves, save_validation_grid
 
 REQUIRED = ("image_accuracy", "image_precision", "image_recall", "image_f1", "image_ap", "pixel_precision",
             "pixel_recall", "pixel_f1", "pixel_iou", "n_images", "n_defective", "pixel_threshold", "min_area",
@@ -85,8 +85,8 @@ def test_cli_compares_with_a_baseline(tiny_package: Path, dataset: Path, tmp_pat
 
 def test_cli_on_tiny_checkpoint_val_split(dataset: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from training.checkpoint import CheckpointMeta, save_checkpoint
-    from training.unet import UNetConfig, build_model
+    from training.core.checkpoint import CheckpointMeta, save_checkpoint
+    from training.core.unet import UNetConfig, build_model
 
     torch.manual_seed(0)
     cfg = UNetConfig(base_width=4, depth=2, max_width=8)
@@ -136,7 +136,7 @@ def test_validation_grid_puts_errors_first(tmp_path: Path) -> None:
     path = save_validation_grid([img] * 3, [good_mask, good_mask, bad_mask], probs, PostprocessParams(),
                                 tmp_path / "g.png", max_rows=2)
     assert path.stat().st_size > 0
-    from training.pictures import pick_rows
+    from training.core.pictures import pick_rows
 
     assert pick_rows([False, False, True], [False, True, False], [0.1, 0.9, 0.2], 2) == [2, 1]
 
@@ -178,8 +178,8 @@ def test_ap_ranks_by_the_regions_when_they_decide(dataset: Path, tmp_path: Path)
 
 def test_cli_on_a_checkpoint_with_a_decision_head(dataset: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from training.checkpoint import CheckpointMeta, save_checkpoint
-    from training.unet import UNetConfig, build_model
+    from training.core.checkpoint import CheckpointMeta, save_checkpoint
+    from training.core.unet import UNetConfig, build_model
 
     torch.manual_seed(0)
     cfg = UNetConfig(base_width=4, depth=2, max_width=8, decision_head=True)

@@ -22,12 +22,12 @@ import torch
 from edge.contract import InputSpec, PostprocessParams
 from edge.package import read_package
 from tests.tiny_package import make_part
-from training import export as ex
-from training import quantize as q
-from training.checkpoint import CheckpointMeta, load_model, save_checkpoint
-from training.data import load_dataset, split_dataset
-from training.losses import decision_loss
-from training.unet import UNetConfig, build_model
+from training.core.checkpoint import CheckpointMeta, load_model, save_checkpoint
+from training.core.data import load_dataset, split_dataset
+from training.core.losses import decision_loss
+from training.core.unet import UNetConfig, build_model
+from training.release import export as ex
+from training.release import quantize as q
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = InputSpec(color="gray", tile=64, overlap=8, multiple_of=8, mean=(127.5,), std=(64.0,))
@@ -237,7 +237,7 @@ def test_failed_export_keeps_old_package(exported: dict[str, Any], tmp_path: Pat
 def test_accuracy_control_budget_fits_the_time_or_falls_back() -> None:
     """Ranking plus reverting stay within the export's time budget; when one validation alone
     takes too long, accuracy control is skipped (0) so the export falls back at once."""
-    from training.quantize import restorer_budget
+    from training.release.quantize import restorer_budget
 
     iterations, subset = restorer_budget(300.0, seconds_per_validation=10.0, n_quantized=23, n_val=190)
     assert 1 <= iterations <= 23 and 8 <= subset <= 190
@@ -254,7 +254,7 @@ def test_decision_head_exports_a_second_output_through_int8(tmp_path: Path, expo
     params = PostprocessParams(pixel_threshold=0.5, min_area=4, open_radius=0, close_radius=1, part_threshold=0.5)
     ckpt = make_checkpoint(tmp_path / "run" / "best.pt", data, steps=250, decision_head=True, params=params)
     out = tmp_path / "model"
-    report = ex.export(ckpt, out, data, calib_size=64)
+    report = ex.export(ex.ExportRequest(ckpt, out, data, calib_size=64))
     assert report["torch_vs_ov_fp32_max_abs"] < 1e-4  # map and part probability alike
     meta = read_package(out)
     assert meta.postprocess.part_threshold == 0.5 and meta.postprocess.pixel_threshold == 0.5

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.losses import SegmentationLoss, bce_loss, dice_loss, focal_loss, peak_loss
+from training.core.losses import SegmentationLoss, bce_loss, dice_loss, focal_loss, peak_loss
 
 BIG = 30.0  # a logit this large is a certain prediction
 
@@ -118,8 +118,8 @@ def test_bad_options_are_refused() -> None:
 def test_decision_term_trains_the_part_logit_only_through_its_output() -> None:
     """decision_weight adds BCE(part logit, patch holds a defect) for a UNetOutput; plain logits and
     (logits, aux) outputs give the same loss as before."""
-    from training.losses import SegmentationLoss, decision_loss
-    from training.unet import UNetOutput
+    from training.core.losses import SegmentationLoss, decision_loss
+    from training.core.unet import UNetOutput
 
     logits = torch.full((2, 1, 8, 8), -3.0)
     target = torch.zeros(2, 1, 8, 8)

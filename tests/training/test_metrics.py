@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.metrics import PixelCounts, average_precision, image_metrics
+from training.core.metrics import PixelCounts, average_precision, image_metrics
 
 
 def test_average_precision_of_a_known_ranking() -> None:

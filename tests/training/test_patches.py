@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.patches import (
+from training.core.patches import (
     HardNegative,
     HardPositive,
     PatchDataset,

@@ -8,7 +8,7 @@ import openvino.opset13 as ops
 import pytest
 
 from edge.inference import core
-from training.quantize import CalibrationTiles, quantize_int8
+from training.release.quantize import CalibrationTiles, quantize_int8
 
 pytest.importorskip("nncf")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from training.evaluate import main as evaluate_main
-from training.export import main as export_main
-from training.train import main as train_main
+from training.core.evaluate import main as evaluate_main
+from training.core.train import main as train_main
+from training.release.export import main as export_main
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("MAGNETIC_TILE", ROOT.parent / "shared" / "data" / "magnetic-tile"))

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from training import recipe_auto
-from training.recipe_auto import DataStats, choose, component_sizes, data_stats, resolve_auto
-from training.train_config import TrainConfig, load_config
+from training.core import recipe_auto
+from training.core.recipe_auto import DataStats, choose, component_sizes, data_stats, resolve_auto
+from training.core.train_config import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "configs" / "train" / "default.yaml"
@@ -31,7 +31,7 @@ BIG = _stats(330, 270, 700, thin=40)  # compact parts, only large defects
 
 
 def _resolved(stats: DataStats, cfg: TrainConfig, n_val: int = 64) -> TrainConfig:
-    from training.recipe_auto import config_from_dict, deep_merge
+    from training.core.recipe_auto import config_from_dict, deep_merge
 
     over, reasons = choose(stats, cfg, n_val)
     assert reasons

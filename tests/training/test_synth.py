@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from training.synth import DEFECT_TYPES, VISIBLE_DELTA, generate_dataset, make_part, render_part
+from training.core.synth import DEFECT_TYPES, VISIBLE_DELTA, generate_dataset, make_part, render_part
 
 SIZE = (64, 80)  # height, width: small and non-square on purpose
 
@@ -129,7 +129,7 @@ def test_strip_defaults_to_500_by_1250() -> None:
 
 
 def test_strip_cracks_are_hairlines_and_the_mask_is_exact() -> None:
-    from training.recipe_auto import component_sizes
+    from training.core.recipe_auto import component_sizes
 
     thin = []
     for seed in range(12):

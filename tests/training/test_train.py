@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import load_model, read_checkpoint
-from training.data import load_dataset, split_dataset
-from training.synth import generate_dataset
-from training.train import main
-from training.train_config import ConfigError, load_config
-from training.train_utils import (
+from training.core.checkpoint import load_model, read_checkpoint
+from training.core.data import load_dataset, split_dataset
+from training.core.synth import generate_dataset
+from training.core.train import main
+from training.core.train_config import ConfigError, load_config
+from training.core.train_utils import (
     Clock,
     Dist,
     Overhead,
@@ -34,7 +34,7 @@ from training.train_utils import (
     speed_report,
     validate,
 )
-from training.unet import UNetConfig, build_model
+from training.core.unet import UNetConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "train" / "synthetic-demo.yaml"
@@ -107,7 +107,7 @@ def test_training_learns_and_writes_a_complete_run(trained: Path, synth_data: Pa
 def test_decision_head_separates_defective_from_good_parts(trained: Path, synth_data: Path) -> None:
     """After the short demo run the part scores (max over tiles of the head's output) rank the
     validation parts: most defective parts above most good ones (image AP from the part scores)."""
-    from training.metrics import image_metrics
+    from training.core.metrics import image_metrics
 
     model, meta = load_model(trained / "best.pt")
     cfg = load_config(DEMO)
@@ -131,7 +131,7 @@ def test_decision_head_separates_defective_from_good_parts(trained: Path, synth_
 
 def test_scaled_input_trains_at_model_scale_and_judges_in_frame_pixels(synth_data: Path, tmp_path: Path) -> None:
     """input.scale 0.5: patches are cut from half-size parts, but validation maps are frame-sized."""
-    from training.predict import predict_image
+    from training.core.predict import predict_image
 
     assert main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(tmp_path), "--epochs", str(EPOCHS),
                  "--set", "input.scale=0.5", "--set", "patches.size=64", "--set", "log.threads=1",
@@ -146,7 +146,7 @@ def test_scaled_input_trains_at_model_scale_and_judges_in_frame_pixels(synth_dat
 def test_views_stem_trains_on_coarse_targets_and_predicts_full_frames(synth_data: Path, tmp_path: Path) -> None:
     """model.stem views with s = 2: full-resolution patches, coarse targets, full-size validation maps;
     hard positives are mined after the first epoch (the run must not fail on them)."""
-    from training.predict import predict_image
+    from training.core.predict import predict_image
 
     assert main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(tmp_path), "--epochs", str(EPOCHS),
                  "--set", "model.space_to_depth=2", "--set", "model.stem=views", "--set", "patches.size=64",
@@ -306,8 +306,8 @@ def test_cli_dispatch_and_synth_without_torch(tmp_path: Path) -> None:
 
 
 def test_tune_writes_trials_and_a_usable_best_config(synth_data: Path, tmp_path: Path) -> None:
-    from training.tune import IMAGE_WEIGHTS
-    from training.tune import main as tune_main
+    from training.core.tune import IMAGE_WEIGHTS
+    from training.core.tune import main as tune_main
 
     code = tune_main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(tmp_path),
                       "--time-budget", "5", "--trial-minutes", "0.1", "--trials", "2"])
@@ -326,7 +326,7 @@ def test_step_budget_and_held_out_test_figures(synth_data: Path, tmp_path: Path)
     """--max-steps ends the run at that step; the held-out parts are kept apart from training and
     calibration, and their figures (per category, with a picture of the wrong parts) are reported,
     by the run and by `evaluate --split test`."""
-    from training.evaluate import main as evaluate_main
+    from training.core.evaluate import main as evaluate_main
 
     run = tmp_path / "run"
     assert main(["--config", str(DEMO), "--data", str(synth_data), "--out", str(run), "--max-steps", "25",
@@ -381,7 +381,7 @@ def test_decision_head_needs_its_loss() -> None:
 def test_decision_head_gradients_are_clipped_apart_from_the_segmentation() -> None:
     """A large head loss must not shrink the segmentation's step through a joint clip norm
     (on the synthetic demo it cost the masks ~0.2 IoU)."""
-    from training.train_utils import clip_groups, train_step
+    from training.core.train_utils import clip_groups, train_step
 
     def step(head_scale: float) -> torch.Tensor:
         torch.manual_seed(0)

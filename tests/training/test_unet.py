@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.unet import UNetConfig, UNetOutput, build_model, count_parameters
+from training.core.unet import UNetConfig, UNetOutput, build_model, count_parameters
 
 torch.set_num_threads(1)
 

@@ -264,7 +264,7 @@ def test_review_round_trip(page: Station, browser: webdriver.Chrome, tmp_path: P
     assert defect in masks and good not in masks  # false alarm = good part = no mask
     assert [p.name[:3] for p in (out / "to_label").iterdir()] == ["ok-"]  # the escape, without a box
     assert pass_id in (out / "to_label.csv").read_text()
-    from training.data import load_dataset
+    from training.core.data import load_dataset
 
     ds = load_dataset(out)
     assert {s.name: s.defective for s in ds.samples} == {defect: True, good: False}

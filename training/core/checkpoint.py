@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from edge.contract import InputSpec, PostprocessParams
-from training.unet import UNet, UNetConfig, build_model
+from training.core.unet import UNet, UNetConfig, build_model
 
 CHECKPOINT_FORMAT = "defect-unet-checkpoint"
 CHECKPOINT_VERSION = 1

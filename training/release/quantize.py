@@ -32,7 +32,7 @@ from edge.contract import InputSpec, PostprocessParams
 from edge.inference import compile_config, core, infer_tiles_parts, output_roles
 from edge.preprocess import preprocess
 from edge.tiled import predict_frame
-from training.data import Sample, load_sample
+from training.core.data import Sample, load_sample
 
 MIN_CALIB_TILES = 50
 MIN_CALIB_IMAGES = 20
@@ -220,7 +220,7 @@ def quantize_int8_controlled(model: ov.Model, calib: CalibrationTiles,
     """
     import nncf
 
-    from training.evaluate import evaluate_detailed
+    from training.core.evaluate import evaluate_detailed
 
     def validate(compiled: ov.CompiledModel, items: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, None]:
         predictor = OVPredictor(compiled, spec)
@@ -259,8 +259,8 @@ def count_quantized(model: ov.Model) -> int:
 
 
 def metrics_of(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams) -> dict[str, Any]:
-    """THE metric definition lives in training.evaluate; this only adapts the call."""
-    from training.evaluate import evaluate_predictions
+    """THE metric definition lives in training.core.evaluate; this only adapts the call."""
+    from training.core.evaluate import evaluate_predictions
 
     return evaluate_predictions(list(probs), list(masks), params)
 
@@ -278,10 +278,10 @@ class Evaluation:
 
 def evaluate_model(predict: Callable[[np.ndarray], Any], items: Sequence[tuple[np.ndarray, np.ndarray]],
                    names: Sequence[str], params: PostprocessParams, desc: str) -> Evaluation:
-    """Predict every validation image and judge it with training.evaluate (the daemon's rules).
+    """Predict every validation image and judge it with training.core.evaluate (the daemon's rules).
 
     `predict` gives a map, or (map, part score or None) for a model with a part output."""
-    from training.evaluate import evaluate_detailed, json_safe, split_prediction
+    from training.core.evaluate import evaluate_detailed, json_safe, split_prediction
 
     outs = [split_prediction(predict(image)) for image, _ in tqdm(items, desc=desc, unit="img", file=sys.stderr)]
     probs = [p for p, _ in outs]

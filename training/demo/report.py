@@ -1,5 +1,5 @@
 """The demo's summary: accuracy, throughput and latency from the verdicts received over MQTT,
-contact sheets of failed / missed parts, and the console report (stage 6 of `training.demo`)."""
+contact sheets of failed / missed parts, and the console report (stage 6 of `training.demo.run`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from training.demo_station import Part, Received
+from training.demo.station import Part, Received
 
 
 # ----------------------------------------------------------------------------------- scoring
@@ -76,44 +76,12 @@ def score(parts: Sequence[Part], results: dict[str, Received], by_part: dict[str
 
 
 # ----------------------------------------------------------------------------------- pictures
-def contact_sheet(parts: Sequence[Part], events: dict[str, dict[str, Any]], evidence_root: Path, done: Path,  # noqa: C901 - one picture, a branch per part state
+def contact_sheet(parts: Sequence[Part], events: dict[str, dict[str, Any]], evidence_root: Path, done: Path,
                   png: Path, title: str, max_tiles: int = 40, cols: int = 8) -> int:
     """Tiles of parts with the predicted defect overlay (red: mask + boxes) and the truth outline
     (green); the daemon's own evidence mask when there is one, else the event's boxes alone."""
-    tiles = []
-    for p in parts[:max_tiles]:
-        ev = events[p.part_id]
-        img = cv2.imread(str(done / f"{p.part_id}.png"), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            img = cv2.imread(str(p.file), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            continue
-        if img.ndim == 2:
-            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-        pred = None
-        if ev.get("evidence"):
-            m = cv2.imread(str(evidence_root / f"{ev['evidence']}.mask.png"), cv2.IMREAD_GRAYSCALE)
-            if m is not None and m.shape[:2] == img.shape[:2]:
-                pred = m > 0
-        if pred is not None:
-            img[pred] = (0.45 * img[pred] + 0.55 * np.array([0, 0, 255])).astype(np.uint8)
-        for r in ev.get("regions", []):
-            x, y, w, h = (int(v) for v in r["bbox"])
-            cv2.rectangle(img, (x - 2, y - 2), (x + w + 1, y + h + 1), (0, 0, 255), 1)
-        if p.mask_file is not None:
-            tm = cv2.imread(str(p.mask_file), cv2.IMREAD_GRAYSCALE)
-            if tm is not None:
-                contours, _ = cv2.findContours((tm > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-                cv2.drawContours(img, contours, -1, (0, 220, 0), 1)
-        scale = max(1, 192 // max(img.shape[:2]))
-        img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        caption = np.full((34, img.shape[1], 3), 255, np.uint8)
-        cv2.putText(caption, f"{p.part_id} {ev['verdict']}", (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-        ok = (ev["verdict"] == "fail") == p.defective
-        cv2.putText(caption, f"truth {p.truth}, {len(ev.get('regions', []))} reg", (3, 28), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.42, (0, 120, 0) if ok else (0, 0, 200), 1, cv2.LINE_AA)
-        tiles.append(np.vstack([img, caption]))
+    tiles = [t for t in (_tile(p, events[p.part_id], evidence_root, done) for p in parts[:max_tiles])
+             if t is not None]
     if not tiles:
         return 0
     th, tw = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
@@ -129,6 +97,42 @@ def contact_sheet(parts: Sequence[Part], events: dict[str, dict[str, Any]], evid
     png.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(png), sheet)
     return len(tiles)
+
+
+def _tile(p: Part, ev: dict[str, Any], evidence_root: Path, done: Path) -> np.ndarray | None:
+    """One part's tile: the image with the predicted overlay and the true outline, and a caption
+    (None: the image is gone from both the hot folder's done/ and the conveyor's staging)."""
+    img = cv2.imread(str(done / f"{p.part_id}.png"), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        img = cv2.imread(str(p.file), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        return None
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    pred = None
+    if ev.get("evidence"):
+        m = cv2.imread(str(evidence_root / f"{ev['evidence']}.mask.png"), cv2.IMREAD_GRAYSCALE)
+        if m is not None and m.shape[:2] == img.shape[:2]:
+            pred = m > 0
+    if pred is not None:
+        img[pred] = (0.45 * img[pred] + 0.55 * np.array([0, 0, 255])).astype(np.uint8)
+    for r in ev.get("regions", []):
+        x, y, w, h = (int(v) for v in r["bbox"])
+        cv2.rectangle(img, (x - 2, y - 2), (x + w + 1, y + h + 1), (0, 0, 255), 1)
+    if p.mask_file is not None:
+        tm = cv2.imread(str(p.mask_file), cv2.IMREAD_GRAYSCALE)
+        if tm is not None:
+            contours, _ = cv2.findContours((tm > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(img, contours, -1, (0, 220, 0), 1)
+    scale = max(1, 192 // max(img.shape[:2]))
+    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    caption = np.full((34, img.shape[1], 3), 255, np.uint8)
+    cv2.putText(caption, f"{p.part_id} {ev['verdict']}", (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    ok = (ev["verdict"] == "fail") == p.defective
+    cv2.putText(caption, f"truth {p.truth}, {len(ev.get('regions', []))} reg", (3, 28), cv2.FONT_HERSHEY_SIMPLEX,
+                0.42, (0, 120, 0) if ok else (0, 0, 200), 1, cv2.LINE_AA)
+    return np.vstack([img, caption])
 
 
 # ----------------------------------------------------------------------------------- console

@@ -195,6 +195,15 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _load_generic(ld: _Loader) -> None:
+    images = _generic_images(ld)
+    masks = _generic_masks(ld, images)
+    for stem, path in images.items():
+        ld.add(stem, path, masks.get(stem), None)
+    _warn_misnamed(ld)
+
+
+def _generic_images(ld: _Loader) -> dict[str, Path]:
+    """images/ by stem; other files and a second file of a stem are skipped with the reason."""
     images: dict[str, Path] = {}
     for p in _files(ld.root / "images"):
         if p.suffix.lower() not in IMAGE_EXTS:
@@ -203,6 +212,11 @@ def _load_generic(ld: _Loader) -> None:
             ld.skip(p, f"duplicate name: {images[p.stem].name} has the same stem")
         else:
             images[p.stem] = p
+    return images
+
+
+def _generic_masks(ld: _Loader, images: dict[str, Path]) -> dict[str, Path]:
+    """masks/ by stem, one per image (the documented .png wins); the others are skipped with the reason."""
     masks: dict[str, Path] = {}
     for p in _files(ld.root / "masks"):
         if p.suffix.lower() not in IMAGE_EXTS:
@@ -215,10 +229,12 @@ def _load_generic(ld: _Loader) -> None:
             if p.stem in masks:  # prefer the documented .png over other formats
                 ld.skip(masks[p.stem], f"second mask for {p.stem}; {p.name} is used")
             masks[p.stem] = p
-    for stem, path in images.items():
-        ld.add(stem, path, masks.get(stem), None)
-    # A name that says "crack_..." with an empty mask is counted as good, as the rule says,
-    # but it is more often a labelling slip than a good part: say so.
+    return masks
+
+
+def _warn_misnamed(ld: _Loader) -> None:
+    """A name that says "crack_..." with an empty mask is counted as good, as the rule says,
+    but it is more often a labelling slip than a good part: say so."""
     defect_prefixes = {s.category for s in ld.samples if s.defective}
     for s in ld.samples:
         prefix = s.name.split("_", 1)[0]

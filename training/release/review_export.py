@@ -1,7 +1,7 @@
 """`python -m training review-export --state-dir DIR --out DATASET`: reviewed parts -> training data.
 
 Reads the station page's review database (<state_dir>/ui.sqlite3) and the evidence folder, and
-writes the generic layout that training/data.py reads (docs/data.md):
+writes the generic layout that training/core/data.py reads (docs/data.md):
 
 - a confirmed defect -> images/NAME + masks/NAME.png: the reviewer's box if one was drawn,
   else the station's own evidence mask;
@@ -85,6 +85,26 @@ def _box_mask(width: int, height: int, box: list[int]) -> np.ndarray:
     return mask
 
 
+def _label(r: dict[str, Any], event: dict[str, Any], root: Path, mask_path: Path) -> tuple[str, str]:
+    """Where a reviewed part goes ("images" or "to_label") and where its mask came from ("" = a good
+    part; for to_label, why it has none); writes the mask to `mask_path` when there is one."""
+    box = json.loads(r["box"]) if r["box"] else None
+    size = (int(event["image"]["width"]), int(event["image"]["height"]))
+    if r["action"] == "false_alarm":
+        return "images", ""
+    if box is not None:
+        cv2.imwrite(str(mask_path), _box_mask(*size, box))
+        return "images", "box"
+    if r["action"] == "confirm_fail":
+        mask = _evidence_file(root, event.get("evidence"), "mask")
+        img = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) if mask else None
+        if img is None or (img.shape[1], img.shape[0]) != size:
+            return "to_label", ("no evidence mask" if img is None else "evidence mask covers the ROI, not the frame")
+        cv2.imwrite(str(mask_path), img)
+        return "images", "evidence"
+    return "to_label", "escape without a box"  # its defect is somewhere nobody marked
+
+
 def export_reviews(db_file: Path, evidence_dir: Path | None, out: Path) -> ExportSummary:
     reviews, recorded = latest_reviews(db_file)
     root = evidence_dir or (Path(recorded) if recorded else db_file.parent / "evidence")
@@ -107,25 +127,7 @@ def export_reviews(db_file: Path, evidence_dir: Path | None, out: Path) -> Expor
                 summary.skipped.append((r["event_id"], "no frame in the evidence folder (not kept or deleted by "
                                         "the quota)"))
                 continue
-            box = json.loads(r["box"]) if r["box"] else None
-            size = (int(event["image"]["width"]), int(event["image"]["height"]))
-            mask_source = ""
-            if r["action"] == "false_alarm":
-                dest = "images"
-            elif box is not None:
-                dest, mask_source = "images", "box"
-                cv2.imwrite(str(tmp / "masks" / f"{name}.png"), _box_mask(*size, box))
-            elif r["action"] == "confirm_fail":
-                mask = _evidence_file(root, event.get("evidence"), "mask")
-                img = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) if mask else None
-                if img is None or (img.shape[1], img.shape[0]) != size:
-                    why = "no evidence mask" if img is None else "evidence mask covers the ROI, not the frame"
-                    dest, mask_source = "to_label", why
-                else:
-                    dest, mask_source = "images", "evidence"
-                    cv2.imwrite(str(tmp / "masks" / f"{name}.png"), img)
-            else:  # an escape without a box: its defect is somewhere nobody marked
-                dest, mask_source = "to_label", "escape without a box"
+            dest, mask_source = _label(r, event, root, tmp / "masks" / f"{name}.png")
             target = tmp / dest / f"{name}{frame.suffix}"
             shutil.copyfile(frame, target)
             row = {"name": name, "event_id": r["event_id"], "part_id": event.get("part_id", ""),

@@ -8,7 +8,7 @@ defective iff it changed by at least `VISIBLE_DELTA` grey levels, and smaller ch
 faint antialiased fringe of a stroke) are reverted. So `mask == (image != clean)` holds
 exactly, and a network is never asked to find a defect that is not in the image.
 
-Layout written by `generate_dataset` (the generic layout of `training.data`)::
+Layout written by `generate_dataset` (the generic layout of `training.core.data`)::
 
     out/images/<type>_<index:05d>.png   uint8 gray or BGR
     out/masks/<type>_<index:05d>.png    0 = good, 255 = defect; good parts get an all-zero mask
@@ -21,7 +21,7 @@ Two profiles (`PROFILES`):
   and uneven lighting; the defects are hairline cracks 1-3 px wide (half of the defective
   strips) plus small pits and fine scratches. The regular gaps look like cracks to a careless
   model, which is the point: a product of long parts with hairline cracks, for the automatic
-  recipe (training/recipe_auto.py) and the benchmarks.
+  recipe (training/core/recipe_auto.py) and the benchmarks.
 
 Numpy and OpenCV only (no torch), so the daemon's demo can import it cheaply.
 """
@@ -376,7 +376,7 @@ def make_part(
     return part.image, part.mask
 
 
-def _assignments(count: int, seed: int, defect_fraction: float, mix: tuple[str, ...] = DEFECT_TYPES) -> list[str]:
+def defect_assignments(count: int, seed: int, defect_fraction: float, mix: tuple[str, ...] = DEFECT_TYPES) -> list[str]:
     """Which part gets which defect: an exact share of defects, types in turns of `mix`, shuffled."""
     n_def = round(count * defect_fraction)
     kinds = [mix[i % len(mix)] for i in range(n_def)] + ["good"] * (count - n_def)
@@ -409,7 +409,7 @@ def generate_dataset(
             if _NAME_RE.match(old.name):
                 old.unlink()
     counts = {"good": 0, **{t: 0 for t in prof.defects}}
-    for i, kind in enumerate(tqdm(_assignments(count, seed, defect_fraction, prof.mix), desc="synth", unit="img",
+    for i, kind in enumerate(tqdm(defect_assignments(count, seed, defect_fraction, prof.mix), desc="synth", unit="img",
                                   disable=not progress)):
         rng = np.random.default_rng([seed, i])  # per-part stream, independent of the other parts
         image, mask = make_part(rng, size or prof.size, color, None if kind == "good" else kind, profile)

@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,49 @@ from edge.inference import PART_OUTPUT
 from edge.package import read_package, sha256_file, write_package_json
 from edge.preprocess import preprocess
 from edge.signature import sign_package
-from training import quantize as q
-from training.checkpoint import CheckpointMeta, load_model
-from training.data import load_dataset, load_sample, split_holdout
-from training.timing import median_latency_ms, ov_runner
+from training.core.checkpoint import CheckpointMeta, load_model
+from training.core.data import load_dataset, load_sample, split_holdout
+from training.release import quantize as q
+from training.release.timing import median_latency_ms, ov_runner
 
 
 class ExportError(RuntimeError):
     """Export cannot produce a trustworthy package; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What an export was asked for: one field per `python -m training export` flag, same defaults."""
+
+    checkpoint: str | Path
+    out: str | Path
+    calib_data: str | Path | None
+    precision: str = "int8"
+    val_data: str | Path | None = None
+    name: str | None = None
+    version: str | None = None
+    max_drop: float = 0.01  # largest allowed pixel-IoU loss of the shipped model against FP32
+    calib_size: int = 300
+    preset: str = "performance"
+    seed: int = 0
+    sign_key: str | Path | None = None  # Ed25519 PEM: package.json.sig over the final package.json
+    max_minutes: float = 5.0  # time for accuracy-controlled INT8 after plain INT8 fails the gate
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What `_build` works on: the staging folder, the loaded model, the package's identity and the
+    validation data (images with masks, and their names for the gate's report)."""
+
+    root: Path
+    module: torch.nn.Module
+    meta: CheckpointMeta
+    name: str
+    version: str
+    created: str
+    items: list[tuple[np.ndarray, np.ndarray]]
+    names: list[str]
+    calib_samples: list[Any]
 
 
 class ProbabilityModel(torch.nn.Module):
@@ -95,11 +131,12 @@ def tool_versions() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
-def write_meta(root: Path, meta: CheckpointMeta, name: str, version: str, created: str, precision: str,
-               metrics: dict[str, Any]) -> PackageMeta:
+def write_meta(ctx: BuildContext, precision: str, metrics: dict[str, Any]) -> PackageMeta:
+    """package.json over the files now in ctx.root (their SHA-256), with the checkpoint's metadata."""
+    root, meta = ctx.root, ctx.meta
     files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
              if p.is_file() and p.name != "package.json" and not p.name.endswith(".tmp")}
-    pm = PackageMeta(name=name, version=version, created=created, precision=precision, input=meta.input_spec,
+    pm = PackageMeta(name=ctx.name, version=ctx.version, created=ctx.created, precision=precision, input=meta.input_spec,
                      postprocess=meta.postprocess, files=files, metrics=metrics,
                      data_fingerprint=meta.data_fingerprint, tools=tool_versions(),
                      extra={"train_config": meta.train_config, "model_config": meta.model_config.to_dict(),
@@ -118,22 +155,54 @@ def _load_items(samples: list[Any], color: str) -> list[tuple[np.ndarray, np.nda
     return [load_sample(s, color) for s in samples]
 
 
-def export(checkpoint: str | Path, out: str | Path, calib_data: str | Path | None, precision: str = "int8",
-           val_data: str | Path | None = None, name: str | None = None, version: str | None = None,
-           max_drop: float = 0.01, calib_size: int = 300, preset: str = "performance",
-           seed: int = 0, sign_key: str | Path | None = None, max_minutes: float = 5.0) -> dict[str, Any]:
-    """Build the package at `out`; returns the report (also written to out/export_report.json).
-    With `sign_key` (Ed25519 PEM) package.json.sig is written over the final package.json."""
+def export(req: ExportRequest) -> dict[str, Any]:
+    """Build the package at `req.out`; returns the report (also written to out/export_report.json).
+    With `req.sign_key` (Ed25519 PEM) package.json.sig is written over the final package.json."""
+    precision = req.precision
     if precision not in ("int8", "fp16", "fp32"):
         raise ExportError(f"--precision must be int8, fp16 or fp32, got {precision!r}")
-    out = Path(out)
-    module, meta = load_model(checkpoint)
+    out = Path(req.out)
+    module, meta = load_model(req.checkpoint)
     spec = meta.input_spec
-    name, version = name or meta.name, version or meta.version
+    name, version = req.name or meta.name, req.version or meta.version
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
-    # -- data: calibration from the training part, validation = the checkpoint's own split
-    if calib_data is None and (precision == "int8" or val_data is None):
+    calib_samples, val_samples, val_source = _split_data(req, meta)
+    if not val_samples:
+        raise ExportError(f"no validation images in {val_source}: pass --val-data DIR so the gate can run")
+    print(f"export: {name} {version}, {precision}, tile {spec.tile}, validation {len(val_samples)} images "
+          f"({val_source})", file=sys.stderr)
+    items = _load_items(val_samples, spec.color)
+    names = [s.name for s in val_samples]
+
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        ctx = BuildContext(staging, module, meta, name, version, created, items, names, calib_samples)
+        report = _build(ctx, req)
+        report["validation"] = {"source": val_source, "images": len(items)}
+        (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_meta(ctx, report["precision"], report["metrics"])
+        if req.sign_key is not None:  # inside the staging dir: a signed package appears whole or not at all
+            sign_package(staging, req.sign_key)
+        _verify(staging)  # before the swap: a package that fails here never replaces a good one
+        _replace_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    read_package(out)
+    print_report(report, out)
+    print(f"verified: {out} reads (package.json, SHA-256, XML) and compiles with edge.inference.Inferencer")
+    return report
+
+
+def _split_data(req: ExportRequest, meta: CheckpointMeta) -> tuple[list[Any], list[Any], str]:
+    """Calibration from the training part, validation = the checkpoint's own split (or --val-data);
+    returns the calibration samples, the validation samples and where the latter came from."""
+    calib_data, val_data = req.calib_data, req.val_data
+    if calib_data is None and (req.precision == "int8" or val_data is None):
         raise ExportError("--calib-data is required (INT8 calibration and/or the validation split)")
     calib_samples: list[Any] = []
     val_samples: list[Any] = []
@@ -154,34 +223,7 @@ def export(checkpoint: str | Path, out: str | Path, calib_data: str | Path | Non
     if val_data is not None:
         val_samples = load_dataset(val_data).samples
         val_source = str(val_data)
-    if not val_samples:
-        raise ExportError(f"no validation images in {val_source}: pass --val-data DIR so the gate can run")
-    print(f"export: {name} {version}, {precision}, tile {spec.tile}, validation {len(val_samples)} images "
-          f"({val_source})", file=sys.stderr)
-    items = _load_items(val_samples, spec.color)
-    names = [s.name for s in val_samples]
-
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
-        report = _build(staging, module, meta, name, version, created, precision, items, names,
-                        calib_samples, max_drop, calib_size, preset, seed, max_minutes)
-        report["validation"] = {"source": val_source, "images": len(items)}
-        (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_meta(staging, meta, name, version, created, report["precision"], report["metrics"])
-        if sign_key is not None:  # inside the staging dir: a signed package appears whole or not at all
-            sign_package(staging, sign_key)
-        _verify(staging)  # before the swap: a package that fails here never replaces a good one
-        _replace_dir(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    read_package(out)
-    print_report(report, out)
-    print(f"verified: {out} reads (package.json, SHA-256, XML) and compiles with edge.inference.Inferencer")
-    return report
+    return calib_samples, val_samples, val_source
 
 
 def _verify(root: Path) -> None:
@@ -192,18 +234,14 @@ def _verify(root: Path) -> None:
     Inferencer(root, num_requests=1)
 
 
-def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str, version: str, created: str,
-           precision: str, items: list[tuple[np.ndarray, np.ndarray]], names: list[str],
-           calib_samples: list[Any], max_drop: float, calib_size: int, preset: str,
-           seed: int, max_minutes: float = 5.0) -> dict[str, Any]:
-    from edge.inference import Inferencer
-
-    spec, params = meta.input_spec, meta.postprocess
-    fp32 = convert(module, meta)
-    fp32_xml = root / "fp32" / "model.xml"
+def _build(ctx: BuildContext, req: ExportRequest) -> dict[str, Any]:
+    """Convert, check parity with PyTorch, judge FP32, then the requested precision behind the gate."""
+    spec, params = ctx.meta.input_spec, ctx.meta.postprocess
+    fp32 = convert(ctx.module, ctx.meta)
+    fp32_xml = ctx.root / "fp32" / "model.xml"
     save_ir(fp32, fp32_xml)
     ref_pred = q.OVPredictor(fp32_xml, spec)
-    parity = _torch_parity(module, ref_pred, items[0][0], spec)
+    parity = _torch_parity(ctx.module, ref_pred, ctx.items[0][0], spec)
     if parity > 1e-4:
         raise ExportError(f"OpenVINO FP32 differs from PyTorch by {parity:.2e} (max abs probability): "
                           "conversion is wrong, not shipping it")
@@ -212,63 +250,25 @@ def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str,
         # the part output ships for information (events show its score) but the regions decide
         print("export: the model has a decision head, but calibration chose the regions to decide the verdict "
               "(no part_threshold); the part score is reported, not used", file=sys.stderr)
-    ref = q.evaluate_model(ref_pred.predict_part, items, names, params, "validate fp32")
+    ref = q.evaluate_model(ref_pred.predict_part, ctx.items, ctx.names, params, "validate fp32")
     metrics: dict[str, Any] = {"fp32": ref.metrics}
-    report: dict[str, Any] = {"precision_requested": precision, "torch_vs_ov_fp32_max_abs": parity}
+    report: dict[str, Any] = {"precision_requested": req.precision, "torch_vs_ov_fp32_max_abs": parity}
 
-    def stage(model: ov.Model, prec: str, fp16: bool = False) -> Any:
-        """Write model.xml as the candidate and judge it through the daemon's Inferencer."""
-        save_ir(model, root / "model.xml", fp16=fp16)
-        write_meta(root, meta, name, version, created, prec, metrics)
-        inf = Inferencer(root, num_requests=1, hint="LATENCY")
-        ev = q.evaluate_model(inf.predict_part, items, names, params, f"validate {prec}")
-        ev.metrics["runtime_inference_precision"] = q.inference_precision(inf.compiled)
-        return ev
-
-    final = precision
+    final = req.precision
     gate: dict[str, Any] = {}
-    if precision == "int8":
-        calib = q.sample_calibration_tiles(calib_samples, spec, calib_size, seed)
-        report["calibration"] = calib.info()
-        print(f"quantize: NNCF PTQ on {len(calib.tiles)} tiles ({calib.n_defect_tiles} with defects), "
-              f"preset {preset}", file=sys.stderr)
-        plain = q.quantize_int8(fp32, calib, preset)
-        t_val = time.monotonic()
-        cand = stage(plain, "int8")
-        t_val = time.monotonic() - t_val
-        n_plain = q.count_quantized(plain)
-        gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize", "quantizers": n_plain}
-        iterations, subset = q.restorer_budget(max_minutes * 60, t_val, n_plain, len(items))
-        if not gate["passed"] and iterations == 0:
-            gate["accuracy_control"] = (f"skipped: one validation takes {t_val:.0f} s, so accuracy control "
-                                        f"cannot run within --max-minutes {max_minutes:g}")
-            print(f"gate: plain INT8 fails ({gate['reason']}); {gate['accuracy_control']}", file=sys.stderr)
-        elif not gate["passed"]:
-            print(f"gate: plain INT8 fails ({gate['reason']}); trying accuracy-controlled quantization "
-                  f"(at most {iterations} operation(s) reverted, ranking on {subset} image(s), to stay within "
-                  f"--max-minutes {max_minutes:g})", file=sys.stderr)
-            first = gate
-            controlled = q.quantize_int8_controlled(fp32, calib, items, spec, params, max_drop, preset,
-                                                    max_iterations=iterations, ranking_subset=subset)
-            cand = stage(controlled, "int8")
-            n_kept = q.count_quantized(controlled)
-            gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize_with_accuracy_control",
-                    "quantizers": n_kept, "plain_int8": first}
-            if gate["passed"] and n_kept < n_plain / 2:
-                banner([f"THE INT8 PACKAGE KEEPS ONLY {n_kept} OF {n_plain} QUANTIZERS: accuracy control",
-                        "reverted the rest to float, so it runs mostly in float; check its speed with bench"])
-        metrics["int8"] = cand.metrics
+    if req.precision == "int8":
+        gate = _int8_gate(ctx, req, fp32, ref, metrics, report)
         if not gate["passed"]:
             final = gate["fallback"] = "fp16"
             banner([f"INT8 FAILED THE ACCURACY GATE: {gate['reason']}",
                     "Shipping FP16 instead. INT8 metrics and the reason are kept in package.json (metrics.gate)."])
     if final in ("fp16", "fp32"):
         # FP16/FP32 are judged too: on CPUs with bf16 the daemon runs them in bf16, not f32
-        ev = stage(fp32, final, fp16=final == "fp16")
+        ev = _stage(ctx, metrics, fp32, final, fp16=final == "fp16")
         metrics[final if final == "fp16" else "deployed_fp32"] = ev.metrics
-        check = {**q.check_gate(ref, ev, max_drop), "runtime_inference_precision":
+        check = {**q.check_gate(ref, ev, req.max_drop), "runtime_inference_precision":
                  ev.metrics["runtime_inference_precision"]}
-        if precision == "int8":
+        if req.precision == "int8":
             gate["fallback_check"] = check
         else:
             gate = {**check, "method": f"{final} requested, no quantization"}
@@ -276,17 +276,72 @@ def _build(root: Path, module: torch.nn.Module, meta: CheckpointMeta, name: str,
             banner([f"THE {final.upper()} PACKAGE DIFFERS FROM THE F32 REFERENCE: {check['reason']}",
                     f"(the daemon computes it in {check['runtime_inference_precision']}); review before deploying"])
     metrics["gate"] = gate
-
-    tile = items[0][0]
-    tiles, _ = preprocess(tile, spec)
-    t = np.ascontiguousarray(tiles[:1])
-    speed = {"fp32_ms": median_latency_ms(ov_runner(ref_pred.compiled, t), 1.0)}
-    deployed = Inferencer(root, num_requests=1, hint="LATENCY")
-    key = f"{final}_ms" if final != "fp32" else "deployed_fp32_ms"
-    speed[key] = median_latency_ms(ov_runner(deployed.compiled, t), 1.0)
-    report.update({"precision": final, "metrics": metrics, "speed_ms_per_tile": speed,
+    report.update({"precision": final, "metrics": metrics, "speed_ms_per_tile": _speed(ctx, ref_pred, final),
                    "load_avg": os.getloadavg()[0]})
     return report
+
+
+def _stage(ctx: BuildContext, metrics: dict[str, Any], model: ov.Model, prec: str, fp16: bool = False) -> Any:
+    """Write model.xml as the candidate and judge it through the daemon's Inferencer."""
+    from edge.inference import Inferencer
+
+    save_ir(model, ctx.root / "model.xml", fp16=fp16)
+    write_meta(ctx, prec, metrics)
+    inf = Inferencer(ctx.root, num_requests=1, hint="LATENCY")
+    ev = q.evaluate_model(inf.predict_part, ctx.items, ctx.names, ctx.meta.postprocess, f"validate {prec}")
+    ev.metrics["runtime_inference_precision"] = q.inference_precision(inf.compiled)
+    return ev
+
+
+def _int8_gate(ctx: BuildContext, req: ExportRequest, fp32: ov.Model, ref: Any, metrics: dict[str, Any],
+               report: dict[str, Any]) -> dict[str, Any]:
+    """Plain INT8, then accuracy-controlled INT8 if plain fails and time allows; the gate's verdict.
+    The candidate left in model.xml and metrics["int8"] are the last one tried."""
+    spec, params, items, max_drop = ctx.meta.input_spec, ctx.meta.postprocess, ctx.items, req.max_drop
+    calib = q.sample_calibration_tiles(ctx.calib_samples, spec, req.calib_size, req.seed)
+    report["calibration"] = calib.info()
+    print(f"quantize: NNCF PTQ on {len(calib.tiles)} tiles ({calib.n_defect_tiles} with defects), "
+          f"preset {req.preset}", file=sys.stderr)
+    plain = q.quantize_int8(fp32, calib, req.preset)
+    t_val = time.monotonic()
+    cand = _stage(ctx, metrics, plain, "int8")
+    t_val = time.monotonic() - t_val
+    n_plain = q.count_quantized(plain)
+    gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize", "quantizers": n_plain}
+    iterations, subset = q.restorer_budget(req.max_minutes * 60, t_val, n_plain, len(items))
+    if not gate["passed"] and iterations == 0:
+        gate["accuracy_control"] = (f"skipped: one validation takes {t_val:.0f} s, so accuracy control "
+                                    f"cannot run within --max-minutes {req.max_minutes:g}")
+        print(f"gate: plain INT8 fails ({gate['reason']}); {gate['accuracy_control']}", file=sys.stderr)
+    elif not gate["passed"]:
+        print(f"gate: plain INT8 fails ({gate['reason']}); trying accuracy-controlled quantization "
+              f"(at most {iterations} operation(s) reverted, ranking on {subset} image(s), to stay within "
+              f"--max-minutes {req.max_minutes:g})", file=sys.stderr)
+        first = gate
+        controlled = q.quantize_int8_controlled(fp32, calib, items, spec, params, max_drop, req.preset,
+                                                max_iterations=iterations, ranking_subset=subset)
+        cand = _stage(ctx, metrics, controlled, "int8")
+        n_kept = q.count_quantized(controlled)
+        gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize_with_accuracy_control",
+                "quantizers": n_kept, "plain_int8": first}
+        if gate["passed"] and n_kept < n_plain / 2:
+            banner([f"THE INT8 PACKAGE KEEPS ONLY {n_kept} OF {n_plain} QUANTIZERS: accuracy control",
+                    "reverted the rest to float, so it runs mostly in float; check its speed with bench"])
+    metrics["int8"] = cand.metrics
+    return gate
+
+
+def _speed(ctx: BuildContext, ref_pred: q.OVPredictor, final: str) -> dict[str, float]:
+    """Median ms per tile of the FP32 reference and of the deployed model (1 request, LATENCY hint)."""
+    from edge.inference import Inferencer
+
+    tiles, _ = preprocess(ctx.items[0][0], ctx.meta.input_spec)
+    t = np.ascontiguousarray(tiles[:1])
+    speed = {"fp32_ms": median_latency_ms(ov_runner(ref_pred.compiled, t), 1.0)}
+    deployed = Inferencer(ctx.root, num_requests=1, hint="LATENCY")
+    key = f"{final}_ms" if final != "fp32" else "deployed_fp32_ms"
+    speed[key] = median_latency_ms(ov_runner(deployed.compiled, t), 1.0)
+    return speed
 
 
 def _torch_parity(module: torch.nn.Module, ref: q.OVPredictor, image: np.ndarray, spec: Any) -> float:
@@ -294,7 +349,7 @@ def _torch_parity(module: torch.nn.Module, ref: q.OVPredictor, image: np.ndarray
     tiles, _ = preprocess(image, spec)
     rnd = np.random.default_rng(0).uniform(0, 255, tiles[:1].shape).astype(np.float32)
     x = np.concatenate([tiles[:4], rnd])
-    from training.predict import predict_tiles_part
+    from training.core.predict import predict_tiles_part
 
     pt, pt_parts = predict_tiles_part(module, x, batch=len(x))
     ov_maps, ov_parts = ref.infer_tiles_parts(x)
@@ -356,12 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=5.0,
                    help="time allowed for accuracy-controlled INT8 after plain INT8 fails the gate; beyond it "
                         "the export falls back to FP16 early and says why (default 5)")
-    p.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM, `python -m edge keygen`): write "
-                   "package.json.sig for stations with model.public_key")
+    p.add_argument("--sign", metavar="KEY", dest="sign_key", help="Ed25519 private key (PEM, `python -m edge "
+                   "keygen`): write package.json.sig for stations with model.public_key")
     a = p.parse_args(argv)
     try:
-        export(a.checkpoint, a.out, a.calib_data, a.precision, a.val_data, a.name, a.version, a.max_drop,
-               a.calib_size, a.preset, a.seed, a.sign, a.max_minutes)
+        export(ExportRequest(**vars(a)))  # one request field per flag
     except (ExportError, ValueError, OSError) as e:  # DataError, CheckpointError, PackageError are ValueErrors
         print(f"error: export failed, no package written: {e}", file=sys.stderr)
         return 2

@@ -24,9 +24,16 @@ from typing import Any, get_args
 
 import yaml
 
-from training.data import DataError
-from training.train_config import Auto, ConfigError, TrainConfig, config_from_dict, deep_merge, load_config
-from training.unet import Upsample
+from training.core.data import DataError
+from training.core.train_config import (
+    Auto,
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    deep_merge,
+    load_config,
+)
+from training.core.unet import Upsample
 
 WIDTHS = (8, 12, 16, 24)
 PATCH_SIZES = (96, 128, 160, 192)
@@ -72,7 +79,7 @@ def tune(base: TrainConfig, out: Path, budget_min: float, trial_min: float, seed
     """Run trials while a whole one still fits in the budget; returns the best trial's summary."""
     import optuna
 
-    from training.train import train
+    from training.core.train import train
 
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -19,10 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from typing_extensions import TypeIs
 
 from edge.config import ConfigError  # one error type for bad configs, station or training
-from training.losses import LossName
-from training.unet import Stem, Upsample, network_stride
+from training.core.losses import LossName
+from training.core.unet import Stem, Upsample, network_stride
 
-AUTO = "auto"  # a field left to training.recipe_auto, resolved from the data when training starts
+AUTO = "auto"  # a field left to training.core.recipe_auto, resolved from the data when training starts
 Auto = Literal["auto"]
 T = TypeVar("T")
 
@@ -33,10 +33,10 @@ def is_auto(value: object) -> TypeIs[Auto]:
 
 
 def fixed(value: T | Auto, field: str) -> T:
-    """The value of a field that training.recipe_auto.resolve_auto has resolved; using one it has not
+    """The value of a field that training.core.recipe_auto.resolve_auto has resolved; using one it has not
     is a bug in the caller, named by the field."""
     if is_auto(value):
-        raise ConfigError(f"{field} is still 'auto': training.recipe_auto.resolve_auto must resolve it first")
+        raise ConfigError(f"{field} is still 'auto': training.core.recipe_auto.resolve_auto must resolve it first")
     return value
 
 
@@ -92,7 +92,7 @@ class ModelSection(_Section):
     deep_supervision: bool = Field(True, description="aux heads on coarse decoder stages (training only)")
     head_bias: float = Field(-4.0, description="initial logit bias: start near 'no defect'")
     space_to_depth: Literal[1, 2, 4, "auto"] = Field(
-        1, description="auto = input scale / body scale (training.recipe_auto); "
+        1, description="auto = input scale / body scale (training.core.recipe_auto); "
                        "fold s x s pixel blocks into channels: the network runs at 1/s resolution but sees "
                        "every pixel (small defects survive, unlike input.scale)")
     stem: Stem = Field(
@@ -134,7 +134,7 @@ class PatchSection(_Section):
     mine_positive_images: int = Field(32, ge=0, le=4096,
                                       description="defective training images re-predicted per epoch to find "
                                                   "missed components (bounds the mining cost)")
-    augment: Literal["none", "light", "default"] = Field("default", description="training.augment strength")
+    augment: Literal["none", "light", "default"] = Field("default", description="training.core.augment strength")
     workers: int = Field(0, ge=0, le=16, description="DataLoader workers (0 = in the training process)")
 
     @model_validator(mode="after")
@@ -189,7 +189,7 @@ class ScheduleSection(_Section):
     val_every: int = Field(1, ge=1, description="validate every N epochs")
     val_every_s: float | Auto | None = Field(
         None, description="or: validate at the first epoch end N s after the last; auto = validation <= ~10 % "
-                          "of the time (training.recipe_auto)")
+                          "of the time (training.core.recipe_auto)")
 
     @model_validator(mode="after")
     def _positive(self) -> ScheduleSection:
@@ -234,7 +234,7 @@ class TrainConfig(_Section):
     def _consistent(self) -> TrainConfig:
         if self.data.val_fraction + self.data.test_fraction >= 0.9:
             raise ValueError("data.val_fraction + data.test_fraction must be < 0.9 (parts are needed for training)")
-        stride = self.model.stride  # unresolved autos are checked when training.recipe_auto resolves them
+        stride = self.model.stride  # unresolved autos are checked when training.core.recipe_auto resolves them
         for name, side in (("patches.size", self.patches.size), ("input.tile", self.input.tile)):
             if not is_auto(side) and side % stride:
                 raise ValueError(f"patches.size and input.tile must be multiples of the network stride "
@@ -250,7 +250,7 @@ class TrainConfig(_Section):
         return self
 
     def auto_fields(self) -> list[str]:
-        """The fields still set to "auto" (empty once training.recipe_auto resolved them)."""
+        """The fields still set to "auto" (empty once training.core.recipe_auto resolved them)."""
         fields = {"input.scale": self.input.scale, "input.tile": self.input.tile, "patches.size": self.patches.size,
                   "model.space_to_depth": self.model.space_to_depth, "schedule.val_every_s": self.schedule.val_every_s}
         return [k for k, v in fields.items() if v == AUTO]

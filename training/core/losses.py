@@ -22,7 +22,7 @@ Deep supervision: the model may return `(logits, [aux logits])`; the aux losses 
 and added with weight `aux_weight`, so coarse decoder stages learn to localise early on.
 
 Decision term (`decision_weight` > 0, model with a decision head): BCE of the head's part logit
-against the same per-patch label as the image term. The output may be a `training.unet.UNetOutput`
+against the same per-patch label as the image term. The output may be a `training.core.unet.UNetOutput`
 (logits, aux, part) or the older `(logits, aux)` / plain logits.
 """
 

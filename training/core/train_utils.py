@@ -1,6 +1,6 @@
 """The parts of the training loop that are not the loop: processes, schedule, data, validation, logs.
 
-Kept apart so training/train.py reads top to bottom like nanoGPT's train.py.
+Kept apart so training/core/train.py reads top to bottom like nanoGPT's train.py.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 
 from edge.contract import InputSpec, PostprocessParams
-from training.calibrate import calibrate, calibrate_part_threshold
-from training.data import Sample, load_sample
-from training.evaluate import evaluate_predictions
-from training.predict import predict_image_part
-from training.unet import UNetOutput
+from training.core.calibrate import calibrate, calibrate_part_threshold
+from training.core.data import Sample, load_sample
+from training.core.evaluate import evaluate_predictions
+from training.core.predict import predict_image_part
+from training.core.unet import UNetOutput
 
 CSV_COLUMNS = ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "image_f1", "image_accuracy",
                "pixel_iou", "pixel_f1", "image_recall", "image_precision", "image_ap", "pixel_precision",

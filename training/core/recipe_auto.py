@@ -58,7 +58,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from training.train_config import AUTO, ConfigError, ModelSection, TrainConfig, config_from_dict, deep_merge
+from training.core.train_config import (
+    AUTO,
+    ConfigError,
+    ModelSection,
+    TrainConfig,
+    config_from_dict,
+    deep_merge,
+)
 
 BODY_PATCH = (96, 128)  # body-resolution patch side: enough context, steps still cheap
 COMPACT_ASPECT = 2.0  # long/short side below which a part counts as compact (whole part in context)

@@ -1,7 +1,7 @@
 """The demo's station: a private Mosquitto, the conveyor (parts with known truth fed into the
 daemon's hot folder), the MQTT subscriber that collects verdicts, and the daemon's station.yaml.
 
-Used by `training.demo` (stages 4-5); the scoring and pictures are in `training.demo_report`.
+Used by `training.demo.run` (stages 4-5); the scoring and pictures are in `training.demo.report`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:
-    from training.demo import Progress
+from training.demo.console import Progress
 
 LINE, STATION = "demo", "station1"
 TOPIC_PREFIX = "inspection"
@@ -114,13 +113,16 @@ class Part:
 def render_conveyor(folder: Path, count: int, seed: int, size: tuple[int, int], color: str,
                     defect_fraction: float) -> list[Part]:
     """Pre-render `count` new parts (a seed the model never saw) with their truth, neutral part ids."""
-    from training.synth import _assignments, make_part  # the dataset's own assignment of defect types
+    from training.core.synth import (  # the dataset's own assignment of defect types
+        defect_assignments,
+        make_part,
+    )
 
     staged, masks = folder / "staged", folder / "truth_masks"
     staged.mkdir(parents=True, exist_ok=True)
     masks.mkdir(parents=True, exist_ok=True)
     parts = []
-    for i, kind in enumerate(_assignments(count, seed, defect_fraction)):
+    for i, kind in enumerate(defect_assignments(count, seed, defect_fraction)):
         rng = np.random.default_rng([seed, i])
         image, mask = make_part(rng, size, color, None if kind == "good" else kind)
         pid = f"part-{i + 1:04d}"

@@ -20,9 +20,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from training.demo_station import DemoError, Listener
+from training.demo.station import DemoError, Listener
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-reviewer"  # localhost only; a real station uses `edge ui-user`
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')

@@ -18,7 +18,7 @@ from edge.tiled import predict_frame
 
 
 def _split(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Eval-mode output -> (logits map, part logits or None); see training/unet.py."""
+    """Eval-mode output -> (logits map, part logits or None); see training/core/unet.py."""
     if isinstance(out, (tuple, list)):
         return out[0], out[1]
     return out, None

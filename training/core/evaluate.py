@@ -5,7 +5,7 @@ call `evaluate_predictions`, and it judges a map through `edge.postprocess.postp
 `edge.rules` (effective_rules, decide) - the daemon's own code - so a reported F1 is the F1 the line will see.
 
 CLI (`python -m training evaluate`): a model is either a checkpoint file (torch inference
-through training.predict) or a model package folder with package.json (OpenVINO inference
+through training.core.predict) or a model package folder with package.json (OpenVINO inference
 through edge.inference, no torch needed).
 """
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from edge.contract import PACKAGE_JSON, Detection, PostprocessParams
 from edge.postprocess import postprocess
 from edge.rules import decide, effective_rules
-from training.metrics import PixelCounts, average_precision, image_metrics
+from training.core.metrics import PixelCounts, average_precision, image_metrics
 
 # image -> HxW map, or (map, part score or None) for a model with a decision head
 Predictor = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, float | None]"]
@@ -108,7 +108,7 @@ def evaluate_predictions(
     the part score when it decides (a part_threshold is set), else `Detection.score` (ranks parts
     for image AP; the part output's own AP is then `image_ap_part_output`); pixel counts
     compare `Detection.mask` (after morphology and the area filter) with the true mask, pooled
-    over images. Conventions for 0/0 and AP: see training.metrics.
+    over images. Conventions for 0/0 and AP: see training.core.metrics.
     """
     return evaluate_detailed(probs, masks, params, parts)[0]
 
@@ -166,7 +166,7 @@ def predict_all_parts(
     Maps are kept as float16 when `half` is True, or when None and all of them as float32 would
     exceed HALF_BUDGET_BYTES (estimated from the first); postprocess reads either.
     """
-    from training.data import load_sample  # lazy: keeps this module importable without data deps
+    from training.core.data import load_sample  # lazy: keeps this module importable without data deps
 
     probs: list[np.ndarray] = []
     masks: list[np.ndarray] = []
@@ -225,8 +225,8 @@ def load_for_eval(model_path: str | Path, tta: bool = False, device: str = "CPU"
                            inf.meta.version, inf.meta.data_fingerprint, dict(tc or {}))
     if not path.exists():
         raise ValueError(f"{path}: model not found (expected a checkpoint file or a model package folder)")
-    from training.checkpoint import load_model
-    from training.predict import predict_image_part
+    from training.core.checkpoint import load_model
+    from training.core.predict import predict_image_part
 
     model, meta = load_model(path)
     spec = meta.input_spec
@@ -279,7 +279,7 @@ def select_split(samples: list[Any], split: str, train_config: dict[str, Any], m
     """
     if split == "all":
         return samples
-    from training.data import split_holdout
+    from training.core.data import split_holdout
 
     if "val_fraction" not in train_config or "seed" not in train_config:
         raise ValueError(f"{model}: has no train_config with val_fraction and seed, so the training split "
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The CLI's work; raises ValueError/OSError with messages naming the file."""
-    from training.data import load_dataset
+    from training.core.data import load_dataset
 
     t0 = time.perf_counter()
     loaded = load_for_eval(args.model, tta=args.tta, device=args.device)
@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics, rows = evaluate_detailed(probs, masks, params, parts)
     names = [s.name for s in samples]
     if pictures:
-        from training.pictures import save_errors_picture, save_validation_grid
+        from training.core.pictures import save_errors_picture, save_validation_grid
 
         assert images is not None
         if args.grid:

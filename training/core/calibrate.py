@@ -18,7 +18,7 @@ Speed: per map and threshold, the binary map (same morphology as the daemon) and
 connected components are computed once; every min_area is then judged from the component
 areas and their overlap with the true mask. This gives exactly what `postprocess` would give
 (a component survives iff its area >= max(min_area, 1)), at 1/len(min_areas) of the cost.
-The chosen setting is re-scored with `training.evaluate.evaluate_predictions` for the report.
+The chosen setting is re-scored with `training.core.evaluate.evaluate_predictions` for the report.
 
 Part threshold (`calibrate_part_threshold`, models with a decision head): the verdict is
 `part score >= part_threshold`, so the rule is the line's: the fewest false alarms among the
@@ -40,8 +40,8 @@ import numpy as np
 
 from edge.contract import PostprocessParams
 from edge.postprocess import binarize
-from training.evaluate import evaluate_predictions
-from training.metrics import prf, ratio
+from training.core.evaluate import evaluate_predictions
+from training.core.metrics import prf, ratio
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.07,
                                          *(round(0.1 + 0.05 * i, 2) for i in range(18)))  # 0.01..0.95
@@ -64,7 +64,7 @@ class Grid:
     px_fn: np.ndarray
 
     def row(self, i: int, j: int) -> dict[str, Any]:
-        """Metrics of one setting (same conventions as training.metrics)."""
+        """Metrics of one setting (same conventions as training.core.metrics)."""
         tp, fp, fn, tn = (int(a[i, j]) for a in (self.img_tp, self.img_fp, self.img_fn, self.img_tn))
         p, r, f1 = prf(tp, fp, fn)
         ptp, pfp, pfn = int(self.px_tp[i, j]), int(self.px_fp[i, j]), int(self.px_fn[i, j])

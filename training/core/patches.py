@@ -30,7 +30,7 @@ the patch border (the convolutions' zero padding), and the network would meet mi
 context for the first time on the line: a blowhole 5 px from the right border was missed that
 way on Magnetic-Tile. Top/left borders need nothing: there the edge's first tile starts at the
 frame border too.
-Each patch goes through the joint augmentation of training.augment. Items are raw pixels:
+Each patch goes through the joint augmentation of training.core.augment. Items are raw pixels:
 float32 C x P x P in 0..255 (the model normalises inside its graph) and a float32 1 x P x P mask.
 
 Determinism: the patches of an epoch depend only on (seed, epoch, rank, dataloader worker),
@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from edge.preprocess import coarse_mask, pad_bottom_right
-from training.augment import build_augmentation
+from training.core.augment import build_augmentation
 
 
 @dataclass(frozen=True)

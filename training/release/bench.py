@@ -37,8 +37,8 @@ import torch
 from edge.contract import InputSpec
 from edge.package import read_package
 from edge.preprocess import preprocess
-from training.quantize import inference_precision
-from training.timing import async_throughput, compile_ov, interleaved_latency, ov_runner, torch_runner
+from training.release.quantize import inference_precision
+from training.release.timing import async_throughput, compile_ov, interleaved_latency, ov_runner, torch_runner
 
 # --------------------------------------------------------------------------- model work and CPU peak
 
@@ -98,7 +98,7 @@ def vnni_peak_gops(cores: int, mhz: float, units: int = 2) -> tuple[float, str]:
 def pick_tile(spec: InputSpec, data: str | None, seed: int = 0) -> tuple[np.ndarray, str]:
     """A real tile (the first with a defect if any) when data is given, else uniform noise."""
     if data:
-        from training.data import load_dataset, load_sample
+        from training.core.data import load_dataset, load_sample
 
         ds = load_dataset(data)
         sample = next((s for s in ds.samples if s.defective), ds.samples[0])
@@ -112,7 +112,7 @@ def pick_tile(spec: InputSpec, data: str | None, seed: int = 0) -> tuple[np.ndar
 
 def bench(checkpoint: str | Path, model_dir: str | Path, threads: int = 0, seconds: float = 20.0,
           data: str | None = None, vnni_units: int = 2) -> dict[str, Any]:
-    from training.checkpoint import load_model
+    from training.core.checkpoint import load_model
 
     threads = threads or (os.cpu_count() or 1)
     meta = read_package(model_dir)
