@@ -43,8 +43,10 @@ class ForcedVerdicts:
         self._lock = threading.Lock()
         self._orig: Any = None
 
-    def __call__(self, prob: np.ndarray, params: PostprocessParams) -> Detection:
-        det: Detection = self._orig(prob, params)  # the real cost, on the real map
+    def __call__(self, prob: np.ndarray, params: PostprocessParams, part: float | None = None) -> Detection:
+        """As edge.postprocess.postprocess (map, params, the part output's score); the verdict is then
+        forced by the regions alone (the forced detections carry no part score)."""
+        det: Detection = self._orig(prob, params, part)  # the real cost, on the real map
         with self._lock:
             self.n += 1
             n = self.n
