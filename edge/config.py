@@ -192,6 +192,14 @@ class RoiConfig(_Model):
     w: int = Field(ge=8, description="Width of the inspected region (pixels).")
     h: int = Field(ge=8, description="Height of the inspected region (pixels).")
 
+    def crop(self, image: Any) -> Any:
+        """The inspected region of a frame (a view, no copy): the one ROI rule of the line, its
+        self-test and its shadow. ValueError when the region does not fit the frame."""
+        if self.x + self.w > image.shape[1] or self.y + self.h > image.shape[0]:
+            raise ValueError(f"roi {self.x},{self.y} {self.w}x{self.h} is outside the "
+                             f"{image.shape[1]}x{image.shape[0]} frame")
+        return image[self.y : self.y + self.h, self.x : self.x + self.w]
+
 
 class FrameChecksConfig(_Model):
     reject_black: bool = Field(default=True, description="A uniform black frame (lens cap, dead light) -> `error`, never a pass.")

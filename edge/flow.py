@@ -350,11 +350,13 @@ class FrameFlow:
         r = job.runtime.roi
         if r is None:
             return img
-        if r.x + r.w > img.shape[1] or r.y + r.h > img.shape[0]:
-            job.fail(BAD_FRAME, f"roi {r.x},{r.y} {r.w}x{r.h} is outside the {img.shape[1]}x{img.shape[0]} frame")
+        try:
+            crop = r.crop(img)
+        except ValueError as e:
+            job.fail(BAD_FRAME, str(e))
             return None
         job.offset = (r.x, r.y)
-        return img[r.y : r.y + r.h, r.x : r.x + r.w]
+        return crop
 
     def _start_inference(self, job: Job, img: np.ndarray) -> bool:
         """Hand the image to the model (its callback takes it on); False when that failed (job.error set)."""

@@ -14,10 +14,7 @@ import threading
 
 from edge.config import RulesConfig
 from edge.model_loader import LoadedModel
-from edge.rules import Rules
-
-_PARAM_FIELDS = ("pixel_threshold", "min_area", "open_radius", "close_radius", "part_threshold")
-_RULE_FIELDS = tuple(f.name for f in dataclasses.fields(Rules))
+from edge.rules import effective_rules
 
 
 class Recipes:
@@ -47,9 +44,6 @@ class Recipes:
 
 def apply_recipe(base: LoadedModel, name: str, recipe: RulesConfig) -> LoadedModel:
     """A copy of `base` with the recipe's set fields replacing its effective values."""
-    given = recipe.model_dump(exclude_none=True)
-    params = dataclasses.replace(base.params, **{k: v for k, v in given.items() if k in _PARAM_FIELDS})
-    params.validate()
-    rules = dataclasses.replace(base.rules, **{k: v for k, v in given.items() if k in _RULE_FIELDS})
-    rules_dict = {**params.to_dict(), **rules.to_dict(), "roi": base.rules_dict.get("roi"), "recipe": name}
-    return dataclasses.replace(base, params=params, rules=rules, rules_dict=rules_dict)
+    policy = effective_rules(base.params, recipe, base.rules)
+    rules_dict = {**policy.to_dict(), "roi": base.rules_dict.get("roi"), "recipe": name}
+    return dataclasses.replace(base, params=policy.params, rules=policy.rules, rules_dict=rules_dict)

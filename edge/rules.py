@@ -72,15 +72,18 @@ class EffectiveRules:
 _PARAM_FIELDS = frozenset(f.name for f in dataclasses.fields(PostprocessParams))
 
 
-def effective_rules(package: PostprocessParams, overrides: RulesConfig | None = None) -> EffectiveRules:
+def effective_rules(package: PostprocessParams, overrides: RulesConfig | None = None,
+                    base: Rules | None = None) -> EffectiveRules:
     """The package's calibrated values (package.json `postprocess`) with each value the station set
-    in `overrides` replacing its own; the count and area limits default to `Rules()`.
+    in `overrides` replacing its own; the count and area limits default to `base` (`Rules()`), so a
+    recipe (edge.recipes) layers over the station's effective rules the same way.
 
     ValueError (or TypeError) when the result is not usable, e.g. a threshold outside (0, 1)."""
     given = {} if overrides is None else overrides.model_dump(exclude_none=True)
     params = dataclasses.replace(package, **{k: v for k, v in given.items() if k in _PARAM_FIELDS})
     params.validate()
-    return EffectiveRules(params, Rules(**{k: v for k, v in given.items() if k not in _PARAM_FIELDS}))
+    return EffectiveRules(params, dataclasses.replace(base or Rules(),
+                                                      **{k: v for k, v in given.items() if k not in _PARAM_FIELDS}))
 
 
 def decide(det: Detection, rules: Rules) -> tuple[Verdict, list[str]]:

@@ -122,10 +122,7 @@ def _judge(model: LoadedModel, state_dir: Path, roi: RoiConfig | None, sample: S
     try:
         image = read_image(state_dir, sample)
         if roi is not None:
-            if roi.x + roi.w > image.shape[1] or roi.y + roi.h > image.shape[0]:
-                raise GoldenError(f"roi {roi.x},{roi.y} {roi.w}x{roi.h} is outside the "
-                                  f"{image.shape[1]}x{image.shape[0]} golden image")
-            image = image[roi.y : roi.y + roi.h, roi.x : roi.x + roi.w]
+            image = roi.crop(image)  # ValueError: this sample disagrees (below)
         det = model.inferencer.inspect(image, model.params)
         verdict, _ = decide(det, model.rules)
     except Exception as e:  # an unreadable sample or a broken model: this sample disagrees

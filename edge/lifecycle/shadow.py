@@ -152,7 +152,7 @@ class ShadowRunner:
 
     def _judge(self, event_id: str, part_id: str, capture_ts: float, image: np.ndarray, roi: RoiConfig | None,
                live_info: dict[str, Any], live_verdict: str, live_score: float) -> None:
-        crop = image if roi is None else image[roi.y : roi.y + roi.h, roi.x : roi.x + roi.w]
+        crop = image if roi is None else roi.crop(image)
         det = self.model.inferencer.inspect(crop, self.model.params)
         verdict, reasons = decide(det, self.model.rules)
         pair = f"{live_verdict}/{verdict}"

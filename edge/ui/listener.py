@@ -14,17 +14,16 @@ import json
 import logging
 import re
 import socket
-import ssl
 import threading
 import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.config import Config, resolve_password
+from edge.mqtt import MqttSettings, new_client
 from edge.ui.drift import DriftWatch
 from edge.ui.store import Store
 
@@ -84,17 +83,10 @@ class StationListener:
         self._v5 = m.protocol == "5"
         # A fixed client id and a persistent session: results that arrive while the page restarts are
         # queued by the broker (mqtt.session_expiry_s, as for the daemon's triggers) and indexed after.
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=f"edge-ui-{cfg.station.line}-{cfg.station.name}-{socket.gethostname()}",
-                                  protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
-                                  clean_session=None if self._v5 else not m.session_expiry_s)
-        if m.username is not None:
-            self.client.username_pw_set(m.username, resolve_password(m))
-        if m.tls_ca or m.tls_cert:
-            self.client.tls_set(ca_certs=str(m.tls_ca) if m.tls_ca else None,
-                                certfile=str(m.tls_cert) if m.tls_cert else None,
-                                keyfile=str(m.tls_key) if m.tls_key else None, cert_reqs=ssl.CERT_REQUIRED)
-            self.client.tls_insecure_set(m.tls_insecure)
+        self.client = new_client(  # the station's protocol, credentials and TLS, as the daemon's sink
+            MqttSettings(m, password=resolve_password(m) if m.username is not None else None),
+            f"edge-ui-{cfg.station.line}-{cfg.station.name}-{socket.gethostname()}",
+            clean_session=None if self._v5 else not m.session_expiry_s)
         self.client.reconnect_delay_set(int(max(1, m.reconnect_min_s)), int(max(1, m.reconnect_max_s)))
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
