@@ -123,6 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg is None:
         return EX_CONFIG
     setup_logging(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
+    from edge.malloc_tune import tune_malloc
+
+    log.debug("malloc: %s", tune_malloc() or "left as the environment set it")  # before any thread starts
     from edge.daemon import run_pipeline  # OpenVINO loads here, after the config is known to be good
 
     stop, reload = threading.Event(), threading.Event()

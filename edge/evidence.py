@@ -207,19 +207,44 @@ class EvidenceStore:
 PENDING, THINNED = "pending", "thinned"
 
 
+@dataclass(frozen=True)
+class MaskCrop:
+    """A mask kept as the bounding box of its set pixels: a queued 5 MP fail holds its defect's few
+    kilobytes instead of a 5 MB mostly-zero array; `full()` rebuilds the mask when it is written."""
+
+    shape: tuple[int, ...]
+    x: int
+    y: int
+    box: np.ndarray
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> MaskCrop:
+        m = mask if mask.ndim == 2 else np.any(mask != 0, axis=2)
+        if m.dtype != np.uint8:
+            m = np.ascontiguousarray(m != 0).view(np.uint8)
+        x, y, w, h = cv2.boundingRect(m)
+        return cls(m.shape, x, y, m[y : y + h, x : x + w].copy())
+
+    def full(self) -> np.ndarray:
+        out = np.zeros(self.shape[:2], np.uint8)
+        h, w = self.box.shape[:2]
+        out[self.y : self.y + h, self.x : self.x + w] = self.box
+        return out
+
+
 @dataclass
 class _Item:
     event_id: str
     capture_ts: float
     image: np.ndarray
-    mask: np.ndarray | None
+    mask: MaskCrop | None
     regions: Sequence[Region]
     verdict: str
     offset: tuple[int, int]
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.nbytes = int(self.image.nbytes) + (int(self.mask.nbytes) if self.mask is not None else 0)
+        self.nbytes = int(self.image.nbytes) + (int(self.mask.box.nbytes) if self.mask is not None else 0)
 
 
 class EvidenceWriter:
@@ -278,12 +303,14 @@ class EvidenceWriter:
     def offer(self, event_id: str, capture_ts: float, image: np.ndarray | None, mask: np.ndarray | None,
               regions: Sequence[Region], verdict: str, roi_offset: tuple[int, int] = (0, 0)) -> tuple[str | None, str | None]:
         """(prefix, status) for the event: (prefix, "pending"), (None, "thinned"), or (None, None) when
-        this part keeps no evidence. The arrays are kept as they are: callers must not modify them."""
+        this part keeps no evidence. The frame is kept as it is (callers must not modify it), the
+        mask as the crop of its set pixels (MaskCrop)."""
         self._bad_run = 0 if verdict == "pass" else self._bad_run + 1
         first_bad = 0 < self._bad_run <= self.keep_first_bad
         if image is None or not self.store.wanted(verdict):
             return None, None
-        item = _Item(event_id, capture_ts, image, mask, regions, verdict, roi_offset)
+        item = _Item(event_id, capture_ts, image, None if mask is None else MaskCrop.of(mask), regions, verdict,
+                     roi_offset)
         with self._lock:
             used = self.queued_bytes
             fits = used + item.nbytes <= self.max_bytes
@@ -349,7 +376,8 @@ class EvidenceWriter:
                 return
             t_cpu = time.thread_time()
             try:
-                ref = self.store.save(item.event_id, item.capture_ts, item.image, item.mask, item.regions,
+                ref = self.store.save(item.event_id, item.capture_ts, item.image,
+                                      None if item.mask is None else item.mask.full(), item.regions,
                                       item.verdict, item.offset)
             except Exception:  # never let one bad frame stop the writer
                 log.exception("evidence for %s not saved", item.event_id)

@@ -43,7 +43,7 @@ from edge.model_loader import LoadedModel
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox
 from edge.postprocess import postprocess
-from edge.preprocess import FrameError
+from edge.preprocess import CoarseMap, FrameError
 from edge.preview import PreviewFeed
 from edge.quality import image_quality
 from edge.rules import BAD_FRAME, INFERENCE, INTERNAL, NON_FINITE, SELFTEST, STALE, decide
@@ -109,7 +109,7 @@ class Job:
 
     def __init__(self, frame: Frame, runtime: Runtime) -> None:
         self.frame, self.runtime, self.model = frame, runtime, runtime.model
-        self.prob: np.ndarray | None = None
+        self.prob: CoarseMap | np.ndarray | None = None  # CoarseMap from the pipeline; dropped once judged
         self.part: float | None = None  # max over tiles of the part output (None: the model has none)
         self.error: str | None = frame.error
         self.error_kind = frame.error_kind
@@ -363,10 +363,10 @@ class FrameFlow:
         job.t_submit = time.monotonic()
         try:
             try:
-                job.model.inferencer.submit(img, job, self._on_inferred)
+                job.model.inferencer.submit(img, job, self._on_inferred, coarse=True)
             except ModelClosed:  # a reload released this model just now: use the new one
                 job.model = self._model_for(job.frame, self.runtime)
-                job.model.inferencer.submit(img, job, self._on_inferred)
+                job.model.inferencer.submit(img, job, self._on_inferred, coarse=True)
             return True
         except FrameError as e:  # the frame's fault (size, type): not a model error
             job.fail(BAD_FRAME, f"cannot inspect frame: {e}")
@@ -375,7 +375,7 @@ class FrameFlow:
             job.fail(INFERENCE, f"cannot inspect frame: {e}")
         return False
 
-    def _on_inferred(self, prob: np.ndarray | None, error: BaseException | None, job: Job,
+    def _on_inferred(self, prob: CoarseMap | np.ndarray | None, error: BaseException | None, job: Job,
                      part: float | None = None) -> None:
         """OpenVINO callback thread: hand over and return quickly (the request is reused)."""
         job.t_done = time.monotonic()
@@ -465,7 +465,8 @@ class FrameFlow:
     # -- step 1: decide --------------------------------------------------------------------------------
     def _decide(self, job: Job) -> Outcome:
         """Verdict of one part from its map (or its error); feeds the inference alarm."""
-        outcome = self._judge(job, job.prob) if job.error is None and job.prob is not None else None
+        prob, job.prob = job.prob, None  # the full map lives only while this part is judged
+        outcome = self._judge(job, prob) if job.error is None and prob is not None else None
         if job.error_kind in (INFERENCE, NON_FINITE) or job.t_submit:
             self.alarms.observe_inference(job.error is None, job.error or "")
         if job.error is not None:
@@ -475,11 +476,12 @@ class FrameFlow:
             return self._error(job, INTERNAL, "the part has neither an inference result nor an error")
         return outcome
 
-    def _judge(self, job: Job, prob: np.ndarray) -> Outcome | None:
+    def _judge(self, job: Job, prob: CoarseMap | np.ndarray) -> Outcome | None:
         """pass/fail by the part's rules (edge.rules.decide); None when its map cannot be judged (job.error)."""
         model = job.model
         try:
-            det = postprocess(prob, model.params, job.part)
+            full = prob.full() if isinstance(prob, CoarseMap) else prob
+            det = postprocess(full, model.params, job.part)
             verdict, reasons = decide(det, model.rules)
         except NonFiniteError as e:  # a model emitting NaN would otherwise pass every part
             job.fail(NON_FINITE, f"model output rejected: {e}")

@@ -23,7 +23,7 @@ import openvino as ov
 from edge.contract import Detection, InputSpec, ModelInfo, PackageMeta, PostprocessParams
 from edge.package import PackageError, package_hash, read_package
 from edge.postprocess import postprocess
-from edge.preprocess import TileLayout, preprocess, stitch
+from edge.preprocess import CoarseMap, TileLayout, blend_tiles, preprocess
 from edge.tiled import predict_frame
 
 _CORE: ov.Core | None = None
@@ -121,8 +121,9 @@ def infer_tiles_sync(request: ov.InferRequest, tiles: np.ndarray, map_index: int
 
 
 # callback(prob_map, error, userdata, part_score): part_score is the max of the tiles' part
-# probabilities (NaN stays NaN: postprocess turns it into NonFiniteError), None without a part output
-FrameCallback = Callable[[np.ndarray | None, BaseException | None, Any, float | None], None]
+# probabilities (NaN stays NaN: postprocess turns it into NonFiniteError), None without a part output;
+# prob_map is a CoarseMap when the frame was submitted with coarse=True
+FrameCallback = Callable[[Any, BaseException | None, Any, float | None], None]
 
 
 @dataclass
@@ -133,6 +134,7 @@ class _FrameJob:
     remaining: int
     userdata: Any
     callback: FrameCallback
+    coarse: bool = False  # hand the callback a CoarseMap (the receiver resizes it when it needs it)
     failed: BaseException | None = None
 
 
@@ -203,16 +205,18 @@ class Inferencer:
         frame: np.ndarray,
         userdata: Any,
         callback: FrameCallback,
+        coarse: bool = False,
     ) -> None:
         """Queue a frame; `callback(prob_map, error, userdata, part_score)` runs on an OpenVINO thread
-        when done (part_score None for a package without a part output).
+        when done (part_score None for a package without a part output). With `coarse` the map is a
+        CoarseMap: a queue of waiting parts then holds ~1/16 of the full float map each (5 MP: 1 vs 20 MB).
 
         Blocks while all requests are busy, which is the back-pressure the pipeline wants.
         Preprocessing errors raise here, in the caller's thread.
         """
         tiles, layout = preprocess(frame, self.spec)
         job = _FrameJob(layout, np.empty((len(tiles), self.spec.out_tile, self.spec.out_tile), np.float32),
-                        np.empty(len(tiles), np.float32) if self.has_part else None, len(tiles), userdata, callback)
+                        np.empty(len(tiles), np.float32) if self.has_part else None, len(tiles), userdata, callback, coarse)
         with self._submit_lock:
             if self._closed:
                 raise ModelClosed(f"model {self.model_dir} was unloaded (reload); submit to the current one")
@@ -262,7 +266,8 @@ def _tile_callback(lock: threading.Lock, overlap: int, map_index: int = 0,
             job.callback(None, job.failed, job.userdata, None)
             return
         try:
-            prob = stitch(job.outputs, job.layout, overlap)
+            coarse = blend_tiles(job.outputs, job.layout, overlap)
+            prob: np.ndarray | CoarseMap = coarse if job.coarse else coarse.full()
             # max propagates NaN: the result thread's postprocess turns it into an error verdict
             part = None if job.parts is None else float(job.parts.max())
         except BaseException as e:

@@ -219,8 +219,31 @@ def _blend_weight(tile: int, overlap: int) -> np.ndarray:
     return _WEIGHT_CACHE[key]
 
 
-def stitch(outputs: np.ndarray, layout: TileLayout, overlap: int) -> np.ndarray:
-    """Tile outputs (N x t x t, or N x 1 x t x t) -> HxW float32 map of the frame.
+@dataclass(frozen=True)
+class CoarseMap:
+    """A frame's tile outputs blended at the model's output resolution, before the final resize.
+
+    The daemon queues this instead of the full-resolution map: at 5 MP the full float32 map is 20 MB
+    per part waiting for the result thread, the coarse one ~1 MB (scale 0.25 or output_stride 4).
+    `full()` gives exactly what `stitch` gives; the result thread calls it for one part at a time."""
+
+    blended: np.ndarray
+    layout: TileLayout
+    k: int  # tile / output side: the blended map is at 1/k of the padded tile grid
+
+    def full(self) -> np.ndarray:
+        """HxW float32 probability map of the whole frame (bilinear resize of the blended map)."""
+        prob, layout, k = self.blended, self.layout, self.k
+        if k > 1:  # each coarse pixel is a k x k block of the padded grid: resize the blocks, then crop
+            prob = cv2.resize(prob, (prob.shape[1] * k, prob.shape[0] * k), interpolation=cv2.INTER_LINEAR)
+            prob = np.ascontiguousarray(prob[: layout.height, : layout.width])
+        if layout.frame_height and (layout.frame_height, layout.frame_width) != prob.shape:
+            prob = cv2.resize(prob, (layout.frame_width, layout.frame_height), interpolation=cv2.INTER_LINEAR)
+        return prob
+
+
+def blend_tiles(outputs: np.ndarray, layout: TileLayout, overlap: int) -> CoarseMap:
+    """Tile outputs (N x t x t, or N x 1 x t x t) -> the frame's map at output resolution (CoarseMap).
 
     t is the tile side, or tile / k for a model whose map comes out coarse (`output_stride` k, the
     pooled-views models): the tiles are then blended at 1/k and the map is resized once, over the
@@ -233,13 +256,12 @@ def stitch(outputs: np.ndarray, layout: TileLayout, overlap: int) -> np.ndarray:
     if k < 1 or out.shape[-1] * k != layout.tile or overlap % k:
         raise ValueError(f"tile outputs of side {out.shape[-1]} do not divide the tile {layout.tile} "
                          f"(overlap {overlap})")
-    prob = _blend(out, layout, overlap, k)
-    if k > 1:  # each coarse pixel is a k x k block of the padded grid: resize the blocks, then crop
-        prob = cv2.resize(prob, (prob.shape[1] * k, prob.shape[0] * k), interpolation=cv2.INTER_LINEAR)
-        prob = np.ascontiguousarray(prob[: layout.height, : layout.width])
-    if layout.frame_height and (layout.frame_height, layout.frame_width) != prob.shape:
-        prob = cv2.resize(prob, (layout.frame_width, layout.frame_height), interpolation=cv2.INTER_LINEAR)
-    return prob
+    return CoarseMap(_blend(out, layout, overlap, k), layout, k)
+
+
+def stitch(outputs: np.ndarray, layout: TileLayout, overlap: int) -> np.ndarray:
+    """Tile outputs -> HxW float32 map of the frame (blend_tiles, then CoarseMap.full)."""
+    return blend_tiles(outputs, layout, overlap).full()
 
 
 def _blend(out: np.ndarray, layout: TileLayout, overlap: int, k: int = 1) -> np.ndarray:

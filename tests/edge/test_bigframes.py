@@ -145,3 +145,23 @@ def test_mask_file_is_the_0_255_image_of_the_mask(tmp_path: Path) -> None:
         got = cv2.imread(str(tmp_path / f"{prefix}.mask.png"), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(got, (mask > 0).astype(np.uint8) * 255)
         assert np.array_equal(cv2.imread(str(tmp_path / f"{prefix}.frame.png"), cv2.IMREAD_UNCHANGED), image)
+
+
+def test_a_waiting_part_holds_its_map_at_model_resolution(tmp_path: Path) -> None:
+    """The pipeline submits with coarse=True: what waits for the result thread is the blended map at
+    model scale (1/16 of the float map at scale 0.25), and its full() is the very map predict() gives."""
+    from edge.inference import Inferencer
+    from edge.preprocess import CoarseMap
+    from tests.tiny_package import make_part, make_tiny_package
+
+    inf = Inferencer(make_tiny_package(tmp_path / "pkg", scale=0.25), num_requests=2)
+    frame = make_part((480, 640), defect=True)
+    got: list[object] = []
+    done = threading.Event()
+    inf.submit(frame, None, lambda prob, err, ud, part=None: (got.append(err or prob), done.set()), coarse=True)
+    assert done.wait(30)
+    coarse = got[0]
+    assert isinstance(coarse, CoarseMap)
+    assert coarse.blended.nbytes * 16 <= frame.shape[0] * frame.shape[1] * 4
+    full = coarse.full()
+    assert full.shape == frame.shape and np.array_equal(full, inf.predict(frame))

@@ -42,6 +42,27 @@ def test_offer_returns_pending_and_the_files_exist_after_close(tmp_path: Path) -
     assert writer.snapshot()["written"] == 1 and writer.snapshot()["queued_bytes"] == 0
 
 
+def test_a_queued_fail_holds_its_frame_and_only_the_box_of_its_mask(tmp_path: Path) -> None:
+    """At 5 MP a fail's mask is a 5 MB array of mostly zeros: the queue holds the box of its set
+    pixels, and the files written from it are the files of the full mask."""
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (2048, 2448), dtype=np.uint8)
+    mask = np.zeros(img.shape, np.uint8)
+    mask[1000:1040, 2000:2030] = rng.integers(0, 2, (40, 30), dtype=np.uint8)
+    mask[1005, 2005] = 1
+    store = HeldStore(tmp_path / "queued")
+    writer = EvidenceWriter(store, max_bytes=10**8)
+    prefix, status = writer.offer("e1", 1_700_000_000.0, img, mask, [], "fail", (3, 4))
+    assert status == PENDING and writer.snapshot()["queued_bytes"] <= img.nbytes + 40 * 30
+    store.gate.set()
+    writer.close()
+    direct = EvidenceStore(tmp_path / "direct", quota_bytes=10**9).save("e1", 1_700_000_000.0, img, mask, [],
+                                                                        "fail", (3, 4))
+    for suffix in ("frame.png", "overlay.png", "mask.png"):
+        assert (tmp_path / "queued" / f"{prefix}.{suffix}").read_bytes() == \
+            (tmp_path / "direct" / f"{direct}.{suffix}").read_bytes()
+
+
 def test_behind_keeps_every_nth_and_the_first_fails_after_a_pass(tmp_path: Path) -> None:
     img = np.full((100, 100), 128, np.uint8)  # 10,000 bytes a part, no mask
     alarms: list[tuple[str, bool]] = []
