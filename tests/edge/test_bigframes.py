@@ -120,7 +120,7 @@ def test_overlay_is_the_float_tint_bit_for_bit(roi: tuple[int, int, int, int] | 
 
 
 def test_evidence_writer_thread_yields_the_cpu_to_verdicts(tmp_path: Path) -> None:
-    """The writer thread runs at nice 19, the rest of the process keeps its priority."""
+    """The writer thread runs under SCHED_IDLE at nice 19, the rest of the process keeps its policy and priority."""
     writer = EvidenceWriter(EvidenceStore(tmp_path, 1 << 30), 1 << 20)
     try:
         thread = next(t for t in threading.enumerate() if t.name == "evidence")
@@ -129,6 +129,8 @@ def test_evidence_writer_thread_yields_the_cpu_to_verdicts(tmp_path: Path) -> No
             threading.Event().wait(0.05)
             deadline -= 1
         assert os.getpriority(os.PRIO_PROCESS, thread.native_id or 0) == 19
+        assert os.sched_getscheduler(thread.native_id or 0) == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == os.sched_getscheduler(threading.get_native_id()) != os.SCHED_IDLE
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
     finally:
