@@ -37,7 +37,7 @@ from edge.events import (
 )
 from edge.evidence import EvidenceWriter
 from edge.inference import ModelClosed
-from edge.membudget import MemoryBudget, frame_cost
+from edge.membudget import MemoryBudget, frame_cost, map_share
 from edge.metrics import LatencyWindow, Metrics
 from edge.model_loader import LoadedModel
 from edge.mqtt import MqttSink
@@ -116,7 +116,7 @@ class Job:
         self.offset = (0, 0)
         self.image_size: tuple[int, int] | None = None  # (width, height) of the full frame
         self.t_submit = self.t_done = 0.0
-        self.nbytes = frame_cost(frame.image)  # held in the memory budget until the result is stored
+        self.nbytes = frame.held_bytes  # charged to the memory budget by FrameFlow._put, released once stored
 
     def fail(self, kind: str, message: str) -> None:
         """This part cannot be judged: it is decided as error_outcome(kind, message)."""
@@ -265,7 +265,8 @@ class FrameFlow:
     def _put(self, frame: Frame, force: bool = False) -> None:
         """Live frames are dropped when the path is full (queue or memory budget); parts wait (never lost)
         until there is room, the pipeline failed or the drain deadline passed (then they stay uncommitted)."""
-        cost = frame_cost(frame.image)
+        spec = self.runtime.model.inferencer.spec
+        cost = frame.held_bytes = frame_cost(frame.image, map_share(spec.scale, spec.output_stride))
         if frame.live and frame.error is None:
             if not self.budget.try_acquire(cost):
                 self._drop("memory_full")

@@ -1,8 +1,10 @@
 """How much of the frame path's memory the parts inside it may hold.
 
-A part holds its frame from capture until its result is stored, and a float32 probability
-map of the same size once inferred: at 5 MP that is about 25 MB per part, so the old 64-job
-result queue alone could reach 2 GB (far above the unit's MemoryMax). Every frame is admitted
+A part holds its frame from capture until its result is stored, and its float32 probability
+map at the model's output resolution once inferred (edge.preprocess.CoarseMap: the result thread
+makes the full-resolution map for one part at a time): at 5 MP about 5 + 1.25 MB per part for a
+model at scale 0.25 or output stride 4, 5 + 20 MB for one at full resolution. Unbounded, the old
+64-job result queue alone could reach 2 GB (far above the unit's MemoryMax). Every frame is admitted
 against this budget before it enters the path and released after its result is stored; the
 queues behind the admission then never block (so an OpenVINO callback never waits on a queue).
 """
@@ -14,11 +16,17 @@ import time
 from typing import Any
 
 
-def frame_cost(image: Any) -> int:
-    """Bytes a frame holds on its way: the image, plus the float32 probability map it will produce."""
+def frame_cost(image: Any, map_share: float = 1.0) -> int:
+    """Bytes a frame holds on its way: the image, plus the float32 probability map it will wait with,
+    `map_share` of the frame's pixels (map_share_of the model)."""
     if image is None:
         return 0
-    return int(image.nbytes) + int(image.shape[0]) * int(image.shape[1]) * 4
+    return int(image.nbytes) + int(int(image.shape[0]) * int(image.shape[1]) * 4 * map_share)
+
+
+def map_share(scale: float, output_stride: int) -> float:
+    """Pixels of the map a model hands the result thread, per frame pixel: (scale / output stride)^2."""
+    return min(1.0, (scale / max(1, output_stride)) ** 2)
 
 
 class MemoryBudget:

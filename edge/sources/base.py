@@ -35,6 +35,7 @@ class Frame:
     mono_ts: float = field(default_factory=time.monotonic)  # when the source produced it: latency, staleness
     live: bool = True  # a live stream frame may be dropped or found stale; a part (file, trigger) never
     meta: dict[str, Any] = field(default_factory=dict)  # source details for the event (file name, frame index)
+    held_bytes: int = 0  # what the frame path's memory budget charged for it (edge.flow), released with its result
 
     def fail(self, kind: str, message: str) -> None:
         """This frame cannot be judged: the flow gives its part the `error` verdict of `kind` (one of

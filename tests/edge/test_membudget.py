@@ -8,13 +8,16 @@ import time
 import numpy as np
 import pytest
 
-from edge.membudget import MemoryBudget, frame_cost
+from edge.membudget import MemoryBudget, frame_cost, map_share
 
 
 def test_frame_cost_counts_the_image_and_its_float_map() -> None:
     assert frame_cost(None) == 0
     assert frame_cost(np.zeros((1000, 2000), np.uint8)) == 2_000_000 + 8_000_000
     assert frame_cost(np.zeros((10, 20, 3), np.uint8)) == 600 + 800
+    # a model at scale 0.25, or at scale 1 with output stride 4, hands over a map of 1/16 of the pixels
+    assert map_share(0.25, 1) == map_share(1.0, 4) == 1 / 16 and map_share(1.0, 1) == 1.0
+    assert frame_cost(np.zeros((2048, 2448), np.uint8), map_share(1.0, 4)) == 2048 * 2448 * (1 + 4 / 16)
 
 
 def test_bytes_and_parts_bound_admission() -> None:
