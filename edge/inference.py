@@ -214,14 +214,14 @@ class Inferencer:
         Blocks while all requests are busy, which is the back-pressure the pipeline wants.
         Preprocessing errors raise here, in the caller's thread.
         """
-        tiles, layout = preprocess(frame, self.spec)
+        tiles, layout = preprocess(frame, self.spec, np.uint8)  # float32 one tile at a time, below
         job = _FrameJob(layout, np.empty((len(tiles), self.spec.out_tile, self.spec.out_tile), np.float32),
                         np.empty(len(tiles), np.float32) if self.has_part else None, len(tiles), userdata, callback, coarse)
         with self._submit_lock:
             if self._closed:
                 raise ModelClosed(f"model {self.model_dir} was unloaded (reload); submit to the current one")
             for i in range(len(tiles)):
-                self._queue.start_async({0: tiles[i : i + 1]}, (job, i))
+                self._queue.start_async({0: tiles[i : i + 1].astype(np.float32)}, (job, i))
 
     def wait_all(self) -> None:
         """Block until every submitted tile has finished."""
