@@ -221,11 +221,12 @@ class PipelineConfig(_Model):
                                    "event far below the broker's message size limit.")
     queue_size: int = Field(default=8, ge=1, le=1000, description="Frames waiting for inference; live frames beyond it are "
                                                           "dropped and counted, parts (folder, trigger) wait instead.")
-    max_queued_mb: float = Field(default=64.0, ge=8, le=65536, description="Memory the parts inside the frame path "
+    max_queued_mb: float = Field(default=32.0, ge=8, le=65536, description="Memory the parts inside the frame path "
                                  "may hold (frames + float32 probability maps at the model's output resolution, "
                                  "waiting, in inference or for storage: ~6.3 MB per 5 MP part at scale 0.25 or output "
-                                 "stride 4, ~0.6 MB at 768x576); when reached, live frames are dropped and counted, "
-                                 "parts wait. 64 MB holds 10 parts at 5 MP: the daemon then stays ~250 MB.")
+                                 "stride 4, ~0.5 MB at 768x576); when reached, live frames are dropped and counted, "
+                                 "parts wait. 32 MB holds 5 parts at 5 MP (enough to keep inference busy) and "
+                                 "pipeline.queue_size + 64 at 768x576.")
     hang_timeout_s: float | None = Field(default=None, gt=0, le=3600, description="No result for this long while parts "
                                          "wait, and no deliberate hold (full outbox/disk), or a capture read/decode "
                                          "stuck this long: stop feeding the systemd watchdog so the daemon is restarted "
@@ -324,8 +325,8 @@ class EvidenceConfig(_Model):
     save_error: bool = Field(default=True, description="Save the frame of `error` parts when there is one.")
     pass_sample_every: int = Field(default=0, ge=0, description="Save every Nth passed part (0 = none).")
     format: Literal["png", "jpg"] = Field(default="png", description="Image format of saved frames and overlays (masks are PNG).")
-    queue_mb: float = Field(default=32.0, gt=0, le=65536, description="Frames and masks (the box of their set pixels) "
-                            "waiting for the background evidence writer, in MB (6 fails at 5 MP, ~70 at 768x576); "
+    queue_mb: float = Field(default=16.0, gt=0, le=65536, description="Frames and masks (the box of their set pixels) "
+                            "waiting for the background evidence writer, in MB (3 fails at 5 MP, ~36 at 768x576); "
                             "the verdict path never waits for it (see keep_every_when_behind).")
     keep_every_when_behind: int = Field(default=10, ge=1, le=100_000, description="Once the writer's queue is over half "
                                         "full, keep the evidence of every Nth part only (thinning is counted and alarmed).")

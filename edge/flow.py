@@ -37,7 +37,7 @@ from edge.events import (
 )
 from edge.evidence import EvidenceWriter
 from edge.inference import ModelClosed
-from edge.membudget import MemoryBudget, frame_cost, map_share
+from edge.membudget import MemoryBudget, frame_cost
 from edge.metrics import LatencyWindow, Metrics
 from edge.model_loader import LoadedModel
 from edge.mqtt import MqttSink
@@ -265,8 +265,7 @@ class FrameFlow:
     def _put(self, frame: Frame, force: bool = False) -> None:
         """Live frames are dropped when the path is full (queue or memory budget); parts wait (never lost)
         until there is room, the pipeline failed or the drain deadline passed (then they stay uncommitted)."""
-        spec = self.runtime.model.inferencer.spec
-        cost = frame.held_bytes = frame_cost(frame.image, map_share(spec.scale, spec.output_stride))
+        cost = frame.held_bytes = frame_cost(frame.image, self.runtime.model.map_share)
         if frame.live and frame.error is None:
             if not self.budget.try_acquire(cost):
                 self._drop("memory_full")

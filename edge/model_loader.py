@@ -13,6 +13,7 @@ from typing import Any
 from edge.config import Config
 from edge.contract import PostprocessParams
 from edge.inference import Inferencer
+from edge.membudget import map_share
 from edge.package import PackageError, content_hash
 from edge.rules import Rules, effective_rules
 from edge.signature import verify_package_signature
@@ -28,6 +29,12 @@ class LoadedModel:
     info: dict[str, Any]  # name, version, sha256, package_sha256, precision: recorded in every event
     rules_dict: dict[str, Any]  # every limit that decides a verdict: recorded in every event
     max_regions: int  # regions listed in an event (the largest; pipeline.event_max_regions)
+    map_share: float = 1.0  # map pixels a waiting part holds per frame pixel (edge.membudget.map_share)
+
+    def __post_init__(self) -> None:
+        spec = getattr(self.inferencer, "spec", None)  # fixed at load: the memory budget charges parts by it
+        if spec is not None:
+            self.map_share = map_share(spec.scale, spec.output_stride)
 
 
 def load_model(cfg: Config) -> LoadedModel:
