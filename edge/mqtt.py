@@ -40,6 +40,7 @@ from paho.mqtt.properties import Properties
 
 from edge.alarms import CLIENT_ID_CONFLICT, MQTT_UNVERIFIED_ACKS, NO_SUBSCRIBERS, PUBLISH_REJECTED
 from edge.config import Config, MqttConfig, resolve_password
+from edge.mqtt_props import ResultProperties
 from edge.outbox import Outbox, OutboxRow
 from edge.triggering.triggers import TriggerMessage
 
@@ -458,9 +459,7 @@ class MqttSink:
     def _publish(self, row: OutboxRow, inflight: dict[int, tuple[int, float]]) -> bool:
         props = None
         if self._v5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ContentType = "application/json"
-            props.UserProperty = [("event_id", row.event_id), ("sent_ts", f"{time.time():.3f}")]
+            props = ResultProperties(row.event_id, f"{time.time():.3f}")
         info = self._client.publish(row.topic, row.payload, qos=row.qos, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("publish of seq %d failed locally: %s", row.seq, mqtt.error_string(info.rc))
