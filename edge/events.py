@@ -89,6 +89,7 @@ def build_result_event(
     part_score: float | None = None,
     part_threshold: float | None = None,
     image_quality: dict[str, Any] | None = None,
+    rules_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Assemble one result event (see edge/event.schema.json).
 
@@ -102,6 +103,7 @@ def build_result_event(
     `package_sha256` (edge.package.content_hash) let an auditor prove which limits and which exact
     package judged the part.
     and the score None for an error verdict). `image_quality` (edge.quality) is added only when given.
+    `rules_sha256`: rules_hash(rules) when the caller has it already (edge.model_loader.LoadedModel).
     """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
@@ -133,7 +135,7 @@ def build_result_event(
         "image": {"width": int(image["width"]), "height": int(image["height"])},
         "model": dict(model),
         "rules": dict(rules),
-        "rules_sha256": rules_hash(rules),
+        "rules_sha256": rules_hash(rules) if rules_sha256 is None else rules_sha256,
         "timings_ms": dict(timings_ms),
         "error": None if error is None else safe_text(error),
         "evidence": evidence,

@@ -7,11 +7,12 @@ SeqStore: edge.seqstore, MqttSettings: edge.mqtt.mqtt_settings).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edge.config import Config
 from edge.contract import PostprocessParams
+from edge.events import rules_hash
 from edge.inference import Inferencer
 from edge.package import PackageError, content_hash
 from edge.rules import Rules, effective_rules
@@ -28,6 +29,11 @@ class LoadedModel:
     info: dict[str, Any]  # name, version, sha256, package_sha256, precision: recorded in every event
     rules_dict: dict[str, Any]  # every limit that decides a verdict: recorded in every event
     max_regions: int  # regions listed in an event (the largest; pipeline.event_max_regions)
+    # edge.events.rules_hash of rules_dict, once per model (a recipe's replace() computes its own), not per event
+    rules_sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rules_sha256 = rules_hash(self.rules_dict)
 
 
 def load_model(cfg: Config) -> LoadedModel:
