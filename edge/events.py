@@ -188,10 +188,13 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+# json.dumps with options builds a new JSONEncoder per call (~4 us of a result's ~6 us); this is the one it would build
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)
+
+
 def encode(event: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON; NaN/Infinity are refused (not valid JSON for consumers)."""
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                      default=_json_default).encode("utf-8")
+    return _ENCODER.encode(event).encode("utf-8")
 
 
 def decode(payload: bytes) -> dict[str, Any]:
