@@ -75,6 +75,11 @@ def mqtt_settings(cfg: Config) -> MqttSettings:
     return MqttSettings(m, m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}", resolve_password(m))
 
 
+def _reason_text(reason_code: Any) -> str:
+    """A PUBACK reason code as alarms and logs show it, e.g. 'Not authorized (0x87)'."""
+    return f"{reason_code} (0x{int(getattr(reason_code, 'value', 0)):02X})"
+
+
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
@@ -345,7 +350,8 @@ class MqttSink:
         kind = "rejected" if reason_code.is_failure else "ok"
         if code == _RC_NO_MATCHING_SUBSCRIBERS and self._v5:
             kind = "no_subscribers"
-        self._events.put(("puback", mid, kind, f"{reason_code} (0x{code:02X})"))
+        # the reason code itself: its text (paho looks its name up) is only needed for a row that is held
+        self._events.put(("puback", mid, kind, reason_code))
 
     def _on_trigger_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Hand the trigger over, then ack it: it is durable by then (or deliberately ignored)."""
@@ -406,10 +412,10 @@ class MqttSink:
             if self.cfg.no_subscribers == "deliver":
                 acks.append(entry[0])
             else:
-                self._hold(NO_SUBSCRIBERS, entry[0], ev[3], retry)
+                self._hold(NO_SUBSCRIBERS, entry[0], _reason_text(ev[3]), retry)
         elif ev[2] == "rejected":
             self._count("rejected")
-            self._hold(PUBLISH_REJECTED, entry[0], ev[3], retry)
+            self._hold(PUBLISH_REJECTED, entry[0], _reason_text(ev[3]), retry)
         else:
             acks.append(entry[0])
 
