@@ -33,6 +33,7 @@ EVENT_MAX_BYTES = 64 * 1024  # far below the shipped broker's message_size_limit
 
 # Fixed namespace: the same (station, part, capture time) gives the same id on any host/run.
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:defect-inspection:result-event")
+_NAMESPACE_BYTES = _NAMESPACE.bytes
 
 
 class EventValidationError(ValueError):
@@ -50,7 +51,17 @@ def event_id_for(station: str, part_id: str, capture_ts: float) -> str:
     """
     part_id = safe_part_id(part_id)
     key = f"{station}\x1f{part_id}\x1f{float(capture_ts):.6f}"
-    return str(uuid.uuid5(_NAMESPACE, key))
+    return _uuid5_text(key)
+
+
+def _uuid5_text(name: str) -> str:
+    """str(uuid.uuid5(_NAMESPACE, name)) without the UUID object (its checks and int conversions cost
+    more than the SHA-1 on every result): RFC 4122 version 5 set on the digest, then 8-4-4-4-12 hex."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode("utf-8")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def rules_hash(rules: dict[str, Any]) -> str:
@@ -89,6 +100,7 @@ def build_result_event(
     part_score: float | None = None,
     part_threshold: float | None = None,
     image_quality: dict[str, Any] | None = None,
+    rules_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Assemble one result event (see edge/event.schema.json).
 
@@ -102,6 +114,7 @@ def build_result_event(
     `package_sha256` (edge.package.content_hash) let an auditor prove which limits and which exact
     package judged the part.
     and the score None for an error verdict). `image_quality` (edge.quality) is added only when given.
+    `rules_sha256`: rules_hash(rules) when the caller has it already (edge.model_loader.LoadedModel).
     """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
@@ -133,7 +146,7 @@ def build_result_event(
         "image": {"width": int(image["width"]), "height": int(image["height"])},
         "model": dict(model),
         "rules": dict(rules),
-        "rules_sha256": rules_hash(rules),
+        "rules_sha256": rules_hash(rules) if rules_sha256 is None else rules_sha256,
         "timings_ms": dict(timings_ms),
         "error": None if error is None else safe_text(error),
         "evidence": evidence,
@@ -175,10 +188,13 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+# json.dumps with options builds a new JSONEncoder per call (~4 us of a result's ~6 us); this is the one it would build
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)
+
+
 def encode(event: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON; NaN/Infinity are refused (not valid JSON for consumers)."""
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                      default=_json_default).encode("utf-8")
+    return _ENCODER.encode(event).encode("utf-8")
 
 
 def decode(payload: bytes) -> dict[str, Any]:

@@ -525,7 +525,7 @@ class FrameFlow:
             verdict=outcome.verdict, reasons=outcome.reasons,
             regions=[region_dict(r, mpp) for r in regions[: model.max_regions]], region_count=len(regions),
             total_defect_area=sum(r.area for r in regions), image={"width": width, "height": height},
-            model=model.info, rules=model.rules_dict, timings_ms=timings,
+            model=model.info, rules=model.rules_dict, rules_sha256=model.rules_sha256, timings_ms=timings,
             error=outcome.error, evidence=evidence, evidence_status=evidence_status, event_id=event_id,
             part_score=outcome.part_score,
             part_threshold=model.params.part_threshold,

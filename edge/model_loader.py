@@ -7,11 +7,12 @@ SeqStore: edge.seqstore, MqttSettings: edge.mqtt.mqtt_settings).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edge.config import Config
 from edge.contract import PostprocessParams
+from edge.events import rules_hash
 from edge.inference import Inferencer
 from edge.membudget import map_share
 from edge.package import PackageError, content_hash
@@ -30,8 +31,11 @@ class LoadedModel:
     rules_dict: dict[str, Any]  # every limit that decides a verdict: recorded in every event
     max_regions: int  # regions listed in an event (the largest; pipeline.event_max_regions)
     map_share: float = 1.0  # map pixels a waiting part holds per frame pixel (edge.membudget.map_share)
+    # edge.events.rules_hash of rules_dict, once per model (a recipe's replace() computes its own), not per event
+    rules_sha256: str = field(init=False)
 
     def __post_init__(self) -> None:
+        self.rules_sha256 = rules_hash(self.rules_dict)
         spec = getattr(self.inferencer, "spec", None)  # fixed at load: the memory budget charges parts by it
         if spec is not None:
             self.map_share = map_share(spec.scale, spec.output_stride)

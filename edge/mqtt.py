@@ -40,6 +40,7 @@ from paho.mqtt.properties import Properties
 
 from edge.alarms import CLIENT_ID_CONFLICT, MQTT_UNVERIFIED_ACKS, NO_SUBSCRIBERS, PUBLISH_REJECTED
 from edge.config import Config, MqttConfig, resolve_password
+from edge.mqtt_props import ResultProperties
 from edge.outbox import Outbox, OutboxRow
 from edge.triggering.triggers import TriggerMessage
 
@@ -72,6 +73,11 @@ def mqtt_settings(cfg: Config) -> MqttSettings:
     """The sink's settings: the mqtt section, the station's client id and the resolved password."""
     m = cfg.mqtt
     return MqttSettings(m, m.client_id or f"edge-{cfg.station.line}-{cfg.station.name}", resolve_password(m))
+
+
+def _reason_text(reason_code: Any) -> str:
+    """A PUBACK reason code as alarms and logs show it, e.g. 'Not authorized (0x87)'."""
+    return f"{reason_code} (0x{int(getattr(reason_code, 'value', 0)):02X})"
 
 
 def _str(path: Path | None) -> str | None:
@@ -344,7 +350,8 @@ class MqttSink:
         kind = "rejected" if reason_code.is_failure else "ok"
         if code == _RC_NO_MATCHING_SUBSCRIBERS and self._v5:
             kind = "no_subscribers"
-        self._events.put(("puback", mid, kind, f"{reason_code} (0x{code:02X})"))
+        # the reason code itself: its text (paho looks its name up) is only needed for a row that is held
+        self._events.put(("puback", mid, kind, reason_code))
 
     def _on_trigger_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Hand the trigger over, then ack it: it is durable by then (or deliberately ignored)."""
@@ -405,10 +412,10 @@ class MqttSink:
             if self.cfg.no_subscribers == "deliver":
                 acks.append(entry[0])
             else:
-                self._hold(NO_SUBSCRIBERS, entry[0], ev[3], retry)
+                self._hold(NO_SUBSCRIBERS, entry[0], _reason_text(ev[3]), retry)
         elif ev[2] == "rejected":
             self._count("rejected")
-            self._hold(PUBLISH_REJECTED, entry[0], ev[3], retry)
+            self._hold(PUBLISH_REJECTED, entry[0], _reason_text(ev[3]), retry)
         else:
             acks.append(entry[0])
 
@@ -458,9 +465,7 @@ class MqttSink:
     def _publish(self, row: OutboxRow, inflight: dict[int, tuple[int, float]]) -> bool:
         props = None
         if self._v5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ContentType = "application/json"
-            props.UserProperty = [("event_id", row.event_id), ("sent_ts", f"{time.time():.3f}")]
+            props = ResultProperties(row.event_id, f"{time.time():.3f}")
         info = self._client.publish(row.topic, row.payload, qos=row.qos, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("publish of seq %d failed locally: %s", row.seq, mqtt.error_string(info.rc))

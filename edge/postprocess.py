@@ -66,13 +66,20 @@ def _morphology(mask: np.ndarray, params: PostprocessParams) -> np.ndarray:
 
 
 def check_finite(prob: np.ndarray) -> None:
-    """Raise NonFiniteError when the map holds NaN or +-inf (they would fail open: NaN >= t is False).
+    """Raise NonFiniteError when the map holds NaN or +-inf (they would fail open: NaN >= t is False)."""
+    _finite_peak(prob)
+
+
+def _finite_peak(prob: np.ndarray) -> np.floating:
+    """The map's maximum, once check_finite's test passed (postprocess reuses it for the score).
 
     min and max propagate NaN and reveal +-inf in two passes without a full-size temporary;
     only a bad map pays for counting.
     """
-    if prob.size and np.isfinite(prob.min()) and np.isfinite(prob.max()):
-        return
+    if prob.size:
+        peak = prob.max()
+        if np.isfinite(prob.min()) and np.isfinite(peak):
+            return peak
     if not prob.size:
         raise NonFiniteError("probability map is empty")
     nan = int(np.isnan(prob).sum())
@@ -113,7 +120,12 @@ def postprocess(prob: np.ndarray, params: PostprocessParams, part: float | None 
     if part is not None and not math.isfinite(part):
         raise NonFiniteError(f"part score is not finite: {part}")
     prob = prob.astype(np.float32, copy=False)
-    check_finite(prob)
+    peak = _finite_peak(prob)
+    # without a region: the map's peak, capped just below the threshold
+    no_region_score = float(min(float(peak), float(np.nextafter(np.float32(params.pixel_threshold), np.float32(0.0)))))
+    if not np.greater_equal(peak, params.pixel_threshold):  # the comparison binarize makes, on the peak
+        # No pixel reaches the threshold (most good parts): the all-zero mask, without morphology or labels.
+        return _detection([], np.zeros(prob.shape, np.uint8), no_region_score, part, params)
     mask = binarize(prob, params)
     regions: list[Region] = []
     box = _support(mask, params)
@@ -141,11 +153,12 @@ def postprocess(prob: np.ndarray, params: PostprocessParams, part: float | None 
         if not keep[1:].all():  # all kept: the mask already is the kept components
             mask[y0:y1, x0:x1] = keep[labels]
     regions.sort(key=lambda r: (-r.area, r.bbox))
-    if regions:
-        score = max(r.max_score for r in regions)
-    else:
-        below = np.nextafter(np.float32(params.pixel_threshold), np.float32(0.0))
-        score = float(min(float(prob.max()), float(below)))
+    score = max(r.max_score for r in regions) if regions else no_region_score
+    return _detection(regions, mask, score, part, params)
+
+
+def _detection(regions: list[Region], mask: np.ndarray, score: float, part: float | None,
+               params: PostprocessParams) -> Detection:
     if part is None:
         return Detection(regions=regions, mask=mask, score=score)
     return Detection(regions=regions, mask=mask, score=score, part_score=float(part),

@@ -19,6 +19,7 @@ Training resizes its images and masks with `scale_image` / `scale_mask`, the sam
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import cv2
@@ -163,11 +164,17 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 
 def plan_tiles(height: int, width: int, spec: InputSpec) -> TileLayout:
     """Tile origins covering a frame of the given size."""
-    tile, k = spec.tile, spec.output_stride
+    return _plan_tiles(height, width, spec.tile, spec.overlap, spec.output_stride)
+
+
+@lru_cache(maxsize=64)
+def _plan_tiles(height: int, width: int, tile: int, overlap: int, k: int) -> TileLayout:
+    """A line's frames share one size: the layout (immutable) is planned once per size and model geometry,
+    not per frame."""
     # a coarse map (output_stride k) is blended at 1/k: the padded grid, and so every tile origin,
     # must fall on whole k x k blocks
     ph, pw = max(-(-height // k) * k, tile), max(-(-width // k) * k, tile)
-    stride = tile - spec.overlap
+    stride = tile - overlap
     origins = tuple((y, x) for y in _starts(ph, tile, stride) for x in _starts(pw, tile, stride))
     return TileLayout(height, width, ph, pw, origins, tile)
 

@@ -38,11 +38,20 @@ def _grey_small(image: np.ndarray) -> np.ndarray:
     return img
 
 
+def _clipped_pixels(grey: np.ndarray) -> int:
+    """Pixels at 0 or 255. A frame without either (the common case) is told by one min/max pass,
+    instead of two masks and two counts per part."""
+    low, high, _, _ = cv2.minMaxLoc(grey)
+    if low > 0 and high < 255:
+        return 0
+    return int(cv2.countNonZero(cv2.inRange(grey, 0, 0)) + cv2.countNonZero(cv2.inRange(grey, 255, 255)))
+
+
 def image_quality(image: np.ndarray) -> dict[str, Any]:
     """{"sharpness", "mean", "clipped"} of one frame (see the module docstring)."""
     grey = _grey_small(image)
     lap = cv2.Laplacian(grey, cv2.CV_32F)
     _, std = cv2.meanStdDev(lap)
-    clipped = (cv2.countNonZero(cv2.inRange(grey, 0, 0)) + cv2.countNonZero(cv2.inRange(grey, 255, 255))) / grey.size
+    clipped = _clipped_pixels(grey) / grey.size
     return {"sharpness": round(float(std[0, 0]) ** 2, 2), "mean": round(float(cv2.mean(grey)[0]), 2),
             "clipped": round(clipped, 5)}

@@ -197,7 +197,8 @@ def check_frame(frame: Frame, checks: FrameChecksConfig, now_mono: float | None 
         sample = img[::step, ::step].astype(np.float32)
         if img.dtype == np.uint16:
             sample /= 257.0
-        mean, std = float(sample.mean()), float(sample.std())
-        if mean < checks.black_mean_below and std < checks.black_std_below:
+        mean = float(sample.mean())
+        # the spread only matters for a dark frame: a lit one (every good part) skips numpy's std
+        if mean < checks.black_mean_below and (std := float(sample.std())) < checks.black_std_below:
             return f"all-black frame (mean {mean:.1f}, std {std:.1f})"
     return None

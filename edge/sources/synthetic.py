@@ -18,7 +18,9 @@ from edge.sources.base import Frame
 
 def synth_part(height: int, width: int, defect: bool, rng: np.random.Generator) -> np.ndarray:
     """One uint8 grey part: ~170 +- 6 noise, and with `defect` a dark (40) disc of radius ~3.5 px."""
-    img = (170 + rng.normal(0, 6, size=(height, width))).clip(0, 255).astype(np.uint8)
+    noise = rng.normal(0, 6, size=(height, width))
+    noise += 170  # in place: the same values as 170 + noise, without a second float frame
+    img = noise.clip(0, 255, out=noise).astype(np.uint8)
     if defect:
         cy, cx = rng.integers(10, height - 10), rng.integers(10, width - 10)
         yy, xx = np.ogrid[:height, :width]

@@ -222,7 +222,7 @@ def test_lost_camera_gives_error_verdicts_and_alarm(kind: str, tmp_path: Path, t
 
 def test_inference_failure_is_an_error_verdict_and_alarm(tmp_path: Path, tiny_package: Path, broker: Broker) -> None:
     class Broken:
-        def submit(self, *args: Any) -> None:
+        def submit(self, *args: Any, **kwargs: Any) -> None:  # the flow passes coarse=True
             raise RuntimeError("device lost")
 
         def wait_all(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from edge.events import (
     load_schema,
     validate_event,
 )
+from edge.text import safe_part_id
 
 
 def _event(**over: Any) -> dict[str, Any]:
@@ -127,6 +129,14 @@ def test_event_id_is_deterministic(station: str, part: str, ts: float) -> None:
     assert a == event_id_for(station, part, json.loads(json.dumps(ts)))  # survives a JSON round trip
     assert a != event_id_for(station + "x", part, ts)
     assert a != event_id_for(station, part, ts + 0.001)
+    # the uuid module's own uuid5 (event_id_for formats the same digest itself)
+    assert a == str(uuid.uuid5(events._NAMESPACE, f"{station}\x1f{safe_part_id(part)}\x1f{float(ts):.6f}"))
+
+
+def test_event_ids_are_those_of_earlier_releases() -> None:
+    """Consumers de-duplicate by event_id across restarts and upgrades: the ids must never change."""
+    assert event_id_for("line1/station3", "P-0001", 1_700_000_000.123456) == "b04dc9c1-f571-535b-872b-44535075a682"
+    assert event_id_for("l1/s1", "teil-ü✓", 0.5) == "cce92f73-aac2-5c81-8cb8-f09d0cc32564"
 
 
 def test_distinct_parts_get_distinct_ids() -> None:
@@ -145,7 +155,6 @@ def test_distinct_parts_get_distinct_ids() -> None:
     ("rtl\u202e", "rtl\\u202e"),
 ])
 def test_safe_part_id_escapes_only_what_needs_it(raw: str, shown: str) -> None:
-    from edge.text import safe_part_id
 
     assert safe_part_id(raw) == shown
     assert safe_part_id(shown) == shown  # idempotent: the source and the event may both apply it

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edge.config import ConfigError, PipelineConfig, RulesConfig, validate_config
+from edge.events import rules_hash
 from edge.metrics import Metrics
 from edge.model_loader import load_model
 from edge.recipes import Recipes
@@ -65,6 +66,8 @@ def test_a_recipe_overrides_the_station_rules_field_by_field(tmp_path: Path, tin
     assert (loose.rules.max_defects, loose.params.min_area) == (7, 9)  # unset fields keep the station's
     assert (fine.rules.max_defects, fine.params.pixel_threshold) == (2, 0.3)
     assert loose.rules_dict["recipe"] == "loose" and "recipe" not in base.rules_dict
+    for m in (base, loose, fine):  # the events' rules_sha256, computed once per model: of its own rules
+        assert m.rules_sha256 == rules_hash(m.rules_dict)
     assert recipes.model(base, "loose") is loose and loose.inferencer is base.inferencer  # no second compile
     with pytest.raises(KeyError):
         recipes.model(base, "nope")
