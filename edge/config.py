@@ -219,6 +219,9 @@ class PipelineConfig(_Model):
     event_max_regions: int = Field(default=50, ge=0, le=500, description="Regions listed in a result event (the largest "
                                    "first); region_count and regions_truncated say how many there were. Keeps every "
                                    "event far below the broker's message size limit.")
+    opencv_threads: int = Field(default=1, ge=0, le=256, description="OpenCV's worker threads in the daemon (0 = "
+                                "OpenCV's default, one per core). 1: the cores belong to OpenVINO; OpenCV's pool woke "
+                                "for every small labelling and resize and cost ~20 % of a part's CPU at full speed.")
     queue_size: int = Field(default=8, ge=1, le=1000, description="Frames waiting for inference; live frames beyond it are "
                                                           "dropped and counted, parts (folder, trigger) wait instead.")
     max_queued_mb: float = Field(default=32.0, ge=8, le=65536, description="Memory the parts inside the frame path "

@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any
 
+import cv2
+
 from edge import __version__
 from edge.alarms import MODEL_RELOAD, OUTBOX_RECOVERED, AlarmTracker
 from edge.config import Config, ConfigError, load_config
@@ -337,6 +339,7 @@ class Pipeline:
 def run_pipeline(cfg: Config, stop_event: threading.Event, *, config_path: str | None = None,
                  reload_event: threading.Event | None = None, notifier: Notifier | None = None) -> int:
     """Run one station until stop_event is set (or a finite source ends); returns an exit code."""
+    cv2.setNumThreads(cfg.pipeline.opencv_threads or -1)  # process-wide: -1 = OpenCV's default
     pipeline = Pipeline(cfg, stop_event, config_path=config_path, reload_event=reload_event, notifier=notifier)
     try:
         pipeline.start()
