@@ -89,3 +89,22 @@ def test_run_pipeline_leaves_no_exit_timer_after_a_clean_stop(tmp_path: Path, ti
     for t in timers:
         t.join(5)  # a cancelled timer's thread ends at once
     assert not [t for t in timers if t.is_alive()]
+
+
+def test_run_pipeline_gives_opencv_the_configured_threads(tmp_path: Path, tiny_package: Path, broker: Broker) -> None:
+    """pipeline.opencv_threads reaches OpenCV (process-wide): 1 leaves the cores to OpenVINO, 0 is OpenCV's default."""
+    import threading
+
+    import cv2
+
+    from edge.config import validate_config
+    from edge.daemon import run_pipeline
+
+    before = cv2.getNumThreads()
+    try:
+        data = station(tmp_path, tiny_package, broker, {"type": "synthetic", "fps": 0, "count": 1, "stop_at_end": True},
+                       evidence={"enabled": False}, pipeline={"opencv_threads": 3})
+        assert run_pipeline(validate_config(data), threading.Event()) == 0
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
