@@ -18,7 +18,7 @@ from typing import Any
 
 def frame_cost(image: Any, map_share: float = 1.0) -> int:
     """Bytes a frame holds on its way: the image, plus the float32 probability map it will wait with,
-    `map_share` of the frame's pixels (map_share_of the model)."""
+    `map_share` of the frame's pixels (see map_share)."""
     if image is None:
         return 0
     return int(image.nbytes) + int(int(image.shape[0]) * int(image.shape[1]) * 4 * map_share)

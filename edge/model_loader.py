@@ -30,15 +30,12 @@ class LoadedModel:
     info: dict[str, Any]  # name, version, sha256, package_sha256, precision: recorded in every event
     rules_dict: dict[str, Any]  # every limit that decides a verdict: recorded in every event
     max_regions: int  # regions listed in an event (the largest; pipeline.event_max_regions)
-    map_share: float = 1.0  # map pixels a waiting part holds per frame pixel (edge.membudget.map_share)
+    map_share: float = 1.0  # map pixels a waiting part holds per frame pixel (edge.membudget.map_share): fixed at load
     # edge.events.rules_hash of rules_dict, once per model (a recipe's replace() computes its own), not per event
     rules_sha256: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.rules_sha256 = rules_hash(self.rules_dict)
-        spec = getattr(self.inferencer, "spec", None)  # fixed at load: the memory budget charges parts by it
-        if spec is not None:
-            self.map_share = map_share(spec.scale, spec.output_stride)
 
 
 def load_model(cfg: Config) -> LoadedModel:
@@ -55,4 +52,4 @@ def load_model(cfg: Config) -> LoadedModel:
     roi = None if cfg.roi is None else [cfg.roi.x, cfg.roi.y, cfg.roi.w, cfg.roi.h]
     info = {**inf.info.to_dict(), "package_sha256": content_hash(inf.model_dir)}  # the folder read at load
     return LoadedModel(inf, policy.params, policy.rules, info, {**policy.to_dict(), "roi": roi},
-                       cfg.pipeline.event_max_regions)
+                       cfg.pipeline.event_max_regions, map_share(inf.spec.scale, inf.spec.output_stride))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
 
 import cv2
 import numpy as np
@@ -188,8 +187,7 @@ def pad_bottom_right(img: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
     return out if out.ndim == img.ndim else out[:, :, None]
 
 
-def preprocess(frame: np.ndarray, spec: InputSpec,
-               dtype: type[np.floating[Any]] | type[np.uint8] = np.float32) -> tuple[np.ndarray, TileLayout]:
+def preprocess(frame: np.ndarray, spec: InputSpec, dtype: type[np.generic] = np.float32) -> tuple[np.ndarray, TileLayout]:
     """Frame -> (tiles N x C x tile x tile, layout). Raw pixel values, NCHW, float32 as the network
     takes them; `dtype` uint8 gives the same values in a quarter of the memory (5 MP: 6 instead of
     25 MB per frame), for a caller that converts one tile at a time (Inferencer.submit)."""
