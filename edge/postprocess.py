@@ -149,16 +149,17 @@ def postprocess_map(prob: CoarseMap | np.ndarray, params: PostprocessParams, par
     At 5 MP the full map is 20 MB and resizing, thresholding and labelling it was most of the result
     thread's time; a passing part (no pixel at the threshold) now costs a few small windows around its
     peak, a defect the neighbourhood of its coarse support. Falls back to the full map (built once) when
-    windows are not exact: input scale != 1 (a second resize to the frame size) or k not a power of two.
+    windows are not exact: input scale != 1 (a second resize to the frame size), k not a power of two or
+    a blended map that is not float32.
     NaN/inf in the coarse map raise NonFiniteError (counted over the coarse map's values: every coarse
     value weighs in some full pixel, so the full map is non-finite exactly when the coarse one is)."""
     if isinstance(prob, np.ndarray):
         return postprocess(prob, params, part)
-    if not prob.exact_windows or prob.blended.ndim != 2 or not prob.blended.size:
-        return postprocess(prob.full(), params, part)
+    if not prob.exact_windows or prob.blended.dtype != np.float32 or prob.blended.ndim != 2 or not prob.blended.size:
+        return postprocess(prob.full(), params, part)  # windows would not be exactly the full map's values
     if part is not None and not math.isfinite(part):
         raise NonFiniteError(f"part score is not finite: {part}")
-    coarse = prob.blended.astype(np.float32, copy=False)
+    coarse = prob.blended
     _finite_peak(coarse)
     peak = full_peak(prob)
     if part is None and params.part_threshold is not None:
@@ -175,7 +176,8 @@ def postprocess_map(prob: CoarseMap | np.ndarray, params: PostprocessParams, par
         window = prob.window(y0, y1, x0, x1)
         sub = binarize(window, params)
         regions += _label(window, sub, params, y0, x0)
-        mask[y0:y1, x0:x1] = sub
+        if sub.any():  # a box without defect pixels leaves the mask's pages untouched
+            mask[y0:y1, x0:x1] = sub
     return _finish(regions, mask, peak, part, params)
 
 

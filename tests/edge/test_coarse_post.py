@@ -124,13 +124,16 @@ def test_peak_is_exact() -> None:
         assert full_peak(cmap) == cmap.full().max()
 
 
-def test_scale_and_odd_k_fall_back_to_the_full_map() -> None:
-    """A second resize to the frame size (input scale != 1) or k = 3: windows are not exact, so the full
-    map is built (once) and the result is postprocess's."""
+def test_scale_odd_k_and_float64_fall_back_to_the_full_map() -> None:
+    """A second resize to the frame size (input scale != 1), k = 3 or a float64 map: windows are not exact,
+    so the full map is built (once) and the result is postprocess's."""
     rng = np.random.default_rng(5)
     scaled = _coarse(rng, 90, 110, 64, 16, 4, "blob")
     scaled = CoarseMap(scaled.blended, replace(scaled.layout, frame_height=361, frame_width=439), 4)
     odd = _coarse(rng, 90, 110, 48, 12, 3, "blob")
+    wide = _coarse(rng, 90, 110, 64, 16, 4, "blob")
+    wide = CoarseMap(wide.blended.astype(np.float64), wide.layout, 4)  # resized in float64, then cast
+    assert_same(postprocess(wide.full(), PostprocessParams(0.5)), postprocess_map(wide, PostprocessParams(0.5)))
     for cmap in (scaled, odd):
         assert not cmap.exact_windows
         full = cmap.full()
