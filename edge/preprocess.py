@@ -234,7 +234,8 @@ class CoarseMap:
 
     The daemon queues this instead of the full-resolution map: at 5 MP the full float32 map is 20 MB
     per part waiting for the result thread, the coarse one ~1 MB (scale 0.25 or output_stride 4).
-    `full()` gives exactly what `stitch` gives; the result thread calls it for one part at a time."""
+    `full()` gives exactly what `stitch` gives, `window()` a part of it; the result thread judges one part
+    at a time from windows (edge.postprocess.postprocess_map) and builds the full map only as a fallback."""
 
     blended: np.ndarray
     layout: TileLayout
