@@ -42,7 +42,7 @@ from edge.metrics import LatencyWindow, Metrics
 from edge.model_loader import LoadedModel
 from edge.mqtt import MqttSink
 from edge.outbox import Outbox
-from edge.postprocess import postprocess
+from edge.postprocess import postprocess_map
 from edge.preprocess import CoarseMap, FrameError
 from edge.preview import PreviewFeed
 from edge.quality import image_quality
@@ -480,8 +480,7 @@ class FrameFlow:
         """pass/fail by the part's rules (edge.rules.decide); None when its map cannot be judged (job.error)."""
         model = job.model
         try:
-            full = prob.full() if isinstance(prob, CoarseMap) else prob
-            det = postprocess(full, model.params, job.part)
+            det = postprocess_map(prob, model.params, job.part)  # a passing part never builds the full map
             verdict, reasons = decide(det, model.rules)
         except NonFiniteError as e:  # a model emitting NaN would otherwise pass every part
             job.fail(NON_FINITE, f"model output rejected: {e}")

@@ -22,9 +22,9 @@ import openvino as ov
 
 from edge.contract import Detection, InputSpec, ModelInfo, PackageMeta, PostprocessParams
 from edge.package import PackageError, package_hash, read_package
-from edge.postprocess import postprocess
+from edge.postprocess import postprocess_map
 from edge.preprocess import CoarseMap, TileLayout, blend_tiles, preprocess
-from edge.tiled import predict_frame
+from edge.tiled import predict_coarse, predict_frame
 
 _CORE: ov.Core | None = None
 _CORE_LOCK = threading.Lock()
@@ -206,8 +206,8 @@ class Inferencer:
 
     def inspect(self, frame: np.ndarray, params: PostprocessParams | None = None) -> Detection:
         """Preprocess, infer, postprocess: nothing else."""
-        prob, part = self.predict_part(frame)
-        return postprocess(prob, params or self.params, part)
+        prob, part = predict_coarse(self, frame, self.spec)
+        return postprocess_map(prob, params or self.params, part)
 
     # -- asynchronous use (the daemon pipeline) ---------------------------------------------------
     def submit(

@@ -2,7 +2,8 @@
 
 A part holds its frame from capture until its result is stored, and its float32 probability
 map at the model's output resolution once inferred (edge.preprocess.CoarseMap: the result thread
-makes the full-resolution map for one part at a time): at 5 MP about 5 + 1.25 MB per part for a
+judges one part at a time, from windows of the full-resolution map around its defect pixels, or the
+whole full map for a model at input scale != 1; edge.postprocess.postprocess_map): at 5 MP about 5 + 1.25 MB per part for a
 model at scale 0.25 or output stride 4, 5 + 20 MB for one at full resolution. Unbounded, the old
 64-job result queue alone could reach 2 GB (far above the unit's MemoryMax). Every frame is admitted
 against this budget before it enters the path and released after its result is stored; the

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from edge.coarse_windows import full_peak, reaching, support_boxes
 from edge.contract import Detection, NonFiniteError, PostprocessParams, Region
+from edge.preprocess import CoarseMap
 
 _KERNELS: dict[int, np.ndarray] = {}
 
@@ -121,40 +123,95 @@ def postprocess(prob: np.ndarray, params: PostprocessParams, part: float | None 
         raise NonFiniteError(f"part score is not finite: {part}")
     prob = prob.astype(np.float32, copy=False)
     peak = _finite_peak(prob)
-    # without a region: the map's peak, capped just below the threshold
-    no_region_score = float(min(float(peak), float(np.nextafter(np.float32(params.pixel_threshold), np.float32(0.0)))))
     if not np.greater_equal(peak, params.pixel_threshold):  # the comparison binarize makes, on the peak
         # No pixel reaches the threshold (most good parts): the all-zero mask, without morphology or labels.
-        return _detection([], np.zeros(prob.shape, np.uint8), no_region_score, part, params)
+        return _detection([], np.zeros(prob.shape, np.uint8), _no_region_score(peak, params), part, params)
     mask = binarize(prob, params)
+    return _finish(_label(prob, mask, params, 0, 0), mask, peak, part, params)
+
+
+def _no_region_score(peak: np.floating, params: PostprocessParams) -> float:
+    """The image score without a region: the map's peak, capped just below the threshold."""
+    return float(min(float(peak), float(np.nextafter(np.float32(params.pixel_threshold), np.float32(0.0)))))
+
+
+def _finish(regions: list[Region], mask: np.ndarray, peak: np.floating, part: float | None,
+            params: PostprocessParams) -> Detection:
+    regions.sort(key=lambda r: (-r.area, r.bbox))
+    score = max(r.max_score for r in regions) if regions else _no_region_score(peak, params)
+    return _detection(regions, mask, score, part, params)
+
+
+def postprocess_map(prob: CoarseMap | np.ndarray, params: PostprocessParams, part: float | None = None) -> Detection:
+    """`postprocess(prob.full(), params, part)` - the same Detection, mask bytes and scores bit for bit - with
+    full-resolution values computed only around the coarse pixels that matter (see edge.coarse_windows).
+
+    At 5 MP the full map is 20 MB and resizing, thresholding and labelling it was most of the result
+    thread's time; a passing part (no pixel at the threshold) now costs a few small windows around its
+    peak, a defect the neighbourhood of its coarse support. Falls back to the full map (built once) when
+    windows are not exact: input scale != 1 (a second resize to the frame size), k not a power of two or
+    a blended map that is not float32.
+    NaN/inf in the coarse map raise NonFiniteError (counted over the coarse map's values: every coarse
+    value weighs in some full pixel, so the full map is non-finite exactly when the coarse one is)."""
+    if isinstance(prob, np.ndarray):
+        return postprocess(prob, params, part)
+    if not prob.exact_windows or prob.blended.dtype != np.float32 or prob.blended.ndim != 2 or not prob.blended.size:
+        return postprocess(prob.full(), params, part)  # windows would not be exactly the full map's values
+    if part is not None and not math.isfinite(part):
+        raise NonFiniteError(f"part score is not finite: {part}")
+    coarse = prob.blended
+    _finite_peak(coarse)
+    peak = full_peak(prob)
+    if part is None and params.part_threshold is not None:
+        part = float(peak)
+    shape = (prob.layout.height, prob.layout.width)
+    if not np.greater_equal(peak, params.pixel_threshold):
+        return _detection([], np.zeros(shape, np.uint8), _no_region_score(peak, params), part, params)
+    mask = np.zeros(shape, np.uint8)  # calloc: pages outside the boxes are never touched
+    regions: list[Region] = []
+    # boxes: the bilinear reach of every coarse pixel that can give a full pixel >= threshold, plus the
+    # margin within which morphology is neutral; boxes are apart by more than that margin (independent)
+    margin = 2 * (params.open_radius + params.close_radius) + 2
+    for y0, y1, x0, x1 in support_boxes(prob, reaching(coarse, params.pixel_threshold), margin):
+        window = prob.window(y0, y1, x0, x1)
+        sub = binarize(window, params)
+        regions += _label(window, sub, params, y0, x0)
+        if sub.any():  # a box without defect pixels leaves the mask's pages untouched
+            mask[y0:y1, x0:x1] = sub
+    return _finish(regions, mask, peak, part, params)
+
+
+def _label(prob: np.ndarray, mask: np.ndarray, params: PostprocessParams, oy: int, ox: int) -> list[Region]:
+    """Regions of a binarized map (`mask` from `binarize(prob)`) whose top-left corner is (oy, ox) in the frame;
+    components below min_area are cleared from `mask` in place. Only the crop that holds defect pixels is
+    labelled (components never leave it)."""
     regions: list[Region] = []
     box = _support(mask, params)
-    if box is not None:  # label only the crop that holds defect pixels (components never leave it)
-        y0, y1, x0, x1 = box
-        n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask[y0:y1, x0:x1], connectivity=8)
-        keep = np.zeros(n, dtype=bool)
-        for i in range(1, n):
-            area = int(stats[i, cv2.CC_STAT_AREA])
-            if area < max(params.min_area, 1):
-                continue
-            x, y, w, h = (int(v) for v in stats[i, :4])
-            sub_labels = labels[y : y + h, x : x + w] == i
-            scores = prob[y0 + y : y0 + y + h, x0 + x : x0 + x + w][sub_labels]
-            regions.append(
-                Region(
-                    area=area,
-                    bbox=(x0 + x, y0 + y, w, h),
-                    centroid=(_shifted(centroids[i, 0], x0, area), _shifted(centroids[i, 1], y0, area)),
-                    max_score=float(scores.max()),
-                    mean_score=float(scores.mean()),
-                )
+    if box is None:
+        return regions
+    y0, y1, x0, x1 = box
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask[y0:y1, x0:x1], connectivity=8)
+    keep = np.zeros(n, dtype=bool)
+    for i in range(1, n):
+        area = int(stats[i, cv2.CC_STAT_AREA])
+        if area < max(params.min_area, 1):
+            continue
+        x, y, w, h = (int(v) for v in stats[i, :4])
+        sub_labels = labels[y : y + h, x : x + w] == i
+        scores = prob[y0 + y : y0 + y + h, x0 + x : x0 + x + w][sub_labels]
+        regions.append(
+            Region(
+                area=area,
+                bbox=(ox + x0 + x, oy + y0 + y, w, h),
+                centroid=(_shifted(centroids[i, 0], ox + x0, area), _shifted(centroids[i, 1], oy + y0, area)),
+                max_score=float(scores.max()),
+                mean_score=float(scores.mean()),
             )
-            keep[i] = True
-        if not keep[1:].all():  # all kept: the mask already is the kept components
-            _drop_components(mask[y0:y1, x0:x1], labels, stats, keep)
-    regions.sort(key=lambda r: (-r.area, r.bbox))
-    score = max(r.max_score for r in regions) if regions else no_region_score
-    return _detection(regions, mask, score, part, params)
+        )
+        keep[i] = True
+    if not keep[1:].all():  # all kept: the mask already is the kept components
+        _drop_components(mask[y0:y1, x0:x1], labels, stats, keep)
+    return regions
 
 
 _MAX_BOXED_DROPS = 512  # beyond this many dropped components, one vectorised pass beats the loop

@@ -234,7 +234,8 @@ class CoarseMap:
 
     The daemon queues this instead of the full-resolution map: at 5 MP the full float32 map is 20 MB
     per part waiting for the result thread, the coarse one ~1 MB (scale 0.25 or output_stride 4).
-    `full()` gives exactly what `stitch` gives; the result thread calls it for one part at a time."""
+    `full()` gives exactly what `stitch` gives, `window()` a part of it; the result thread judges one part
+    at a time from windows (edge.postprocess.postprocess_map) and builds the full map only as a fallback."""
 
     blended: np.ndarray
     layout: TileLayout
@@ -249,6 +250,37 @@ class CoarseMap:
         if layout.frame_height and (layout.frame_height, layout.frame_width) != prob.shape:
             prob = cv2.resize(prob, (layout.frame_width, layout.frame_height), interpolation=cv2.INTER_LINEAR)
         return prob
+
+    @property
+    def exact_windows(self) -> bool:
+        """Whether `window` can resize a crop of the blended map instead of the whole of it.
+
+        For k a power of two (1 included) the bilinear source coordinates (x + 0.5) / k - 0.5 are exact
+        in floating point, so a crop with one coarse pixel of margin resizes to the very values the whole
+        map does (tests/edge/test_coarse_post.py checks this bit for bit). A frame resized a second time
+        (input scale != 1: frame size != layout size) or another k has no such guarantee."""
+        layout = self.layout
+        same_size = not layout.frame_height or (layout.frame_height, layout.frame_width) == (layout.height, layout.width)
+        return self.k >= 1 and self.k & (self.k - 1) == 0 and same_size
+
+    def window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Exactly `self.full()[y0:y1, x0:x1]`, computed from the coarse pixels under it (plus one of margin)
+        when `exact_windows`, else (slow: the whole map each call) by slicing `full()`."""
+        height, width = (self.layout.frame_height, self.layout.frame_width) if self.layout.frame_height else (
+            self.layout.height, self.layout.width)
+        if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+            raise ValueError(f"window [{y0}:{y1}, {x0}:{x1}] is empty or outside the {height}x{width} map")
+        if not self.exact_windows:
+            return self.full()[y0:y1, x0:x1]
+        k = self.k
+        if k == 1:
+            return self.blended[y0:y1, x0:x1]
+        ch, cw = self.blended.shape
+        cy0, cy1 = max(0, y0 // k - 1), min(ch, (y1 - 1) // k + 2)
+        cx0, cx1 = max(0, x0 // k - 1), min(cw, (x1 - 1) // k + 2)
+        crop = np.ascontiguousarray(self.blended[cy0:cy1, cx0:cx1])
+        big = cv2.resize(crop, ((cx1 - cx0) * k, (cy1 - cy0) * k), interpolation=cv2.INTER_LINEAR)
+        return big[y0 - cy0 * k : y1 - cy0 * k, x0 - cx0 * k : x1 - cx0 * k]
 
 
 def blend_tiles(outputs: np.ndarray, layout: TileLayout, overlap: int) -> CoarseMap:

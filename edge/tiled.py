@@ -14,7 +14,7 @@ import numpy as np
 
 from edge.contract import InputSpec
 from edge.postprocess import part_score
-from edge.preprocess import preprocess, stitch
+from edge.preprocess import CoarseMap, blend_tiles, preprocess
 
 
 class TileBackend(Protocol):
@@ -27,6 +27,13 @@ class TileBackend(Protocol):
 def predict_frame(backend: TileBackend, frame: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, float | None]:
     """Frame -> (full-resolution HxW probability map, part score or None); NonFiniteError for a NaN
     part output (edge.postprocess.part_score)."""
+    prob, part = predict_coarse(backend, frame, spec)
+    return prob.full(), part
+
+
+def predict_coarse(backend: TileBackend, frame: np.ndarray, spec: InputSpec) -> tuple[CoarseMap, float | None]:
+    """`predict_frame` before the final resize: the blended map at output resolution, for
+    edge.postprocess.postprocess_map, which judges it without building the full map."""
     tiles, layout = preprocess(frame, spec)
     maps, parts = backend.infer_tiles_parts(tiles)
-    return stitch(maps, layout, spec.overlap), None if parts is None else part_score(parts)
+    return blend_tiles(maps, layout, spec.overlap), None if parts is None else part_score(parts)

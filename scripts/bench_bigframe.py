@@ -8,7 +8,11 @@ The baseline's edge/preprocess.py, edge/postprocess.py and edge/evidence.py are 
 (`git show REV:...`) next to this tree's, and every round times both on the same frame, one after
 the other (interleaved rounds, so the shared machine's load hits both alike). Stages: preprocess
 (colour, scale, tiles), inference of the tiles (one synchronous request; not changed, timed once
-per round), stitch (blend + resize to the frame), postprocess (on the stitched map), the overlay
+per round), stitch (blend + resize to the frame), postprocess (on the stitched map), judge (the tile
+outputs to regions as the daemon's result thread does it: edge.postprocess.postprocess_map on the
+blended map, which skips the full map - only for a package at input scale 1 with a power-of-two
+output_stride, so pass --model of such a package to measure it; the tiny default package's scale 0.25
+takes the full-map fallback), the overlay
 drawing and the evidence files (frame, overlay and mask encoded and written by EvidenceStore.save,
 as the background writer does), for a failing part with one disc-shaped defect
 (bench_failrate.defect_detection). The outputs of both are compared: the script fails if the map,
@@ -74,13 +78,23 @@ def stages(pre: ModuleType, post: ModuleType, ev: ModuleType, inf: Inferencer, f
     probs = timed("inference", lambda: inf.infer_tiles(tiles))
     prob = out["prob"] = timed("stitch", lambda: pre.stitch(probs, layout, inf.spec.overlap))
     out["det"] = timed("postprocess", lambda: post.postprocess(prob, inf.params))
+    out["judged"] = timed("judge (daemon: blend -> regions)", lambda: judge(pre, post, inf, probs, layout))
     fail = defect_detection(frame.shape[0], frame.shape[1], 1)
     out["overlay"] = timed("draw_overlay", lambda: ev.draw_overlay(frame, fail.mask, fail.regions, "fail"))
     store = ev.EvidenceStore(store_dir, 1 << 40)
     timed("evidence files", lambda: store.save("e1", time.time(), frame, fail.mask, fail.regions, "fail"))
     out["files"] = {p.name: p.stat().st_size for p in store_dir.rglob("*.*")}
-    t["total"] = sum(t.values())
+    t["total"] = sum(v for k, v in t.items() if not k.startswith("judge"))  # judge repeats stitch + postprocess
     return t, out
+
+
+def judge(pre: ModuleType, post: ModuleType, inf: Inferencer, probs: np.ndarray, layout: Any) -> Any:
+    """The tile outputs to a Detection as the daemon's result thread gets there: postprocess_map on the
+    blended map where the modules have it (no full map for a part without defect pixels; the full map
+    after all for input scale != 1, as the tiny default package has), else stitch + postprocess."""
+    if hasattr(post, "postprocess_map") and hasattr(pre, "blend_tiles"):
+        return post.postprocess_map(pre.blend_tiles(probs, layout, inf.spec.overlap), inf.params)
+    return post.postprocess(pre.stitch(probs, layout, inf.spec.overlap), inf.params)
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -91,6 +105,9 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     da, db = a["det"], b["det"]
     if da.regions != db.regions or da.score != db.score or not np.array_equal(da.mask, db.mask):
         diff.append("detection")
+    for judged, det in ((a["judged"], da), (b["judged"], db)):  # the daemon's path gives postprocess's result
+        if judged.regions != det.regions or judged.score != det.score or not np.array_equal(judged.mask, det.mask):
+            diff.append("judged detection")
     if not np.array_equal(a["overlay"], b["overlay"]):
         diff.append("overlay")
     return diff

@@ -1,6 +1,6 @@
 """Benchmark-only: a deterministic share of parts fails, whatever the model thinks of synthetic frames.
 
-The station's verdict comes from `edge.flow.postprocess` (regions of the probability map) and
+The station's verdict comes from `edge.flow.postprocess_map` (regions of the probability map) and
 `edge.rules.decide`. `ForcedVerdicts.install()` wraps the first, as `AckProbe` wraps MqttSink
 methods in bench_pipeline.py:
 - the real postprocess runs on the real map first, so every part pays what a line pays for it,
@@ -30,10 +30,11 @@ import cv2
 import numpy as np
 
 from edge.contract import Detection, PostprocessParams, Region
+from edge.preprocess import CoarseMap
 
 
 class ForcedVerdicts:
-    """Callable stand-in for edge.flow.postprocess that forces `rate` of the parts to fail."""
+    """Callable stand-in for edge.flow.postprocess_map that forces `rate` of the parts to fail."""
 
     def __init__(self, rate: float) -> None:
         if not 0.0 <= rate <= 1.0:
@@ -43,8 +44,8 @@ class ForcedVerdicts:
         self._lock = threading.Lock()
         self._orig: Any = None
 
-    def __call__(self, prob: np.ndarray, params: PostprocessParams, part: float | None = None) -> Detection:
-        """As edge.postprocess.postprocess (map, params, the part output's score); the verdict is then
+    def __call__(self, prob: CoarseMap | np.ndarray, params: PostprocessParams, part: float | None = None) -> Detection:
+        """As edge.postprocess.postprocess_map (map, params, the part output's score); the verdict is then
         forced by the regions alone (the forced detections carry no part score)."""
         det: Detection = self._orig(prob, params, part)  # the real cost, on the real map
         with self._lock:
@@ -56,20 +57,20 @@ class ForcedVerdicts:
             mask = det.mask if not det.regions else np.zeros_like(det.mask)
             below = float(np.nextafter(np.float32(params.pixel_threshold), np.float32(0.0)))
             return Detection(regions=[], mask=mask, score=min(det.score, below))
-        return defect_detection(prob.shape[0], prob.shape[1], n)
+        return defect_detection(det.mask.shape[0], det.mask.shape[1], n)
 
     def install(self) -> ForcedVerdicts:
         import edge.flow
 
-        self._orig = edge.flow.postprocess
-        edge.flow.postprocess = self
+        self._orig = edge.flow.postprocess_map
+        edge.flow.postprocess_map = self
         return self
 
     def uninstall(self) -> None:
         import edge.flow
 
         if self._orig is not None:
-            edge.flow.postprocess = self._orig
+            edge.flow.postprocess_map = self._orig
             self._orig = None
 
 

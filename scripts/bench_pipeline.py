@@ -14,7 +14,7 @@
                 the bare runs around it). Target >= 95 %. Every row carries cpu model, cores, load average at
                 its start and end.
                 Fail rates do not depend on what a model thinks of synthetic frames: bench_failrate.py wraps
-                edge.flow.postprocess (as AckProbe wraps MqttSink methods). The real postprocess runs on the
+                edge.flow.postprocess_map (as AckProbe wraps MqttSink methods). The real postprocess runs on the
                 real map (its cost is paid), then exactly `rate` of the parts, spread evenly, fail with one
                 disc-shaped region (radius min(h, w)/40, ~8,000 px at 5 MP) and its full-frame mask; the others
                 pass with no region. Rules, event, outbox, MQTT and the evidence writer (frame + overlay + mask

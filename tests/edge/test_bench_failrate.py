@@ -1,4 +1,4 @@
-"""The benchmark's forced verdicts stand in for edge.flow.postprocess exactly as the flow calls it
+"""The benchmark's forced verdicts stand in for edge.flow.postprocess_map exactly as the flow calls it
 (it drifted once: a new argument made every benchmark part an `error`)."""
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def test_forced_verdicts_take_the_flows_arguments() -> None:
     forced = _load().ForcedVerdicts(0.5).install()  # type: ignore[attr-defined]
     try:
         prob = np.zeros((48, 64), np.float32)
-        dets = [edge.flow.postprocess(prob, PostprocessParams(), 0.2) for _ in range(4)]  # as FrameFlow calls it
+        dets = [edge.flow.postprocess_map(prob, PostprocessParams(), 0.2) for _ in range(4)]  # as FrameFlow calls it
     finally:
         forced.uninstall()
-    assert edge.flow.postprocess is not forced
+    assert edge.flow.postprocess_map is not forced
     assert [bool(d.regions) for d in dets] == [False, True, False, True]  # every 2nd part fails
