@@ -35,7 +35,9 @@ def shadow_events(sub: Subscriber, kind: str) -> list[dict[str, Any]]:
 
 def test_shadow_disagreements_counted_against_truth(tmp_path: Path, store: Path, broker: Broker,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    sub, d = run_station(tmp_path, store, broker, count=30, fps=12, shadow_cpu_share=1.0)
+    # 6 parts/s: the shadow (one OpenVINO thread) keeps up even on a loaded CI machine; at 12/s a fresh-clone
+    # run beside a benchmark once thinned 6 of 30, and this test counts every pair (thinning has its own test)
+    sub, d = run_station(tmp_path, store, broker, count=30, fps=6, shadow_cpu_share=1.0)
     try:
         assert sub.wait_for(lambda ms: len(results(sub)) >= 30 and bool(shadow_events(sub, "summary")), 10)
     finally:
