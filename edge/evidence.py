@@ -73,6 +73,14 @@ def draw_overlay(image: np.ndarray, mask: np.ndarray | None, regions: Sequence[R
     return out
 
 
+def _overlay(image: np.ndarray, crop: MaskCrop | None, regions: Sequence[Region], verdict: str,
+             offset: tuple[int, int]) -> np.ndarray:
+    """`draw_overlay` tinted from the crop's box: the same pixels as the full mask, without making it."""
+    if crop is None or crop.box.size == 0:  # nothing set: nothing to tint
+        return draw_overlay(image, None, regions, verdict, offset)
+    return draw_overlay(image, crop.box, regions, verdict, (offset[0] + crop.x, offset[1] + crop.y))
+
+
 def _mask255(mask: np.ndarray) -> np.ndarray:
     """0/255 image of a mask's nonzero pixels; for uint8 one OpenCV pass without the GIL instead of three numpy ones."""
     if mask.dtype == np.uint8:
@@ -95,6 +103,32 @@ def _tint(out: np.ndarray, mask: np.ndarray, offset: tuple[int, int]) -> None:
         return
     box, sel = view[y : y + bh, x : x + bw], m[y : y + bh, x : x + bw] != 0
     box[sel] = (box[sel].astype(np.uint16) + np.array([0, 0, 255], np.uint16)) >> 1
+
+
+@dataclass(frozen=True)
+class MaskCrop:
+    """A mask kept as the bounding box of its set pixels: a queued 5 MP fail holds its defect's few
+    kilobytes instead of a 5 MB mostly-zero array; `full()` rebuilds the mask when it is written."""
+
+    shape: tuple[int, ...]
+    x: int
+    y: int
+    box: np.ndarray
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> MaskCrop:
+        m = mask if mask.ndim == 2 else np.any(mask != 0, axis=2)
+        if m.dtype != np.uint8:
+            m = np.ascontiguousarray(m != 0).view(np.uint8)
+        x, y, w, h = cv2.boundingRect(m)
+        return cls(m.shape, x, y, m[y : y + h, x : x + w].copy())
+
+    def full(self, box: np.ndarray | None = None) -> np.ndarray:
+        """The whole mask; `box` (same shape as `self.box`) replaces the kept values, e.g. a 0/255 version."""
+        out = np.zeros(self.shape[:2], np.uint8)
+        h, w = self.box.shape[:2]
+        out[self.y : self.y + h, self.x : self.x + w] = self.box if box is None else box
+        return out
 
 
 class EvidenceStore:
@@ -150,22 +184,28 @@ class EvidenceStore:
             self._passes += 1
             return self._passes % self.pass_sample_every == 0
 
-    def save(self, event_id: str, capture_ts: float, image: np.ndarray | None, mask: np.ndarray | None,
+    def save(self, event_id: str, capture_ts: float, image: np.ndarray | None, mask: np.ndarray | MaskCrop | None,
              regions: Sequence[Region], verdict: str, roi_offset: tuple[int, int] = (0, 0)) -> str | None:
-        """Write the files; returns the relative prefix for the event, or None if nothing was written."""
+        """Write the files; returns the relative prefix for the event, or None if nothing was written.
+
+        Each file's image is made just before it is encoded and dropped after, so a 5 MP fail holds
+        one of them at a time (the 15 MB BGR overlay, or the 5 MB mask), not all at once; the overlay
+        is tinted from the mask's box (`MaskCrop`, which the background writer already holds).
+        """
         if image is None:
             return None
         day = _day(capture_ts)
         prefix = f"{day}/{event_id}"
-        items: list[tuple[str, np.ndarray]] = [(f"frame{self.ext}", image)]
+        crop = mask if mask is None or isinstance(mask, MaskCrop) else MaskCrop.of(mask)
+        items: list[tuple[str, Callable[[], np.ndarray]]] = [(f"frame{self.ext}", lambda: image)]
         if verdict != "error":
-            items.append((f"overlay{self.ext}", draw_overlay(image, mask, regions, verdict, roi_offset)))
-        if mask is not None and mask.any():
-            items.append(("mask.png", _mask255(mask)))
+            items.append((f"overlay{self.ext}", lambda: _overlay(image, crop, regions, verdict, roi_offset)))
+        if crop is not None and crop.box.any():
+            items.append(("mask.png", lambda: crop.full(_mask255(crop.box))))
         try:
             (self.root / day).mkdir(parents=True, exist_ok=True)
-            for suffix, img in items:
-                self._write(self.root / f"{prefix}.{suffix}", img)
+            for suffix, make in items:
+                self._write(self.root / f"{prefix}.{suffix}", make())
         except (OSError, cv2.error) as e:
             self.failed += 1
             log.error("evidence for %s not saved: %s", event_id, e)
@@ -176,13 +216,19 @@ class EvidenceStore:
         return prefix
 
     def _write(self, path: Path, img: np.ndarray) -> None:
-        ok, buf = cv2.imencode(path.suffix, img)
-        if not ok:
-            raise OSError(f"cannot encode {path.name}")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(buf.data)  # the encoder's buffer as it is: no 10 MB copy under the GIL
-        tmp.replace(path)  # a half-written file is never left under the final name
-        size = len(buf)
+        """Encode straight into a temporary file, then rename: OpenCV streams the rows to the file
+        without the GIL and without an encoded copy in memory (up to 15 MB for a 5 MP overlay), and
+        a half-written file is never left under the final name."""
+        tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # imwrite picks the format by the suffix
+        try:
+            if not cv2.imwrite(str(tmp), img):
+                raise OSError(f"cannot encode or write {path.name}")
+            size = tmp.stat().st_size
+            tmp.replace(path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         with self._lock:
             self._files.append((path, size))
             self._total += size
@@ -205,31 +251,6 @@ class EvidenceStore:
 
 
 PENDING, THINNED = "pending", "thinned"
-
-
-@dataclass(frozen=True)
-class MaskCrop:
-    """A mask kept as the bounding box of its set pixels: a queued 5 MP fail holds its defect's few
-    kilobytes instead of a 5 MB mostly-zero array; `full()` rebuilds the mask when it is written."""
-
-    shape: tuple[int, ...]
-    x: int
-    y: int
-    box: np.ndarray
-
-    @classmethod
-    def of(cls, mask: np.ndarray) -> MaskCrop:
-        m = mask if mask.ndim == 2 else np.any(mask != 0, axis=2)
-        if m.dtype != np.uint8:
-            m = np.ascontiguousarray(m != 0).view(np.uint8)
-        x, y, w, h = cv2.boundingRect(m)
-        return cls(m.shape, x, y, m[y : y + h, x : x + w].copy())
-
-    def full(self) -> np.ndarray:
-        out = np.zeros(self.shape[:2], np.uint8)
-        h, w = self.box.shape[:2]
-        out[self.y : self.y + h, self.x : self.x + w] = self.box
-        return out
 
 
 @dataclass
@@ -376,8 +397,7 @@ class EvidenceWriter:
                 return
             t_cpu = time.thread_time()
             try:
-                ref = self.store.save(item.event_id, item.capture_ts, item.image,
-                                      None if item.mask is None else item.mask.full(), item.regions,
+                ref = self.store.save(item.event_id, item.capture_ts, item.image, item.mask, item.regions,
                                       item.verdict, item.offset)
             except Exception:  # never let one bad frame stop the writer
                 log.exception("evidence for %s not saved", item.event_id)

@@ -6,11 +6,12 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edge.alarms import EVIDENCE_THINNED
 from edge.cpubusy import CpuBusy
 from edge.events import validate_event
-from edge.evidence import PENDING, THINNED, EvidenceStore, EvidenceWriter
+from edge.evidence import PENDING, THINNED, EvidenceStore, EvidenceWriter, MaskCrop
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import BASE, alarms, running, station, wait_results
 from tests.tiny_package import make_part
@@ -61,6 +62,27 @@ def test_a_queued_fail_holds_its_frame_and_only_the_box_of_its_mask(tmp_path: Pa
     for suffix in ("frame.png", "overlay.png", "mask.png"):
         assert (tmp_path / "queued" / f"{prefix}.{suffix}").read_bytes() == \
             (tmp_path / "direct" / f"{direct}.{suffix}").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["empty mask", "colour frame, mask past the frame's edge"])
+def test_files_from_a_mask_crop_equal_the_files_of_the_full_mask(tmp_path: Path, case: str) -> None:
+    """The writer hands the store the crop; overlay and mask files must not change for it."""
+    rng = np.random.default_rng(5)
+    if case == "empty mask":
+        img, mask, offset = rng.integers(0, 256, (60, 80), dtype=np.uint8), np.zeros((60, 80), np.uint8), (0, 0)
+    else:  # an ROI mask that reaches past the frame: only the part inside is tinted
+        img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+        mask = np.zeros((40, 40), np.uint8)
+        mask[25:40, 30:40] = 255
+        offset = (50, 30)
+    via_crop = EvidenceStore(tmp_path / "crop", 10**9).save("e1", 0.0, img, MaskCrop.of(mask), [], "fail", offset)
+    via_full = EvidenceStore(tmp_path / "full", 10**9).save("e1", 0.0, img, mask, [], "fail", offset)
+    assert via_crop == via_full
+    written = sorted(f.name for f in (tmp_path / "full").rglob("*.png"))
+    assert written == sorted(f.name for f in (tmp_path / "crop").rglob("*.png"))
+    assert ("e1.mask.png" in written) == (case != "empty mask")
+    for name in written:
+        assert next((tmp_path / "crop").rglob(name)).read_bytes() == next((tmp_path / "full").rglob(name)).read_bytes()
 
 
 def test_behind_keeps_every_nth_and_the_first_fails_after_a_pass(tmp_path: Path) -> None:
