@@ -79,6 +79,7 @@ from bench_failrate import ForcedVerdicts  # noqa: E402
 
 T0 = time.monotonic()
 CAPTURE_TS = re.compile(rb'"capture_ts":([0-9.]+)')
+TIMINGS = re.compile(rb'"timings_ms":\s*(\{[^}]*\})')  # the event's own stage times
 TAGS = re.compile(rb'"(verdict|evidence_status)":"([a-z]+)"')
 BIG = "2448x2048"  # 5 MP mono, an industrial camera's frame
 OVERRIDES: dict[str, dict[str, Any]] = {}  # --set: station config sections merged into every run
@@ -193,6 +194,8 @@ class AckProbe:
         self.last_ack = 0.0
         self.acked = 0
         self.tags: dict[str, int] = {}  # verdict / evidence_status counts of the published events
+        self.stages: dict[int, dict[str, float]] = {}  # the event's timings_ms, by outbox seq
+        self.stage_rows: list[dict[str, float]] = []  # ... + "publish" (result -> PUBACK), per acked event
         self._orig = (MqttSink._publish, MqttSink._acked)
 
     def __enter__(self) -> AckProbe:
@@ -205,6 +208,9 @@ class AckProbe:
                 c = float(m.group(1))
                 probe.capture[row.seq] = c
                 probe.first_capture = min(probe.first_capture, c)
+                t = TIMINGS.search(row.payload)
+                if t:
+                    probe.stages[row.seq] = json.loads(t.group(1))
                 for tag in TAGS.findall(row.payload):
                     key = tag[0].decode() + "=" + tag[1].decode()
                     probe.tags[key] = probe.tags.get(key, 0) + 1
@@ -216,6 +222,9 @@ class AckProbe:
                 c = probe.capture.pop(s, None)
                 if c is not None:
                     probe.latency.append(now - c)
+                    st = probe.stages.pop(s, None)
+                    if st and "capture_to_result" in st:
+                        probe.stage_rows.append({**st, "publish": (now - c) * 1000 - st["capture_to_result"]})
             probe.acked += len(seqs)
             probe.last_ack = now
             orig_acked(sink, seqs)
@@ -266,7 +275,16 @@ def pipeline_run(work: Path, pkg: Path, broker: Broker, size: tuple[int, int], c
             "seconds": round(dt, 3), "fps": round(probe.acked / dt, 2) if dt > 0 else None,
             "events": dict(sorted(probe.tags.items())),
             "latency_ms": {"p50": ms(pct(lat, 50)), "p95": ms(pct(lat, 95)), "p99": ms(pct(lat, 99)),
-                           "max": ms(max(lat) if lat else None), "n": len(lat)}}
+                           "max": ms(max(lat) if lat else None), "n": len(lat)},
+            "stages_ms": stage_percentiles(probe.stage_rows)}
+
+
+def stage_percentiles(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """p50/p99 of each stage of the events' timings_ms (queue, inference, postprocess, capture_to_result)
+    and of publish (result -> PUBACK: outbox commit, MQTT): where a slow part's time went."""
+    keys = sorted({k for r in rows for k in r})
+    return {k: {"p50": round(float(np.percentile(v, 50)), 1), "p99": round(float(np.percentile(v, 99)), 1)}
+            for k in keys if (v := [r[k] for r in rows if k in r])}
 
 
 def overridden(data: dict[str, Any]) -> dict[str, Any]:
@@ -318,6 +336,7 @@ def throughput_size(work: Path, pkg: Path, broker: Broker, size: tuple[int, int]
         log(f"    fail {100 * row['fail_rate']:.0f} % paced at {rate_fps}/s: capture->PUBACK p50/p99 "
             f"{paced['latency_ms']['p50']}/{p99} ms = {row['paced_p99_over_bare_frame']} x the bare frame "
             f"({single_ms} ms), events {paced['events']}")
+        log("      stages p50/p99 ms: " + ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in paced["stages_ms"].items()))
     return rows
 
 
