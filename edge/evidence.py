@@ -76,7 +76,7 @@ def draw_overlay(image: np.ndarray, mask: np.ndarray | None, regions: Sequence[R
 def _overlay(image: np.ndarray, crop: MaskCrop | None, regions: Sequence[Region], verdict: str,
              offset: tuple[int, int]) -> np.ndarray:
     """`draw_overlay` tinted from the crop's box: the same pixels as the full mask, without making it."""
-    if crop is None or crop.box.size == 0:  # nothing set: nothing to tint
+    if crop is None:
         return draw_overlay(image, None, regions, verdict, offset)
     return draw_overlay(image, crop.box, regions, verdict, (offset[0] + crop.x, offset[1] + crop.y))
 

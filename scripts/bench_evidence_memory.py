@@ -2,7 +2,7 @@
 """Traced memory peak and time of one 5 MP fail's evidence save: a baseline commit's edge/evidence.py
 against this tree's, rounds interleaved.
 
-    .venv/bin/python scripts/bench_evidence_memory.py [--baseline REV] [--size 2448x2048] [--rounds 3]
+    .venv/bin/python scripts/bench_evidence_memory.py [--baseline c97bddf] [--size 2448x2048] [--rounds 3]
 
 The baseline is given the full mask (as its background writer rebuilt it); this tree is given the
 `MaskCrop` its writer holds. tracemalloc sees numpy's and OpenCV's Python-side arrays (the images
@@ -31,7 +31,8 @@ from edge import evidence  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", default="HEAD~1")
+    ap.add_argument("--baseline", default="c97bddf", help="commit whose edge/evidence.py to compare (default: the "
+                    "last one before the writer held one image at a time)")
     ap.add_argument("--size", default="2448x2048", help="WxH of the mono frame")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
