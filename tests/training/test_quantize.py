@@ -8,7 +8,7 @@ import openvino.opset13 as ops
 import pytest
 
 from edge.inference import core
-from training.release.quantize import CalibrationTiles, quantize_int8
+from training.release.quantize import CalibrationTiles, input_convolutions, quantize_int8
 
 pytest.importorskip("nncf")
 
@@ -38,3 +38,20 @@ def test_int8_keeps_the_peak_of_a_rare_strong_response() -> None:
     got = float(core().compile_model(int8, "CPU")(spot)[0].max())
     assert ref > 0.9  # the spot is found in FP32
     assert got == pytest.approx(ref, abs=0.02), (got, ref)
+
+
+def test_the_convolution_reading_the_input_stays_in_float() -> None:
+    """INT8 exports keep the first convolution in float (quantize.float_input_layers: on AMX CPUs
+    OpenVINO computed that layer of a saved INT8 IR wrongly); every later one is quantized."""
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(90, 110, (10, 1, 32, 32)).astype(np.uint8)
+    tiles[0, 0, 12:20, 12:20] = 0
+    fp32 = _spot_model()
+    first = input_convolutions(fp32)
+    assert len(first) == 1
+    int8 = quantize_int8(fp32, CalibrationTiles(tiles, 10, 1, 9))
+    convs = [op for op in int8.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    fed_by_fq = {op.get_friendly_name(): any(op.input_value(i).get_node().get_type_name() == "FakeQuantize"
+                                             for i in range(2)) for op in convs}
+    assert fed_by_fq[first[0]] is False, fed_by_fq
+    assert sum(fed_by_fq.values()) == len(convs) - 1, fed_by_fq  # the 1x1 conv is INT8

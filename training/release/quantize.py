@@ -178,14 +178,51 @@ def ranges() -> Any:
     return AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
 
 
+def input_convolutions(model: ov.Model) -> list[str]:
+    """Friendly names of the convolutions that read the network input (through anything but another
+    convolution or matmul): the layer(s) `float_input_layers` keeps in float."""
+    found: list[str] = []
+    todo = [t.get_node() for p in model.get_parameters() for out in p.outputs() for t in out.get_target_inputs()]
+    seen: set[str] = set()
+    while todo:
+        node = todo.pop()
+        name = node.get_friendly_name()
+        if name in seen:
+            continue
+        seen.add(name)
+        if node.get_type_name() in ("Convolution", "GroupConvolution", "MatMul"):
+            found.append(name)
+            continue
+        todo.extend(t.get_node() for out in node.outputs() for t in out.get_target_inputs())
+    return sorted(found)
+
+
+def float_input_layers(model: ov.Model) -> Any:
+    """The IgnoredScope every INT8 export uses: the first convolution stays in float.
+
+    Why: on a CPU with AMX (Xeon 4th gen and later) OpenVINO 2026.4 computed the first convolution of
+    the saved INT8 IR wrongly when the input stem is the mean/min/max block views: the default
+    recipe's Magnetic-Tile model, quantized, gave the same maps as FP32 in memory, but read back from
+    its .xml (weights compressed to int8) its maps moved by up to 0.99 and its part scores by 0.84,
+    and the gate shipped FP16 instead (issue 15, 2026-12-06). Restricting oneDNN to AVX-512 VNNI, or
+    keeping this one layer in float, made the saved model equal to the in-memory one. A package
+    validated on one CPU must compute the same on the line's CPU, and the layer is the cheapest
+    of the network (3 input channels), so it is never quantized. Input layers also carry the most
+    precision-sensitive signal: a dark 7-px blowhole is a few grey levels in one view."""
+    import nncf
+
+    return nncf.IgnoredScope(names=input_convolutions(model), validate=False)
+
+
 def quantize_int8(model: ov.Model, calib: CalibrationTiles, preset: str = "performance",
                   fast_bias_correction: bool = True) -> ov.Model:
-    """Plain NNCF post-training quantization (extreme min-max ranges, see `ranges`, + bias correction)."""
+    """Plain NNCF post-training quantization (extreme min-max ranges, see `ranges`, + bias correction),
+    the input layer in float (`float_input_layers`)."""
     import nncf
 
     return nncf.quantize(model, _calibration_dataset(calib), preset=_preset(preset),
                          subset_size=len(calib.tiles), fast_bias_correction=fast_bias_correction,
-                         model_type=None, advanced_parameters=ranges())
+                         model_type=None, advanced_parameters=ranges(), ignored_scope=float_input_layers(model))
 
 
 def restorer_budget(max_seconds: float, seconds_per_validation: float, n_quantized: int,
@@ -247,7 +284,7 @@ def quantize_int8_controlled(model: ov.Model, calib: CalibrationTiles,
         model, _calibration_dataset(calib), nncf.Dataset(list(val_items)), validate,
         max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, preset=_preset(preset),
         subset_size=len(calib.tiles), model_type=None, advanced_quantization_parameters=ranges(),
-        advanced_accuracy_restorer_parameters=restorer)
+        advanced_accuracy_restorer_parameters=restorer, ignored_scope=float_input_layers(model))
 
 
 # --------------------------------------------------------------------------- evaluation + gate
