@@ -63,7 +63,7 @@ def make_checkpoint(path: Path, data: Path | None = None, steps: int = 120, seed
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # ends calm: no late spike undoes it
         model.train()
         bad = [k for k, m in enumerate(masks) if m.any()]
-        for step in range(steps):
+        for _ in range(steps):
             xs, ys = [], []
             for j in range(8):
                 k = int(rng.integers(len(imgs)))
