@@ -36,9 +36,10 @@ TRIGGER_SEQUENCE = "trigger_sequence"  # the PLC's sequence numbers skipped or w
 TRIGGER_LATE = "trigger_late"  # triggers arrive too late (or too early) for their frame
 TRIGGER_STORE = "trigger_store"  # triggers cannot be stored, so they are not acknowledged
 MODEL_RELOAD = "model_reload"  # a reload failed; the previous model keeps running
+MODEL_FALLBACK = "model_fallback"  # this CPU computes the package's model differently: its FP32 IR runs (edge.cpu_check)
 ALARMS = (CONSECUTIVE_FAILS, FAIL_RATE, CAMERA_LOST, MODEL_ERROR, BACKLOG_GROWING, PUBLISH_REJECTED, NO_SUBSCRIBERS,
           MQTT_UNVERIFIED_ACKS, CLIENT_ID_CONFLICT, OUTBOX_ERROR, OUTBOX_RECOVERED, FRAME_ERROR, STALE_FRAMES,
-          EVIDENCE_THINNED, TRIGGER_SEQUENCE, TRIGGER_LATE, TRIGGER_STORE, MODEL_RELOAD)
+          EVIDENCE_THINNED, TRIGGER_SEQUENCE, TRIGGER_LATE, TRIGGER_STORE, MODEL_RELOAD, MODEL_FALLBACK)
 HYSTERESIS = 0.8  # rate alarms clear below HYSTERESIS * threshold
 
 AlarmCallback = Callable[[str, bool, str], None]

@@ -145,6 +145,9 @@ class ModelConfig(_Model):
     threads: int = Field(default=0, ge=0, le=256, description="Inference threads (0 = OpenVINO default).")
     hint: Literal["THROUGHPUT", "LATENCY"] = Field(default="THROUGHPUT", description="OpenVINO performance hint.")
     verify_hashes: bool = Field(default=True, description="Check the SHA-256 of every package file at load.")
+    cpu_check: bool = Field(default=True, description="Run the package's check tiles (cpu_check.npz) at load: a model "
+                            "this CPU computes differently from the export is replaced by the package's FP32 IR, or "
+                            "refused (edge.cpu_check).")
     public_key: Path | None = Field(default=None, description="Ed25519 public key (PEM). When set, a package loads "
                                     "only with a valid package.json.sig made by the matching private key "
                                     "(`python -m training export --sign KEY`); needs verify_hashes.")

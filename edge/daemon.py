@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 
 from edge import __version__
-from edge.alarms import MODEL_RELOAD, OUTBOX_RECOVERED, AlarmTracker
+from edge.alarms import MODEL_FALLBACK, MODEL_RELOAD, OUTBOX_RECOVERED, AlarmTracker
 from edge.config import Config, ConfigError, load_config
 from edge.counters import PART_COUNTS
 from edge.evidence import EvidenceStore, EvidenceWriter
@@ -106,6 +106,8 @@ class Pipeline:
         self.sink.start()
         if self.outbox.recovery:
             self.alarms.set(OUTBOX_RECOVERED, True, self.outbox.recovery)
+        if self.model.fallback:
+            self.alarms.set(MODEL_FALLBACK, True, self.model.fallback)
         if cfg.metrics.enabled:
             self.server = MetricsServer(self.metrics, self.health, cfg.metrics.host, cfg.metrics.port)
             self.server.start()
@@ -290,6 +292,8 @@ class Pipeline:
         if self.sink is not None:
             self.sink.update_status(self._status_payload())
         self.alarms.set(MODEL_RELOAD, False, f"now running {new_model.info['version']}")
+        self.alarms.set(MODEL_FALLBACK, new_model.fallback is not None,
+                        new_model.fallback or f"{new_model.info['version']} runs as exported")
         log.info("reloaded: model %s %s -> %s %s, rules %s", old.info["name"], old.info["version"],
                  new_model.info["name"], new_model.info["version"], new_model.rules_dict)
         self.notifier.ready(f"running {new_model.info['name']} {new_model.info['version']}")

@@ -25,13 +25,15 @@ from edge.package import sha256_file, write_package_json
 from edge.sources.synthetic import synth_part
 
 
-def build_dark_spot_model(tile: int = 64, ballast_mb: int = 0, part: str | None = None) -> ov.Model:
-    """`ballast_mb` adds a random weight matrix whose product is multiplied by 0: the output is the
+def build_dark_spot_model(tile: int = 64, ballast_mb: int = 0, part: str | None = None,
+                          offset: float = 40.0) -> ov.Model:
+    """`offset`: how much darker than its surroundings a pixel must be to score 0.5. `ballast_mb` adds
+    a random weight matrix whose product is multiplied by 0: the output is the
     same, but every compiled copy of the model holds that much memory (so a leaked model shows in RSS)."""
     x = ops.parameter([1, 1, tile, tile], np.float32, name="image")
     k = np.full((1, 1, 7, 7), 1.0 / 49.0, dtype=np.float32)
     local = ops.convolution(x, ops.constant(k), [1, 1], [3, 3], [3, 3], [1, 1])
-    diff = ops.subtract(ops.subtract(local, x), ops.constant(np.float32(40.0)))
+    diff = ops.subtract(ops.subtract(local, x), ops.constant(np.float32(offset)))
     if ballast_mb:
         cols = max(1, ballast_mb * (1 << 20) // 4 // (tile * tile))
         w = np.random.default_rng(0).standard_normal((tile * tile, cols)).astype(np.float32)

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from edge.contract import InputSpec, PostprocessParams
+from edge.cpu_check import run_check
+from edge.inference import Inferencer
 from edge.package import read_package
 from tests.tiny_package import make_part
 from training.core.checkpoint import CheckpointMeta, load_model, save_checkpoint
@@ -158,6 +160,14 @@ def test_package_contents(exported: dict[str, Any]) -> None:
     report = json.loads((out / "export_report.json").read_text())
     assert report["precision"] == "int8" and report["torch_vs_ov_fp32_max_abs"] < 1e-4
     assert set(report["speed_ms_per_tile"]) == {"fp32_ms", "int8_ms"}
+    # the CPU check the daemon runs at load (edge.cpu_check): tiles with defects first, and on the
+    # exporting machine the shipped INT8 model is within what it allows
+    assert "cpu_check.npz" in meta.files and report["cpu_check"]["passed"] and report["cpu_check"]["tiles"] >= 2
+    with np.load(out / "cpu_check.npz") as z:
+        assert z["tiles"].dtype == np.uint8 and z["tiles"].shape[1:] == (1, SPEC.tile, SPEC.tile)
+    check = run_check(out, Inferencer(out, num_requests=1))
+    assert check is not None and check.passed and check.map_mean_diff == pytest.approx(
+        report["cpu_check"]["map_mean_diff"], abs=1e-4)
     assert not shipped.has_rt_info(["model_info"])  # package.json is the one metadata source
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 

@@ -277,8 +277,45 @@ def _build(ctx: BuildContext, req: ExportRequest) -> dict[str, Any]:
                     f"(the daemon computes it in {check['runtime_inference_precision']}); review before deploying"])
     metrics["gate"] = gate
     report.update({"precision": final, "metrics": metrics, "speed_ms_per_tile": _speed(ctx, ref_pred, final),
-                   "load_avg": os.getloadavg()[0]})
+                   "load_avg": os.getloadavg()[0], "cpu_check": _write_cpu_check(ctx, ref_pred).to_dict()})
     return report
+
+
+def check_tiles(items: list[tuple[np.ndarray, np.ndarray]], spec: Any, n_defect: int = 4, n_clean: int = 4,
+                seed: int = 0) -> np.ndarray:
+    """Tiles for the package's CPU check (edge.cpu_check): the `n_defect` validation tiles with the most
+    defect pixels (where a wrong kernel shows first) and `n_clean` clean ones, cut by the daemon's own
+    `preprocess`; uint8 (lossless for 8-bit frames)."""
+    mspec = q._mask_spec(spec)
+    defect: list[tuple[int, np.ndarray]] = []
+    clean: list[np.ndarray] = []
+    for image, mask in items:
+        tiles, _ = preprocess(image, spec)
+        mtiles, _ = preprocess(mask.astype(np.uint8) * np.uint8(255), mspec)
+        for tile, mt in zip(tiles, mtiles, strict=True):
+            count = int(np.count_nonzero(mt))
+            if count:
+                defect.append((count, tile.astype(np.uint8)))
+                defect = sorted(defect, key=lambda d: -d[0])[:n_defect]
+            elif len(clean) < 8 * n_clean:
+                clean.append(tile.astype(np.uint8))
+    rng = np.random.default_rng(seed)
+    picked = [clean[int(i)] for i in rng.permutation(len(clean))[:n_clean]]
+    return np.stack([t for _, t in defect] + picked)
+
+
+def _write_cpu_check(ctx: BuildContext, ref_pred: q.OVPredictor) -> Any:
+    """cpu_check.npz in the package: check tiles, the FP32 reference for them, and the tolerances that
+    follow from how far the shipped model is from it on this machine (edge.cpu_check)."""
+    from edge.cpu_check import CHECK_FILE, write_check
+    from edge.inference import Inferencer
+
+    tiles = check_tiles(ctx.items, ctx.meta.input_spec)
+    map_ref, part_ref = ref_pred.infer_tiles_parts(tiles.astype(np.float32))
+    shipped = Inferencer(ctx.root, num_requests=1, hint="LATENCY")
+    check = write_check(ctx.root / CHECK_FILE, tiles, map_ref, part_ref, shipped)
+    print(f"cpu check: {len(tiles)} tiles in {CHECK_FILE}; here {check.describe()}", file=sys.stderr)
+    return check
 
 
 def _stage(ctx: BuildContext, metrics: dict[str, Any], model: ov.Model, prec: str, fp16: bool = False) -> Any:
