@@ -84,6 +84,7 @@ TAGS = re.compile(rb'"(verdict|evidence_status)":"([a-z]+)"')
 BIG = "2448x2048"  # 5 MP mono, an industrial camera's frame
 OVERRIDES: dict[str, dict[str, Any]] = {}  # --set: station config sections merged into every run
 POOL = 8  # distinct good and defective parts of the synthetic source (copies are handed over)
+STARTUP_PARTS = 5  # paced latency is also reported without the first parts (the bare frame time skips 2 warm-up frames)
 _children: list[Any] = []  # Daemon / Broker objects to kill on a timeout
 
 
@@ -190,6 +191,7 @@ class AckProbe:
     def __init__(self) -> None:
         self.capture: dict[int, float] = {}
         self.latency: list[float] = []
+        self.by_capture: list[tuple[float, float, dict[str, float]]] = []  # (capture time, -> PUBACK, stages)
         self.first_capture = float("inf")
         self.last_ack = 0.0
         self.acked = 0
@@ -224,7 +226,9 @@ class AckProbe:
                     probe.latency.append(now - c)
                     st = probe.stages.pop(s, None)
                     if st and "capture_to_result" in st:
-                        probe.stage_rows.append({**st, "publish": (now - c) * 1000 - st["capture_to_result"]})
+                        st = {**st, "publish": (now - c) * 1000 - st["capture_to_result"]}
+                        probe.stage_rows.append(st)
+                    probe.by_capture.append((c, now - c, st or {}))
             probe.acked += len(seqs)
             probe.last_ack = now
             orig_acked(sink, seqs)
@@ -276,7 +280,25 @@ def pipeline_run(work: Path, pkg: Path, broker: Broker, size: tuple[int, int], c
             "events": dict(sorted(probe.tags.items())),
             "latency_ms": {"p50": ms(pct(lat, 50)), "p95": ms(pct(lat, 95)), "p99": ms(pct(lat, 99)),
                            "max": ms(max(lat) if lat else None), "n": len(lat)},
-            "stages_ms": stage_percentiles(probe.stage_rows)}
+            "stages_ms": stage_percentiles(probe.stage_rows), "slowest": slowest(probe.by_capture),
+            "latency_after_start_ms": after_start(probe.by_capture)}
+
+
+def after_start(by_capture: list[tuple[float, float, dict[str, float]]], skip: int = STARTUP_PARTS) -> dict[str, Any]:
+    """Capture -> PUBACK percentiles without the first `skip` parts of the run: the steady state, as the bare
+    frame time is taken after its warm-up frames. Reported beside the whole run's figures, never instead."""
+    lat = [x[1] for x in sorted(by_capture)[skip:]]
+    return {"skipped_first": skip, "p50": ms(pct(lat, 50)), "p99": ms(pct(lat, 99)),
+            "max": ms(max(lat) if lat else None), "n": len(lat)}
+
+
+def slowest(by_capture: list[tuple[float, float, dict[str, float]]], n: int = 3) -> list[dict[str, Any]]:
+    """The `n` slowest parts with their place in the run (0 = first captured: start-up or steady state?)
+    and their stage times."""
+    order = sorted(range(len(by_capture)), key=lambda i: by_capture[i][0])
+    ranked = sorted(order, key=lambda i: -by_capture[i][1])[:n]
+    return [{"index": order.index(i), "ms": round(by_capture[i][1] * 1000, 1),
+             "stages": {k: round(v, 1) for k, v in by_capture[i][2].items()}} for i in ranked]
 
 
 def stage_percentiles(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -333,10 +355,16 @@ def throughput_size(work: Path, pkg: Path, broker: Broker, size: tuple[int, int]
         row["paced"] = {**paced, "rate_fps": rate_fps}
         row["paced_p99_over_bare_frame"] = round(p99 / single_ms, 2) if p99 and single_ms else None
         row["latency_met"] = bool(p99 and single_ms and p99 <= 2 * single_ms)
+        steady = paced["latency_after_start_ms"]["p99"]
+        row["paced_p99_after_start_over_bare_frame"] = round(steady / single_ms, 2) if steady and single_ms else None
         log(f"    fail {100 * row['fail_rate']:.0f} % paced at {rate_fps}/s: capture->PUBACK p50/p99 "
             f"{paced['latency_ms']['p50']}/{p99} ms = {row['paced_p99_over_bare_frame']} x the bare frame "
             f"({single_ms} ms), events {paced['events']}")
+        log(f"      without the first {STARTUP_PARTS} parts: p50/p99 {paced['latency_after_start_ms']['p50']}/{steady} ms "
+            f"= {row['paced_p99_after_start_over_bare_frame']} x the bare frame")
         log("      stages p50/p99 ms: " + ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in paced["stages_ms"].items()))
+        log("      slowest parts (place in the run: ms, stages): " + "; ".join(
+            f"#{w['index']}: {w['ms']} {w['stages']}" for w in paced["slowest"]))
     return rows
 
 
@@ -590,12 +618,13 @@ def main() -> int:  # noqa: PLR0915 - argument parsing and the report of three b
                                         args.timeout / 4)
                 save()
             log("(a) RESULT size fail% pipeline/bare ratio | p50/p99 capture->PUBACK full speed | paced p99 / "
-                "bare frame | load start->end")
+                f"bare frame (without the first {STARTUP_PARTS} parts) | load start->end")
             for r in rows:
                 p, q = r["pipeline"]["latency_ms"], r.get("paced", {}).get("latency_ms", {})
                 log(f"    {r['size']:>10} {100 * r['fail_rate']:5.0f} % {r['pipeline']['fps']:8.2f} / "
                     f"{r['bare_fps']:8.2f} = {100 * r['ratio']:5.1f} % | {p['p50']}/{p['p99']} ms | "
-                    f"{q.get('p99')} ms / {r['bare_frame']['p50_ms']} ms = {r.get('paced_p99_over_bare_frame')} x | "
+                    f"{q.get('p99')} ms / {r['bare_frame']['p50_ms']} ms = {r.get('paced_p99_over_bare_frame')} x "
+                    f"({r.get('paced_p99_after_start_over_bare_frame')} x) | "
                     f"{r['loadavg_start'][0]} -> {r['loadavg_end'][0]}")
         if "rss" not in skip:
             rsz = parse_size(args.rss_size) if args.rss_size else size

@@ -197,6 +197,17 @@ def test_synthetic_rate_limit() -> None:
     assert time.monotonic() - t0 >= 0.18
 
 
+
+def test_a_paced_pool_hands_its_first_parts_over_one_period_apart() -> None:
+    """The pool of big parts is made in open(), before the clock starts: made in the first read it put
+    the schedule behind and the catch-up handed the first parts over back to back (a queue at start)."""
+    src = SyntheticSource(SyntheticSourceConfig(type="synthetic", fps=20, count=4, width=2448, height=2048, pool=1))
+    src.open()
+    stamps = [f.mono_ts for f in read_all(src, 5.0, 4)]
+    gaps = np.diff(stamps)
+    assert len(stamps) == 4 and gaps.min() >= 0.04, gaps  # period 50 ms
+
+
 # -- camera / video -------------------------------------------------------------------------------
 def test_video_frames_then_end_reports_camera_lost(tmp_path: Path) -> None:
     video = write_video(tmp_path / "parts.avi", 4)
