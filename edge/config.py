@@ -337,13 +337,14 @@ class EvidenceConfig(_Model):
     keep_every_when_behind: int = Field(default=10, ge=1, le=100_000, description="Once the writer's queue is over half "
                                         "full, keep the evidence of every Nth part only (thinning is counted and alarmed).")
     keep_first_bad: int = Field(default=3, ge=0, le=1000, description="...but always keep the first N fails/errors after a "
-                                "pass while they fit the queue: the frames wanted when a line turns bad.")
+                                "pass while they fit the queue: the frames wanted when a line turns bad (within the "
+                                "CPU budget: its burst, refilled while parts pass, keeps them on a saturated line).")
     thinning_alarm_s: float = Field(default=10.0, ge=0, le=86400, description="Thinning that lasts this long raises the "
                                     "evidence_thinned alarm; it clears after as long without thinning.")
     cpu_share: float | None = Field(default=0.05, gt=0, le=1024, description="While the machine's CPUs are saturated, "
-                                    "the writer may use this share of one core on average (after a 1 s burst); beyond "
-                                    "it evidence is thinned by the rule above. Idle cores encode everything. null = no "
-                                    "CPU budget (only the queue bound thins).")
+                                    "or parts wait for the model, the writer may use this share of one core on average (after a "
+                                    "1 s burst); beyond it all evidence is thinned until the budget refills. Idle cores "
+                                    "encode everything. null = no CPU budget (only the queue bound thins).")
 
 
 class AlarmsConfig(_Model):

@@ -276,12 +276,20 @@ class EvidenceWriter:
     - below half the bound everything wanted is kept;
     - above half ("behind"), only every `keep_every`-th wanted part is kept, except the first
       `keep_first_bad` fails (or errors) after a pass, which are kept while they fit: they are the
-      frames a person wants when a line turns bad;
-    - an item that does not fit the bound at all is thinned.
-    The writer also counts as behind while it has spent more than `cpu_share` of one core (on
-    average, with `cpu_burst_s` of CPU in hand) and the machine's CPUs are `busy_share` busy:
-    a slow line's idle cores encode every fail, a saturated line's cores go to verdicts (encoding
-    runs at nice 19, but a thread that holds the GIL while descheduled still stalls the others).
+      frames a person wants when a line turns bad (the CPU budget below still applies to them: its
+      burst, refilled while parts pass, is what keeps a saturated line's first fails);
+    - an item that does not fit the bound at all is thinned;
+    - while the writer has spent more than `cpu_share` of one core (on average, with `cpu_burst_s`
+      of CPU in hand) and the line is saturated (the machine's CPUs are `busy_share` busy, or
+      `backlog()` says parts wait for the model: the station's frame path), everything is thinned
+      until the budget refills, so the writer keeps to `cpu_share` of a core. A slow line's idle
+      cores encode every fail, a saturated line's cores go to verdicts.
+    The CPU share alone misses a saturated station: the bare 5 MP model kept 2 cores only ~82 %
+    busy (its tiles are fed from Python), so the writer's "idle" CPU was taken in the gaps between
+    tiles; and keeping every Nth part (and every isolated fail as a "first fail") on top of the budget
+    still took 15-30 % of a core. Both cost
+    10-16 % of the throughput at 100 % fails (encoding runs under SCHED_IDLE, but a thread that
+    holds the GIL while descheduled still stalls the others).
     Thinned parts are counted (`thinned`), and the `evidence_thinned` alarm is raised when
     thinning goes on for `alarm_after_s` and cleared after as long without any.
     A crash loses what is still queued: events say `pending`, never that a file exists.
@@ -293,13 +301,14 @@ class EvidenceWriter:
                  alarm_after_s: float = default_of(EvidenceConfig, "thinning_alarm_s"),
                  on_alarm: Callable[[str, bool, str], None] | None = None,
                  cpu_share: float | None = None, cpu_burst_s: float = 1.0, busy_share: float = 0.9,
-                 cpu: CpuBusy | None = None) -> None:
+                 cpu: CpuBusy | None = None, backlog: Callable[[], bool] | None = None) -> None:
         """`cpu_share` None: no CPU budget (the daemon passes evidence.cpu_share)."""
         if max_bytes <= 0 or keep_every < 1:
             raise ValueError("max_bytes must be > 0 and keep_every >= 1")
         if cpu_share is not None and cpu_share <= 0:
             raise ValueError("cpu_share must be > 0 (None = no CPU budget)")
         self.cpu_share, self.cpu_burst_s, self.busy_share = cpu_share, cpu_burst_s, busy_share
+        self.backlog = backlog  # parts waiting for the model (FrameFlow sets it): the line is saturated
         self._cpu = cpu or CpuBusy()
         self._cpu_debt = 0.0  # CPU seconds spent beyond the budget's refill (a leaky bucket)
         self._debt_t = time.monotonic()
@@ -335,8 +344,9 @@ class EvidenceWriter:
         with self._lock:
             used = self.queued_bytes
             fits = used + item.nbytes <= self.max_bytes
-            behind = used + item.nbytes > self.max_bytes // 2 or self._over_cpu_budget()
-            if fits and behind and not first_bad:
+            if fits and self._over_cpu_budget():  # a saturated line: not one more encode beyond the budget
+                fits = False
+            elif fits and not first_bad and used + item.nbytes > self.max_bytes // 2:  # behind on the disk
                 self._behind_seen += 1
                 fits = self._behind_seen % self.keep_every == 0
             if fits:
@@ -354,7 +364,9 @@ class EvidenceWriter:
         now = time.monotonic()
         self._cpu_debt = max(0.0, self._cpu_debt - self.cpu_share * (now - self._debt_t))
         self._debt_t = now
-        return self._cpu_debt > self.cpu_burst_s and self._cpu.share() >= self.busy_share
+        if self._cpu_debt <= self.cpu_burst_s:
+            return False
+        return (self.backlog is not None and self.backlog()) or self._cpu.share() >= self.busy_share
 
     def _thin(self) -> None:
         now = time.monotonic()

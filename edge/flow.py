@@ -148,6 +148,9 @@ class FrameFlow:
         self.shadow: Any = None  # edge.lifecycle.shadow.ShadowRunner: judged parts are offered to it, never waited for
         self.last_progress = self.hold_beat = self.capture_beat = time.monotonic()  # hold_beat: a full outbox/disk is retried
         self._frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._capture_waiting = False  # a part waits for room in the frame path (memory budget or queue)
+        if evidence is not None and evidence.backlog is None:  # parts waiting: the writer keeps to its CPU budget
+            evidence.backlog = lambda: self._capture_waiting or not self._frames.empty()
         # Unbounded: the budget admits at most queue_size + 64 parts, so it never blocks a callback.
         self._results: queue.Queue[Any] = queue.Queue()
         self.budget = MemoryBudget(max_queued_bytes, queue_size + 64)
@@ -276,10 +279,15 @@ class FrameFlow:
                 self.budget.release(cost)
                 self._drop("queue_full")
             return
-        while not self.budget.acquire(cost, 0.2):
-            self.capture_beat = time.monotonic()  # waiting for room is backpressure, not a hang
-            if self._give_up(frame, force):
-                return
+        if not self.budget.try_acquire(cost):
+            self._capture_waiting = True
+            try:
+                while not self.budget.acquire(cost, 0.2):
+                    self.capture_beat = time.monotonic()  # waiting for room is backpressure, not a hang
+                    if self._give_up(frame, force):
+                        return
+            finally:
+                self._capture_waiting = False
         while True:
             try:
                 self._frames.put(frame, timeout=0.2)
