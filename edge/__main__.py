@@ -160,9 +160,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from edge.sources.base import Frame, check_frame
 
     try:
+        from edge.cpu_check import warn_if_off
         from edge.inference import Inferencer
 
         inf = Inferencer(args.model, xml_name=args.file, num_requests=1, hint="LATENCY")
+        warn_if_off(inf.model_dir, inf, args.file)
         policy = effective_rules(inf.params, rule_options(args))  # what the daemon does with `rules:`
     except (PackageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

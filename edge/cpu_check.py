@@ -14,6 +14,7 @@ else the load fails with the figures.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -106,3 +107,13 @@ def run_check(model_dir: Path, model: TileModel) -> CpuCheck | None:
                          f"got {tiles.dtype} {tiles.shape} and {map_ref.shape}")
     map_diff, part_diff = deviation(model, tiles, map_ref, part_ref if part_ref.size else None)
     return CpuCheck(map_diff, map_tol, part_diff, None if part_tol < 0 else part_tol, export_diff, len(tiles))
+
+
+def warn_if_off(model_dir: Path, model: TileModel, ir: str) -> CpuCheck | None:
+    """For tools that run a package outside the daemon (`edge inspect`, `training evaluate`): their
+    figures are this CPU's, so say on stderr when it computes `ir` differently than the export did."""
+    check = run_check(model_dir, model)
+    if check is not None and not check.passed:
+        print(f"WARNING: {Path(model_dir) / ir} computes differently on this CPU than where it was exported: "
+              f"{check.describe()}; the daemon would run fp32/model.xml instead", file=sys.stderr)
+    return check

@@ -109,3 +109,20 @@ def test_the_station_says_so_when_it_runs_the_fp32_ir(tmp_path: Path, broker: Br
     assert {e["model"]["precision"] for e in got} == {"fp32"}
     raised = [a for a in alarms(sub) if a.get("alarm") == "model_fallback"]
     assert raised and raised[0]["state"] == "raised" and "FP32 IR" in raised[0]["message"], json.dumps(alarms(sub))[:500]
+
+
+def test_edge_inspect_warns_when_this_cpu_computes_the_package_differently(tmp_path: Path) -> None:
+    """`edge inspect` runs model.xml as asked, but its verdicts are this CPU's: it says so on stderr."""
+    import subprocess
+    import sys
+
+    import cv2
+
+    img = tmp_path / "part.png"
+    cv2.imwrite(str(img), make_part(defect=True, seed=5))
+    for offset, warned in ((None, False), (10.0, True)):
+        pkg = checked_package(tmp_path / f"pkg-{offset}", shipped_offset=offset)
+        run = subprocess.run([sys.executable, "-m", "edge", "inspect", "--model", str(pkg), str(img)],
+                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+        assert run.returncode == 0, run.stderr
+        assert ("computes differently on this CPU" in run.stderr) is warned, run.stderr

@@ -217,14 +217,11 @@ def load_for_eval(model_path: str | Path, tta: bool = False, device: str = "CPU"
             raise ValueError(f"{path}: a folder but not a model package (no {PACKAGE_JSON})")
         if tta:
             raise ValueError(f"{path}: --tta needs a checkpoint; a model package runs as deployed")
-        from edge.cpu_check import run_check
+        from edge.cpu_check import warn_if_off
         from edge.inference import Inferencer
 
         inf = Inferencer(path, device=device, num_requests=1)
-        check = run_check(path, inf)  # the figures below are this CPU's: say when it computes the model differently
-        if check is not None and not check.passed:
-            print(f"WARNING: {path}: this CPU computes the model differently than where it was exported: "
-                  f"{check.describe()}; the daemon would run its fp32/model.xml instead", file=sys.stderr)
+        warn_if_off(path, inf, "model.xml")  # the figures below are this CPU's
         tc = inf.meta.extra.get("train_config", {}) if isinstance(inf.meta.extra, dict) else {}
         return LoadedModel("package", inf.predict_part if inf.has_part else inf.predict, inf.spec.color, inf.params, inf.meta.name,
                            inf.meta.version, inf.meta.data_fingerprint, dict(tc or {}))
