@@ -83,9 +83,12 @@ def test_training_learns_and_writes_a_complete_run(trained: Path, synth_data: Pa
     assert iou > 0.2 and iou > untrained + 0.15, (iou, untrained)
     assert meta.metrics["image_f1"] >= 0.7  # 16 validation parts: one miss costs ~0.1
     assert 0 < meta.postprocess.pixel_threshold < 1  # calibrated, stored for the edge
-    # the recipe's decision head: its part_threshold is calibrated too, and travels in the checkpoint
-    assert meta.model_config.decision_head and meta.postprocess.part_threshold is not None
-    assert 0 < meta.postprocess.part_threshold < 1 and meta.metrics["part_threshold"] == meta.postprocess.part_threshold
+    # the recipe's decision head; calibration lets the head or the regions decide, whichever reaches the recall
+    # with fewer false alarms on the validation parts (choose_verdict): on an AMX Xeon the 8-epoch head lost to
+    # the regions (part_threshold None), on the AMD machines it won. Whichever won travels in the checkpoint.
+    assert meta.model_config.decision_head
+    pt = meta.postprocess.part_threshold
+    assert pt is None or (0 < pt < 1 and meta.metrics["part_threshold"] == pt), (pt, meta.metrics.get("part_threshold"))
     assert meta.input_spec.color == "gray" and meta.input_spec.tile == 128
     assert meta.train_config["val_fraction"] == 0.2 and meta.train_config["seed"] == 0
     assert meta.data_fingerprint == load_dataset(synth_data).fingerprint()
