@@ -286,10 +286,10 @@ class EvidenceWriter:
       cores encode every fail, a saturated line's cores go to verdicts.
     The CPU share alone misses a saturated station: the bare 5 MP model kept 2 cores only ~82 %
     busy (its tiles are fed from Python), so the writer's "idle" CPU was taken in the gaps between
-    tiles; and keeping every Nth part (and every isolated fail as a "first fail") on top of the budget
-    still took 15-30 % of a core. Both cost
-    10-16 % of the throughput at 100 % fails (encoding runs under SCHED_IDLE, but a thread that
-    holds the GIL while descheduled still stalls the others).
+    tiles; and keeping every Nth part (and every isolated fail as a "first fail") on top of the
+    budget still took 15-30 % of a core. Both cost 10-16 % of the throughput at 100 % fails
+    (encoding runs under SCHED_IDLE, but a thread that holds the GIL while descheduled still
+    stalls the others).
     Thinned parts are counted (`thinned`), and the `evidence_thinned` alarm is raised when
     thinning goes on for `alarm_after_s` and cleared after as long without any.
     A crash loses what is still queued: events say `pending`, never that a file exists.

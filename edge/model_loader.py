@@ -75,6 +75,7 @@ def _checked_on_this_cpu(inf: Inferencer, cfg: Config) -> tuple[Inferencer, CpuC
     try:
         check = run_check(inf.model_dir, inf)
     except ValueError as e:
+        inf.close()  # a refused model is released (a reload keeps running the old one)
         raise PackageError(str(e)) from e
     if check is None or check.passed:
         if check is not None:
@@ -84,10 +85,15 @@ def _checked_on_this_cpu(inf: Inferencer, cfg: Config) -> tuple[Inferencer, CpuC
     if m.file == FP32_FILE or FP32_FILE not in inf.meta.files:
         inf.close()
         raise PackageError(reason + "; the package has no other IR to fall back to")
-    fp32 = Inferencer(m.path, xml_name=FP32_FILE, device=m.device, num_requests=m.num_requests,
-                      threads=m.threads or None, hint=m.hint, verify=m.verify_hashes)
-    check32 = run_check(fp32.model_dir, fp32)
     inf.close()
+    # the folder resolved at load: a `current` link switched meanwhile must not pair another version's FP32
+    fp32 = Inferencer(inf.model_dir, xml_name=FP32_FILE, device=m.device, num_requests=m.num_requests,
+                      threads=m.threads or None, hint=m.hint, verify=m.verify_hashes)
+    try:
+        check32 = run_check(fp32.model_dir, fp32)
+    except ValueError as e:
+        fp32.close()
+        raise PackageError(str(e)) from e
     if check32 is not None and not check32.passed:
         fp32.close()
         raise PackageError(f"{reason}; its FP32 IR does too: {check32.describe()}")
