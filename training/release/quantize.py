@@ -207,8 +207,7 @@ def float_input_layers(model: ov.Model) -> Any:
     and the gate shipped FP16 instead (issue 15, 2026-12-06). Restricting oneDNN to AVX-512 VNNI, or
     keeping this one layer in float, made the saved model equal to the in-memory one. A package
     validated on one CPU must compute the same on the line's CPU, and the layer is the cheapest
-    of the network (3 input channels), so it is never quantized. Input layers also carry the most
-    precision-sensitive signal: a dark 7-px blowhole is a few grey levels in one view."""
+    of the network (3 input channels), so it is never quantized."""
     import nncf
 
     return nncf.IgnoredScope(names=input_convolutions(model), validate=False)
