@@ -295,10 +295,10 @@ def after_start(by_capture: list[tuple[float, float, dict[str, float]]], skip: i
 def slowest(by_capture: list[tuple[float, float, dict[str, float]]], n: int = 3) -> list[dict[str, Any]]:
     """The `n` slowest parts with their place in the run (0 = first captured: start-up or steady state?)
     and their stage times."""
-    order = sorted(range(len(by_capture)), key=lambda i: by_capture[i][0])
-    ranked = sorted(order, key=lambda i: -by_capture[i][1])[:n]
-    return [{"index": order.index(i), "ms": round(by_capture[i][1] * 1000, 1),
-             "stages": {k: round(v, 1) for k, v in by_capture[i][2].items()}} for i in ranked]
+    runs = sorted(by_capture, key=lambda r: r[0])
+    ranked = sorted(range(len(runs)), key=lambda i: -runs[i][1])[:n]
+    return [{"index": i, "ms": round(runs[i][1] * 1000, 1), "stages": {k: round(v, 1) for k, v in runs[i][2].items()}}
+            for i in ranked]
 
 
 def stage_percentiles(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:

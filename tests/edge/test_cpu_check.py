@@ -17,19 +17,20 @@ from edge.cpu_check import CHECK_FILE, run_check, write_check
 from edge.daemon import run_pipeline
 from edge.inference import Inferencer
 from edge.model_loader import load_model
-from edge.package import PackageError, read_package, sha256_file, write_package_json
+from edge.package import PackageError, read_package
 from edge.preprocess import preprocess
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import BASE, alarms, station, wait_results
+from tests.edge.test_package import rehash
 from tests.tiny_package import build_dark_spot_model, make_part, make_tiny_package
 
 
 def _rehash(pkg: Path) -> None:
-    """package.json over the files now in the folder (what an export writes)."""
-    meta = read_package(pkg, verify_hashes=False)
-    files = {str(p.relative_to(pkg)): sha256_file(p) for p in sorted(pkg.rglob("*"))
-             if p.is_file() and p.name != "package.json"}
-    write_package_json(pkg, type(meta)(**{**meta.__dict__, "files": files}))
+    """package.json agrees with every file now in the folder (what an export writes): test_package's
+    rehash, file by file."""
+    for p in sorted(pkg.rglob("*")):
+        if p.is_file() and p.name != "package.json":
+            rehash(pkg, str(p.relative_to(pkg)))
 
 
 def checked_package(root: Path, shipped_offset: float | None = None, fp32: bool = True) -> Path:
