@@ -55,3 +55,31 @@ def test_the_convolution_reading_the_input_stays_in_float() -> None:
                                              for i in range(2)) for op in convs}
     assert fed_by_fq[first[0]] is False, fed_by_fq
     assert sum(fed_by_fq.values()) == len(convs) - 1, fed_by_fq  # the 1x1 conv is INT8
+
+
+def test_accuracy_control_counts_only_the_misses_of_parts_fp32_finds() -> None:
+    """The gate refuses INT8 for a part FP32 finds and INT8 misses; accuracy control must judge the same
+    way. Counting every miss rewarded an INT8 model that caught a part FP32 missed with a whole point
+    above FP32, so accuracy control stopped at once and the gate then refused the model for its IoU."""
+    from training.release.quantize import _item_key, control_metric
+
+    images = [np.full((4, 4), v, np.uint8) for v in (10, 20, 30, 40)]
+    keys = [_item_key(im) for im in images]
+    # parts 0 and 1 defective; FP32 finds part 0 and misses part 1; parts 2 and 3 are good
+    found_by_fp32 = dict(zip(keys, [True, False, False, False], strict=True))
+
+    def rows(predicted: list[bool]) -> list[dict[str, bool]]:
+        return [{"defective": i < 2, "predicted": p} for i, p in enumerate(predicted)]
+
+    fp32 = control_metric(0.42, rows([True, False, False, False]), keys, found_by_fp32)
+    catches_more = control_metric(0.40, rows([True, True, False, False]), keys, found_by_fp32)
+    assert fp32 == pytest.approx(1.42)
+    assert fp32 - catches_more == pytest.approx(0.02)  # the IoU drop, not a gain of 0.98
+    assert control_metric(0.42, rows([False, False, False, False]), keys, found_by_fp32) == pytest.approx(0.42)
+    # NNCF ranks on a subset, in its own order, with copies of the items: the keys follow the pixels
+    subset_keys = [_item_key(images[1].copy()), _item_key(images[0].copy())]
+    assert control_metric(0.5, [{"defective": True, "predicted": False}] * 2, subset_keys,
+                          found_by_fp32) == pytest.approx(0.5)
+    # an image FP32 was not judged on: its miss counts
+    assert control_metric(0.5, [{"defective": True, "predicted": False}], [b"unknown"],
+                          found_by_fp32) == pytest.approx(0.5)

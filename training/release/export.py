@@ -356,7 +356,8 @@ def _int8_gate(ctx: BuildContext, req: ExportRequest, fp32: ov.Model, ref: Any, 
               f"--max-minutes {req.max_minutes:g})", file=sys.stderr)
         first = gate
         controlled = q.quantize_int8_controlled(fp32, calib, items, spec, params, max_drop, req.preset,
-                                                max_iterations=iterations, ranking_subset=subset)
+                                                max_iterations=iterations, ranking_subset=subset,
+                                                reference_flagged=ref.flagged)
         cand = _stage(ctx, metrics, controlled, "int8")
         n_kept = q.count_quantized(controlled)
         gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize_with_accuracy_control",
