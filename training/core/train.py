@@ -122,6 +122,7 @@ class RunState:
     row_n: int = 0
     best_probs: list[np.ndarray] | None = None  # maps of the best validation, for the final picture
     step_s: float = 0.0  # time spent in training steps (this process)
+    data_s: float = 0.0  # time spent waiting for the next batch (patch cutting + augmentation)
     run_steps: int = 0
     speed_told: bool = False
 
@@ -471,7 +472,9 @@ def _train_steps(run: Run, st: RunState) -> list[float]:
     losses: list[float] = []
     step_bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {st.epoch + 1}", unit="step", leave=False,
                     disable=not run.show)
+    t_fetch = time.monotonic()
     for x, y in run.loader:
+        st.data_s += time.monotonic() - t_fetch
         frac = _fraction(run, st.step)
         if frac >= 1.0:
             st.stopped = ("time budget" if run.budget_s and st.step < run.clock.total_steps
@@ -493,6 +496,7 @@ def _train_steps(run: Run, st: RunState) -> list[float]:
         step_bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{st.lr:.2e}")
         if not st.speed_told and (st.step_s >= 30.0 or st.run_steps >= run.steps_per_epoch) and st.run_steps >= 20:
             _tell_speed(run, st)
+        t_fetch = time.monotonic()
     step_bar.close()
     return losses
 
@@ -500,7 +504,8 @@ def _train_steps(run: Run, st: RunState) -> list[float]:
 def _tell_speed(run: Run, st: RunState) -> None:
     """Steps per minute, once, with a warning if far from the recipe's usual; sizes validation's overhead."""
     st.speed_told = True
-    line, warning = speed_report(st.run_steps, st.step_s, run.clock, run.cfg.schedule.usual_steps)
+    line, warning = speed_report(st.run_steps, st.step_s, run.clock, run.cfg.schedule.usual_steps, st.data_s,
+                                 run.cfg.schedule.overhead_share if run.overhead is not None else 0.0)
     for text in (line, warning):
         if text:
             run.write(text)

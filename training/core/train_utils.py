@@ -227,23 +227,29 @@ class Overhead:
         return 100.0 * self.spent_s / max(elapsed_s, 1e-9)
 
 
-def speed_report(steps: int, seconds: float, clock: Clock, usual_steps: int | None) -> tuple[str, str | None]:
+def speed_report(steps: int, seconds: float, clock: Clock, usual_steps: int | None,
+                 data_s: float = 0.0, overhead_share: float = 0.0) -> tuple[str, str | None]:
     """(the line announcing steps per minute and where the budget will end, a warning or None).
 
     Why: the same `--time-budget` gives 2.5x fewer steps on a slower training PC, and a run that
     ends far short of the recipe's usual step count ends with a weaker model. Say so at minute
-    one, not in the final metrics.
+    one, not in the final metrics. `seconds` is the time in the training steps, `data_s` the time
+    spent waiting for their batches: the rate and the projection count both, because the clock
+    does (a 384 px views batch can cost half as much again as its step), and so does the share of
+    the budget that validation and mining may take (`overhead_share`).
     """
-    per_min = 60.0 * steps / max(seconds, 1e-9)
-    line = f"speed: {per_min:,.0f} steps/min ({1000 * seconds / max(steps, 1):.0f} ms per step)"
+    wall = seconds + data_s
+    per_min = 60.0 * steps / max(wall, 1e-9)
+    line = f"speed: {per_min:,.0f} steps/min ({1000 * wall / max(steps, 1):.0f} ms per step"
+    line += f": {1000 * seconds / max(steps, 1):.0f} training, {1000 * data_s / max(steps, 1):.0f} waiting for patches)"
     projected = clock.total_steps
     if clock.budget_s:
         left_s = max(0.0, clock.budget_s - clock.reserve_s - clock.elapsed())
-        projected = min(projected, steps + int(left_s * steps / max(seconds, 1e-9)))
+        projected = min(projected, steps + int(left_s * steps / max(wall, 1e-9) * (1.0 - overhead_share)))
         line += f"; the budget allows ~{projected:,} steps"
     warning = None
     if usual_steps and projected < 0.8 * usual_steps:
-        minutes = (usual_steps * seconds / max(steps, 1) + clock.reserve_s) / 60.0
+        minutes = (usual_steps * wall / max(steps, 1) / (1.0 - overhead_share) + clock.reserve_s) / 60.0
         warning = (f"warning: this machine is too slow for the budget: ~{projected:,} steps where the recipe "
                    f"usually gets ~{usual_steps:,} (schedule.usual_steps); expect a weaker model, or give "
                    f"--time-budget ~{minutes:.0f}")
