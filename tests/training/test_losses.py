@@ -132,3 +132,44 @@ def test_decision_term_trains_the_part_logit_only_through_its_output() -> None:
     assert torch.allclose(SegmentationLoss(decision_weight=0.0)(UNetOutput(logits, [], part), target), plain)
     wrong = decision_loss(torch.tensor([[-2.0], [2.0]]), target)
     assert float(wrong) > float(decision_loss(part.detach(), target)) + 1.0
+
+
+def test_component_term_pushes_the_peak_of_every_defect_component() -> None:
+    """A patch with a large break and a faint blowhole: the image term trains only the break's peak (the
+    patch's highest logit); the component term also pushes the blowhole's own peak, and nothing else."""
+    from training.core.losses import component_loss, component_peaks
+
+    t = torch.zeros(2, 1, 16, 16)
+    t[0, 0, 2:6, 2:12] = 1  # the large break
+    t[0, 0, 12, 13] = 1  # a one-pixel blowhole, apart from it
+    t[1, 0, 9:11, 3:5] = 1  # another patch, one component
+    logits = torch.full_like(t, -6.0)
+    logits[0, 0, 3, 4] = 5.0  # the break is found ...
+    logits[0, 0, 12, 13] = -4.0  # ... the blowhole is not
+    logits[1, 0, 10, 4] = 1.0
+    peaks = component_peaks(logits, t)
+    assert sorted(peaks.tolist()) == [-4.0, 1.0, 5.0]  # one peak per component, over the batch
+
+    def extra_grad(**weights: float) -> torch.Tensor:
+        grads = []
+        for w in (0.0, 1.0):
+            x = logits.clone().requires_grad_(True)
+            SegmentationLoss("bce_dice", **{k: w * v for k, v in weights.items()})(x, t).backward()
+            assert x.grad is not None
+            grads.append(x.grad)
+        return grads[1] - grads[0]
+
+    image = extra_grad(image_weight=1.0)
+    assert float(image[0, 0, 12, 13]) == pytest.approx(0.0, abs=1e-7)  # the image term never sees the blowhole
+    comp = extra_grad(component_weight=1.0)
+    want = (torch.sigmoid(torch.tensor(-4.0)) - 1) / 3  # mean over the batch's 3 components
+    assert float(comp[0, 0, 12, 13]) == pytest.approx(float(want), rel=1e-4)
+    touched = comp != 0
+    assert int(touched.sum()) == 3 and bool(touched[0, 0, 3, 4]) and bool(touched[1, 0, 10, 4])
+    # a batch without defects adds nothing, and still backpropagates
+    x = logits.clone().requires_grad_(True)
+    loss = component_loss(x, torch.zeros_like(t))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and x.grad is not None and float(x.grad.abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="component_weight"):
+        SegmentationLoss("bce", component_weight=-1.0)

@@ -157,6 +157,10 @@ class LossSection(_Section):
     decision_weight: float = Field(1.0, ge=0.0, le=100.0,
                                    description="weight of the decision head's BCE vs. 'this patch holds a defect "
                                                "pixel' (ignored without model.decision_head)")
+    component_weight: float = Field(0.0, ge=0.0, le=100.0,
+                                    description="weight of the BCE of each defect component's peak logit vs. "
+                                                "'defect' (every small defect must peak, not just the patch's "
+                                                "largest)")
 
 
 class OptimSection(_Section):
