@@ -40,11 +40,11 @@ def test_default_recipe_on_magnetic_tile_in_eight_minutes(tmp_path: Path) -> Non
                           "--no-progress"]) == 0
     m = json.loads(result.read_text())
     assert m["n_images"] >= 180  # the held-out fifth of 946 parts
-    # issue 15's figures come from scripts/recipe_report.py (docs/benchmarks.md): on a 2-core machine
-    # making ~250 steps per minute, 8 minutes reach held-out image AP 0.65-0.69 (INT8, 2 seeds) and the recall-first
-    # calibration keeps recall 1.0 at the cost of most good parts flagged; the targets (accuracy and
-    # recall >= 0.97, IoU >= 0.70) are not met. The guards sit below what was measured, so a failure
-    # says the recipe got worse, not that the targets still stand open.
+    # issue 15's figures come from scripts/recipe_report.py (docs/benchmarks.md, "The component term"): 8 minutes
+    # on the AMX Xeon (2,400-2,969 steps) reach held-out INT8 image AP 0.905-0.990 and pixel IoU 0.32-0.42 over 3
+    # seeds, recall 1.0; 1,100 steps (a machine 2.5x slower) AP 0.820, IoU 0.23. The targets (accuracy and recall
+    # >= 0.97, IoU >= 0.70) are not met. The guards sit below the slow machine's figures, so a failure says the
+    # recipe got worse, not that the targets still stand open.
     assert m["image_recall"] >= 0.95, m
-    assert m["image_ap"] >= 0.60, m
-    assert m["pixel_iou"] >= 0.08, m
+    assert m["image_ap"] >= 0.78, m
+    assert m["pixel_iou"] >= 0.15, m
