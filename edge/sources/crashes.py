@@ -41,8 +41,12 @@ class CrashLedger:
         self.counts: dict[str, int] = {}
         self._broken = False
 
-    def open(self) -> None:
-        """Fold the records of a run that died into the counts (once: then they are deleted)."""
+    def open(self, present: set[str] | None = None) -> None:
+        """Fold the records of a run that died into the counts (once: then they are deleted).
+
+        `present`: the names in the folder now. A count for a file that is gone is dropped: a crash
+        between moving a file out and deleting its record counts a file that was already done, and
+        a name that comes back later is a new part."""
         self.records.mkdir(parents=True, exist_ok=True)
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -63,7 +67,12 @@ class CrashLedger:
             name = os.fsdecode(bytes.fromhex(key))
             log.warning("file %s was being inspected when the daemon died (%d time(s) in a row)",
                         safe_text(name), self.counts[key])
-        if found:
+        gone = [] if present is None else [k for k in self.counts if os.fsdecode(bytes.fromhex(k)) not in present]
+        for key in gone:
+            log.info("crash count of %s dropped: the file is no longer in the folder",
+                     safe_text(os.fsdecode(bytes.fromhex(key))))
+            del self.counts[key]
+        if found or gone:
             self._save()
             for rec in found:
                 with contextlib.suppress(OSError):

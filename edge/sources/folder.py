@@ -159,7 +159,7 @@ class FolderSource:
             raise SourceError(f"source.path: {self.root} is not writable (files are moved out after inspection)")
         if self._ledger is not None:
             try:
-                self._ledger.open()
+                self._ledger.open(present=set(os.listdir(self.root)))
             except OSError as e:
                 raise SourceError(f"cannot use the crash counter in {self._ledger.records}: {e}") from e
 

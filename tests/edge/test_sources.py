@@ -362,6 +362,28 @@ def test_crash_ledger_counts_files_in_flight_at_a_crash_and_resets_on_commit(tmp
     CrashLedger(tmp_path).open()  # a corrupt counter file starts again, it does not stop the daemon
 
 
+def test_a_crash_after_the_move_does_not_leave_a_count_behind(tmp_path: Path) -> None:
+    """The daemon dies between moving a finished file to done/ and deleting its in-flight record:
+    the file is gone, so its count must go too (it stayed forever and blamed the next file of that name)."""
+    from edge.sources.crashes import CrashLedger
+
+    inbox, state = tmp_path / "in", tmp_path / "state"
+    (inbox / "done").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(inbox / name), make_part(seed=1))
+    ledger = CrashLedger(state)
+    ledger.open()
+    ledger.handed_out("a.png")
+    ledger.handed_out("b.png")
+    (inbox / "a.png").rename(inbox / "done" / "a.png")  # a is done and moved; the process dies now
+    cfg = FolderSourceConfig(type="folder", path=inbox, settle_s=0.0, poll_interval_s=0.01)
+    again = FolderSource(cfg, state_dir=state)
+    again.open()
+    counts = json.loads((state / "folder-crashes.json").read_text())
+    assert counts == {b"b.png".hex(): 1}, counts  # b is still in the folder: still a suspect
+    assert again._suspect("a.png") == 0 and again._suspect("b.png") == 1
+
+
 def test_folder_inspects_suspects_alone_and_quarantines_after_n_crashes(tmp_path: Path) -> None:
     from edge.sources.crashes import CrashLedger
 

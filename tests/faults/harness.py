@@ -186,6 +186,16 @@ def check(entry: dict[str, Any]) -> None:
 
 
 # -- parts ----------------------------------------------------------------------------------------
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
+    """Poll a condition that no message signals (files, processes); its last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
 def write_atomic(folder: Path, name: str, data: bytes, mtime: float | None = None) -> Path:
     """Write under a temporary name the hot folder ignores, then rename (what line writers must do)."""
     tmp = folder / f".{name}.tmp"

@@ -36,6 +36,7 @@ from tests.faults.harness import (
     small_tmpfs,
     tally,
     vm_hwm_mb,
+    wait_until,
     write_atomic,
 )
 from tests.notify_socket import NotifySocket
@@ -61,15 +62,6 @@ def files(folder_path: Path) -> set[str]:
 def outbox_rows(state: Path) -> int:
     with sqlite3.connect(f"file:{state / 'outbox.sqlite3'}?mode=ro", uri=True, timeout=5) as db:
         return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-
-
-def wait_until(predicate: Any, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 def stop(d: Daemon, timeout: float = 30.0) -> tuple[int | None, float]:
