@@ -232,6 +232,7 @@ def test_gate_failure_falls_back_to_fp16(exported: dict[str, Any], tmp_path: Pat
     gate = meta.metrics["gate"]
     assert gate["passed"] is False and gate["fallback"] == "fp16" and gate["reason"] == "forced by test"
     assert gate["method"] == "nncf.quantize_with_accuracy_control" and "plain_int8" in gate
+    assert ex.AC_TARGET_SHARE < 1 and gate["accuracy_control_target_drop"] == pytest.approx(0.01 * ex.AC_TARGET_SHARE)
     assert "fp16" in meta.metrics and "int8" in meta.metrics
     assert gate["fallback_check"]["pixel_iou_drop"] <= 0.01  # FP16 itself is judged, not assumed fine
     assert "INT8 FAILED THE ACCURACY GATE" in capsys.readouterr().err

@@ -330,6 +330,13 @@ def _stage(ctx: BuildContext, metrics: dict[str, Any], model: ov.Model, prec: st
     return ev
 
 
+# Accuracy control judges the model NNCF holds in memory; the gate judges the saved IR as the edge compiles it
+# (on an AMX Xeon the float parts of an INT8 model then run in bf16). The two differ: 2026-12-06 accuracy
+# control "achieved" a drop of 0.0088 and the saved IR's was 0.0105, so the gate refused it and FP16 shipped
+# (two of three seeds). Accuracy control therefore aims at this share of the gate's limit.
+AC_TARGET_SHARE = 0.5
+
+
 def _int8_gate(ctx: BuildContext, req: ExportRequest, fp32: ov.Model, ref: Any, metrics: dict[str, Any],
                report: dict[str, Any]) -> dict[str, Any]:
     """Plain INT8, then accuracy-controlled INT8 if plain fails and time allows; the gate's verdict.
@@ -351,17 +358,19 @@ def _int8_gate(ctx: BuildContext, req: ExportRequest, fp32: ov.Model, ref: Any, 
                                     f"cannot run within --max-minutes {req.max_minutes:g}")
         print(f"gate: plain INT8 fails ({gate['reason']}); {gate['accuracy_control']}", file=sys.stderr)
     elif not gate["passed"]:
+        target = max_drop * AC_TARGET_SHARE
         print(f"gate: plain INT8 fails ({gate['reason']}); trying accuracy-controlled quantization "
               f"(at most {iterations} operation(s) reverted, ranking on {subset} image(s), to stay within "
-              f"--max-minutes {req.max_minutes:g})", file=sys.stderr)
+              f"--max-minutes {req.max_minutes:g}; aiming at a pixel-IoU drop <= {target:g} in NNCF's own "
+              f"measurement, so the saved IR stays within the gate's {max_drop:g})", file=sys.stderr)
         first = gate
-        controlled = q.quantize_int8_controlled(fp32, calib, items, spec, params, max_drop, req.preset,
+        controlled = q.quantize_int8_controlled(fp32, calib, items, spec, params, target, req.preset,
                                                 max_iterations=iterations, ranking_subset=subset,
                                                 reference_flagged=ref.flagged)
         cand = _stage(ctx, metrics, controlled, "int8")
         n_kept = q.count_quantized(controlled)
         gate = {**q.check_gate(ref, cand, max_drop), "method": "nncf.quantize_with_accuracy_control",
-                "quantizers": n_kept, "plain_int8": first}
+                "quantizers": n_kept, "accuracy_control_target_drop": target, "plain_int8": first}
         if gate["passed"] and n_kept < n_plain / 2:
             banner([f"THE INT8 PACKAGE KEEPS ONLY {n_kept} OF {n_plain} QUANTIZERS: accuracy control",
                     "reverted the rest to float, so it runs mostly in float; check its speed with bench"])
