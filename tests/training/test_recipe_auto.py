@@ -47,7 +47,8 @@ def _check_stride(cfg: TrainConfig) -> None:
 
 def test_default_recipe_is_auto_and_the_demo_is_not() -> None:
     assert set(load_config(DEFAULT).auto_fields()) == {"input.scale", "input.tile", "patches.size",
-                                                       "model.space_to_depth", "schedule.val_every_s"}
+                                                       "model.space_to_depth", "schedule.val_every_s",
+                                                       "validation.max_min_area"}
     assert load_config(MT).auto_fields() == load_config(DEFAULT).auto_fields()
     assert load_config(DEMO).auto_fields() == []
 
@@ -134,6 +135,40 @@ def test_resolve_auto_reads_the_data_and_leaves_explicit_configs_alone() -> None
     assert stats.smallest_thin() == 1.0 and not stats.compact
     demo = load_config(DEMO)
     assert resolve_auto(demo, images, masks, ["crack"] + ["good"] * 5, 2) == (demo, [])
+
+
+def test_calibration_may_not_drop_regions_the_size_of_the_smallest_defects() -> None:
+    """A min_area larger than the product's small defects passed 30-100 px blowholes on Magnetic-Tile's
+    held-out parts: the cap follows the smallest defects' area, and calibration's grid stops there."""
+    from training.core.calibrate import calibrate
+    from training.core.evaluate import evaluate_predictions
+    from training.core.train_utils import min_area_grid
+
+    cfg = load_config(DEFAULT)
+    small = _resolved(_stats(330, 270, 700, thin=7, area=40.0), cfg).validation
+    large = _resolved(_stats(330, 270, 700, thin=40, area=2000.0), cfg).validation
+    assert small.max_min_area == 20 and large.max_min_area == 1000
+    assert min_area_grid(small) == [0, 4, 8, 16] and min_area_grid(large) == [0, 4, 8, 16, 32, 64, 128]
+    no_defects = DataStats(np.full(5, 100.0), np.full(5, 100.0))
+    assert _resolved(no_defects, cfg).validation.max_min_area is None
+    # calibration parts: a good one with a 40 px false spot, a defective one with a 100 px region. The whole
+    # grid drops the spot at no recall cost there (min_area 64); a held-out part's 24 px blowhole then passes
+    def part(region: tuple[slice, slice] | None, spot: tuple[slice, slice] | None) -> tuple[np.ndarray, np.ndarray]:
+        prob, mask = np.zeros((64, 64), np.float32), np.zeros((64, 64), np.uint8)
+        for where, is_defect in ((region, 1), (spot, 0)):
+            if where is not None:
+                prob[where], mask[where] = 0.9, is_defect
+        return prob, mask
+
+    calib = [part(None, (slice(10, 15), slice(10, 18))), part((slice(30, 40), slice(30, 40)), None)]
+    held_out = [part((slice(20, 24), slice(20, 26)), None)]
+    whole, _ = calibrate([p for p, _ in calib], [m for _, m in calib], min_recall=0.97)
+    capped, _ = calibrate([p for p, _ in calib], [m for _, m in calib], min_recall=0.97,
+                          min_areas=min_area_grid(small))
+    assert whole.min_area == 64 and capped.min_area <= 20
+    recall = [evaluate_predictions([p for p, _ in held_out], [m for _, m in held_out], c)["image_recall"]
+              for c in (whole, capped)]
+    assert recall == [0.0, 1.0]
 
 
 def test_measured_validation_time_sets_the_interval() -> None:

@@ -44,6 +44,10 @@ The rules (constants below):
 6. schedule.val_every_s keeps validation <= ~10 % of the training time: 9 x the estimated
    seconds of one validation (validation pixels at body resolution / `BODY_PX_PER_S`, a
    rate measured on a 2-core machine, halved for slower ones), and at least 30 s.
+7. validation.max_min_area caps the min_area calibration may choose at `MIN_AREA_SHARE` of the
+   smallest defects' area (p5 of the components, frame px). The calibration parts hold few of
+   the smallest defects, so a min_area that costs them nothing there (64 px on Magnetic-Tile)
+   let three 30-100 px blowholes of the held-out parts pass.
 
 Numpy and OpenCV only; no torch.
 """
@@ -78,6 +82,7 @@ TILE_OVERHEAD = 0.25  # per-tile cost as a share of a (128 body px)^2 tile: favo
 BODY_PX_PER_S = 1.0e6  # validation throughput at body resolution; ~2.4e6 measured on the 2-core dev box
 VAL_SHARE = 0.10  # validation's share of the training time
 MIN_VAL_EVERY_S = 30.0
+MIN_AREA_SHARE = 0.5  # calibration's min_area stays <= this x the p5 area of the training defects
 USE_VIEWS_STEM = "stem" in ModelSection.model_fields  # the pooled-views stem exists (branch b-views)
 
 
@@ -124,6 +129,11 @@ class DataStats:
         """Thin side of the smallest defects (percentile), None without defects."""
         t = self.all_thin()
         return float(np.percentile(t, THIN_PERCENTILE)) if t.size else None
+
+    def smallest_area(self) -> float | None:
+        """Area of the smallest defects (frame px, same percentile as the thin side), None without defects."""
+        parts = [v for v in self.area.values() if v.size]
+        return float(np.percentile(np.concatenate(parts), THIN_PERCENTILE)) if parts else None
 
     def describe(self) -> list[str]:
         """Per-category table lines for the log."""
@@ -286,7 +296,7 @@ def choose(stats: DataStats, cfg: TrainConfig, n_val: int) -> tuple[dict[str, An
     depth_stride = 2**cfg.model.depth
     a, s = _choose_scales(stats, cfg, depth_stride, reasons)
     stride = depth_stride * s
-    over: dict[str, Any] = {"input": {}, "model": {}, "patches": {}, "schedule": {}}
+    over: dict[str, Any] = {"input": {}, "model": {}, "patches": {}, "schedule": {}, "validation": {}}
     if cfg.input.scale == AUTO:
         over["input"]["scale"] = a
     if cfg.model.space_to_depth == AUTO:
@@ -316,6 +326,14 @@ def choose(stats: DataStats, cfg: TrainConfig, n_val: int) -> tuple[dict[str, An
         over["schedule"]["val_every_s"] = float(every)
         reasons.append(f"schedule.val_every_s {every}: one validation of {n_val} frames is estimated at "
                        f"{est:.1f} s on a slow 2-core machine, so validation stays <= {VAL_SHARE:.0%} of the time")
+    if cfg.validation.max_min_area == AUTO:
+        smallest = stats.smallest_area()
+        cap = None if smallest is None else int(MIN_AREA_SHARE * smallest)
+        over["validation"]["max_min_area"] = cap
+        reasons.append("validation.max_min_area: no defect masks, the whole grid" if cap is None else
+                       f"validation.max_min_area {cap}: the smallest defects cover {smallest:.0f} frame px "
+                       f"(p{THIN_PERCENTILE} of all components), so calibration may not drop regions over "
+                       f"{MIN_AREA_SHARE:g} of that (a larger min_area let small blowholes pass)")
     return {k: v for k, v in over.items() if v}, reasons
 
 

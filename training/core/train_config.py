@@ -208,8 +208,18 @@ class ValidationSection(_Section):
                               description="calibration: required image recall (then the fewest false alarms)")
     score: dict[str, float] = Field(default_factory=lambda: {"pixel_iou": 1.0, "image_f1": 1.0, "image_ap": 1.0},
                                     description="'best' = sum of weight x metric at calibrated params")
+    max_min_area: int | Auto | None = Field(
+        None, description="largest min_area (frame px) calibration may choose: a larger one would drop the "
+                          "regions of the smallest defects the product has (auto = half the 5th percentile of "
+                          "the training defects' areas; null = the whole grid)")
     batch: int = Field(8, ge=1, description="tiles per forward pass")
     grid_images: int = Field(8, ge=0, le=64, description="rows (errors first) of the final val_grid.png")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidationSection:
+        if self.max_min_area is not None:
+            _check_int(self.max_min_area, "validation.max_min_area", 0, 1 << 20)
+        return self
 
 
 class LogSection(_Section):
@@ -256,7 +266,8 @@ class TrainConfig(_Section):
     def auto_fields(self) -> list[str]:
         """The fields still set to "auto" (empty once training.core.recipe_auto resolved them)."""
         fields = {"input.scale": self.input.scale, "input.tile": self.input.tile, "patches.size": self.patches.size,
-                  "model.space_to_depth": self.model.space_to_depth, "schedule.val_every_s": self.schedule.val_every_s}
+                  "model.space_to_depth": self.model.space_to_depth, "schedule.val_every_s": self.schedule.val_every_s,
+                  "validation.max_min_area": self.validation.max_min_area}
         return [k for k, v in fields.items() if v == AUTO]
 
     def to_yaml_dict(self) -> dict[str, Any]:

@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 
 from edge.contract import InputSpec, PostprocessParams
-from training.core.calibrate import calibrate, calibrate_part_threshold
+from training.core.calibrate import DEFAULT_MIN_AREAS, calibrate, calibrate_part_threshold
 from training.core.data import Sample, load_sample
 from training.core.evaluate import evaluate_predictions
 from training.core.predict import predict_image_part
+from training.core.train_config import fixed
 from training.core.unet import UNetOutput
 
 CSV_COLUMNS = ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "image_f1", "image_accuracy",
@@ -333,6 +334,15 @@ def choose_verdict(options: dict[str, dict[str, Any]], min_recall: float) -> tup
     return best, f"{best} ({label(options[best])}) against {others}"
 
 
+def min_area_grid(cfg: Any) -> list[int]:
+    """Calibration's min_area grid up to `validation.max_min_area` (0 always stays: every region counts)."""
+    cap = getattr(cfg, "max_min_area", None)
+    if cap is None:
+        return list(DEFAULT_MIN_AREAS)
+    cap = fixed(cap, "validation.max_min_area")
+    return [a for a in DEFAULT_MIN_AREAS if a <= cap] or [0]
+
+
 def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
              spec: InputSpec, cfg: Any, d: Dist) -> Validation | None:
     """Full-resolution prediction through the edge's tiling (shared over ranks), then, on rank 0,
@@ -351,7 +361,7 @@ def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequen
     mine.sort(key=lambda t: t[0])
     probs = [p for _, p, _ in mine]
     parts = None if any(s is None for _, _, s in mine) or not mine else [float(s) for _, _, s in mine if s is not None]
-    params, report = calibrate(probs, masks, min_recall=cfg.min_recall)
+    params, report = calibrate(probs, masks, min_recall=cfg.min_recall, min_areas=min_area_grid(cfg))
     metrics = report.get("metrics") or evaluate_predictions(probs, masks, params)
     if any(np.any(m) for m in masks):  # a verdict threshold of its own: calibrated, then chosen or not
         mb = report["mask_best"]  # from calibrate's own grid: no second pass over the maps
