@@ -1,8 +1,9 @@
 """Resolve the "auto" fields of a training recipe from statistics of the training data.
 
 `configs/train/default.yaml` leaves `input.scale`, `input.tile`, `patches.size`,
-`model.space_to_depth` and `schedule.val_every_s` at "auto" so that one untuned recipe serves
-compact parts with blobs (Magnetic-Tile) and long strips with hairline cracks alike. train()
+`model.space_to_depth`, `schedule.val_every_s` and `validation.max_min_area` at "auto" so
+that one untuned recipe serves compact parts with blobs (Magnetic-Tile) and long strips with
+hairline cracks alike. train()
 calls `resolve_auto` once, right after the data is loaded, and prints the reasons; the resolved
 numbers are what config.yaml, the checkpoints and the model package record. A value given in
 the config or with `--set` is never changed: it only constrains the automatic ones.
