@@ -343,6 +343,28 @@ def min_area_grid(cfg: Any) -> list[int]:
     return [a for a in DEFAULT_MIN_AREAS if a <= cap] or [0]
 
 
+def calibrate_verdict(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], parts: list[float] | None,
+                      cfg: Any) -> tuple[PostprocessParams, dict[str, Any], dict[str, Any]]:
+    """(params, report, metrics) of the calibration on validation maps: threshold + min area for the
+    regions, a score threshold (the head's part score, else the map's peak), and whichever of the two
+    errs less decides the verdict (`cfg`: the validation section)."""
+    params, report = calibrate(probs, masks, min_recall=cfg.min_recall, min_areas=min_area_grid(cfg))
+    metrics = report.get("metrics") or evaluate_predictions(probs, masks, params)
+    if any(np.any(m) for m in masks):  # a verdict threshold of its own: calibrated, then chosen or not
+        mb = report["mask_best"]  # from calibrate's own grid: no second pass over the maps
+        drawn = dataclasses.replace(params, pixel_threshold=mb["pixel_threshold"], min_area=mb["min_area"])
+        options: dict[str, tuple[PostprocessParams, list[float] | None, dict[str, Any]]] = {
+            "regions": (params, None, metrics)}
+        # the edge scores a part by its head where the package has one, else by the map's peak
+        name, scores = ("part_score", parts) if parts is not None else ("peak", [float(p.max()) for p in probs])
+        with_score, report[name] = calibrate_part_threshold(scores, masks, drawn, min_recall=cfg.min_recall)
+        options[name] = (with_score, scores, evaluate_predictions(probs, masks, with_score, parts=scores))
+        report["verdict_by"], report["verdict_reason"] = choose_verdict(
+            {k: v[2] for k, v in options.items()}, cfg.min_recall)
+        params, _, metrics = options[report["verdict_by"]]  # `parts` stays: the head's scores, for the record
+    return params, report, metrics
+
+
 def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
              spec: InputSpec, cfg: Any, d: Dist) -> Validation | None:
     """Full-resolution prediction through the edge's tiling (shared over ranks), then, on rank 0,
@@ -361,20 +383,7 @@ def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequen
     mine.sort(key=lambda t: t[0])
     probs = [p for _, p, _ in mine]
     parts = None if any(s is None for _, _, s in mine) or not mine else [float(s) for _, _, s in mine if s is not None]
-    params, report = calibrate(probs, masks, min_recall=cfg.min_recall, min_areas=min_area_grid(cfg))
-    metrics = report.get("metrics") or evaluate_predictions(probs, masks, params)
-    if any(np.any(m) for m in masks):  # a verdict threshold of its own: calibrated, then chosen or not
-        mb = report["mask_best"]  # from calibrate's own grid: no second pass over the maps
-        drawn = dataclasses.replace(params, pixel_threshold=mb["pixel_threshold"], min_area=mb["min_area"])
-        options: dict[str, tuple[PostprocessParams, list[float] | None, dict[str, Any]]] = {
-            "regions": (params, None, metrics)}
-        # the edge scores a part by its head where the package has one, else by the map's peak
-        name, scores = ("part_score", parts) if parts is not None else ("peak", [float(p.max()) for p in probs])
-        with_score, report[name] = calibrate_part_threshold(scores, masks, drawn, min_recall=cfg.min_recall)
-        options[name] = (with_score, scores, evaluate_predictions(probs, masks, with_score, parts=scores))
-        report["verdict_by"], report["verdict_reason"] = choose_verdict(
-            {k: v[2] for k, v in options.items()}, cfg.min_recall)
-        params, _, metrics = options[report["verdict_by"]]  # `parts` stays: the head's scores, for the record
+    params, report, metrics = calibrate_verdict(probs, masks, parts, cfg)
     metrics = dict(metrics)
     metrics["val_loss"] = pixel_bce(probs, masks)
     score = combined_score(metrics, cfg.score)
