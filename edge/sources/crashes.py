@@ -67,7 +67,8 @@ class CrashLedger:
             name = os.fsdecode(bytes.fromhex(key))
             log.warning("file %s was being inspected when the daemon died (%d time(s) in a row)",
                         safe_text(name), self.counts[key])
-        gone = [] if present is None else [k for k in self.counts if os.fsdecode(bytes.fromhex(k)) not in present]
+        here = None if present is None else {_key(n) for n in present}
+        gone = [] if here is None else [k for k in self.counts if k not in here]
         for key in gone:
             log.info("crash count of %s dropped: the file is no longer in the folder",
                      safe_text(os.fsdecode(bytes.fromhex(key))))

@@ -122,19 +122,19 @@ class DataStats:
         """Frame pixels a body patch should hold: the whole part, or the width of a long one."""
         return self.long_side if self.compact else self.short_side
 
-    def all_thin(self) -> np.ndarray:
-        parts = [v for v in self.thin.values() if v.size]
-        return np.concatenate(parts) if parts else np.zeros(0)
+    @staticmethod
+    def _smallest(per_category: dict[str, np.ndarray]) -> float | None:
+        """The `THIN_PERCENTILE` of one measure over every category's components, None without defects."""
+        parts = [v for v in per_category.values() if v.size]
+        return float(np.percentile(np.concatenate(parts), THIN_PERCENTILE)) if parts else None
 
     def smallest_thin(self) -> float | None:
         """Thin side of the smallest defects (percentile), None without defects."""
-        t = self.all_thin()
-        return float(np.percentile(t, THIN_PERCENTILE)) if t.size else None
+        return self._smallest(self.thin)
 
     def smallest_area(self) -> float | None:
         """Area of the smallest defects (frame px, same percentile as the thin side), None without defects."""
-        parts = [v for v in self.area.values() if v.size]
-        return float(np.percentile(np.concatenate(parts), THIN_PERCENTILE)) if parts else None
+        return self._smallest(self.area)
 
     def describe(self) -> list[str]:
         """Per-category table lines for the log."""

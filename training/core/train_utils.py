@@ -27,7 +27,7 @@ from training.core.calibrate import DEFAULT_MIN_AREAS, calibrate, calibrate_part
 from training.core.data import Sample, load_sample
 from training.core.evaluate import evaluate_predictions
 from training.core.predict import predict_image_part
-from training.core.train_config import fixed
+from training.core.train_config import ValidationSection, fixed
 from training.core.unet import UNetOutput
 
 CSV_COLUMNS = ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "image_f1", "image_accuracy",
@@ -334,17 +334,16 @@ def choose_verdict(options: dict[str, dict[str, Any]], min_recall: float) -> tup
     return best, f"{best} ({label(options[best])}) against {others}"
 
 
-def min_area_grid(cfg: Any) -> list[int]:
+def min_area_grid(cfg: ValidationSection) -> list[int]:
     """Calibration's min_area grid up to `validation.max_min_area` (0 always stays: every region counts)."""
-    cap = getattr(cfg, "max_min_area", None)
-    if cap is None:
+    if cfg.max_min_area is None:
         return list(DEFAULT_MIN_AREAS)
-    cap = fixed(cap, "validation.max_min_area")
-    return [a for a in DEFAULT_MIN_AREAS if a <= cap] or [0]
+    cap = fixed(cfg.max_min_area, "validation.max_min_area")
+    return [a for a in DEFAULT_MIN_AREAS if a <= cap]
 
 
 def calibrate_verdict(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], parts: list[float] | None,
-                      cfg: Any) -> tuple[PostprocessParams, dict[str, Any], dict[str, Any]]:
+                      cfg: ValidationSection) -> tuple[PostprocessParams, dict[str, Any], dict[str, Any]]:
     """(params, report, metrics) of the calibration on validation maps: threshold + min area for the
     regions, a score threshold (the head's part score, else the map's peak), and whichever of the two
     errs less decides the verdict (`cfg`: the validation section)."""
@@ -366,7 +365,7 @@ def calibrate_verdict(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], 
 
 
 def validate(model: torch.nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-             spec: InputSpec, cfg: Any, d: Dist) -> Validation | None:
+             spec: InputSpec, cfg: ValidationSection, d: Dist) -> Validation | None:
     """Full-resolution prediction through the edge's tiling (shared over ranks), then, on rank 0,
     calibration of threshold + min area (and part_threshold for a model with a decision head)
     and the metrics at the calibrated parameters."""
