@@ -123,6 +123,51 @@ def test_coarse_mask_keeps_small_and_thin_defects_and_large_outlines() -> None:
     assert scale_mask(m, 0.25)[12].sum() <= 1
 
 
+def _coarse_mask_whole(mask: np.ndarray, factor: int, small_blocks: float = 4.0) -> np.ndarray:
+    """coarse_mask as it was before it looked only at the box of the set pixels: components over the whole mask."""
+    import cv2
+
+    m = (mask > 0).astype(np.uint8)
+    m = np.pad(m, ((0, -m.shape[0] % factor), (0, -m.shape[1] % factor)))
+    hb, wb = m.shape[0] // factor, m.shape[1] // factor
+    out = (cv2.resize(m.astype(np.float32), (wb, hb), interpolation=cv2.INTER_AREA) >= 0.5).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n > 1:
+        dist = cv2.distanceTransform(m, cv2.DIST_L2, 3)
+        thick = np.zeros(n, bool)
+        thick[np.unique(labels[dist > (factor + 1) / 2])] = True
+        small = (stats[:, cv2.CC_STAT_AREA] < small_blocks * factor * factor) | ~thick
+        small[0] = False
+        out |= small[labels].reshape(hb, factor, -1).max(axis=1).reshape(hb, wb, factor).max(axis=2)
+    return out
+
+
+def test_coarse_mask_looks_at_the_defects_box_and_gives_what_the_whole_mask_gives() -> None:
+    """Components and distances are taken in the box of the set pixels (plus a background ring): the result is
+    the whole-mask computation's, for specks, cracks and blobs anywhere, including on the patch's borders."""
+    import cv2
+
+    from edge.preprocess import coarse_mask
+
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        h, w = (int(v) for v in rng.integers(5, 97, 2))
+        m = np.zeros((h, w), np.uint8)
+        for _ in range(int(rng.integers(1, 5))):
+            kind = rng.integers(3)
+            y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+            if kind == 0:  # a speck or a blob
+                r = int(rng.integers(0, 12))
+                cv2.circle(m, (x, y), r, 1, -1)
+            elif kind == 1:  # a crack of 1-3 px
+                cv2.line(m, (x, y), (int(rng.integers(0, w)), int(rng.integers(0, h))), 1, int(rng.integers(1, 4)))
+            else:  # a block flush with a border
+                m[: int(rng.integers(1, h + 1)), x:] = 1 if rng.random() < 0.5 else 0
+        for factor in (2, 4):
+            np.testing.assert_array_equal(coarse_mask(m, factor), _coarse_mask_whole(m, factor),
+                                          err_msg=f"trial {trial}, factor {factor}, {h}x{w}")
+
+
 def test_coarse_mask_half_rule_for_large_blobs_and_padding() -> None:
     from edge.preprocess import coarse_mask
 
