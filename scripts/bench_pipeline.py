@@ -76,6 +76,7 @@ from tests.tiny_package import make_tiny_package  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_failrate import ForcedVerdicts  # noqa: E402
+from thread_cpu import ThreadCpu  # noqa: E402
 
 T0 = time.monotonic()
 CAPTURE_TS = re.compile(rb'"capture_ts":([0-9.]+)')
@@ -157,14 +158,16 @@ def bare_throughput(pkg: Path, frames: list[np.ndarray], count: int, m: dict[str
         inf.submit(f, None, cb)
     inf.wait_all()
     done[0] = 0
-    t0 = time.monotonic()
-    for i in range(count):
-        inf.submit(frames[i % len(frames)], None, cb)
-    inf.wait_all()
-    dt = time.monotonic() - t0
+    with ThreadCpu() as cpu:
+        t0 = time.monotonic()
+        for i in range(count):
+            inf.submit(frames[i % len(frames)], None, cb)
+        inf.wait_all()
+        dt = time.monotonic() - t0
     assert done[0] == count, (done[0], count)
     inf.close()
-    return {"frames": count, "seconds": round(dt, 3), "fps": round(count / dt, 2), "num_requests": inf.num_requests}
+    return {"frames": count, "seconds": round(dt, 3), "fps": round(count / dt, 2), "num_requests": inf.num_requests,
+            "cpu_ms_per_frame_by_thread": cpu.per_name(count)}
 
 
 def bare_frame_time(pkg: Path, frames: list[np.ndarray], count: int, m: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +260,7 @@ def pipeline_run(work: Path, pkg: Path, broker: Broker, size: tuple[int, int], c
     code: list[int] = []
     forced = ForcedVerdicts(fail_rate).install()
     try:
-        with AckProbe() as probe:
+        with AckProbe() as probe, ThreadCpu() as cpu:
             t = threading.Thread(target=lambda: code.append(run_pipeline(cfg, stop)), name="pipeline", daemon=True)
             t.start()
             deadline = time.monotonic() + timeout
@@ -281,6 +284,7 @@ def pipeline_run(work: Path, pkg: Path, broker: Broker, size: tuple[int, int], c
             "latency_ms": {"p50": ms(pct(lat, 50)), "p95": ms(pct(lat, 95)), "p99": ms(pct(lat, 99)),
                            "max": ms(max(lat) if lat else None), "n": len(lat)},
             "stages_ms": stage_percentiles(probe.stage_rows), "slowest": slowest(probe.by_capture),
+            "cpu_ms_per_part_by_thread": cpu.per_name(max(probe.acked, 1)),
             "latency_after_start_ms": after_start(probe.by_capture)}
 
 
@@ -347,6 +351,8 @@ def throughput_size(work: Path, pkg: Path, broker: Broker, size: tuple[int, int]
         log(f"    fail {100 * rate:.0f} %: pipeline {full['fps']} vs bare {ref:.2f} frames/s = {100 * ratio:.1f} %, "
             f"events {full['events']}, capture->PUBACK p50/p99 {full['latency_ms']['p50']}/"
             f"{full['latency_ms']['p99']} ms at full speed; bare {bare[-1]['fps']} frames/s after")
+        log(f"      CPU ms per part by thread: pipeline {full['cpu_ms_per_part_by_thread']}; "
+            f"bare {bare[-1]['cpu_ms_per_frame_by_thread']}")
     for row in rows:
         rate_fps = max(0.5, round(0.5 * (row["pipeline"]["fps"] or 1.0), 1))
         n = max(10, min(count, int(rate_fps * paced_s)))
