@@ -98,7 +98,21 @@ def new_client(s: MqttSettings, client_id: str, **options: Any) -> mqtt.Client:
         client.tls_set(ca_certs=_str(c.tls_ca), certfile=_str(c.tls_cert), keyfile=_str(c.tls_key),
                        cert_reqs=ssl.CERT_REQUIRED)
         client.tls_insecure_set(c.tls_insecure)
+    client.on_socket_open = _no_delay
     return client
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """TCP_NODELAY on every (re)connected socket: results go out the moment they are durable.
+
+    With Nagle's algorithm a PUBLISH written while the previous one is not yet acknowledged at the TCP
+    level waits for that ACK, which the broker may delay by up to 40 ms (delayed ACK): at 80 parts/s a
+    few % of the results reached their PUBACK ~45 ms late, and the median took 18 instead of 9 ms
+    (docs/benchmarks.md). MQTT packets are whole messages; there is nothing to gain by coalescing them."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError) as e:  # a transport without TCP options (e.g. a proxy wrapper): only slower
+        log.debug("mqtt: TCP_NODELAY not set on %r: %s", sock, e)
 
 
 class MqttSink:

@@ -98,6 +98,31 @@ def test_delivers_in_order_and_empties_outbox(broker: Broker, sub: Subscriber, o
                                        for m in ms if m.topic == STATUS))
 
 
+def test_results_leave_without_nagle_delay_also_after_a_reconnect(broker: Broker, outbox: Outbox) -> None:
+    """The sink's socket has TCP_NODELAY, on the first connection and on the one after a broker restart: with
+    Nagle's algorithm a PUBLISH waited for the broker's delayed ACK of the one before (~40 ms)."""
+    import socket
+
+    sink = MqttSink(_settings(broker), outbox, BASE, {"station": "s1"})
+    sink.start()
+    try:
+        for attempt in ("first", "after restart"):
+            deadline = time.monotonic() + 10
+            while not sink.connected and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert sink.connected, attempt
+            sock = sink._client.socket()  # the live paho socket: the only place the option can be read
+            assert sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), attempt
+            if attempt == "first":
+                broker.kill()
+                deadline = time.monotonic() + 10
+                while sink.connected and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                broker.start()
+    finally:
+        sink.stop(drain_timeout=2)
+
+
 def test_mqtt311_delivers(broker: Broker, sub: Subscriber, outbox: Outbox) -> None:
     ids = _add(outbox, 10)
     sink = MqttSink(_settings(broker, protocol="3.1.1"), outbox, BASE, {"station": "s1"})
