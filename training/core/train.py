@@ -24,8 +24,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -57,7 +56,6 @@ from training.core.patches import (
     mine_hard_positives,
     update_pool,
 )
-from training.core.prefetch import Prefetcher
 from training.core.recipe_auto import resolve_auto
 from training.core.train_config import ConfigError, TrainConfig, fixed, load_config, parse_overrides
 from training.core.train_utils import (
@@ -474,19 +472,8 @@ def _train_steps(run: Run, st: RunState) -> list[float]:
     losses: list[float] = []
     step_bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {st.epoch + 1}", unit="step", leave=False,
                     disable=not run.show)
-    pc = cfg.patches
-    batches = Prefetcher(run.loader, pc.prefetch) if pc.prefetch and not pc.workers else nullcontext(run.loader)
-    with batches as loader:
-        _steps_over(run, st, loader, step_bar, losses)
-    step_bar.close()
-    return losses
-
-
-def _steps_over(run: Run, st: RunState, loader: Iterable[Any], step_bar: Any, losses: list[float]) -> None:
-    """The steps of one epoch over `loader` (the loader itself or its prefetcher); appends to `losses`."""
-    cfg = run.cfg
     t_fetch = time.monotonic()
-    for x, y in loader:
+    for x, y in run.loader:
         st.data_s += time.monotonic() - t_fetch
         frac = _fraction(run, st.step)
         if frac >= 1.0:
@@ -510,6 +497,8 @@ def _steps_over(run: Run, st: RunState, loader: Iterable[Any], step_bar: Any, lo
         if not st.speed_told and (st.step_s >= 30.0 or st.run_steps >= run.steps_per_epoch) and st.run_steps >= 20:
             _tell_speed(run, st)
         t_fetch = time.monotonic()
+    step_bar.close()
+    return losses
 
 
 def _tell_speed(run: Run, st: RunState) -> None:

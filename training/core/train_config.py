@@ -136,8 +136,6 @@ class PatchSection(_Section):
                                                   "missed components (bounds the mining cost)")
     augment: Literal["none", "light", "default"] = Field("default", description="training.core.augment strength")
     workers: int = Field(0, ge=0, le=16, description="DataLoader workers (0 = in the training process)")
-    prefetch: int = Field(0, ge=0, le=8, description="with workers 0: batches cut ahead in a thread while the "
-                                                     "model trains (0 = cut in the training loop)")
 
     @model_validator(mode="after")
     def _fractions(self) -> PatchSection:
