@@ -40,11 +40,7 @@ def render_preview(image: np.ndarray, mask: np.ndarray | None, regions: Sequence
     small = image[::step, ::step]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = cv2.resize(np.ascontiguousarray(small), size, interpolation=cv2.INTER_AREA)
-    small_mask = None
-    if mask is not None:
-        mh, mw = mask.shape[:2]
-        small_mask = cv2.resize((mask != 0).astype(np.uint8) if mask.ndim == 2 else (mask != 0).any(axis=2).astype(np.uint8),
-                                (max(1, round(mw * scale)), max(1, round(mh * scale))), interpolation=cv2.INTER_NEAREST)
+    small_mask = None if mask is None else _small_mask(mask, scale)
     boxes = [replace(r, bbox=(int(r.bbox[0] * scale), int(r.bbox[1] * scale), max(1, int(r.bbox[2] * scale)),
                               max(1, int(r.bbox[3] * scale)))) for r in regions]
     out = draw_overlay(small, small_mask, boxes, verdict, (int(offset[0] * scale), int(offset[1] * scale)))
@@ -52,6 +48,18 @@ def render_preview(image: np.ndarray, mask: np.ndarray | None, regions: Sequence
     if not ok:
         raise ValueError("cannot encode the preview")
     return bytes(buf.data)
+
+
+def _small_mask(mask: np.ndarray, scale: float) -> np.ndarray:
+    """0/1 uint8 mask at the preview's size. Nearest-neighbour picks the same source pixels whatever they
+    hold, so the mask is shrunk first and compared with 0 after: the same result as comparing the whole
+    frame's mask first, without two frame-sized temporaries (10 MB for a failing 5 MP part)."""
+    mh, mw = mask.shape[:2]
+    src = mask.view(np.uint8) if mask.dtype == np.bool_ else mask
+    small = cv2.resize(np.ascontiguousarray(src), (max(1, round(mw * scale)), max(1, round(mh * scale))),
+                       interpolation=cv2.INTER_NEAREST)
+    hit = small != 0
+    return (hit if hit.ndim == 2 else hit.any(axis=2)).astype(np.uint8)
 
 
 class PreviewFeed:
