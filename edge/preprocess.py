@@ -131,12 +131,12 @@ def coarse_mask(mask: np.ndarray, factor: int, small_blocks: float = 4.0) -> np.
     hb, wb = m.shape[0] // factor, m.shape[1] // factor
     # INTER_AREA at an integer factor is the exact block mean (and much faster than a numpy reduce)
     out = (cv2.resize(m.astype(np.float32), (wb, hb), interpolation=cv2.INTER_AREA) >= 0.5).astype(np.uint8)
-    if not m.any():
-        return out
     # the components are found in the block-aligned box of the set pixels plus a ring of background:
     # the same components and distances as over the whole mask, at a fraction of the pixels (a
     # training patch is mostly background, and this ran for every defect patch)
     x, y, bw, bh = cv2.boundingRect(m)
+    if not bw:  # no defect pixel: the box is empty (one pass, no separate any())
+        return out
     y0, x0 = max(0, y - 1) // factor * factor, max(0, x - 1) // factor * factor
     y1, x1 = -(-min(m.shape[0], y + bh + 1) // factor) * factor, -(-min(m.shape[1], x + bw + 1) // factor) * factor
     small = _small_components(m[y0:y1, x0:x1], factor, small_blocks)

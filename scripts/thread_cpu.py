@@ -1,5 +1,4 @@
-"""CPU time per thread of this process, from /proc/self/task: where a benchmark's time goes, in a unit that the
-machine's other load does not inflate (unlike wall time). Used by bench_outbox.py and bench_pipeline.py."""
+"""Per-thread CPU accounting shared by bench_outbox.py and bench_pipeline.py (see ThreadCpu)."""
 
 from __future__ import annotations
 
