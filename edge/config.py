@@ -331,6 +331,10 @@ class EvidenceConfig(_Model):
     save_error: bool = Field(default=True, description="Save the frame of `error` parts when there is one.")
     pass_sample_every: int = Field(default=0, ge=0, description="Save every Nth passed part (0 = none).")
     format: Literal["png", "jpg"] = Field(default="png", description="Image format of saved frames and overlays (masks are PNG).")
+    overlay_max_side: int = Field(default=1280, ge=0, le=65536, description="The overlay (what a person looks at) is "
+                                  "shrunk to at most this many pixels on its long side; frame and mask keep every "
+                                  "pixel. At 5 MP this spares a 15 MB colour copy per fail and most of its PNG's "
+                                  "CPU. 0 = full size.")
     queue_mb: float = Field(default=16.0, gt=0, le=65536, description="Frames and masks (the box of their set pixels) "
                             "waiting for the background evidence writer, in MB (3 fails at 5 MP, ~36 at 768x576); "
                             "the verdict path never waits for it (see keep_every_when_behind).")

@@ -89,7 +89,8 @@ class Pipeline:
         if cfg.evidence.enabled:
             ev = cfg.evidence
             store = EvidenceStore(ev.dir or cfg.state_dir / "evidence", int(ev.quota_mb * 1024 * 1024),
-                                  ev.format, ev.save_fail, ev.save_error, ev.pass_sample_every)
+                                  ev.format, ev.save_fail, ev.save_error, ev.pass_sample_every,
+                                  ev.overlay_max_side)
             self.evidence = EvidenceWriter(store, int(ev.queue_mb * 1024 * 1024), ev.keep_every_when_behind,
                                            ev.keep_first_bad, ev.thinning_alarm_s, on_alarm=self.alarms.set,
                                            cpu_share=ev.cpu_share)

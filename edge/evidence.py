@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -79,6 +79,58 @@ def _overlay(image: np.ndarray, crop: MaskCrop | None, regions: Sequence[Region]
     if crop is None:
         return draw_overlay(image, None, regions, verdict, offset)
     return draw_overlay(image, crop.box, regions, verdict, (offset[0] + crop.x, offset[1] + crop.y))
+
+
+def shrunk_overlay(image: np.ndarray, crop: MaskCrop | None, regions: Sequence[Region], verdict: str,
+                   offset: tuple[int, int], max_side: int, stride: bool = False) -> np.ndarray:
+    """`draw_overlay` at most `max_side` px on its long side (0 or a smaller frame: full size).
+
+    The overlay is what a person looks at; the frame and mask files keep every pixel. Shrinking the
+    frame (area) before it turns BGR keeps a 5 MP fail from making a 15 MB colour copy, and its PNG
+    costs a fraction. The mask is shrunk by "any": every frame pixel falls in exactly one overlay
+    pixel, which is tinted when any of its pixels is defect, so a 1 px blowhole stays visible.
+    `stride` (the live preview) takes every k-th pixel before the area resize: faster, coarser."""
+    h, w = image.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return _overlay(image, crop, regions, verdict, offset)
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    step = max(1, int(1 / scale) // 2) if stride else 1
+    small = cv2.resize(np.ascontiguousarray(image[::step, ::step]), size, interpolation=cv2.INTER_AREA)
+    rows, cols = _starts(h, size[1]), _starts(w, size[0])
+    boxes = [replace(r, bbox=_shrunk_bbox(r.bbox, rows, cols)) for r in regions]
+    fy, fx = (offset[1] + crop.y, offset[0] + crop.x) if crop is not None else (h, w)
+    box = crop.box[: max(0, h - fy), : max(0, w - fx)] if crop is not None else None  # an ROI mask may reach past the frame
+    if box is None or not box.size:
+        return draw_overlay(small, None, boxes, verdict)
+    small_box, y, x = _any_shrink(box, fy, fx, rows, cols)
+    return draw_overlay(small, small_box, boxes, verdict, (x, y))
+
+
+def _starts(n_src: int, n_dst: int) -> np.ndarray:
+    """First source pixel of each of `n_dst` pixels that `n_src` pixels shrink to (integer arithmetic: the runs
+    tile the source exactly, each source pixel in one run)."""
+    return np.arange(n_dst, dtype=np.int64) * n_src // n_dst
+
+
+def _shrunk_bbox(bbox: tuple[int, int, int, int], rows: np.ndarray, cols: np.ndarray) -> tuple[int, int, int, int]:
+    """A frame box (x, y, w, h) -> the box of the shrunk pixels that hold its pixels."""
+    x, y, w, h = bbox
+    x0, x1 = (int(np.searchsorted(cols, v, "right")) - 1 for v in (x, x + max(w, 1) - 1))
+    y0, y1 = (int(np.searchsorted(rows, v, "right")) - 1 for v in (y, y + max(h, 1) - 1))
+    return max(x0, 0), max(y0, 0), x1 - max(x0, 0) + 1, y1 - max(y0, 0) + 1
+
+
+def _any_shrink(box: np.ndarray, y: int, x: int, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """A mask's box whose top-left pixel is (x, y) in the frame -> its shrunk pixels (set where any source pixel
+    under them is) and their top-left (y, x) in the shrunk frame. Only the box is read: the runs that reach
+    into it are clipped to it, which is the whole mask's result because the mask is 0 outside its box."""
+    bh, bw = box.shape[:2]
+    r0, r1 = int(np.searchsorted(rows, y, "right")) - 1, int(np.searchsorted(rows, y + bh, "left"))
+    c0, c1 = int(np.searchsorted(cols, x, "right")) - 1, int(np.searchsorted(cols, x + bw, "left"))
+    m = (box != 0).view(np.uint8)
+    m = np.maximum.reduceat(m, np.maximum(rows[r0:r1] - y, 0), axis=0)
+    return np.maximum.reduceat(m, np.maximum(cols[c0:c1] - x, 0), axis=1), r0, c0
 
 
 def _mask255(mask: np.ndarray) -> np.ndarray:
@@ -137,12 +189,14 @@ class EvidenceStore:
     def __init__(self, root: str | Path, quota_bytes: int, fmt: str = default_of(EvidenceConfig, "format"),
                  save_fail: bool = default_of(EvidenceConfig, "save_fail"),
                  save_error: bool = default_of(EvidenceConfig, "save_error"),
-                 pass_sample_every: int = default_of(EvidenceConfig, "pass_sample_every")) -> None:
+                 pass_sample_every: int = default_of(EvidenceConfig, "pass_sample_every"),
+                 overlay_max_side: int = default_of(EvidenceConfig, "overlay_max_side")) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.quota_bytes = int(quota_bytes)
         self.ext = "." + fmt
         self.save_fail, self.save_error, self.pass_sample_every = save_fail, save_error, pass_sample_every
+        self.overlay_max_side = overlay_max_side
         self._lock = threading.Lock()
         self._passes = 0
         self._files: deque[tuple[Path, int]] = deque()  # oldest first
@@ -199,7 +253,8 @@ class EvidenceStore:
         crop = mask if mask is None or isinstance(mask, MaskCrop) else MaskCrop.of(mask)
         items: list[tuple[str, Callable[[], np.ndarray]]] = [(f"frame{self.ext}", lambda: image)]
         if verdict != "error":
-            items.append((f"overlay{self.ext}", lambda: _overlay(image, crop, regions, verdict, roi_offset)))
+            items.append((f"overlay{self.ext}", lambda: shrunk_overlay(image, crop, regions, verdict, roi_offset,
+                                                                          self.overlay_max_side)))
         if crop is not None and crop.box.any():
             items.append(("mask.png", lambda: crop.full(_mask255(crop.box))))
         try:

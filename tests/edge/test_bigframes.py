@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from edge.contract import Detection, PostprocessParams, Region
-from edge.evidence import EvidenceStore, EvidenceWriter, draw_overlay, to_bgr8
+from edge.evidence import EvidenceStore, EvidenceWriter, MaskCrop, draw_overlay, shrunk_overlay, to_bgr8
 from edge.postprocess import _disk, check_finite, postprocess
 
 
@@ -68,6 +69,53 @@ def reference_overlay(image: np.ndarray, mask: np.ndarray | None, regions: Seque
     cv2.putText(out, verdict.upper(), (4, int(18 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, color,
                 max(1, int(2 * scale)), cv2.LINE_AA)
     return out
+
+
+def reference_shrunk_overlay(frame: np.ndarray, mask: np.ndarray | None, regions: Sequence[Region], verdict: str,
+                             offset: tuple[int, int], max_side: int, stride: bool = False) -> np.ndarray:
+    """The overlay shrunk to `max_side`: the frame area-resized (after every k-th pixel for the preview), each
+    frame pixel owned by one shrunk pixel (pixel r of n -> ceil((r + 1) m / n) - 1 of m), a shrunk pixel tinted
+    when any pixel it owns is defect (the full mask, pixel by pixel), each box around the owners of its pixels."""
+    h, w = frame.shape[:2]
+    scale = max_side / max(h, w)
+    dw, dh = max(1, round(w * scale)), max(1, round(h * scale))
+    step = max(1, int(1 / scale) // 2) if stride else 1
+    small = cv2.resize(np.ascontiguousarray(frame[::step, ::step]), (dw, dh), interpolation=cv2.INTER_AREA)
+    own_r, own_c = ((np.arange(h) + 1) * dh + h - 1) // h - 1, ((np.arange(w) + 1) * dw + w - 1) // w - 1
+    small_mask = None
+    if mask is not None:
+        hit = (mask != 0) if mask.ndim == 2 else (mask != 0).any(axis=2)
+        full = np.zeros((h, w), bool)
+        ox, oy = offset
+        full[oy : oy + hit.shape[0], ox : ox + hit.shape[1]] = hit[: h - oy, : w - ox]
+        ys, xs = np.nonzero(full)
+        small_mask = np.zeros((dh, dw), np.uint8)
+        small_mask[own_r[ys], own_c[xs]] = 1
+    boxes = [replace(r, bbox=(int(own_c[r.bbox[0]]), int(own_r[r.bbox[1]]),
+                              int(own_c[r.bbox[0] + r.bbox[2] - 1] - own_c[r.bbox[0]] + 1),
+                              int(own_r[r.bbox[1] + r.bbox[3] - 1] - own_r[r.bbox[1]] + 1))) for r in regions]
+    return reference_overlay(small, small_mask, boxes, verdict)
+
+
+@pytest.mark.parametrize("roi", [None, (30, 20, 80, 60), (100, 70, 60, 50), (120, 90, 60, 50)])
+def test_shrunk_overlay_tints_every_defect_pixel_from_the_mask_box_alone(roi: tuple[int, int, int, int] | None) -> None:
+    """The evidence overlay and the live preview shrink big frames: every defect pixel, a lone one too, tints the
+    pixel it falls in (nearest-neighbour sampling would drop most specks), although only the mask's box is read;
+    an ROI mask past the frame's edge tints nothing outside it; a frame within max_side is the full overlay."""
+    rng = np.random.default_rng(6)
+    x, y, w, h = roi or (0, 0, 160, 120)
+    regions = [Region(area=9, bbox=(x + 3, y + 4, 5, 6), centroid=(x + 5.0, y + 7.0), max_score=0.9, mean_score=0.7)]
+    specks = np.zeros((h, w), np.uint8)
+    specks[rng.integers(0, h, 6), rng.integers(0, w, 6)] = 1
+    for frame in frames():
+        for mask in (None, np.zeros((h, w), np.uint8), specks, (rng.random((h, w)) > 0.6).astype(np.uint8) * 255):
+            for max_side in (0, 37, 64, 101, 160):
+                for stride in (False, True):
+                    crop = None if mask is None else MaskCrop.of(mask)
+                    got = shrunk_overlay(frame, crop, regions, "fail", (x, y), max_side, stride)
+                    want = reference_overlay(frame, mask, regions, "fail", (x, y)) if max_side in (0, 160) else \
+                        reference_shrunk_overlay(frame, mask, regions, "fail", (x, y), max_side, stride)
+                    assert np.array_equal(got, want), (frame.shape, frame.dtype, max_side, stride)
 
 
 def prob_map(seed: int, h: int = 240, w: int = 320) -> np.ndarray:

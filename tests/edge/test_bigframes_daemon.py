@@ -3,7 +3,7 @@
 The synthetic source's `pool` hands over copies of pre-generated parts, so camera-sized frames
 cost a copy instead of a generation; the test rebuilds the same pool and checks, part by part,
 the verdict against the truth and the evidence files against the frame: the frame PNG is the
-frame, the mask PNG holds the event's regions, the overlay is the full-frame float tint.
+frame, the mask PNG holds the event's regions, the overlay is the float tint of the frame shrunk to 1280 px.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from edge.contract import Region
 from edge.sources.synthetic import SyntheticSource
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import BASE, Daemon, station, wait_results, write_config
-from tests.edge.test_bigframes import reference_overlay
+from tests.edge.test_bigframes import reference_shrunk_overlay
 from tests.tiny_package import make_tiny_package
 
 W, H = 2448, 2048
@@ -60,7 +60,8 @@ def test_5mp_parts_get_verdicts_and_exact_evidence(tmp_path: Path, broker: Broke
                    for r in e["regions"]]
         assert regions and int(np.count_nonzero(mask)) == sum(r.area for r in regions)
         overlay = cv2.imread(f"{prefix}.overlay.png", cv2.IMREAD_UNCHANGED)
-        assert np.array_equal(overlay, reference_overlay(frame, mask // 255, regions, "fail"))
+        assert overlay.shape == (1071, 1280, 3)  # evidence.overlay_max_side; frame and mask keep every pixel
+        assert np.array_equal(overlay, reference_shrunk_overlay(frame, mask // 255, regions, "fail", (0, 0), 1280))
     assert json.dumps(got)  # plain JSON events
 
 

@@ -217,26 +217,6 @@ def test_preview_is_small_drawn_and_rate_limited() -> None:
         feed.close()
 
 
-def test_preview_mask_is_shrunk_before_it_is_compared_and_stays_the_same() -> None:
-    """The preview's mask is resized first (nearest) and compared with 0 after: pixel for pixel what comparing the
-    whole frame's mask first gave, for uint8, bool and multi-channel masks and any size."""
-    import cv2
-    import numpy as np
-
-    from edge.preview import PREVIEW_SIDE, _small_mask
-
-    rng = np.random.default_rng(3)
-    for shape in ((2048, 2448), (577, 769), (1000, 300, 3), (50, 60)):
-        mask = (rng.random(shape) < 0.02).astype(np.uint8) * rng.integers(1, 256, shape, dtype=np.uint8)
-        scale = min(1.0, PREVIEW_SIDE / max(shape[:2]))
-        size = (max(1, round(shape[1] * scale)), max(1, round(shape[0] * scale)))
-        whole = (mask != 0) if mask.ndim == 2 else (mask != 0).any(axis=2)
-        before = cv2.resize(whole.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-        np.testing.assert_array_equal(_small_mask(mask, scale), before, err_msg=str(shape))
-        if mask.ndim == 2:
-            np.testing.assert_array_equal(_small_mask(mask != 0, scale), before, err_msg=f"bool {shape}")
-
-
 def test_cli_ui_user_and_startup_errors(tmp_path: Path, tiny_package: Path) -> None:
     """`edge ui-user` hashes; `edge ui` exits 78 (no restart loop) naming the bad config or users file."""
     pytest.importorskip("fastapi", reason="needs the ui extra")
