@@ -99,9 +99,11 @@ def shrunk_overlay(image: np.ndarray, crop: MaskCrop | None, regions: Sequence[R
     small = cv2.resize(np.ascontiguousarray(image[::step, ::step]), size, interpolation=cv2.INTER_AREA)
     rows, cols = _starts(h, size[1]), _starts(w, size[0])
     boxes = [replace(r, bbox=_shrunk_bbox(r.bbox, rows, cols)) for r in regions]
-    fy, fx = (offset[1] + crop.y, offset[0] + crop.x) if crop is not None else (h, w)
-    box = crop.box[: max(0, h - fy), : max(0, w - fx)] if crop is not None else None  # an ROI mask may reach past the frame
-    if box is None or not box.size:
+    if crop is None:
+        return draw_overlay(small, None, boxes, verdict)
+    fy, fx = offset[1] + crop.y, offset[0] + crop.x
+    box = crop.box[: max(0, h - fy), : max(0, w - fx)]  # an ROI mask may reach past the frame's edge
+    if not box.size:
         return draw_overlay(small, None, boxes, verdict)
     small_box, y, x = _any_shrink(box, fy, fx, rows, cols)
     return draw_overlay(small, small_box, boxes, verdict, (x, y))
