@@ -116,6 +116,10 @@ def test_shrunk_overlay_tints_every_defect_pixel_from_the_mask_box_alone(roi: tu
                     want = reference_overlay(frame, mask, regions, "fail", (x, y)) if max_side in (0, 160) else \
                         reference_shrunk_overlay(frame, mask, regions, "fail", (x, y), max_side, stride)
                     assert np.array_equal(got, want), (frame.shape, frame.dtype, max_side, stride)
+    # the preview's masks may be bool or multi-channel: the crop makes them the same one 0/1 plane
+    for other in (specks.astype(bool), np.dstack([specks * 0, specks * 9])):
+        assert np.array_equal(shrunk_overlay(frames()[0], MaskCrop.of(other), regions, "fail", (x, y), 64, True),
+                              shrunk_overlay(frames()[0], MaskCrop.of(specks), regions, "fail", (x, y), 64, True))
 
 
 def prob_map(seed: int, h: int = 240, w: int = 320) -> np.ndarray:
