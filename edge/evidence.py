@@ -115,12 +115,17 @@ def _starts(n_src: int, n_dst: int) -> np.ndarray:
     return np.arange(n_dst, dtype=np.int64) * n_src // n_dst
 
 
+def _owner(starts: np.ndarray, v: int) -> int:
+    """The shrunk pixel whose run of source pixels (`_starts`) holds source pixel `v`."""
+    return int(np.searchsorted(starts, v, "right")) - 1
+
+
 def _shrunk_bbox(bbox: tuple[int, int, int, int], rows: np.ndarray, cols: np.ndarray) -> tuple[int, int, int, int]:
     """A frame box (x, y, w, h) -> the box of the shrunk pixels that hold its pixels."""
     x, y, w, h = bbox
-    x0, x1 = (int(np.searchsorted(cols, v, "right")) - 1 for v in (x, x + max(w, 1) - 1))
-    y0, y1 = (int(np.searchsorted(rows, v, "right")) - 1 for v in (y, y + max(h, 1) - 1))
-    return max(x0, 0), max(y0, 0), x1 - max(x0, 0) + 1, y1 - max(y0, 0) + 1
+    x0, x1 = max(_owner(cols, x), 0), _owner(cols, x + max(w, 1) - 1)
+    y0, y1 = max(_owner(rows, y), 0), _owner(rows, y + max(h, 1) - 1)
+    return x0, y0, x1 - x0 + 1, y1 - y0 + 1
 
 
 def _any_shrink(box: np.ndarray, y: int, x: int, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -128,8 +133,8 @@ def _any_shrink(box: np.ndarray, y: int, x: int, rows: np.ndarray, cols: np.ndar
     under them is) and their top-left (y, x) in the shrunk frame. Only the box is read: the runs that reach
     into it are clipped to it, which is the whole mask's result because the mask is 0 outside its box."""
     bh, bw = box.shape[:2]
-    r0, r1 = int(np.searchsorted(rows, y, "right")) - 1, int(np.searchsorted(rows, y + bh, "left"))
-    c0, c1 = int(np.searchsorted(cols, x, "right")) - 1, int(np.searchsorted(cols, x + bw, "left"))
+    r0, r1 = _owner(rows, y), _owner(rows, y + bh - 1) + 1
+    c0, c1 = _owner(cols, x), _owner(cols, x + bw - 1) + 1
     m = (box != 0).view(np.uint8)
     m = np.maximum.reduceat(m, np.maximum(rows[r0:r1] - y, 0), axis=0)
     return np.maximum.reduceat(m, np.maximum(cols[c0:c1] - x, 0), axis=1), r0, c0

@@ -41,11 +41,8 @@ class ThreadCpu:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            for tid, (name, cpu) in self._sample().items():
-                if not name.startswith("native:") or tid not in self.cpu:  # keep the Python name once seen
-                    self.cpu[tid] = (name, cpu)
-                else:
-                    self.cpu[tid] = (self.cpu[tid][0], cpu)
+            for tid, (name, cpu) in self._sample().items():  # keep a thread's Python name once seen
+                self.cpu[tid] = (self.cpu[tid][0] if name.startswith("native:") and tid in self.cpu else name, cpu)
 
     def per_name(self, parts: int) -> dict[str, float]:
         """CPU milliseconds per part, summed by thread name (OpenVINO workers by their native name)."""
