@@ -48,7 +48,7 @@ def _check_stride(cfg: TrainConfig) -> None:
 def test_default_recipe_is_auto_and_the_demo_is_not() -> None:
     assert set(load_config(DEFAULT).auto_fields()) == {"input.scale", "input.tile", "patches.size",
                                                        "model.space_to_depth", "schedule.val_every_s",
-                                                       "validation.max_min_area"}
+                                                       "schedule.usual_steps", "validation.max_min_area"}
     assert load_config(MT).auto_fields() == load_config(DEFAULT).auto_fields()
     assert load_config(DEMO).auto_fields() == []
 
@@ -68,6 +68,22 @@ def test_compact_blobs_and_long_cracks_choose_differently() -> None:
     assert big.model.space_to_depth == 1 and big.input.scale == blob_body
     # the strip is tiled along its length without padding its width up to 1250 px
     assert strips.input.tile < 1250 * strips.input.scale and strips.input.tile >= 500 * 0.5
+
+
+@pytest.mark.parametrize("batch", [16, 8])
+def test_usual_steps_follow_the_body_pixels_of_a_step(batch: int) -> None:
+    """The "machine too slow" warning must fire for the run that sees too few body pixels, not for a recipe
+    whose larger patches need fewer steps: 3,000 steps of 16 (96 px)^2 body patches, in proportion."""
+    cfg = load_config(DEFAULT, {"patches": {"batch_size": batch}})
+    for stats in (BLOBS, STRIPS, BIG):
+        c = _resolved(stats, cfg)
+        side = c.patches.size // c.model.space_to_depth
+        assert isinstance(c.schedule.usual_steps, int)
+        assert c.schedule.usual_steps * batch * side**2 == pytest.approx(3000 * 16 * 96**2, rel=0.05)
+    assert _resolved(STRIPS, cfg).schedule.usual_steps < _resolved(BLOBS, cfg).schedule.usual_steps
+    assert _resolved(BLOBS, load_config(DEFAULT, {"schedule": {"usual_steps": 7}})).schedule.usual_steps == 7
+    with pytest.raises(ValueError, match="usual_steps"):
+        load_config(DEFAULT, {"schedule": {"usual_steps": 0}})
 
 
 def test_thin_defects_win_over_context_when_the_fold_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -371,6 +371,9 @@ def test_speed_report_warns_when_the_budget_cannot_reach_the_usual_steps() -> No
     assert "200 steps/min" in line and "allows ~" in line
     assert warning is not None and "too slow" in warning and "--time-budget" in warning
     assert speed_report(1000, 30.0, clock, usual_steps=4000)[1] is None
+    # a step limit the user chose, not the clock, ends the run: not the machine's fault
+    assert speed_report(100, 30.0, Clock(total_steps=1500, budget_s=480.0), usual_steps=4000)[1] is None
+    assert speed_report(100, 30.0, Clock(total_steps=1500, budget_s=None), usual_steps=4000)[1] is None
 
 
 def test_speed_report_counts_the_wait_for_patches_and_the_overhead_share() -> None:

@@ -49,6 +49,11 @@ The rules (constants below):
    smallest defects' area (p5 of the components, frame px). The calibration parts hold few of
    the smallest defects, so a min_area that costs them nothing there (64 px on Magnetic-Tile)
    let three 30-100 px blowholes of the held-out parts pass.
+8. schedule.usual_steps (the step count under which a run warns at minute one that this machine is
+   too slow for its budget) is what the recipe's measured figures were trained with, in body
+   pixels seen: `USUAL_BODY_PX`, 3,000 steps of 16 (96 px)^2 body patches (the Magnetic-Tile tables
+   in docs/benchmarks.md came from 3,200-3,750 such steps), divided by the chosen batch's body pixels.
+   A larger body patch costs more per step and needs fewer of them (strips: 128 px, ~1,700).
 
 Numpy and OpenCV only; no torch.
 """
@@ -83,6 +88,7 @@ TILE_OVERHEAD = 0.25  # per-tile cost as a share of a (128 body px)^2 tile: favo
 BODY_PX_PER_S = 1.0e6  # validation throughput at body resolution; ~2.4e6 measured on the 2-core dev box
 VAL_SHARE = 0.10  # validation's share of the training time
 MIN_VAL_EVERY_S = 30.0
+USUAL_BODY_PX = 3000 * 16 * 96**2  # rule 8: body pixels the recipe's measured figures were trained on
 MIN_AREA_SHARE = 0.5  # calibration's min_area stays <= this x the p5 area of the training defects
 USE_VIEWS_STEM = "stem" in ModelSection.model_fields  # the pooled-views stem exists (branch b-views)
 
@@ -327,6 +333,13 @@ def choose(stats: DataStats, cfg: TrainConfig, n_val: int) -> tuple[dict[str, An
         over["schedule"]["val_every_s"] = float(every)
         reasons.append(f"schedule.val_every_s {every}: one validation of {n_val} frames is estimated at "
                        f"{est:.1f} s on a slow 2-core machine, so validation stays <= {VAL_SHARE:.0%} of the time")
+    if cfg.schedule.usual_steps == AUTO:
+        side = int(over["patches"].get("size", cfg.patches.size)) // s
+        usual = max(100, round(USUAL_BODY_PX / (cfg.patches.batch_size * side**2), -2))
+        over["schedule"]["usual_steps"] = usual
+        reasons.append(f"schedule.usual_steps {usual}: the recipe's measured figures saw ~{USUAL_BODY_PX / 1e6:.0f}M "
+                       f"body px ({cfg.patches.batch_size} x {side}^2 per step); a budget this machine cannot "
+                       f"fit ~80 % of them into gets a warning at minute one")
     if cfg.validation.max_min_area == AUTO:
         smallest = stats.smallest_area()
         cap = None if smallest is None else int(MIN_AREA_SHARE * smallest)

@@ -183,9 +183,10 @@ class ScheduleSection(_Section):
     time_budget_min: float | None = Field(None, gt=0.0, description="wall-clock budget; drives the lr")
     max_steps: int | None = Field(None, ge=1, description="step budget (--max-steps): the lr follows the steps; "
                                                           "with a time budget too, whichever ends first")
-    usual_steps: int | None = Field(None, ge=1,
-                                    description="steps this recipe usually needs: a run whose measured speed "
-                                                "cannot reach them within the time budget gets a warning")
+    usual_steps: int | Auto | None = Field(None,
+                                           description="steps this recipe usually needs: a run whose measured speed "
+                                                       "cannot reach them within the time budget gets a warning "
+                                                       "(auto: from the patch size, see training.core.recipe_auto)")
     overhead_share: float = Field(0.1, gt=0.0, le=0.5,
                                   description="validation and mining may take at most this share of the run "
                                               "(they are skipped or spaced out to stay under it)")
@@ -199,6 +200,8 @@ class ScheduleSection(_Section):
     def _positive(self) -> ScheduleSection:
         if self.val_every_s is not None and not is_auto(self.val_every_s) and not self.val_every_s > 0:
             raise ValueError(f"schedule.val_every_s must be > 0, 'auto' or null, got {self.val_every_s}")
+        if self.usual_steps is not None:
+            _check_int(self.usual_steps, "schedule.usual_steps", 1, 1 << 30)
         return self
 
 
@@ -267,7 +270,7 @@ class TrainConfig(_Section):
         """The fields still set to "auto" (empty once training.core.recipe_auto resolved them)."""
         fields = {"input.scale": self.input.scale, "input.tile": self.input.tile, "patches.size": self.patches.size,
                   "model.space_to_depth": self.model.space_to_depth, "schedule.val_every_s": self.schedule.val_every_s,
-                  "validation.max_min_area": self.validation.max_min_area}
+                  "schedule.usual_steps": self.schedule.usual_steps, "validation.max_min_area": self.validation.max_min_area}
         return [k for k, v in fields.items() if v == AUTO]
 
     def to_yaml_dict(self) -> dict[str, Any]:

@@ -244,12 +244,15 @@ def speed_report(steps: int, seconds: float, clock: Clock, usual_steps: int | No
     line = f"speed: {per_min:,.0f} steps/min ({1000 * wall / max(steps, 1):.0f} ms per step"
     line += f": {1000 * seconds / max(steps, 1):.0f} training, {1000 * data_s / max(steps, 1):.0f} waiting for patches)"
     projected = clock.total_steps
+    clock_bound = False  # the time budget, not a step or epoch limit the user chose, ends the run
     if clock.budget_s:
         left_s = max(0.0, clock.budget_s - clock.reserve_s - clock.elapsed())
-        projected = min(projected, steps + int(left_s * steps / max(wall, 1e-9) * (1.0 - overhead_share)))
+        by_time = steps + int(left_s * steps / max(wall, 1e-9) * (1.0 - overhead_share))
+        clock_bound = by_time < projected
+        projected = min(projected, by_time)
         line += f"; the budget allows ~{projected:,} steps"
     warning = None
-    if usual_steps and projected < 0.8 * usual_steps:
+    if usual_steps and clock_bound and projected < 0.8 * usual_steps:
         minutes = (usual_steps * wall / max(steps, 1) / (1.0 - overhead_share) + clock.reserve_s) / 60.0
         warning = (f"warning: this machine is too slow for the budget: ~{projected:,} steps where the recipe "
                    f"usually gets ~{usual_steps:,} (schedule.usual_steps); expect a weaker model, or give "
