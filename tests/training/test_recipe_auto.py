@@ -78,9 +78,12 @@ def test_usual_steps_follow_the_body_pixels_of_a_step(batch: int) -> None:
     for stats in (BLOBS, STRIPS, BIG):
         c = _resolved(stats, cfg)
         side = c.patches.size // c.model.space_to_depth
-        assert isinstance(c.schedule.usual_steps, int)
+        assert type(c.schedule.usual_steps) is int
         assert c.schedule.usual_steps * batch * side**2 == pytest.approx(3000 * 16 * 96**2, rel=0.05)
     assert _resolved(STRIPS, cfg).schedule.usual_steps < _resolved(BLOBS, cfg).schedule.usual_steps
+    over, reasons = choose(BLOBS, cfg, 64)
+    assert any(r.startswith(f"schedule.usual_steps {over['schedule']['usual_steps']}:") for r in reasons)
+    assert type(over["schedule"]["usual_steps"]) is int  # printed and written as a step count, not "3000.0"
     assert _resolved(BLOBS, load_config(DEFAULT, {"schedule": {"usual_steps": 7}})).schedule.usual_steps == 7
     with pytest.raises(ValueError, match="usual_steps"):
         load_config(DEFAULT, {"schedule": {"usual_steps": 0}})

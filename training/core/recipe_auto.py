@@ -335,7 +335,7 @@ def choose(stats: DataStats, cfg: TrainConfig, n_val: int) -> tuple[dict[str, An
                        f"{est:.1f} s on a slow 2-core machine, so validation stays <= {VAL_SHARE:.0%} of the time")
     if cfg.schedule.usual_steps == AUTO:
         side = int(over["patches"].get("size", cfg.patches.size)) // s
-        usual = max(100, round(USUAL_BODY_PX / (cfg.patches.batch_size * side**2), -2))
+        usual = max(100, int(round(USUAL_BODY_PX / (cfg.patches.batch_size * side**2), -2)))
         over["schedule"]["usual_steps"] = usual
         reasons.append(f"schedule.usual_steps {usual}: the recipe's measured figures saw ~{USUAL_BODY_PX / 1e6:.0f}M "
                        f"body px ({cfg.patches.batch_size} x {side}^2 per step); a budget this machine cannot "
