@@ -434,3 +434,16 @@ def test_auto_is_accepted_where_allowed_and_bounds_still_hold() -> None:
     with pytest.raises(ConfigError, match="stride"):
         load_config(DEMO, {"model": {"space_to_depth": 4}, "patches": {"size": 96}})
     assert load_config(DEMO, {"model": {"space_to_depth": "auto"}, "patches": {"size": 96}}).model.stride == 16
+
+
+def test_the_end_of_a_short_run_says_how_far_it_got() -> None:
+    """Minute one is an estimate (a throttled CPU's first minute ran 30 % slow and warned a run that then made its
+    usual steps); the count at the end is what the model got, so the warning there follows the count alone."""
+    from training.core.train_utils import short_run_warning
+
+    warning = short_run_warning(1100, 480.0, 3000, clock_ended=True)
+    assert warning is not None and "1,100 steps" in warning and "~3,000" in warning
+    assert "--time-budget ~22" in warning  # 480 s x 3000 / 1100 = 21.8 min
+    assert short_run_warning(2500, 480.0, 3000, clock_ended=True) is None  # >= 80 % of the usual
+    assert short_run_warning(1100, 480.0, 3000, clock_ended=False) is None  # --max-steps or epochs ended it
+    assert short_run_warning(1100, 480.0, None, clock_ended=True) is None

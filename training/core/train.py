@@ -73,6 +73,7 @@ from training.core.train_utils import (
     seed_everything,
     set_rng_state,
     setup_distributed,
+    short_run_warning,
     speed_report,
     train_step,
     validate,
@@ -501,10 +502,16 @@ def _train_steps(run: Run, st: RunState) -> list[float]:
     return losses
 
 
+def _usual_steps(cfg: TrainConfig) -> int | None:
+    """schedule.usual_steps as resolved (an unresolved "auto" warns of nothing)."""
+    usual = cfg.schedule.usual_steps
+    return usual if isinstance(usual, int) else None
+
+
 def _tell_speed(run: Run, st: RunState) -> None:
     """Steps per minute, once, with a warning if far from the recipe's usual; sizes validation's overhead."""
     st.speed_told = True
-    line, warning = speed_report(st.run_steps, st.step_s, run.clock, run.cfg.schedule.usual_steps, st.data_s,
+    line, warning = speed_report(st.run_steps, st.step_s, run.clock, _usual_steps(run.cfg), st.data_s,
                                  run.cfg.schedule.overhead_share if run.overhead is not None else 0.0)
     for text in (line, warning):
         if text:
@@ -635,9 +642,12 @@ def _write_summary(run: Run, st: RunState, result: TrainResult, csv_path: Path) 
                "epochs": result.epochs, "steps": result.steps, "elapsed_s": round(result.elapsed_s, 1),
                "stopped": result.stopped, "overhead_pct": result.overhead_pct, "config": cfg.to_yaml_dict()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(f"done: {result.stopped}; best epoch {result.best_epoch} score {result.best_score:.4f} "
-          f"(pixel_iou {result.best_metrics.get('pixel_iou', float('nan')):.4f}, "
+    print(f"done: {result.stopped} after {result.steps:,} steps; best epoch {result.best_epoch} score "
+          f"{result.best_score:.4f} (pixel_iou {result.best_metrics.get('pixel_iou', float('nan')):.4f}, "
           f"image_accuracy {result.best_metrics.get('image_accuracy', float('nan')):.4f}) -> {best_path}")
+    warning = short_run_warning(result.steps, result.elapsed_s, _usual_steps(cfg), result.stopped == "time budget")
+    if warning:
+        print(warning)
 
 
 def _report_test(out: Path, spec: InputSpec, test_s: Sequence[Any], color: str, result: TrainResult) -> None:

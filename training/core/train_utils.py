@@ -260,6 +260,19 @@ def speed_report(steps: int, seconds: float, clock: Clock, usual_steps: int | No
     return line, warning
 
 
+def short_run_warning(steps: int, elapsed_s: float, usual_steps: int | None, clock_ended: bool) -> str | None:
+    """At the end of a run the time budget ended: its real step count against the recipe's usual, or None.
+
+    Why: the minute-one projection is an estimate; on a shared or throttled CPU the first minute ran
+    30 % slower than the rest of the run (issue 15, 2026-12-07), and it warned a run that then made
+    its usual steps. The count at the end is what the model got."""
+    if not usual_steps or not clock_ended or steps >= 0.8 * usual_steps:
+        return None
+    minutes = elapsed_s * usual_steps / max(steps, 1) / 60.0
+    return (f"warning: the time budget ended the run after {steps:,} steps where the recipe usually gets "
+            f"~{usual_steps:,} (schedule.usual_steps): expect a weaker model, or give --time-budget ~{minutes:.0f}")
+
+
 # --------------------------------------------------------------------------- data
 
 
