@@ -228,6 +228,9 @@ class Overhead:
         return 100.0 * self.spent_s / max(elapsed_s, 1e-9)
 
 
+USUAL_SHARE = 0.8  # a run the budget gives fewer than this share of schedule.usual_steps is warned
+
+
 def speed_report(steps: int, seconds: float, clock: Clock, usual_steps: int | None,
                  data_s: float = 0.0, overhead_share: float = 0.0) -> tuple[str, str | None]:
     """(the line announcing steps per minute and where the budget will end, a warning or None).
@@ -252,7 +255,7 @@ def speed_report(steps: int, seconds: float, clock: Clock, usual_steps: int | No
         projected = min(projected, by_time)
         line += f"; the budget allows ~{projected:,} steps"
     warning = None
-    if usual_steps and clock_bound and projected < 0.8 * usual_steps:
+    if usual_steps and clock_bound and projected < USUAL_SHARE * usual_steps:
         minutes = (usual_steps * wall / max(steps, 1) / (1.0 - overhead_share) + clock.reserve_s) / 60.0
         warning = (f"warning: this machine is too slow for the budget: ~{projected:,} steps where the recipe "
                    f"usually gets ~{usual_steps:,} (schedule.usual_steps); expect a weaker model, or give "
@@ -266,7 +269,7 @@ def short_run_warning(steps: int, elapsed_s: float, usual_steps: int | None, clo
     Why: the minute-one projection is an estimate; on a shared or throttled CPU the first minute ran
     30 % slower than the rest of the run (issue 15, 2026-12-07), and it warned a run that then made
     its usual steps. The count at the end is what the model got."""
-    if not usual_steps or not clock_ended or steps >= 0.8 * usual_steps:
+    if not usual_steps or not clock_ended or steps >= USUAL_SHARE * usual_steps:
         return None
     minutes = elapsed_s * usual_steps / max(steps, 1) / 60.0
     return (f"warning: the time budget ended the run after {steps:,} steps where the recipe usually gets "
