@@ -56,7 +56,8 @@ def build_dark_spot_model(tile: int = 64, ballast_mb: int = 0, part: str | None 
 
 def make_tiny_package(out: Path, tile: int = 64, version: str = "1.0.0", name: str = "tiny-dark-spot",
                       min_area: int = 4, scale: float = 1.0, ballast_mb: int = 0, part: str | None = None,
-                      part_threshold: float | None = None, pixel_threshold: float = 0.5) -> Path:
+                      part_threshold: float | None = None, pixel_threshold: float = 0.5,
+                      precision: str = "fp32") -> Path:
     """Write a valid package folder (model.xml/.bin + package.json) and return it.
 
     `part`/`part_threshold`: a second (part) output and the threshold of the verdict (see the module)."""
@@ -69,7 +70,7 @@ def make_tiny_package(out: Path, tile: int = 64, version: str = "1.0.0", name: s
         name=name,
         version=version,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        precision="fp32",
+        precision=precision,
         input=InputSpec(color="gray", tile=tile, overlap=8, multiple_of=16, mean=(0.0,), std=(1.0,), scale=scale),
         postprocess=PostprocessParams(pixel_threshold=pixel_threshold, min_area=min_area, open_radius=0, close_radius=1,
                                       part_threshold=part_threshold),

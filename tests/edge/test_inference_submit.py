@@ -41,3 +41,12 @@ def test_submitted_maps_are_predicts_maps(tmp_path: Path, monkeypatch: pytest.Mo
         want, want_part = inf.predict_part(frame)
         assert isinstance(prob, np.ndarray) and np.array_equal(prob, want)
         assert part == want_part
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_every_package_computes_its_float_layers_in_f32(tmp_path: Path, precision: str) -> None:
+    """CPUs with bf16 units run float layers in bf16 by default. The export's accuracy control (NNCF) judges
+    INT8 candidates in f32; when the gate and the line ran the bf16 default, accuracy control saw no drop and
+    the gate a miss (Magnetic-Tile, 2026-12-07), and a line PC without bf16 units computed otherwise again."""
+    inf = Inferencer(make_tiny_package(tmp_path / precision, precision=precision), num_requests=1)
+    assert inf.compiled.get_property("INFERENCE_PRECISION_HINT") == inference.ov.Type.f32

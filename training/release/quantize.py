@@ -39,7 +39,7 @@ MIN_CALIB_TILES = 50
 MIN_CALIB_IMAGES = 20
 # Reference FP32 must really be FP32: on CPUs with avx512_bf16/AMX OpenVINO's default
 # INFERENCE_PRECISION_HINT is bf16, which is not the reference the gate compares against.
-F32_CONFIG = compile_config("LATENCY", "fp32")
+F32_CONFIG = compile_config("LATENCY", "f32")
 
 def warn(msg: str) -> None:
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ from edge.inference import compile_config, core
 def compile_ov(xml: Path, threads: int, hint: str = "LATENCY", precision: str | None = None) -> ov.CompiledModel:
     """`precision`: an explicit INFERENCE_PRECISION_HINT (f32, bf16) or None for the plugin's default."""
     c = core()
-    return c.compile_model(c.read_model(str(xml)), "CPU", compile_config(hint, "int8", precision, threads))
+    return c.compile_model(c.read_model(str(xml)), "CPU", compile_config(hint, precision, threads))
 
 
 def ov_runner(compiled: ov.CompiledModel, tile: np.ndarray) -> Callable[[], None]:
