@@ -89,6 +89,7 @@ BODY_PX_PER_S = 1.0e6  # validation throughput at body resolution; ~2.4e6 measur
 VAL_SHARE = 0.10  # validation's share of the training time
 MIN_VAL_EVERY_S = 30.0
 USUAL_BODY_PX = 3000 * 16 * 96**2  # rule 8: body pixels the recipe's measured figures were trained on
+USUAL_SHARE = 0.8  # rule 8: a run its budget gives fewer than this share of usual_steps is warned
 MIN_AREA_SHARE = 0.5  # calibration's min_area stays <= this x the p5 area of the training defects
 USE_VIEWS_STEM = "stem" in ModelSection.model_fields  # the pooled-views stem exists (branch b-views)
 
@@ -339,7 +340,7 @@ def choose(stats: DataStats, cfg: TrainConfig, n_val: int) -> tuple[dict[str, An
         over["schedule"]["usual_steps"] = usual
         reasons.append(f"schedule.usual_steps {usual}: the recipe's measured figures saw ~{USUAL_BODY_PX / 1e6:.0f}M "
                        f"body px ({cfg.patches.batch_size} x {side}^2 per step); a budget this machine cannot "
-                       f"fit ~80 % of them into gets a warning at minute one")
+                       f"fit {USUAL_SHARE:.0%} of them into gets a warning at minute one")
     if cfg.validation.max_min_area == AUTO:
         smallest = stats.smallest_area()
         cap = None if smallest is None else int(MIN_AREA_SHARE * smallest)

@@ -27,6 +27,7 @@ from training.core.calibrate import DEFAULT_MIN_AREAS, calibrate, calibrate_part
 from training.core.data import Sample, load_sample
 from training.core.evaluate import evaluate_predictions
 from training.core.predict import predict_image_part
+from training.core.recipe_auto import USUAL_SHARE
 from training.core.train_config import ValidationSection, fixed
 from training.core.unet import UNetOutput
 
@@ -226,9 +227,6 @@ class Overhead:
 
     def percent(self, elapsed_s: float) -> float:
         return 100.0 * self.spent_s / max(elapsed_s, 1e-9)
-
-
-USUAL_SHARE = 0.8  # a run the budget gives fewer than this share of schedule.usual_steps is warned
 
 
 def speed_report(steps: int, seconds: float, clock: Clock, usual_steps: int | None,

@@ -130,7 +130,7 @@ def bench(checkpoint: str | Path, model_dir: str | Path, threads: int = 0, secon
     deploy_xml = model_dir / "model.xml"
     c_fp32 = compile_ov(fp32_xml, threads, precision="f32")
     c_fp32_default = compile_ov(fp32_xml, threads)
-    c_deploy = compile_ov(deploy_xml, threads, precision="f32")  # as the daemon compiles it (compile_config)
+    c_deploy = compile_ov(deploy_xml, threads, precision="auto")  # as the daemon compiles it
     c_deploy_default = compile_ov(deploy_xml, threads)
     runners = {
         "torch_fp32": torch_runner(module, tile),
@@ -142,7 +142,7 @@ def bench(checkpoint: str | Path, model_dir: str | Path, threads: int = 0, secon
     lat = interleaved_latency(runners, seconds * 0.6)
     med = {k: float(np.median(v)) for k, v in lat.items()}
     queues = {}
-    for name, xml, prec in (("ov_fp32", fp32_xml, "f32"), ("ov_int8", deploy_xml, "f32")):
+    for name, xml, prec in (("ov_fp32", fp32_xml, "f32"), ("ov_int8", deploy_xml, "auto")):
         comp = compile_ov(xml, threads, hint="THROUGHPUT", precision=prec)
         n = int(comp.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         queues[name] = (ov.AsyncInferQueue(comp, n), n)

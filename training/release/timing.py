@@ -20,7 +20,8 @@ from edge.inference import compile_config, core
 
 
 def compile_ov(xml: Path, threads: int, hint: str = "LATENCY", precision: str | None = None) -> ov.CompiledModel:
-    """`precision`: an explicit INFERENCE_PRECISION_HINT (f32, bf16) or None for the plugin's default."""
+    """`precision`: an explicit INFERENCE_PRECISION_HINT (f32, bf16), "auto" (the daemon's rule,
+    edge.inference.compile_config) or None for the plugin's default."""
     c = core()
     return c.compile_model(c.read_model(str(xml)), "CPU", compile_config(hint, precision, threads))
 
