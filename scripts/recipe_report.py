@@ -8,7 +8,9 @@ Per seed: `python -m training train` (split fixed by --split-seed, so every seed
 same held-out parts), `python -m training export` (INT8, gated on the calibration parts), then
 `python -m training evaluate --split test` on the INT8 package, as the line PC would run it.
 Writes OUT/report.json and OUT/report.md (mean and range over the seeds, misses and false alarms
-per defect category, links to each seed's picture of its wrong parts). Each step runs as its own
+per defect category, links to each seed's picture of its wrong parts). Beside each package's figures
+stand its own FP32 checkpoint's on the same held-out parts (`train`'s test report, same thresholds),
+so what INT8 cost, or whether a miss is the model's and not the quantization's, is read off the table. Each step runs as its own
 process, as a user would run it; a failed step is reported and the other seeds still run.
 """
 
@@ -72,14 +74,22 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return row
 
 
+def _spread(vals: list[float]) -> dict[str, float]:
+    return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+
+
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean, min and max of each test metric over the seeds that completed."""
+    """Mean, min and max of each test metric over the seeds that completed (the packages', and under
+    "fp32" their FP32 checkpoints')."""
     done = [r for r in rows if "test" in r]
-    out: dict[str, Any] = {"seeds_done": len(done), "seeds_failed": len(rows) - len(done)}
+    out: dict[str, Any] = {"seeds_done": len(done), "seeds_failed": len(rows) - len(done), "fp32": {}}
     for k in METRICS:
         vals = [float(r["test"][k]) for r in done if r["test"].get(k) is not None]
         if vals:
-            out[k] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+            out[k] = _spread(vals)
+        fp32 = [float(r["torch_test"][k]) for r in done if (r.get("torch_test") or {}).get(k) is not None]
+        if fp32:
+            out["fp32"][k] = _spread(fp32)
     cats: dict[str, dict[str, int]] = {}
     for r in done:
         for cat, c in r["by_category"].items():
@@ -90,12 +100,21 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _fp32_cell(m: dict[str, Any] | None) -> str:
+    """The FP32 checkpoint's held-out figures in one cell ("-" when train reported none)."""
+    if not m or any(m.get(k) is None for k in METRICS if k != "image_ap"):
+        return "-"
+    return (f"{m['image_accuracy']:.4f} / {m['image_recall']:.4f} / {m['pixel_iou']:.4f}, "
+            f"{m['image_fp']} / {m['image_fn']}")
+
+
 def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], agg: dict[str, Any]) -> str:
     budget = f"--time-budget {args.time_budget}" if args.time_budget else f"--max-steps {args.max_steps}"
     lines = [f"Recipe `{args.config}` on `{args.data}`, {budget}, seeds {args.seeds}, split seed {args.split_seed};",
              "figures of the INT8 package on the held-out test parts (they chose nothing).", "",
              "| seed | steps | speed | overhead % | package | test acc | recall | pixel IoU | AP | false alarms | "
-             "misses |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "misses | FP32 checkpoint: acc / recall / IoU, FA / misses |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "test" not in r:
             lines.append(f"| {r['seed']} | failed: {r.get('error', '?')[:120]} |")
@@ -104,12 +123,13 @@ def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], agg: dict[str
         lines.append(f"| {r['seed']} | {r['steps']:,} | {(r['speed'] or '').removeprefix('speed: ')} | "
                      f"{'-' if r['overhead_pct'] is None else format(r['overhead_pct'], '.1f')} | {r['precision']} | {t['image_accuracy']:.4f} | "
                      f"{t['image_recall']:.4f} | {t['pixel_iou']:.4f} | {t['image_ap']:.4f} | {t['image_fp']} | "
-                     f"{t['image_fn']} |")
-    lines += ["", "| metric | mean | min | max |", "| --- | --- | --- | --- |"]
+                     f"{t['image_fn']} | {_fp32_cell(r.get('torch_test'))} |")
+    lines += ["", "| metric | mean | min | max | FP32 checkpoint: mean (min-max) |", "| --- | --- | --- | --- | --- |"]
     for k in METRICS:
         if k in agg:
-            a = agg[k]
-            lines.append(f"| {k} | {a['mean']:.4f} | {a['min']:.4f} | {a['max']:.4f} |")
+            a, f = agg[k], agg["fp32"].get(k)
+            fp32 = f"{f['mean']:.4f} ({f['min']:.4f}-{f['max']:.4f})" if f else "-"
+            lines.append(f"| {k} | {a['mean']:.4f} | {a['min']:.4f} | {a['max']:.4f} | {fp32} |")
     lines += ["", "Per defect category, summed over the seeds:", "",
               "| category | parts | missed | false alarms |", "| --- | --- | --- | --- |"]
     for cat, c in sorted(agg["by_category_summed"].items()):
