@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from edge.preprocess import FrameError, to_model_color
+from training.core.part_groups import part_ids
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GENERIC_HELP = "generic layout: DIR/images/NAME.png|jpg|... with optional DIR/masks/NAME.png"
@@ -323,37 +324,51 @@ def _stratum_seed(seed: int, key: str) -> int:
     return zlib.crc32(f"{seed}/{key}".encode())
 
 
+def _sample_key(s: Sample) -> tuple[str, str]:
+    return (s.name, str(s.image_path))
+
+
 def split_dataset(
-    samples: list[Sample], val_fraction: float = 0.2, seed: int = 0
+    samples: list[Sample], val_fraction: float = 0.2, seed: int = 0, parts: str | None = None
 ) -> tuple[list[Sample], list[Sample]]:
     """(train, val), each sorted by name; stratified by good/defective and by category.
 
-    Categories with a single sample are pooled per good/defective so they still count.
-    Each stratum is shuffled with its own seed from its key, so the result does not depend on
-    the order of `samples`, and a new category does not reshuffle the others. Every stratum
-    with >= 2 samples gives >= 1 to validation and keeps >= 1 for training.
+    The units drawn are physical parts: with a `parts` rule (training/core/part_groups.py) all
+    images of one part land on the same side, and the strata count parts, not images; without
+    one every image is its own part. Categories with a single part are pooled per
+    good/defective so they still count. Each stratum is shuffled with its own seed from its
+    key, so the result does not depend on the order of `samples`, and a new category does not
+    reshuffle the others. Every stratum with >= 2 parts gives >= 1 to validation and keeps >= 1
+    for training.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    groups: dict[tuple[bool, str], list[Sample]] = defaultdict(list)
+    ids, _ = part_ids(samples, parts)
+    units: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
-        groups[(bool(s.defective), s.category)].append(s)
-    strata: dict[str, list[Sample]] = defaultdict(list)
-    for (bad, cat), members in groups.items():
-        strata[f"{bad}/{cat}" if len(members) > 1 else f"{bad}/*pooled*"].extend(members)
+        units[ids[s.name]].append(s)
+    groups: dict[tuple[bool, str], list[list[Sample]]] = defaultdict(list)
+    for members in units.values():
+        members.sort(key=_sample_key)
+        bad = any(s.defective for s in members)
+        groups[(bad, next((s.category for s in members if s.defective), members[0].category))].append(members)
+    strata: dict[str, list[list[Sample]]] = defaultdict(list)
+    for (bad, cat), unit_list in groups.items():
+        strata[f"{bad}/{cat}" if len(unit_list) > 1 else f"{bad}/*pooled*"].extend(unit_list)
     train: list[Sample] = []
     val: list[Sample] = []
     for key in sorted(strata):
-        members = sorted(strata[key], key=lambda s: (s.name, str(s.image_path)))
-        n = len(members)
+        ordered = sorted(strata[key], key=lambda u: _sample_key(u[0]))
+        n = len(ordered)
         n_val = round(n * val_fraction)
         if val_fraction > 0 and n >= 2:
             n_val = min(max(n_val, 1), n - 1)
         order = np.random.default_rng(_stratum_seed(seed, key)).permutation(n)
-        val.extend(members[i] for i in order[:n_val])
-        train.extend(members[i] for i in order[n_val:])
-    key_fn = lambda s: (s.name, str(s.image_path))  # noqa: E731
-    return sorted(train, key=key_fn), sorted(val, key=key_fn)
+        for i in order[:n_val]:
+            val.extend(ordered[i])
+        for i in order[n_val:]:
+            train.extend(ordered[i])
+    return sorted(train, key=_sample_key), sorted(val, key=_sample_key)
 
 
 @dataclass(frozen=True)
@@ -370,18 +385,19 @@ TEST_SALT = 7919  # the test draw uses its own stream, so changing val_fraction 
 
 
 def split_holdout(samples: list[Sample], val_fraction: float = 0.2, test_fraction: float = 0.0,
-                  seed: int = 0) -> Split:
+                  seed: int = 0, parts: str | None = None) -> Split:
     """Three-way stratified split: test first (seeded apart), then val from the rest.
 
     `val_fraction` and `test_fraction` are shares of ALL samples. With `test_fraction` 0 the
     result is exactly `split_dataset(samples, val_fraction, seed)` plus an empty test list, so
     runs and packages made before the test split existed reproduce their splits unchanged.
+    `parts` keeps each physical part's images on one side of both draws (see `split_dataset`).
     """
     if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
         raise ValueError(f"val_fraction ({val_fraction}) + test_fraction ({test_fraction}) must be < 1")
     if test_fraction == 0:
-        train, val = split_dataset(samples, val_fraction, seed)
+        train, val = split_dataset(samples, val_fraction, seed, parts)
         return Split(train, val, [])
-    rest, test = split_dataset(samples, test_fraction, seed + TEST_SALT)
-    train, val = split_dataset(rest, val_fraction / (1.0 - test_fraction), seed)
+    rest, test = split_dataset(samples, test_fraction, seed + TEST_SALT, parts)
+    train, val = split_dataset(rest, val_fraction / (1.0 - test_fraction), seed, parts)
     return Split(train, val, test)

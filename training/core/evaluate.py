@@ -287,7 +287,8 @@ def select_split(samples: list[Any], split: str, train_config: dict[str, Any], m
         raise ValueError(f"{model}: has no train_config with val_fraction and seed, so the training split "
                          f"cannot be reproduced; use --split all")
     test_fraction = float(train_config.get("test_fraction", 0.0))
-    parts = split_holdout(samples, float(train_config["val_fraction"]), test_fraction, int(train_config["seed"]))
+    parts = split_holdout(samples, float(train_config["val_fraction"]), test_fraction, int(train_config["seed"]),
+                          train_config.get("parts"))
     chosen = {"train": parts.train, "val": parts.val, "test": parts.test}[split]
     if not chosen:
         why = "the model was trained without a test split (test_fraction 0)" if split == "test" else ""

@@ -49,6 +49,7 @@ from training.core.checkpoint import (
 )
 from training.core.data import DataError, Sample, load_dataset, merge_datasets, split_holdout
 from training.core.losses import build_loss
+from training.core.part_groups import part_ids
 from training.core.patches import (
     HardNegative,
     PatchDataset,
@@ -273,7 +274,8 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, init_from: str | Path | No
     clock = Clock(cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch, budget_s,
                   elapsed_s=st.elapsed_s + time.monotonic() - t_start)
     train_config = {**cfg.to_yaml_dict(), "val_fraction": cfg.data.val_fraction,
-                    "test_fraction": cfg.data.test_fraction, "seed": data.split_seed, "model_seed": cfg.seed,
+                    "test_fraction": cfg.data.test_fraction, "seed": data.split_seed, "parts": cfg.data.parts,
+                    "model_seed": cfg.seed,
                     "data_root": str(cfg.data.root), "world_size": d.world,
                     "train_names": [s.name for s in data.train_s], "val_names": [s.name for s in data.val_s],
                     "test_names": [s.name for s in data.test_s]}
@@ -285,6 +287,18 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, init_from: str | Path | No
     st.lr = lr_at(clock.fraction(st.step), cfg.optim.lr, cfg.optim.warmup, cfg.optim.min_lr_ratio)
     st.last_val_t = clock.elapsed()
     return run, st
+
+
+def _parts_summary(samples: Sequence[Sample], rule: str) -> str:
+    """How many physical parts the `data.parts` rule found, and which names it did not match."""
+    ids, unmatched = part_ids(samples, rule)
+    n_parts = len(set(ids.values()))
+    line = (f"parts: {len(samples)} images show {n_parts} physical parts (data.parts {rule!r}); "
+            f"each part's images stay on one side of the split")
+    if unmatched:
+        line += (f"\n  warning: {len(unmatched)} image name(s) do not match data.parts and count as parts of their "
+                 f"own, first {unmatched[0]!r}")
+    return line
 
 
 def _load_data(cfg: TrainConfig, d: Dist, out: Path, extra_data: Sequence[str | Path],
@@ -301,7 +315,9 @@ def _load_data(cfg: TrainConfig, d: Dist, out: Path, extra_data: Sequence[str | 
     for path, reason in dataset.skipped[:5]:
         say(f"  skipped {path}: {reason}")
     split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
-    split = split_holdout(dataset.samples, cfg.data.val_fraction, cfg.data.test_fraction, split_seed)
+    split = split_holdout(dataset.samples, cfg.data.val_fraction, cfg.data.test_fraction, split_seed, cfg.data.parts)
+    if cfg.data.parts:
+        say(_parts_summary(dataset.samples, cfg.data.parts))
     train_s, val_s, test_s = split.train, split.val, split.test
     if not train_s or not val_s:
         raise DataError(f"{cfg.data.root}: too few images for a train/val split ({len(dataset.samples)})")

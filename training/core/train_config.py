@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import TypeIs
 
 from edge.config import ConfigError  # one error type for bad configs, station or training
 from training.core.losses import LossName
+from training.core.part_groups import compile_rule
 from training.core.unet import Stem, Upsample, network_stride
 
 AUTO = "auto"  # a field left to training.core.recipe_auto, resolved from the data when training starts
@@ -55,6 +56,18 @@ class DataSection(_Section):
     split_seed: int | None = Field(None, ge=0, description="seed of the split (null = `seed`): fix it to compare "
                                                            "model seeds on the same held-out parts")
     strict: bool = Field(False, description="fail on any unreadable file instead of skipping it")
+    parts: str | None = Field(None, description="regex on image names telling which images show one physical part "
+                                                "(named group `part`, or `shot` + `seq` for bursts of shots); all "
+                                                "images of a part stay on one side of the split, so held-out figures "
+                                                "are not from parts trained on under another light "
+                                                "(training/core/part_groups.py). null = every image its own part")
+
+    @field_validator("parts")
+    @classmethod
+    def _parts_rule(cls, value: str | None) -> str | None:
+        if value:
+            compile_rule(value)
+        return value or None
 
 
 def _check_int(value: Any, field: str, lo: int, hi: int, multiple_of: int = 1) -> None:

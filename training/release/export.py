@@ -214,10 +214,10 @@ def _split_data(req: ExportRequest, meta: CheckpointMeta) -> tuple[list[Any], li
             # INT8 ranges from the training parts, the gate on the calibration parts; the held-out
             # test parts (test_fraction) are never seen, so their figures stay honest for the package too
             parts = split_holdout(ds.samples, float(tc.get("val_fraction", 0.2)), float(tc.get("test_fraction", 0.0)),
-                                  int(tc.get("seed", 0)))
+                                  int(tc.get("seed", 0)), tc.get("parts"))
             calib_samples, val_samples = parts.train, parts.val
             val_source = (f"{calib_data} calibration split (val_fraction={tc.get('val_fraction', 0.2)}, "
-                          f"test_fraction={tc.get('test_fraction', 0.0)}, seed={tc.get('seed', 0)})")
+                          f"test_fraction={tc.get('test_fraction', 0.0)}, seed={tc.get('seed', 0)}, parts={tc.get('parts')})")
         else:
             calib_samples = ds.samples
     if val_data is not None:
