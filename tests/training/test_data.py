@@ -301,6 +301,112 @@ def test_holdout_split_is_disjoint_stratified_and_keeps_old_splits() -> None:
         split_holdout(samples, 0.5, 0.5)
 
 
+def test_split_without_a_parts_rule_is_the_split_runs_were_made_with() -> None:
+    """Pinned from the code before `data.parts`: old runs and packages reproduce their splits."""
+    samples = _samples({"good": 12, "crack": 5, "pit": 3, "odd": 1})
+    parts = split_holdout(samples, 0.2, 0.2, seed=3)
+    assert [s.name for s in parts.val] == ["crack_004", "good_001", "good_010", "pit_002"]
+    assert [s.name for s in parts.test] == ["crack_001", "good_002", "good_005", "pit_000"]
+    # a rule under which every image is its own part draws exactly the same
+    assert split_holdout(samples, 0.2, 0.2, seed=3, parts=r"(?P<part>.+)") == parts
+
+
+def _bursts(counts: dict[str, int], shots: int = 5, seed: int = 0) -> list[Sample]:
+    """`counts` parts per category, each photographed in a burst of up to `shots` exposures
+    (`<cat>_exp<k>_num_<n>`: k rises, n runs on through the whole capture; some shots missing)."""
+    rng = np.random.default_rng(seed)
+    out, seq = [], 100
+    for cat, n in counts.items():
+        for _ in range(n):
+            for k in sorted(rng.choice(np.arange(1, shots + 1), size=int(rng.integers(1, shots + 1)), replace=False)):
+                seq += int(rng.integers(3, 40))
+                name = f"{cat}_exp{k}_num_{seq}"
+                out.append(Sample(name, Path(f"/x/{name}.jpg"), None if cat == "good" else Path(f"/m/{name}.png"),
+                                  cat, cat != "good"))
+    return out
+
+
+BURSTS = r"_exp(?P<shot>\d+)_num_(?P<seq>\d+)$"
+
+
+def test_bursts_of_one_part_stay_on_one_side_of_every_split() -> None:
+    samples = _bursts({"good": 60, "crack": 15, "pit": 10})
+    part_of: dict[str, int] = {}
+    n, prev = -1, ("", 0)
+    for s in samples:  # the generator's own truth: a shot that does not rise starts the next part
+        k = int(s.name.split("_exp")[1].split("_")[0])
+        if k <= prev[1] or s.category != prev[0]:
+            n += 1
+        part_of[s.name], prev = n, (s.category, k)
+    for seed in range(5):
+        split = split_holdout(samples, 0.2, 0.2, seed=seed, parts=BURSTS)
+        sides = [{part_of[s.name] for s in side} for side in (split.train, split.val, split.test)]
+        assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+        assert sum(len(side) for side in sides) == n + 1
+        # the strata count parts: 20 % of each category's parts, whatever their image counts
+        assert len({part_of[s.name] for s in split.test if s.category == "good"}) == 12
+        assert len({part_of[s.name] for s in split.test if s.category == "crack"}) == 3
+        assert {s.category for s in split.val} == {"good", "crack", "pit"}
+    # the image-by-image split of the same images leaks parts across: what the rule is for
+    plain = split_holdout(samples, 0.2, 0.2, seed=0)
+    assert {part_of[s.name] for s in plain.test} & {part_of[s.name] for s in plain.train}
+
+
+def test_part_ids_bursts_and_named_parts() -> None:
+    from training.core.part_groups import part_ids
+
+    def s(name: str, cat: str = "crack") -> Sample:
+        return Sample(name, Path(f"/x/{name}.png"), Path("/m"), cat, True)
+
+    names = [s("crack_exp1_num_10"), s("crack_exp3_num_30"),   # one burst, shot 2 missing
+             s("crack_exp3_num_45"), s("crack_exp5_num_60"),   # shot 3 again: the next part
+             s("pit_exp4_num_50", "pit"),                      # another category: its own part
+             s("crack_exp1_num_99"), s("crack_extra")]         # a new burst; a name that does not match
+    ids, unmatched = part_ids(names, BURSTS)
+    assert ids["crack_exp1_num_10"] == ids["crack_exp3_num_30"] != ids["crack_exp3_num_45"]
+    assert ids["crack_exp3_num_45"] == ids["crack_exp5_num_60"] != ids["crack_exp1_num_99"]
+    assert len({ids[n.name] for n in names}) == 5 and unmatched == ["crack_extra"]
+    ids, _ = part_ids([s("a_view1"), s("a_view2"), s("b_view1")], r"^(?P<part>[^_]+)_view\d")
+    assert ids["a_view1"] == ids["a_view2"] != ids["b_view1"]
+
+
+def test_evaluate_and_export_redraw_the_split_with_the_runs_parts_rule() -> None:
+    """`evaluate --split test` and the export gate read the rule from the run's train_config."""
+    from training.core.evaluate import select_split
+
+    samples = _bursts({"good": 30, "crack": 10})
+    tc = {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 4, "parts": BURSTS}
+    grouped = split_holdout(samples, 0.2, 0.2, seed=4, parts=BURSTS)
+    assert select_split(samples, "test", tc, "m") == grouped.test
+    assert select_split(samples, "val", tc, "m") == grouped.val
+    assert select_split(samples, "test", {**tc, "parts": None}, "m") == split_holdout(samples, 0.2, 0.2, 4).test
+    assert grouped.test != split_holdout(samples, 0.2, 0.2, 4).test
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    (r"(?P<part>a", "is not a regular expression"),
+    (r"(?P<shot>\d+)", r"needs a named group \(\?P<part>"),
+    (r"^zzz(?P<part>.)", "matches none of the 3 image names"),
+    (r"_(?P<shot>[a-z]+)_(?P<seq>\d+)$", "must both be integers"),
+])
+def test_a_parts_rule_that_cannot_work_is_refused_clearly(rule: str, message: str) -> None:
+    from training.core.part_groups import PartRuleError
+
+    samples = [Sample(n, Path(f"/x/{n}.png"), None, "good", False) for n in ("p_a_1", "p_b_2", "p_c_3")]
+    with pytest.raises(PartRuleError, match=message):
+        split_holdout(samples, 0.2, 0.2, seed=0, parts=rule)
+
+
+def test_a_bad_parts_rule_stops_the_config_at_load(tmp_path: Path) -> None:
+    from training.core.train_config import ConfigError, load_config
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("base: " + str(Path(__file__).resolve().parents[2] / "configs/train/default.yaml") +
+                   "\ndata:\n  parts: '(?P<lot>\\d+)'\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*data.parts.*needs a named group"):
+        load_config(cfg)
+
+
 def test_merge_datasets_joins_and_refuses_a_name_twice(tmp_path: Path) -> None:
     from training.core.data import merge_datasets
 

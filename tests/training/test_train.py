@@ -447,3 +447,14 @@ def test_the_end_of_a_short_run_says_how_far_it_got() -> None:
     assert short_run_warning(2500, 480.0, 3000, clock_ended=True) is None  # >= 80 % of the usual
     assert short_run_warning(1100, 480.0, 3000, clock_ended=False) is None  # --max-steps or epochs ended it
     assert short_run_warning(1100, 480.0, None, clock_ended=True) is None
+
+
+def test_the_run_says_how_many_parts_its_parts_rule_found() -> None:
+    from training.core.data import Sample
+    from training.core.train import _parts_summary
+
+    samples = [Sample(n, Path(f"/x/{n}.png"), None, "good", False)
+               for n in ("good_exp1_num_1", "good_exp2_num_5", "good_exp1_num_9", "good_odd")]
+    line = _parts_summary(samples, r"_exp(?P<shot>\d+)_num_(?P<seq>\d+)$")
+    assert "4 images show 3 physical parts" in line
+    assert "1 image name(s) do not match data.parts" in line and "'good_odd'" in line
