@@ -71,6 +71,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     result = json.loads(ev.read_text())
     row["test"] = {k: result.get(k) for k in (*METRICS, "n_images", "n_defective", "pixel_threshold", "min_area")}
     row["by_category"] = result["by_category"]
+    row["by_physical_part"] = result.get("by_physical_part")
     return row
 
 
@@ -134,6 +135,14 @@ def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], agg: dict[str
               "| category | parts | missed | false alarms |", "| --- | --- | --- | --- |"]
     for cat, c in sorted(agg["by_category_summed"].items()):
         lines.append(f"| {cat} | {c['parts']} | {c['missed']} | {c['false_alarms']} |")
+    tiles = [(r["seed"], r["by_physical_part"]) for r in rows if r.get("by_physical_part")]
+    if tiles:  # the split grouped images by physical part: how many parts, not images, were wrong
+        lines += ["", "Per physical part (`data.parts`: all images of a part on one side of the split):", "",
+                  "| seed | parts | defective parts with an image passed | good parts with an image flagged |",
+                  "| --- | --- | --- | --- |"]
+        for seed, b in tiles:
+            lines.append(f"| {seed} | {b['parts']} | {b['defective_parts_with_a_miss']} of {b['defective_parts']} | "
+                         f"{b['good_parts_with_a_false_alarm']} of {b['good_parts']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -191,3 +191,20 @@ def test_cli_on_a_checkpoint_with_a_decision_head(dataset: Path, tmp_path: Path)
     result = json.loads(out.read_text())
     assert result["part_threshold"] == 0.5 and result["n_images"] == 6
     assert all(0.0 <= row["part_score"] <= 1.0 for row in result["per_image"])
+
+
+def test_errors_are_also_counted_per_physical_part_under_a_parts_rule() -> None:
+    """Five exposures of one tile are one tile: a miss in two of them is one tile with a miss."""
+    from training.core.data import Sample
+    from training.core.evaluate import errors_by_physical_part
+
+    names = ["crack_exp1_num_10", "crack_exp2_num_20", "crack_exp3_num_30", "free_exp1_num_40", "free_exp2_num_50",
+             "free_exp1_num_60"]
+    samples = [Sample(n, Path(f"/x/{n}.png"), None, n.split("_")[0], n.startswith("crack")) for n in names]
+    verdicts = [False, True, False, True, False, False]  # the tile missed in 2 of 3; one good tile flagged once
+    rows = [{"defective": s.defective, "predicted": v} for s, v in zip(samples, verdicts, strict=True)]
+    b = errors_by_physical_part(rows, samples, r"_exp(?P<shot>\d+)_num_(?P<seq>\d+)$")
+    assert b is not None
+    assert (b["parts"], b["defective_parts"], b["good_parts"]) == (3, 1, 2)
+    assert (b["defective_parts_with_a_miss"], b["good_parts_with_a_false_alarm"]) == (1, 1)
+    assert errors_by_physical_part(rows, samples, None) is None

@@ -1,5 +1,7 @@
-"""The real-data recipe on Magnetic-Tile: the untouched default recipe, 8 minutes of training on
-this machine's 2 cores, exported to INT8 and judged on held-out parts that chose nothing.
+"""The real-data recipe on Magnetic-Tile: the untouched default recipe (magnetic-tile.yaml adds only
+the name, grey and which images show one tile), 8 minutes of training on this machine's 2 cores,
+exported to INT8 and judged on held-out tiles that chose nothing and were never trained on under
+another exposure.
 
 Slow (about 12 minutes) and needs ../shared/data/magnetic-tile, so it is not in the default run:
 
@@ -30,7 +32,7 @@ pytestmark = [
 
 def test_default_recipe_on_magnetic_tile_in_eight_minutes(tmp_path: Path) -> None:
     run, pkg, result = tmp_path / "run", tmp_path / "pkg", tmp_path / "test.json"
-    assert train_main(["--config", str(ROOT / "configs" / "train" / "default.yaml"), "--data", str(DATA),
+    assert train_main(["--config", str(ROOT / "configs" / "train" / "magnetic-tile.yaml"), "--data", str(DATA),
                        "--out", str(run), "--time-budget", "8", "--set", "log.progress=false"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["elapsed_s"] < 8 * 60 + 60
@@ -39,12 +41,13 @@ def test_default_recipe_on_magnetic_tile_in_eight_minutes(tmp_path: Path) -> Non
     assert evaluate_main(["--model", str(pkg), "--data", str(DATA), "--json", str(result), "--split", "test",
                           "--no-progress"]) == 0
     m = json.loads(result.read_text())
-    assert m["n_images"] >= 180  # the held-out fifth of 946 parts
-    # issue 15's figures come from scripts/recipe_report.py (docs/benchmarks.md, "The component term"): 8 minutes
-    # on the AMX Xeon (2,400-2,969 steps) reach held-out INT8 image AP 0.905-0.990 and pixel IoU 0.32-0.42 over 3
-    # seeds, recall 1.0; 1,100 steps (a machine 2.5x slower) AP 0.820, IoU 0.23. The targets (accuracy and recall
-    # >= 0.97, IoU >= 0.70) are not met. The guards sit below the slow machine's figures, so a failure says the
-    # recipe got worse, not that the targets still stand open.
-    assert m["image_recall"] >= 0.95, m
-    assert m["image_ap"] >= 0.78, m
-    assert m["pixel_iou"] >= 0.15, m
+    assert m["n_images"] >= 170  # the held-out fifth of 237 tiles (946 images)
+    # issue 15's figures come from scripts/recipe_report.py (docs/benchmarks.md, "Ninth session"): 8 minutes on a
+    # 2-vCPU AVX-512 EPYC (3,456-3,721 steps), with each tile's exposures on one side of the split, give held-out
+    # INT8 image recall 0.907-0.926, AP 0.754-0.792 and pixel IoU 0.20-0.37 over 3 seeds. The targets (accuracy
+    # and recall >= 0.97, IoU >= 0.70) are not met. The guards sit 0.06-0.10 below the lowest of those figures (a
+    # slower machine was not measured on this split), so a failure says the recipe got worse, not that the
+    # targets still stand open.
+    assert m["image_recall"] >= 0.85, m
+    assert m["image_ap"] >= 0.65, m
+    assert m["pixel_iou"] >= 0.10, m

@@ -50,3 +50,14 @@ def test_the_report_sets_the_fp32_checkpoint_beside_the_package() -> None:
     assert next(ln for ln in lines if ln.startswith("| 2 |")).endswith("| - |")
     assert "| image_recall | 0.9667 | 0.9000 | 1.0000 | 0.9750 (0.9500-1.0000) |" in lines
     assert any(ln.startswith("| 3 | failed: exit code 1") for ln in lines)
+    assert "Per physical part" not in text  # no data.parts rule: images are the parts
+
+
+def test_the_report_counts_physical_parts_when_the_split_grouped_them() -> None:
+    rr = _module()
+    row = _row(0, _metrics(0.9, 0.9, 0.5, 3, 2), None)
+    row["by_physical_part"] = {"parts": 46, "defective_parts": 13, "good_parts": 33,
+                               "defective_parts_with_a_miss": 1, "good_parts_with_a_false_alarm": 2}
+    args = argparse.Namespace(config="c.yaml", data="d", time_budget=8.0, max_steps=None, seeds=[0], split_seed=0)
+    lines = rr.markdown(args, [row], rr.aggregate([row])).splitlines()
+    assert "| 0 | 46 | 1 of 13 | 2 of 33 |" in lines

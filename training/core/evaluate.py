@@ -137,6 +137,26 @@ def errors_by_category(rows: Sequence[dict[str, Any]], categories: Sequence[str]
     return dict(sorted(out.items()))
 
 
+def errors_by_physical_part(rows: Sequence[dict[str, Any]], samples: Sequence[Any],
+                            rule: str | None) -> dict[str, Any] | None:
+    """With the run's `data.parts` rule: physical parts judged, defective ones with an image passed, good
+    ones with an image flagged. Why: a tile shot in 5 exposures counts 5 times among the images, so
+    "4 misses" may be one tile or four, and a line judges tiles."""
+    if not rule:
+        return None
+    from training.core.part_groups import part_ids
+
+    ids, _ = part_ids(samples, rule)
+    per: dict[str, list[dict[str, Any]]] = {}
+    for s, row in zip(samples, rows, strict=True):
+        per.setdefault(ids[s.name], []).append(row)
+    bad = [r for r in per.values() if any(x["defective"] for x in r)]
+    good = [r for r in per.values() if not any(x["defective"] for x in r)]
+    return {"rule": rule, "parts": len(per), "defective_parts": len(bad), "good_parts": len(good),
+            "defective_parts_with_a_miss": sum(any(x["defective"] and not x["predicted"] for x in r) for r in bad),
+            "good_parts_with_a_false_alarm": sum(any(x["predicted"] for x in r) for r in good)}
+
+
 def format_errors(by_cat: dict[str, dict[str, Any]]) -> str:
     """The per-category table as text (category, parts, misses, false alarms)."""
     lines = [f"{'category':<16} {'parts':>5} {'missed':>6} {'false alarms':>12}"]
@@ -365,6 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for s, row in zip(samples, rows, strict=True):
         row["name"], row["category"] = s.name, s.category
     by_category = errors_by_category(rows, [s.category for s in samples], names)
+    by_part = errors_by_physical_part(rows, samples, loaded.train_config.get("parts"))
     return {
         **metrics,
         "model": str(args.model),
@@ -378,6 +399,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "params": params.to_dict(),
         "warnings": warnings,
         "by_category": by_category,
+        **({"by_physical_part": by_part} if by_part else {}),
         "time_s": round(time.perf_counter() - t0, 2),
         "per_image": rows,
     }
@@ -425,9 +447,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     shown = {k: v for k, v in result.items()
-             if k not in ("per_image", "warnings", "params", "by_category", "vs_baseline")}
+             if k not in ("per_image", "warnings", "params", "by_category", "vs_baseline", "by_physical_part")}
     print(format_table(shown))
     print(format_errors(result["by_category"]))
+    if "by_physical_part" in result:
+        b = result["by_physical_part"]
+        print(f"physical parts (data.parts): {b['parts']}; defective {b['defective_parts']}, "
+              f"{b['defective_parts_with_a_miss']} with an image passed; good {b['good_parts']}, "
+              f"{b['good_parts_with_a_false_alarm']} with an image flagged")
     if "vs_baseline" in result:
         print(format_comparison(result["vs_baseline"]))
     print(f"wrote {args.json}")
