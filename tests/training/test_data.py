@@ -383,6 +383,60 @@ def test_evaluate_and_export_redraw_the_split_with_the_runs_parts_rule() -> None
     assert grouped.test != split_holdout(samples, 0.2, 0.2, 4).test
 
 
+def test_k_fold_holds_out_every_part_exactly_once_and_keeps_categories_in_every_fold() -> None:
+    samples = _bursts({"good": 41, "crack": 12, "pit": 7}, seed=1)
+    from training.core.part_groups import part_ids
+
+    ids, _ = part_ids(samples, BURSTS)
+    n_parts = len(set(ids.values()))
+    held_out: Counter[str] = Counter()
+    for fold in range(5):
+        split = split_holdout(samples, 0.2, 0.2, seed=2, parts=BURSTS, folds=5, test_fold=fold)
+        sides = [{ids[s.name] for s in side} for side in (split.train, split.val, split.test)]
+        assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+        assert len(split.train) + len(split.val) + len(split.test) == len(samples)
+        assert {s.category for s in split.test} == {"good", "crack", "pit"}
+        assert len(sides[2]) in (n_parts // 5, n_parts // 5 + 1)  # fold sizes differ by at most one part
+        # the calibration share stays ~20 % of all parts, drawn from the 80 % not held out
+        assert abs(len(sides[1]) - 0.2 * n_parts) <= 2
+        held_out.update(sides[2])
+    assert set(held_out) == set(ids.values()) and set(held_out.values()) == {1}
+    # a fold depends on the split seed, not on the order of the samples
+    again = split_holdout(list(reversed(samples)), 0.2, 0.2, seed=2, parts=BURSTS, folds=5, test_fold=3)
+    assert again == split_holdout(samples, 0.2, 0.2, seed=2, parts=BURSTS, folds=5, test_fold=3)
+    assert again.test != split_holdout(samples, 0.2, 0.2, seed=3, parts=BURSTS, folds=5, test_fold=3).test
+
+
+def test_evaluate_redraws_the_runs_fold() -> None:
+    """A k-fold run's package is judged on its own fold; a run from before folds keeps its split."""
+    from training.core.evaluate import select_split
+
+    samples = _bursts({"good": 30, "crack": 10})
+    tc = {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 4, "parts": BURSTS, "folds": 4, "test_fold": 2}
+    fold2 = split_holdout(samples, 0.2, 0.2, seed=4, parts=BURSTS, folds=4, test_fold=2)
+    assert select_split(samples, "test", tc, "m") == fold2.test
+    assert select_split(samples, "val", tc, "m") == fold2.val
+    assert select_split(samples, "test", {**tc, "test_fold": 3}, "m") != fold2.test
+    old = {k: v for k, v in tc.items() if k not in ("folds", "test_fold")}
+    assert select_split(samples, "test", old, "m") == split_holdout(samples, 0.2, 0.2, 4, BURSTS).test
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("  folds: 5\n  test_fold: 5\n", r"data.test_fold must be < data.folds \(5\)"),
+    ("  test_fold: 1\n", "data.test_fold needs data.folds"),
+    ("  folds: 1\n", r"data.folds.*greater than or equal to 2"),
+    ("  folds: 2\n  val_fraction: 0.5\n", r"val_fraction \+ 1/data.folds \(0.500\) must be < 0.9"),
+])
+def test_bad_fold_settings_stop_the_config_at_load(tmp_path: Path, extra: str, message: str) -> None:
+    from training.core.train_config import ConfigError, load_config
+
+    cfg = tmp_path / "folds.yaml"
+    cfg.write_text("base: " + str(Path(__file__).resolve().parents[2] / "configs/train/default.yaml") +
+                   "\ndata:\n" + extra)
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg)
+
+
 @pytest.mark.parametrize(("rule", "message"), [
     (r"(?P<part>a", "is not a regular expression"),
     (r"(?P<shot>\d+)", r"needs a named group \(\?P<part>"),

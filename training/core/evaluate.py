@@ -301,19 +301,16 @@ def select_split(samples: list[Any], split: str, train_config: dict[str, Any], m
     """
     if split == "all":
         return samples
-    from training.core.data import split_holdout
+    from training.core.data import describe_split, split_of_run
 
     if "val_fraction" not in train_config or "seed" not in train_config:
         raise ValueError(f"{model}: has no train_config with val_fraction and seed, so the training split "
                          f"cannot be reproduced; use --split all")
-    test_fraction = float(train_config.get("test_fraction", 0.0))
-    parts = split_holdout(samples, float(train_config["val_fraction"]), test_fraction, int(train_config["seed"]),
-                          train_config.get("parts"))
+    parts = split_of_run(samples, train_config)
     chosen = {"train": parts.train, "val": parts.val, "test": parts.test}[split]
     if not chosen:
         why = "the model was trained without a test split (test_fraction 0)" if split == "test" else ""
-        raise ValueError(f"{model}: the {split} split is empty (val_fraction={train_config['val_fraction']}, "
-                         f"test_fraction={test_fraction}) {why}".rstrip())
+        raise ValueError(f"{model}: the {split} split is empty ({describe_split(train_config)}) {why}".rstrip())
     return chosen
 
 

@@ -47,7 +47,7 @@ from training.core.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from training.core.data import DataError, Sample, load_dataset, merge_datasets, split_holdout
+from training.core.data import DataError, Sample, describe_split, load_dataset, merge_datasets, split_holdout
 from training.core.losses import build_loss
 from training.core.part_groups import part_ids
 from training.core.patches import (
@@ -275,6 +275,7 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, init_from: str | Path | No
                   elapsed_s=st.elapsed_s + time.monotonic() - t_start)
     train_config = {**cfg.to_yaml_dict(), "val_fraction": cfg.data.val_fraction,
                     "test_fraction": cfg.data.test_fraction, "seed": data.split_seed, "parts": cfg.data.parts,
+                    "folds": cfg.data.folds, "test_fold": cfg.data.test_fold,
                     "model_seed": cfg.seed,
                     "data_root": str(cfg.data.root), "world_size": d.world,
                     "train_names": [s.name for s in data.train_s], "val_names": [s.name for s in data.val_s],
@@ -315,7 +316,8 @@ def _load_data(cfg: TrainConfig, d: Dist, out: Path, extra_data: Sequence[str | 
     for path, reason in dataset.skipped[:5]:
         say(f"  skipped {path}: {reason}")
     split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
-    split = split_holdout(dataset.samples, cfg.data.val_fraction, cfg.data.test_fraction, split_seed, cfg.data.parts)
+    split = split_holdout(dataset.samples, cfg.data.val_fraction, cfg.data.test_fraction, split_seed, cfg.data.parts,
+                          cfg.data.folds, cfg.data.test_fold)
     if cfg.data.parts:
         say(_parts_summary(dataset.samples, cfg.data.parts))
     train_s, val_s, test_s = split.train, split.val, split.test
@@ -342,7 +344,7 @@ def _load_data(cfg: TrainConfig, d: Dist, out: Path, extra_data: Sequence[str | 
     train_masks = [scale_mask(m, spec.scale) for m in train_masks]
     fingerprint = dataset.fingerprint()
     say(f"split: {len(train_s)} train / {len(val_s)} calibration / {len(test_s)} held-out test "
-        f"(val_fraction {cfg.data.val_fraction}, test_fraction {cfg.data.test_fraction}, seed {split_seed}), "
+        f"({describe_split({**cfg.data.model_dump(), 'seed': split_seed})}), "
         f"color {color}")
     return RunData(cfg, color, spec, split_seed, train_s, val_s, test_s, train_images, train_masks, val_images,
                    val_masks, fingerprint, good_train=[i for i, m in enumerate(train_masks) if not m.any()])

@@ -55,6 +55,11 @@ class DataSection(_Section):
                                              "on it (0 = no test split, figures come from the calibration parts)")
     split_seed: int | None = Field(None, ge=0, description="seed of the split (null = `seed`): fix it to compare "
                                                            "model seeds on the same held-out parts")
+    folds: int | None = Field(None, ge=2, le=20,
+                              description="k-fold over physical parts: the held-out parts are fold `test_fold` "
+                                          "of `folds` (replaces test_fraction). Runs over test_fold 0..folds-1 "
+                                          "judge every part once (scripts/recipe_report.py --folds)")
+    test_fold: int = Field(0, ge=0, description="which fold is held out when `folds` is set")
     strict: bool = Field(False, description="fail on any unreadable file instead of skipping it")
     parts: str | None = Field(None, description="regex on image names telling which images show one physical part "
                                                 "(named group `part`, or `shot` + `seq` for bursts of shots); all "
@@ -262,8 +267,16 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        if self.data.val_fraction + self.data.test_fraction >= 0.9:
+        d = self.data
+        if d.folds is None and d.val_fraction + d.test_fraction >= 0.9:
             raise ValueError("data.val_fraction + data.test_fraction must be < 0.9 (parts are needed for training)")
+        if d.folds is not None and d.val_fraction + 1 / d.folds >= 0.9:
+            raise ValueError(f"data.val_fraction + 1/data.folds ({1 / d.folds:.3f}) must be < 0.9 "
+                             f"(parts are needed for training)")
+        if d.folds is not None and d.test_fold >= d.folds:
+            raise ValueError(f"data.test_fold must be < data.folds ({d.folds}), got {d.test_fold}")
+        if d.folds is None and d.test_fold:
+            raise ValueError("data.test_fold needs data.folds (k-fold over parts)")
         stride = self.model.stride  # unresolved autos are checked when training.core.recipe_auto resolves them
         for name, side in (("patches.size", self.patches.size), ("input.tile", self.input.tile)):
             if not is_auto(side) and side % stride:

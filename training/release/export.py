@@ -42,7 +42,7 @@ from edge.package import read_package, sha256_file, write_package_json
 from edge.preprocess import preprocess
 from edge.signature import sign_package
 from training.core.checkpoint import CheckpointMeta, load_model
-from training.core.data import load_dataset, load_sample, split_holdout
+from training.core.data import describe_split, load_dataset, load_sample, split_of_run
 from training.release import quantize as q
 from training.release.timing import median_latency_ms, ov_runner
 
@@ -213,11 +213,9 @@ def _split_data(req: ExportRequest, meta: CheckpointMeta) -> tuple[list[Any], li
             tc = meta.train_config
             # INT8 ranges from the training parts, the gate on the calibration parts; the held-out
             # test parts (test_fraction) are never seen, so their figures stay honest for the package too
-            parts = split_holdout(ds.samples, float(tc.get("val_fraction", 0.2)), float(tc.get("test_fraction", 0.0)),
-                                  int(tc.get("seed", 0)), tc.get("parts"))
+            parts = split_of_run(ds.samples, tc)
             calib_samples, val_samples = parts.train, parts.val
-            val_source = (f"{calib_data} calibration split (val_fraction={tc.get('val_fraction', 0.2)}, "
-                          f"test_fraction={tc.get('test_fraction', 0.0)}, seed={tc.get('seed', 0)}, parts={tc.get('parts')})")
+            val_source = f"{calib_data} calibration split ({describe_split(tc)})"
         else:
             calib_samples = ds.samples
     if val_data is not None:
