@@ -18,6 +18,10 @@ components the current model misses (peak probability < 0.5), mined each epoch o
 number of defective images (`mine_hard_positives`), so the small blowholes that a random
 component draw rarely shows get shown until they are found.
 
+Pasted defects: a share (`paste_fraction`) of the defect patches is a random good patch with a
+small defect component of another training image pasted in (training/core/paste.py), so each
+defect is also seen on surfaces other than its own part's.
+
 With a folding stem that trains on coarse targets (`target_stride` s > 1, the model's views stem),
 patches are cut and augmented at input resolution and the target is made after augmentation with
 edge.preprocess.coarse_mask: items are then C x P x P pixels and a 1 x P/s x P/s target.
@@ -50,6 +54,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from edge.preprocess import coarse_mask, pad_bottom_right
 from training.core.augment import build_augmentation
+from training.core.paste import cut_stamps, paste
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,8 @@ class PatchDataset(IterableDataset):
     def __init__(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], patch_size: int,
                  patches_per_epoch: int, defect_fraction: float = 0.5, hard_negative_fraction: float = 0.25,
                  jitter: float = 0.35, augment: str = "default", seed: int = 0, rank: int = 0,
-                 world_size: int = 1, target_stride: int = 1, hard_positive_fraction: float = 0.0) -> None:
+                 world_size: int = 1, target_stride: int = 1, hard_positive_fraction: float = 0.0,
+                 paste_fraction: float = 0.0) -> None:
         if patch_size <= 0 or patch_size % 16:
             raise ValueError(f"patch size must be a positive multiple of 16, got {patch_size}")
         if target_stride < 1 or patch_size % target_stride:
@@ -91,6 +97,8 @@ class PatchDataset(IterableDataset):
                              f"got {target_stride}")
         if not 0 <= hard_positive_fraction <= 1:
             raise ValueError(f"hard_positive_fraction must be in [0, 1], got {hard_positive_fraction}")
+        if not 0 <= paste_fraction <= 1:
+            raise ValueError(f"paste_fraction must be in [0, 1], got {paste_fraction}")
         if len(images) != len(masks) or not images:
             raise ValueError("need the same, non-zero number of images and masks")
         if defect_fraction < 0 or hard_negative_fraction < 0 or defect_fraction + hard_negative_fraction > 1:
@@ -122,6 +130,8 @@ class PatchDataset(IterableDataset):
                 n, labels = cv2.connectedComponents((m > 0).astype(np.uint8), connectivity=8)
                 self.components[i] = [np.argwhere(labels == k) for k in range(1, n)]
         self.defective = sorted(self.components)
+        self.paste_fraction = paste_fraction
+        self.stamps = cut_stamps(images, masks, patch_size // 2) if paste_fraction > 0 and self.good else []
 
     # -------------------------------------------------------------------- trainer hooks
 
@@ -161,6 +171,8 @@ class PatchDataset(IterableDataset):
         """(kind, image index, y0, x0) of the next patch."""
         u = rng.random()
         if u < self.defect_fraction and self.defective:
+            if self.stamps and rng.random() < self.paste_fraction:  # a defect on another part's good surface
+                return ("paste", *self._random_in(self.good[int(rng.integers(len(self.good)))], rng))
             kind = "defect"
             if self.hard_positives and rng.random() < self.hard_positive_fraction:
                 hp = self.hard_positives[int(rng.integers(len(self.hard_positives)))]
@@ -187,9 +199,13 @@ class PatchDataset(IterableDataset):
         aug = build_augmentation(self.augment, seed=aug_seed)
         p = self.size
         for _ in range(worker, n, n_workers):
-            _, i, y0, x0 = self.choose(rng)
+            kind, i, y0, x0 = self.choose(rng)
             img = self.images[i][y0 : y0 + p, x0 : x0 + p]
             msk = self.masks[i][y0 : y0 + p, x0 : x0 + p]
+            if kind == "paste":
+                stamp = self.stamps[int(rng.integers(len(self.stamps)))]
+                h, w = stamp.mask.shape
+                img, msk = paste(img, msk, stamp, int(rng.integers(p - h + 1)), int(rng.integers(p - w + 1)))
             img, msk = aug(np.ascontiguousarray(img), np.ascontiguousarray(msk))
             if self.target_stride > 1:  # after augmentation, so the warp cannot erase a small target
                 msk = coarse_mask(msk, self.target_stride)

@@ -265,7 +265,7 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, init_from: str | Path | No
     patches = PatchDataset(data.train_images, data.train_masks, patch, pc.per_epoch, pc.defect_fraction,
                            pc.hard_negative_fraction, pc.jitter, pc.augment, seed=cfg.seed, rank=d.rank,
                            world_size=d.world, target_stride=mcfg.space_to_depth if raw_model.views else 1,
-                           hard_positive_fraction=pc.hard_positive_fraction)
+                           hard_positive_fraction=pc.hard_positive_fraction, paste_fraction=pc.paste_fraction)
     patches.set_hard_negatives(st.pool)
     batch = max(1, pc.batch_size // d.world)
     loader = DataLoader(patches, batch_size=batch, num_workers=pc.workers, drop_last=True)

@@ -152,6 +152,9 @@ class PatchSection(_Section):
     mine_positive_images: int = Field(32, ge=0, le=4096,
                                       description="defective training images re-predicted per epoch to find "
                                                   "missed components (bounds the mining cost)")
+    paste_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of the defect patches that are good surface with a small defect of "
+                                         "another training part pasted in (training/core/paste.py); 0 = off")
     augment: Literal["none", "light", "default"] = Field("default", description="training.core.augment strength")
     workers: int = Field(0, ge=0, le=16, description="DataLoader workers (0 = in the training process)")
 
