@@ -103,7 +103,8 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
             for k in t:
                 t[k] += int(c[k])
     out["by_category_summed"] = cats
-    out["pooled"] = pooled(done)
+    # sums over runs mean something only when each part was held out by one run (k-fold)
+    out["pooled"] = pooled(done) if any(r.get("fold") is not None for r in done) else None
     return out
 
 

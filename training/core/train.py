@@ -47,7 +47,7 @@ from training.core.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from training.core.data import DataError, Sample, describe_split, load_dataset, merge_datasets, split_holdout
+from training.core.data import DataError, Sample, describe_split, load_dataset, merge_datasets, split_of_run
 from training.core.losses import build_loss
 from training.core.part_groups import part_ids
 from training.core.patches import (
@@ -198,7 +198,7 @@ class RunData:
     cfg: TrainConfig
     color: str
     spec: InputSpec
-    split_seed: int
+    split_record: dict[str, Any]  # the split's options as train_config carries them (data.split_of_run)
     train_s: list[Sample]
     val_s: list[Sample]
     test_s: list[Sample]
@@ -273,9 +273,7 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, init_from: str | Path | No
     budget_s = cfg.schedule.time_budget_min * 60 if cfg.schedule.time_budget_min else None
     clock = Clock(cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch, budget_s,
                   elapsed_s=st.elapsed_s + time.monotonic() - t_start)
-    train_config = {**cfg.to_yaml_dict(), "val_fraction": cfg.data.val_fraction,
-                    "test_fraction": cfg.data.test_fraction, "seed": data.split_seed, "parts": cfg.data.parts,
-                    "folds": cfg.data.folds, "test_fold": cfg.data.test_fold,
+    train_config = {**cfg.to_yaml_dict(), **data.split_record,
                     "model_seed": cfg.seed,
                     "data_root": str(cfg.data.root), "world_size": d.world,
                     "train_names": [s.name for s in data.train_s], "val_names": [s.name for s in data.val_s],
@@ -316,8 +314,10 @@ def _load_data(cfg: TrainConfig, d: Dist, out: Path, extra_data: Sequence[str | 
     for path, reason in dataset.skipped[:5]:
         say(f"  skipped {path}: {reason}")
     split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
-    split = split_holdout(dataset.samples, cfg.data.val_fraction, cfg.data.test_fraction, split_seed, cfg.data.parts,
-                          cfg.data.folds, cfg.data.test_fold)
+    # the same record travels in train_config, so evaluate and export redraw this very split from it
+    split_record = {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction, "seed": split_seed,
+                    "parts": cfg.data.parts, "folds": cfg.data.folds, "test_fold": cfg.data.test_fold}
+    split = split_of_run(dataset.samples, split_record)
     if cfg.data.parts:
         say(_parts_summary(dataset.samples, cfg.data.parts))
     train_s, val_s, test_s = split.train, split.val, split.test
@@ -344,9 +344,9 @@ def _load_data(cfg: TrainConfig, d: Dist, out: Path, extra_data: Sequence[str | 
     train_masks = [scale_mask(m, spec.scale) for m in train_masks]
     fingerprint = dataset.fingerprint()
     say(f"split: {len(train_s)} train / {len(val_s)} calibration / {len(test_s)} held-out test "
-        f"({describe_split({**cfg.data.model_dump(), 'seed': split_seed})}), "
+        f"({describe_split(split_record)}), "
         f"color {color}")
-    return RunData(cfg, color, spec, split_seed, train_s, val_s, test_s, train_images, train_masks, val_images,
+    return RunData(cfg, color, spec, split_record, train_s, val_s, test_s, train_images, train_masks, val_images,
                    val_masks, fingerprint, good_train=[i for i, m in enumerate(train_masks) if not m.any()])
 
 
