@@ -421,7 +421,39 @@ def test_evaluate_redraws_the_runs_fold() -> None:
     assert select_split(samples, "test", old, "m") == split_holdout(samples, 0.2, 0.2, 4, BURSTS).test
 
 
+def test_train_share_keeps_whole_parts_of_every_category_and_leaves_calibration_and_test_alone() -> None:
+    """A learning curve: runs at several shares train on nested-size subsets and are judged on the same parts."""
+    from training.core.evaluate import select_split
+    from training.core.part_groups import part_ids
+
+    samples = _bursts({"good": 41, "crack": 12, "pit": 7}, seed=1)
+    ids, _ = part_ids(samples, BURSTS)
+    full = split_holdout(samples, 0.2, 0.2, seed=2, parts=BURSTS, folds=5, test_fold=1)
+    half = split_holdout(samples, 0.2, 0.2, seed=2, parts=BURSTS, folds=5, test_fold=1, train_share=0.5)
+    assert half.val == full.val and half.test == full.test
+    assert set(half.train) < set(full.train)
+    full_parts = {ids[s.name] for s in full.train}
+    half_parts = {ids[s.name] for s in half.train}
+    assert abs(len(half_parts) - len(full_parts) / 2) <= 2
+    # whole parts: every image of a kept part is kept
+    assert {s.name for s in full.train if ids[s.name] in half_parts} == {s.name for s in half.train}
+    assert {s.category for s in half.train} == {"good", "crack", "pit"}
+    # a tiny share still keeps one part of each category
+    tiny = split_holdout(samples, 0.2, 0.2, seed=2, parts=BURSTS, folds=5, test_fold=1, train_share=0.01)
+    assert {s.category for s in tiny.train} == {"good", "crack", "pit"}
+    assert len({ids[s.name] for s in tiny.train}) == 3
+    assert split_holdout(samples, 0.2, 0.2, seed=2, parts=BURSTS, train_share=1.0) == \
+        split_holdout(samples, 0.2, 0.2, seed=2, parts=BURSTS)
+    # the share travels in train_config: evaluate redraws the same split (and its training parts)
+    tc = {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 2, "parts": BURSTS, "folds": 5, "test_fold": 1,
+          "train_share": 0.5}
+    assert select_split(samples, "test", tc, "m") == half.test
+    with pytest.raises(ValueError, match=r"train_share must be in \(0, 1\]"):
+        split_holdout(samples, 0.2, 0.2, seed=2, train_share=0.0)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
+    ("  train_share: 0\n", r"data.train_share.*greater than 0"),
     ("  folds: 5\n  test_fold: 5\n", r"data.test_fold must be < data.folds \(5\)"),
     ("  test_fold: 1\n", "data.test_fold needs data.folds"),
     ("  folds: 1\n", r"data.folds.*greater than or equal to 2"),

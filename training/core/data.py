@@ -415,10 +415,12 @@ class Split:
 
 
 TEST_SALT = 7919  # the test draw uses its own stream, so changing val_fraction leaves it alone
+SUBSET_SALT = 104729  # and so does the training subset of `train_share`
 
 
 def split_holdout(samples: list[Sample], val_fraction: float = 0.2, test_fraction: float = 0.0,
-                  seed: int = 0, parts: str | None = None, folds: int | None = None, test_fold: int = 0) -> Split:
+                  seed: int = 0, parts: str | None = None, folds: int | None = None, test_fold: int = 0,
+                  train_share: float = 1.0) -> Split:
     """Three-way stratified split: test first (seeded apart), then val from the rest.
 
     `val_fraction` and `test_fraction` are shares of ALL samples. With `test_fraction` 0 the
@@ -426,22 +428,38 @@ def split_holdout(samples: list[Sample], val_fraction: float = 0.2, test_fractio
     runs and packages made before the test split existed reproduce their splits unchanged.
     `parts` keeps each physical part's images on one side of both draws (see `split_dataset`).
     With `folds` the test parts are fold `test_fold` of a k-fold over parts (`fold_dataset`) and
-    `test_fraction` is unused: runs over every fold judge every part once.
+    `test_fraction` is unused: runs over every fold judge every part once. `train_share` < 1 then
+    keeps that share of the training parts (stratified, seeded apart) and leaves val and test alone,
+    so runs at several shares are judged on the same parts.
     """
+    if not 0.0 < train_share <= 1.0:
+        raise ValueError(f"train_share must be in (0, 1], got {train_share}")
     if folds is not None:
         if not 0.0 < val_fraction < 1.0 - 1.0 / folds:
             raise ValueError(f"val_fraction ({val_fraction}) + 1/folds ({1 / folds:.3f}) must be < 1")
         rest, test = fold_dataset(samples, folds, test_fold, seed + TEST_SALT, parts)
         train, val = split_dataset(rest, val_fraction / (1.0 - 1.0 / folds), seed, parts)
-        return Split(train, val, test)
-    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+    elif not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
         raise ValueError(f"val_fraction ({val_fraction}) + test_fraction ({test_fraction}) must be < 1")
-    if test_fraction == 0:
+    elif test_fraction == 0:
         train, val = split_dataset(samples, val_fraction, seed, parts)
-        return Split(train, val, [])
-    rest, test = split_dataset(samples, test_fraction, seed + TEST_SALT, parts)
-    train, val = split_dataset(rest, val_fraction / (1.0 - test_fraction), seed, parts)
+        test = []
+    else:
+        rest, test = split_dataset(samples, test_fraction, seed + TEST_SALT, parts)
+        train, val = split_dataset(rest, val_fraction / (1.0 - test_fraction), seed, parts)
+    if train_share < 1.0:
+        train = subsample_parts(train, train_share, seed + SUBSET_SALT, parts)
     return Split(train, val, test)
+
+
+def subsample_parts(samples: list[Sample], share: float, seed: int, parts: str | None = None) -> list[Sample]:
+    """`share` of the physical parts of each stratum (at least one), all images of a part, sorted by name."""
+    kept: list[Sample] = []
+    for key, ordered in _strata(samples, parts).items():
+        n_keep = max(1, round(len(ordered) * share))
+        for i in np.random.default_rng(_stratum_seed(seed, key)).permutation(len(ordered))[:n_keep]:
+            kept.extend(ordered[i])
+    return sorted(kept, key=_sample_key)
 
 
 def split_of_run(samples: list[Sample], train_config: Mapping[str, Any]) -> Split:
@@ -454,7 +472,7 @@ def split_of_run(samples: list[Sample], train_config: Mapping[str, Any]) -> Spli
     return split_holdout(samples, float(train_config.get("val_fraction", 0.2)),
                          float(train_config.get("test_fraction", 0.0)), int(train_config.get("seed", 0)),
                          train_config.get("parts"), None if folds is None else int(folds),
-                         int(train_config.get("test_fold") or 0))
+                         int(train_config.get("test_fold") or 0), float(train_config.get("train_share", 1.0)))
 
 
 def describe_split(train_config: Mapping[str, Any]) -> str:
@@ -462,4 +480,6 @@ def describe_split(train_config: Mapping[str, Any]) -> str:
     tc = train_config
     held = (f"test fold {tc.get('test_fold') or 0} of {tc['folds']}" if tc.get("folds")
             else f"test_fraction={tc.get('test_fraction', 0.0)}")
-    return f"val_fraction={tc.get('val_fraction', 0.2)}, {held}, seed={tc.get('seed', 0)}, parts={tc.get('parts')}"
+    share = float(tc.get("train_share", 1.0))
+    return (f"val_fraction={tc.get('val_fraction', 0.2)}, {held}, seed={tc.get('seed', 0)}, parts={tc.get('parts')}"
+            + (f", train_share={share}" if share < 1.0 else ""))

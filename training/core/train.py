@@ -316,7 +316,8 @@ def _load_data(cfg: TrainConfig, d: Dist, out: Path, extra_data: Sequence[str | 
     split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
     # the same record travels in train_config, so evaluate and export redraw this very split from it
     split_record = {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction, "seed": split_seed,
-                    "parts": cfg.data.parts, "folds": cfg.data.folds, "test_fold": cfg.data.test_fold}
+                    "parts": cfg.data.parts, "folds": cfg.data.folds, "test_fold": cfg.data.test_fold,
+                    "train_share": cfg.data.train_share}
     split = split_of_run(dataset.samples, split_record)
     if cfg.data.parts:
         say(_parts_summary(dataset.samples, cfg.data.parts))

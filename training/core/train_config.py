@@ -60,6 +60,10 @@ class DataSection(_Section):
                                           "of `folds` (replaces test_fraction). Runs over test_fold 0..folds-1 "
                                           "judge every part once (scripts/recipe_report.py --folds)")
     test_fold: int = Field(0, ge=0, description="which fold is held out when `folds` is set")
+    train_share: float = Field(1.0, gt=0.0, le=1.0,
+                               description="share of the training parts trained on (stratified, >= 1 per category); "
+                                           "calibration and held-out parts stay as they are. Below 1 it draws a "
+                                           "learning curve: do more parts of this product help?")
     strict: bool = Field(False, description="fail on any unreadable file instead of skipping it")
     parts: str | None = Field(None, description="regex on image names telling which images show one physical part "
                                                 "(named group `part`, or `shot` + `seq` for bursts of shots); all "
