@@ -66,6 +66,7 @@ def test_cli_on_tiny_package(tiny_package: Path, dataset: Path, tmp_path: Path) 
     assert result["model_kind"] == "package" and result["min_area"] == 5
     assert result["n_images"] == 6 and result["n_defective"] == 3
     assert result["image_recall"] == 1.0 and result["image_accuracy"] == 1.0
+    assert result["image_accuracy_bound"] == 1.0  # no threshold could do better than the shipped one
     assert len(result["per_image"]) == 6
     assert grid.stat().st_size > 0
 

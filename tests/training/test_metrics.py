@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.core.metrics import PixelCounts, average_precision, image_metrics
+from training.core.metrics import PixelCounts, accuracy_bound, average_precision, image_metrics
 
 
 def test_average_precision_of_a_known_ranking() -> None:
@@ -27,6 +27,24 @@ def test_average_precision_without_positives_is_nan_and_nan_scores_rank_lowest()
     assert average_precision([float("nan"), 0.2], [0, 1]) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         average_precision([0.1], [1, 0])
+
+
+def test_accuracy_bound_is_the_best_threshold_at_the_recall_asked() -> None:
+    # defective: 0.9, 0.8, 0.2; good: 0.7, 0.3, 0.1, 0.05
+    scores = [0.9, 0.8, 0.2, 0.7, 0.3, 0.1, 0.05]
+    labels = [1, 1, 1, 0, 0, 0, 0]
+    # recall 1 needs a threshold <= 0.2: flags 0.7 and 0.3 too -> 5 of 7 right
+    assert accuracy_bound(scores, labels, 1.0) == pytest.approx(5 / 7)
+    # recall >= 0.6 allows the threshold 0.8: both top defective parts, no good one -> 6 of 7
+    assert accuracy_bound(scores, labels, 0.6) == pytest.approx(6 / 7)
+    # recall 0 allows flagging nothing: 4 of 7, but 6 of 7 is better
+    assert accuracy_bound(scores, labels, 0.0) == pytest.approx(6 / 7)
+    # a perfect ranking reaches 1 at any recall; tied scores cannot be split
+    assert accuracy_bound([0.9, 0.8, 0.1], [1, 1, 0], 1.0) == 1.0
+    assert accuracy_bound([0.5, 0.5, 0.1], [1, 0, 0], 1.0) == pytest.approx(2 / 3)
+    assert math.isnan(accuracy_bound([0.1, 0.2], [0, 0], 0.97))
+    with pytest.raises(ValueError, match="differ in length"):
+        accuracy_bound([0.1], [0, 1], 0.97)
 
 
 def test_image_metrics_confusion_and_ratios() -> None:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from edge.contract import PACKAGE_JSON, Detection, PostprocessParams
 from edge.postprocess import postprocess
 from edge.rules import decide, effective_rules
-from training.core.metrics import PixelCounts, average_precision, image_metrics
+from training.core.metrics import PixelCounts, accuracy_bound, average_precision, image_metrics
 
 # image -> HxW map, or (map, part score or None) for a model with a decision head
 Predictor = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, float | None]"]
@@ -50,9 +50,12 @@ def _check_inputs(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray],
 
 def evaluate_detailed(
     probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], params: PostprocessParams,
-    parts: Sequence[float] | None = None,
+    parts: Sequence[float] | None = None, min_recall: float = 0.97,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """`evaluate_predictions` plus one small row per image (label, verdict, score, regions)."""
+    """`evaluate_predictions` plus one small row per image (label, verdict, score, regions).
+
+    `image_accuracy_bound`: the best accuracy any threshold on the deciding score reaches on these
+    parts at image recall >= `min_recall` (the line's rule; training.core.metrics.accuracy_bound)."""
     _check_inputs(probs, masks, parts)
     rules = effective_rules(params).rules  # no station overrides: a part fails iff it has any defect region
     labels = np.zeros(len(probs), bool)
@@ -74,6 +77,7 @@ def evaluate_detailed(
         if det.part_score is not None:
             rows[-1]["part_score"] = det.part_score
     metrics = image_metrics(preds, labels, scores)
+    metrics["image_accuracy_bound"] = accuracy_bound(scores, labels, min_recall)
     if parts is not None and params.part_threshold is None:  # the head ranks, the regions decide
         metrics["image_ap_part_output"] = average_precision(head, labels)
     metrics.update(pixels.to_dict())
@@ -369,7 +373,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if parts is not None and params.part_threshold is None:
         warnings.append("the model has a part output but no part_threshold: verdicts come from the regions; "
                         "image AP still ranks parts by the part score")
-    metrics, rows = evaluate_detailed(probs, masks, params, parts)
+    min_recall = float((loaded.train_config.get("validation") or {}).get("min_recall", 0.97))
+    metrics, rows = evaluate_detailed(probs, masks, params, parts, min_recall)
     names = [s.name for s in samples]
     if pictures:
         from training.core.pictures import save_errors_picture, save_validation_grid

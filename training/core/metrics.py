@@ -56,6 +56,31 @@ def average_precision(scores: Any, labels: Any) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def accuracy_bound(scores: Any, labels: Any, min_recall: float) -> float:
+    """The best image accuracy any single threshold on `scores` reaches on these parts while keeping
+    recall >= `min_recall` (NaN without defective parts).
+
+    Why: an upper bound on what calibration could have done, had it seen these very parts. When it
+    sits far below a target, the scores rank the parts too poorly and no threshold rule can help;
+    when the shipped accuracy sits far below it, the rule (or the calibration parts) is to blame.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).astype(bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.size} vs {y.size}")
+    if not y.any():
+        return float("nan")
+    s = np.where(np.isnan(s), -np.inf, s)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]  # flag everything down to a tied group's end
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    accuracy = (tps + (y.size - y.sum()) - fps) / y.size
+    ok = tps >= min_recall * y.sum() - 1e-9
+    return float(accuracy[ok].max())
+
+
 def image_metrics(pred: Any, label: Any, scores: Any) -> dict[str, Any]:
     """Part-level metrics: a part is positive when defective (label) / flagged (pred).
 

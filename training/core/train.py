@@ -629,7 +629,7 @@ def _finish(run: Run, st: RunState) -> TrainResult:
         run.log.close()
         _write_summary(run, st, result, run.log.csv_path)
         if run.data.test_s:
-            _report_test(run.out, run.spec, run.data.test_s, run.data.color, result)
+            _report_test(run.out, run.spec, run.data.test_s, run.data.color, result, run.cfg.validation.min_recall)
     if run.d.ddp:
         dist.barrier()
     return result
@@ -669,7 +669,8 @@ def _write_summary(run: Run, st: RunState, result: TrainResult, csv_path: Path) 
         print(warning)
 
 
-def _report_test(out: Path, spec: InputSpec, test_s: Sequence[Any], color: str, result: TrainResult) -> None:
+def _report_test(out: Path, spec: InputSpec, test_s: Sequence[Any], color: str, result: TrainResult,
+                 min_recall: float) -> None:
     """best.pt on the held-out parts at its calibrated settings: the run's honest figures.
 
     Nothing was chosen on these parts (checkpoint, threshold, min area), so their metrics say
@@ -689,7 +690,7 @@ def _report_test(out: Path, spec: InputSpec, test_s: Sequence[Any], color: str, 
     head = bool(pairs) and pairs[0][1] is not None  # without a head, postprocess scores by the map's peak
     parts = ([float(q) for _, q in pairs if q is not None] if head and meta.postprocess.part_threshold is not None
              else None)
-    metrics, rows = evaluate_detailed(probs, masks, meta.postprocess, parts)
+    metrics, rows = evaluate_detailed(probs, masks, meta.postprocess, parts, min_recall)
     names = [s.name for s in test_s]
     by_cat = errors_by_category(rows, [s.category for s in test_s], names)
     picture = save_errors_picture(images, masks, probs, meta.postprocess, rows, names, out / "test_errors.png",
