@@ -32,25 +32,33 @@ def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     return p, r, ratio(2 * tp, 2 * tp + fp + fn)
 
 
+def _operating_points(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(true positives, false positives, parts) at each threshold that flags the parts down to a group
+    of tied scores, highest first; None without a positive label. NaN scores rank lowest."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).astype(bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.size} vs {y.size}")
+    if not y.any():
+        return None
+    s = np.where(np.isnan(s), -np.inf, s)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]  # tied scores form one operating point
+    tps = np.cumsum(y)[last]
+    return tps, last + 1 - tps, int(y.size)
+
+
 def average_precision(scores: Any, labels: Any) -> float:
     """Area under the precision-recall curve as the step-wise sum sum_n (R_n - R_{n-1}) P_n.
 
     Same definition as sklearn's ``average_precision_score`` (no interpolation; tied scores form
     one operating point). Returns NaN when there is no positive label. NaN scores rank lowest.
     """
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y = np.asarray(labels).astype(bool).ravel()
-    if s.shape != y.shape:
-        raise ValueError(f"scores and labels differ in length: {s.size} vs {y.size}")
-    if not y.any():
+    points = _operating_points(scores, labels)
+    if points is None:
         return float("nan")
-    s = np.where(np.isnan(s), -np.inf, s)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    # last index of each group of tied scores = one operating point
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]
-    tps = np.cumsum(y)[last]
-    fps = last + 1 - tps
+    tps, fps, _ = points
     precision = tps / (tps + fps)
     recall = tps / tps[-1]
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
@@ -64,21 +72,14 @@ def accuracy_bound(scores: Any, labels: Any, min_recall: float) -> float:
     sits far below a target, the scores rank the parts too poorly and no threshold rule can help;
     when the shipped accuracy sits far below it, the rule (or the calibration parts) is to blame.
     """
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y = np.asarray(labels).astype(bool).ravel()
-    if s.shape != y.shape:
-        raise ValueError(f"scores and labels differ in length: {s.size} vs {y.size}")
-    if not y.any():
+    points = _operating_points(scores, labels)
+    if points is None:
         return float("nan")
-    s = np.where(np.isnan(s), -np.inf, s)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]  # flag everything down to a tied group's end
-    tps = np.cumsum(y)[last]
-    fps = last + 1 - tps
-    accuracy = (tps + (y.size - y.sum()) - fps) / y.size
-    ok = tps >= min_recall * y.sum() - 1e-9
-    return float(accuracy[ok].max())
+    tps, fps, n = points
+    tps, fps = np.r_[0, tps], np.r_[0, fps]  # and the threshold that flags nothing
+    positives, negatives = int(tps[-1]), n - int(tps[-1])
+    accuracy = (tps + negatives - fps) / n
+    return float(accuracy[tps >= min_recall * positives - 1e-9].max())
 
 
 def image_metrics(pred: Any, label: Any, scores: Any) -> dict[str, Any]:
