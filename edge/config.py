@@ -284,6 +284,12 @@ class MqttConfig(_Model):
         "retry: keep it in the outbox, retry with backoff, raise `no_subscribers` (nothing lost: with the shipped "
         "broker config consumers hold persistent sessions, so 0x10 means no consumer session exists at all); "
         "deliver: count it as delivered (benches without consumers).")
+    replay_acked_s: float = Field(default=2.0, ge=0, le=60,
+                                  description="After a lost connection, results the broker acknowledged in the last N "
+                                              "seconds go back into the outbox and are sent again with their event_id: "
+                                              "Mosquitto acknowledges before it saves, so a broker killed in between "
+                                              "would lose them. Consumers may see such a result twice and dedupe by "
+                                              "event_id (the promise is at-least-once). 0 = off.")
     session_expiry_s: int = Field(default=3600, ge=0, le=4_294_967_295,
                                   description="Persistent MQTT session: the broker keeps the station's subscription and "
                                               "queues QoS 1 triggers for this long while it is away (MQTT 5 session "

@@ -146,6 +146,31 @@ class Outbox:
             self._count = count
         return out
 
+    def restore(self, rows: Sequence[OutboxRow]) -> int:
+        """Put acknowledged rows back under their own seq (so they are resent in their old order),
+        durably, in one transaction; rows whose seq or event_id is stored again are left alone.
+        Returns how many came back. Used when a broker may have lost what it acknowledged
+        (edge.mqtt: `mqtt.replay_acked_s`); the outbox's max_events does not hold them back."""
+        if not rows:
+            return 0
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                before = db.total_changes
+                db.executemany("INSERT OR IGNORE INTO outbox (seq, event_id, topic, payload, qos, created, attempts) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               [(r.seq, r.event_id, r.topic, bytes(r.payload), r.qos, r.created, r.attempts)
+                                for r in rows])
+                restored = db.total_changes - before
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            self._count += restored
+        return restored
+
     def pending(self, limit: int = 100, after_seq: int = 0) -> list[OutboxRow]:
         """Undelivered rows with seq > after_seq, oldest first."""
         with self._lock:
