@@ -527,7 +527,11 @@ class MqttSink:
         rows = [row for t, row in self._recent_acks if now - t <= self.cfg.replay_acked_s]
         self._recent_acks.clear()
         if rows:
-            n = self.outbox.restore(rows)
+            try:
+                n = self.outbox.restore(rows)
+            except Exception:  # a disk error must not stop the sender: what the outbox still holds goes on
+                log.exception("mqtt: could not queue %d recently acknowledged result(s) again", len(rows))
+                return
             log.info("mqtt: %d result(s) acknowledged in the last %.1f s queued again (same event_id, same order), "
                      "in case the broker went down before it saved them", n, self.cfg.replay_acked_s)
 
