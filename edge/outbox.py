@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,24 @@ from typing import Any
 from edge.config import OutboxConfig, default_of
 
 log = logging.getLogger(__name__)
+
+# a row under its own seq: recovery copies salvaged rows, `restore` puts acknowledged ones back
+_INSERT_WITH_SEQ = ("INSERT OR IGNORE INTO outbox (seq, event_id, topic, payload, qos, created, attempts) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; on any error roll back and re-raise (a failed COMMIT, e.g. disk
+    full, has rolled back already), so nothing is half-written."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -88,11 +106,9 @@ class Outbox:
         aside = move_aside(self.path)
         db = _open(self.path)
         rows, unreadable, note = salvage(aside)
-        db.execute("BEGIN IMMEDIATE")
         before = db.total_changes
-        db.executemany("INSERT OR IGNORE INTO outbox (seq, event_id, topic, payload, qos, created, attempts) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        db.execute("COMMIT")
+        with _transaction(db):
+            db.executemany(_INSERT_WITH_SEQ, rows)
         kept = db.total_changes - before
         lost = (f"unreadable or missing seq {_ranges(unreadable)} (up to {sum(b - a + 1 for a, b in unreadable)} "
                 f"events lost)" if unreadable else note or "nothing unreadable")
@@ -126,8 +142,7 @@ class Outbox:
         out: list[bool | None] = []
         with self._lock:
             db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 count, now = self._count, time.time()
                 for event_id, topic, payload, qos in items:
                     if count >= self.max_events:
@@ -138,11 +153,6 @@ class Outbox:
                                      "VALUES (?, ?, ?, ?, ?)", (event_id, topic, bytes(payload), qos, now))
                     out.append(cur.rowcount > 0)
                     count += cur.rowcount
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
-                    db.execute("ROLLBACK")
-                raise
             self._count = count
         return out
 
@@ -155,19 +165,11 @@ class Outbox:
             return 0
         with self._lock:
             db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                before = db.total_changes
-                db.executemany("INSERT OR IGNORE INTO outbox (seq, event_id, topic, payload, qos, created, attempts) "
-                               "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               [(r.seq, r.event_id, r.topic, bytes(r.payload), r.qos, r.created, r.attempts)
-                                for r in rows])
-                restored = db.total_changes - before
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            before = db.total_changes
+            with _transaction(db):
+                db.executemany(_INSERT_WITH_SEQ, [(r.seq, r.event_id, r.topic, bytes(r.payload), r.qos, r.created,
+                                                   r.attempts) for r in rows])
+            restored = db.total_changes - before
             self._count += restored
         return restored
 
@@ -207,16 +209,10 @@ class Outbox:
             db = self._conn()
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: the commit is ordered, not fsynced
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    before = db.total_changes
+                before = db.total_changes
+                with _transaction(db):
                     db.executemany("DELETE FROM outbox WHERE seq = ?", params)
-                    deleted = db.total_changes - before
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
-                        db.execute("ROLLBACK")
-                    raise
+                deleted = db.total_changes - before
             finally:
                 db.execute("PRAGMA synchronous=FULL")
             self._count -= deleted

@@ -351,6 +351,13 @@ def _strata(samples: list[Sample], parts: str | None) -> dict[str, list[list[Sam
     return {key: sorted(strata[key], key=lambda u: _sample_key(u[0])) for key in sorted(strata)}
 
 
+def _shuffled_strata(samples: list[Sample], seed: int, parts: str | None) -> dict[str, list[list[Sample]]]:
+    """`_strata`, each stratum's parts shuffled with its own seed from its key: the one draw behind the
+    split, the folds and the training subset, independent of sample order and of other strata."""
+    return {key: [units[i] for i in np.random.default_rng(_stratum_seed(seed, key)).permutation(len(units))]
+            for key, units in _strata(samples, parts).items()}
+
+
 def split_dataset(
     samples: list[Sample], val_fraction: float = 0.2, seed: int = 0, parts: str | None = None
 ) -> tuple[list[Sample], list[Sample]]:
@@ -366,19 +373,17 @@ def split_dataset(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    strata = _strata(samples, parts)
     train: list[Sample] = []
     val: list[Sample] = []
-    for key, ordered in strata.items():
-        n = len(ordered)
+    for units in _shuffled_strata(samples, seed, parts).values():
+        n = len(units)
         n_val = round(n * val_fraction)
         if val_fraction > 0 and n >= 2:
             n_val = min(max(n_val, 1), n - 1)
-        order = np.random.default_rng(_stratum_seed(seed, key)).permutation(n)
-        for i in order[:n_val]:
-            val.extend(ordered[i])
-        for i in order[n_val:]:
-            train.extend(ordered[i])
+        for unit in units[:n_val]:
+            val.extend(unit)
+        for unit in units[n_val:]:
+            train.extend(unit)
     return sorted(train, key=_sample_key), sorted(val, key=_sample_key)
 
 
@@ -397,9 +402,9 @@ def fold_dataset(samples: list[Sample], folds: int, fold: int, seed: int = 0,
     rest: list[Sample] = []
     held: list[Sample] = []
     dealt = 0
-    for key, ordered in _strata(samples, parts).items():
-        for i in np.random.default_rng(_stratum_seed(seed, key)).permutation(len(ordered)):
-            (held if dealt % folds == fold else rest).extend(ordered[i])
+    for units in _shuffled_strata(samples, seed, parts).values():
+        for unit in units:
+            (held if dealt % folds == fold else rest).extend(unit)
             dealt += 1
     return sorted(rest, key=_sample_key), sorted(held, key=_sample_key)
 
@@ -455,10 +460,9 @@ def split_holdout(samples: list[Sample], val_fraction: float = 0.2, test_fractio
 def subsample_parts(samples: list[Sample], share: float, seed: int, parts: str | None = None) -> list[Sample]:
     """`share` of the physical parts of each stratum (at least one), all images of a part, sorted by name."""
     kept: list[Sample] = []
-    for key, ordered in _strata(samples, parts).items():
-        n_keep = max(1, round(len(ordered) * share))
-        for i in np.random.default_rng(_stratum_seed(seed, key)).permutation(len(ordered))[:n_keep]:
-            kept.extend(ordered[i])
+    for units in _shuffled_strata(samples, seed, parts).values():
+        for unit in units[:max(1, round(len(units) * share))]:
+            kept.extend(unit)
     return sorted(kept, key=_sample_key)
 
 
