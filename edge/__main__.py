@@ -155,6 +155,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from edge.config import FrameChecksConfig
     from edge.events import region_dict
     from edge.evidence import draw_overlay
+    from edge.image_decode import ImageDecodeError, read_image_file
     from edge.package import PackageError
     from edge.rules import decide, effective_rules
     from edge.sources.base import Frame, check_frame
@@ -191,13 +192,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                "error": None, "overlay": None}
         image: np.ndarray | None = None
         try:
-            data = np.fromfile(str(path), dtype=np.uint8)
-            image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-        except OSError as e:
-            row["error"] = f"cannot read: {e}"
-        if image is None:
-            row["error"] = row["error"] or "not a readable image"
-        else:  # the same frame checks as the daemon: a black image is an error, not a pass
+            image = read_image_file(path)
+        except (OSError, ImageDecodeError) as e:  # unreadable file, or bytes that are not an image we decode
+            row["error"] = str(e) if isinstance(e, ImageDecodeError) else f"cannot read: {e}"
+        if image is not None:  # the same frame checks as the daemon: a black image is an error, not a pass
             row["error"] = check_frame(Frame(path.stem, 0.0, image, live=False), FrameChecksConfig())
         if row["error"] is None and image is not None:
             try:

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from edge.image_decode import ImageDecodeError, read_image_file
 from edge.package import sha256_file
 
 GOLDEN_DIR = "golden"
@@ -99,11 +99,10 @@ def read_image(state_dir: Path, sample: Sample) -> np.ndarray:
 
 def decode_image(path: Path) -> np.ndarray:
     """Decoded as the folder source decodes part files (unchanged depth and channels)."""
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise GoldenError(f"{path}: not a readable image")
-    return image
+    try:
+        return read_image_file(path)
+    except ImageDecodeError as e:
+        raise GoldenError(f"{path}: {e}") from None
 
 
 def add_sample(state_dir: Path, image: Path, expected: str, sample_id: str | None = None,

@@ -26,13 +26,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
-import cv2
 import numpy as np
 
 from edge.config import FolderSourceConfig
 from edge.contract import InputSpec
+from edge.image_decode import ImageDecodeError, decode_image_bytes, image_size
 from edge.memory import MiB, inspection_bytes, read_budget, refusal
 from edge.rules import NO_MEMORY, NOT_A_FILE, QUARANTINED, UNREADABLE
 from edge.sources.base import Frame, SourceError, error_frame
@@ -50,75 +49,6 @@ TEST_HOOK_KILL_ENV = "EDGE_TEST_HOOK_SIGKILL_ON_FILE"
 TEST_HOOK_HANG_ENV = "EDGE_TEST_HOOK_HANG_ON_FILE"
 _DECODED_BPP_GUESS = 3.0  # bytes per pixel assumed before decoding (8-bit BGR, the common case)
 _BYTES_PER_PIXEL_MAX = 8  # 16-bit BGRA, uncompressed: a bigger file cannot be within max_pixels
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header of a PNG, JPEG, BMP, TIFF or PNM file; None if unknown.
-
-    Reads only the header, so an image's memory cost is known before it is decoded.
-    """
-    try:
-        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        if data[:2] == b"\xff\xd8":
-            return _jpeg_size(data)
-        if data[:2] == b"BM" and len(data) >= 26:
-            if int.from_bytes(data[14:18], "little") == 12:  # OS/2 header: 16-bit sizes
-                return int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little")
-            return (abs(int.from_bytes(data[18:22], "little", signed=True)),
-                    abs(int.from_bytes(data[22:26], "little", signed=True)))
-        if data[:4] in (b"II*\x00", b"MM\x00*"):
-            return _tiff_size(data)
-        if data[:1] == b"P" and data[1:2] in b"123456":
-            return _pnm_size(data)
-    except (IndexError, ValueError):
-        return None
-    return None
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """The size in the first start-of-frame segment, walking the markers before it."""
-    i = 2
-    while i + 9 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        if marker in _JPEG_SOF:
-            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
-
-
-def _tiff_size(data: bytes) -> tuple[int, int] | None:
-    """ImageWidth (256) and ImageLength (257) of the first image file directory."""
-    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
-    ifd = int.from_bytes(data[4:8], order)
-    n = int.from_bytes(data[ifd : ifd + 2], order)
-    dims: dict[int, int] = {}
-    for k in range(n):
-        e = ifd + 2 + 12 * k
-        tag, kind = int.from_bytes(data[e : e + 2], order), int.from_bytes(data[e + 2 : e + 4], order)
-        if tag in (256, 257):
-            size = 2 if kind == 3 else 4
-            dims[tag] = int.from_bytes(data[e + 8 : e + 8 + size], order)
-    return (dims[256], dims[257]) if len(dims) == 2 else None
-
-
-def _pnm_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height: the second and third tokens of the header (comments skipped)."""
-    tokens: list[bytes] = []
-    for line in data[:1024].split(b"\n"):
-        tokens += line.split(b"#", 1)[0].split()
-        if len(tokens) >= 3:
-            return int(tokens[1]), int(tokens[2])
-    return None
 
 
 class FolderSource:
@@ -293,9 +223,10 @@ class FolderSource:
         if size is not None and (why := self._memory_refusal(*size, _DECODED_BPP_GUESS)) is not None:
             return self._error_frame(name, ts, f"{shown}: {why}; not decoded", NO_MEMORY)
         # Formats whose header is not read above: OpenCV's own limit (OPENCV_IO_MAX_IMAGE_PIXELS, edge/__init__.py).
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-        if image is None:
-            return self._error_frame(name, ts, f"{shown} is not a readable image ({data.size} bytes)")
+        try:
+            image = decode_image_bytes(data, header=False)  # its size was checked above, against max_pixels
+        except ImageDecodeError as e:
+            return self._error_frame(name, ts, f"{shown} is {e}")
         h, w = image.shape[:2]
         if h * w > limit:
             return self._error_frame(name, ts, f"{shown} is {w}x{h} = {w * h} pixels > source.max_pixels={limit}")

@@ -11,6 +11,7 @@ import cv2
 import yaml
 
 from tests.daemon_proc import ROOT, station, write_config
+from tests.faults.harness import png_bomb
 from tests.tiny_package import make_part
 
 
@@ -41,13 +42,15 @@ def test_inspect_prints_verdicts_and_writes_overlays(tmp_path: Path, tiny_packag
         cv2.imwrite(str(path), make_part(defect=defect, seed=7))
         images.append(str(path))
     (tmp_path / "junk.png").write_bytes(b"not an image")
+    (tmp_path / "bomb.png").write_bytes(png_bomb(9000, 5000))  # 45 MP: once an OpenCV traceback that ended the batch
     overlays = tmp_path / "overlays"
-    r = edge("inspect", "--model", str(tiny_package), "--json", "--overlay-dir", str(overlays), *images,
-             str(tmp_path / "junk.png"))
-    assert r.returncode == 1, r.stderr  # one file could not be inspected
+    r = edge("inspect", "--model", str(tiny_package), "--json", "--overlay-dir", str(overlays),
+             str(tmp_path / "bomb.png"), *images, str(tmp_path / "junk.png"))
+    assert r.returncode == 1, r.stderr  # files could not be inspected
     rows = {Path(row["file"]).stem: row for row in map(json.loads, r.stdout.splitlines())}
     assert rows["good"]["verdict"] == "pass" and rows["scratch"]["verdict"] == "fail"
     assert rows["scratch"]["regions"] and rows["junk"]["verdict"] == "error"
+    assert rows["bomb"]["verdict"] == "error" and "9000x5000 = 45000000 pixels" in rows["bomb"]["error"]
     assert (overlays / "scratch.overlay.png").is_file() and (overlays / "good.overlay.png").is_file()
     table = edge("inspect", "--model", str(tiny_package), *images)
     assert table.returncode == 0

@@ -12,6 +12,7 @@ from edge.__main__ import main
 from edge.lifecycle import audit, golden
 from tests.broker import Broker, Subscriber
 from tests.daemon_proc import BASE, Daemon, alarms, results, station, write_config
+from tests.faults.harness import png_bomb
 from tests.lifecycle.helpers import add_set, reset_links
 
 
@@ -30,8 +31,12 @@ def test_golden_cli_manages_the_set(tmp_path: Path, store: Path, golden_images: 
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image")
     assert main(["golden", "add", "--config", str(cfg), str(junk), "--expect", "pass"]) == 78
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb(9000, 5000))
+    assert main(["golden", "add", "--config", str(cfg), str(bomb), "--expect", "pass"]) == 78
     err = capsys.readouterr().err
     assert "exists" in err and "junk.png: not a readable image" in err
+    assert "bomb.png: 9000x5000 = 45000000 pixels by its header" in err
     assert main(["golden", "remove", "--config", str(cfg), "good-b"]) == 0
     assert main(["golden", "remove", "--config", str(cfg), "good-b"]) == 78
     capsys.readouterr()

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.faults.harness import png_bomb
 from training.core.data import (
     DataError,
     Dataset,
@@ -125,12 +126,15 @@ def test_corrupt_image_is_skipped_or_fatal_when_strict(generic: Path) -> None:
     bad = generic / "images" / "crack_1.png"
     bad.write_bytes(bad.read_bytes()[:20])  # truncated: header only
     (generic / "images" / "empty.png").write_bytes(b"")
+    bomb = generic / "images" / "zbomb.png"  # 45 MP by its header: once an OpenCV assertion that ended the scan
+    bomb.write_bytes(png_bomb(9000, 5000))
     ds = load_dataset(generic)
     skipped = dict(ds.skipped)
     assert "not a readable image" in skipped[str(bad)]
     assert str(generic / "images" / "empty.png") in skipped
+    assert "9000x5000 = 45000000 pixels by its header" in skipped[str(bomb)]
     assert "crack_1" not in {s.name for s in ds.samples} and len(ds.samples) == 5
-    assert ds.summary() == "5 images (2 defective, 3 good), 2 skipped"
+    assert ds.summary() == "5 images (2 defective, 3 good), 3 skipped"
     with pytest.raises(DataError, match=r"crack_1\.png"):
         load_dataset(generic, strict=True)
 

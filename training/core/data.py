@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from edge.image_decode import ImageDecodeError, decode_image_bytes
 from edge.preprocess import FrameError, to_model_color
 from training.core.part_groups import part_ids
 
@@ -90,10 +90,10 @@ def _decode(path: Path, data: bytes | None = None) -> np.ndarray:
         buf = path.read_bytes() if data is None else data
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({e.strerror or e})") from e
-    arr = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED) if buf else None
-    if arr is None:
-        raise DataError(f"{path}: not a readable image (empty, truncated or unsupported format)")
-    return arr
+    try:
+        return decode_image_bytes(buf)
+    except ImageDecodeError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 def read_image(path: Path, color: str) -> np.ndarray:

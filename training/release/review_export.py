@@ -31,6 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge.image_decode import ImageDecodeError, read_image_file
 from edge.ui.store import DB_NAME, StoreError, open_store_readonly
 
 MANIFEST = "reviews.csv"
@@ -97,9 +98,15 @@ def _label(r: dict[str, Any], event: dict[str, Any], root: Path, mask_path: Path
         return "images", "box"
     if r["action"] == "confirm_fail":
         mask = _evidence_file(root, event.get("evidence"), "mask")
-        img = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) if mask else None
-        if img is None or (img.shape[1], img.shape[0]) != size:
-            return "to_label", ("no evidence mask" if img is None else "evidence mask covers the ROI, not the frame")
+        try:  # the station wrote it, but a disk can corrupt it: a bad mask sends the part to labelling
+            img = read_image_file(mask) if mask else None
+        except (OSError, ImageDecodeError) as e:
+            return "to_label", f"evidence mask unreadable ({e})"
+        if img is None:
+            return "to_label", "no evidence mask"
+        if img.ndim != 2 or (img.shape[1], img.shape[0]) != size:
+            return "to_label", (f"evidence mask is {img.shape}, not one channel of the frame's {size[0]}x{size[1]} "
+                                "(a mask of the ROI only)")
         cv2.imwrite(str(mask_path), img)
         return "images", "evidence"
     return "to_label", "escape without a box"  # its defect is somewhere nobody marked
