@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edge import DECODER_MAX_PIXELS
 from edge.ui.settings import UiConfig
+from edge.yaml_guard import YamlShapeError, check_yaml_shape
 
 TOPIC_SAFE = r"^[A-Za-z0-9_.-]+$"  # no '/', '+', '#' or spaces: these end up inside MQTT topics
 CREDENTIAL_NAME = "mqtt-password"
@@ -554,8 +555,11 @@ def load_config(path: str | Path) -> Config:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{p}: cannot read: {e}"]) from None
     try:
+        check_yaml_shape(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except YamlShapeError as e:
+        raise ConfigError([f"{p}:{e.line}: {e}" if e.line else f"{p}: {e}"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"{p}:{mark.line + 1}" if mark is not None else str(p)

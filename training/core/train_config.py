@@ -11,6 +11,7 @@ configs/train/magnetic-tile.yaml holds only what differs from the general recipe
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from typing_extensions import TypeIs
 
 from edge.config import ConfigError  # one error type for bad configs, station or training
+from edge.yaml_guard import YamlShapeError, check_yaml_shape
 from training.core.losses import LossName
 from training.core.part_groups import compile_rule
 from training.core.unet import Stem, Upsample, network_stride
@@ -328,9 +330,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+        check_yaml_shape(text)
+        raw = yaml.safe_load(text) or {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); a config is UTF-8 YAML") from None
+    except YamlShapeError as e:
+        raise ConfigError(f"{path}:{e.line}: {e}" if e.line else f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -343,11 +351,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(_read_yaml((path.parent / base).resolve(), (*seen, path)), raw)
 
 
+_SHORT = reprlib.Repr()  # a wrong value is quoted, not dumped (a list of a million items is "[1, 2, 3, 4, ...]")
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 80, 80
+
+
 def _format(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        got = f" (got {_SHORT.repr(err['input'])})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
         lines.append(f"{source}: {loc}: {err['msg']}{got}")
     return "\n".join(lines)
 
