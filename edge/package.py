@@ -66,6 +66,12 @@ def parse_meta(data: dict[str, Any], where: str) -> PackageMeta:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise PackageError(f"{where}: missing metadata field(s): {', '.join(missing)}")
+    shapes = {k: type(data[k]).__name__ for k in ("input", "postprocess") if not isinstance(data[k], dict)}
+    shapes |= {k: type(data[k]).__name__ for k in ("metrics", "tools", "extra")
+               if data.get(k) is not None and not isinstance(data[k], dict)}
+    if shapes:
+        raise PackageError(f"{where}: field(s) {', '.join(f'{k!r} (a {t})' for k, t in shapes.items())} "
+                           "must be JSON objects")
     try:
         spec = InputSpec.from_dict(data["input"])
     except (TypeError, ValueError) as e:
@@ -107,6 +113,18 @@ def confined(root: Path, rel: str, meta_path: Path) -> Path:
     return path
 
 
+def _json_object(meta_path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PackageError(f"{meta_path}: not valid JSON: {e}") from e
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise PackageError(f"{meta_path}: JSON nested too deeply to be package metadata") from None
+    if not isinstance(data, dict):
+        raise PackageError(f"{meta_path}: expected a JSON object")
+    return data
+
+
 def read_package(model_dir: str | Path, verify_hashes: bool = True) -> PackageMeta:
     """Load `package.json`, check every listed file exists, hashes match and the XML parses."""
     root = Path(model_dir)
@@ -116,13 +134,7 @@ def read_package(model_dir: str | Path, verify_hashes: bool = True) -> PackageMe
     if not meta_path.is_file():
         raise PackageError(f"{meta_path}: missing (is {root} a model package made by 'training export'?)")
     confined(root, PACKAGE_JSON, meta_path)
-    try:
-        data = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PackageError(f"{meta_path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise PackageError(f"{meta_path}: expected a JSON object")
-    meta = parse_meta(data, str(meta_path))
+    meta = parse_meta(_json_object(meta_path), str(meta_path))
     for rel, expected in meta.files.items():
         path = confined(root, rel, meta_path)
         if not path.is_file():

@@ -79,6 +79,9 @@ def test_invalid_json_is_refused(pkg: Path) -> None:
     (pkg / "package.json").write_text('{"name": ')
     with pytest.raises(PackageError, match="not valid JSON"):
         read_package(pkg)
+    (pkg / "package.json").write_text('{"name": ' + "[" * 100_000 + "]" * 100_000 + "}")  # a RecursionError once
+    with pytest.raises(PackageError, match="JSON nested too deeply"):
+        read_package(pkg)
 
 
 @pytest.mark.parametrize("key", REQUIRED_KEYS)
@@ -95,6 +98,9 @@ def test_missing_field_is_refused(pkg: Path, key: str) -> None:
     (lambda d: d["input"].__setitem__("scale", 2.0), "field 'input' is invalid: input.scale must be in"),
     (lambda d: d["postprocess"].__setitem__("pixel_threshold", 1.5), "field 'postprocess' is invalid"),
     (lambda d: d["files"].pop("model.bin"), "field 'files' must list model.xml and model.bin"),
+    # shapes no exporter writes: once an AttributeError out of the loader instead of a PackageError
+    (lambda d: d.__setitem__("postprocess", [0.5, 16]), r"field\(s\) 'postprocess' \(a list\) must be JSON objects"),
+    (lambda d: d.update(input="gray", extra=3), r"'input' \(a str\), 'extra' \(a int\) must be JSON objects"),
 ])
 def test_invalid_field_is_refused(pkg: Path, change: Callable[[dict[str, Any]], None], message: str) -> None:
     edit_json(pkg, change)
