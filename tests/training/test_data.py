@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from collections import Counter
@@ -136,6 +137,25 @@ def test_corrupt_image_is_skipped_or_fatal_when_strict(generic: Path) -> None:
     assert "crack_1" not in {s.name for s in ds.samples} and len(ds.samples) == 5
     assert ds.summary() == "5 images (2 defective, 3 good), 3 skipped"
     with pytest.raises(DataError, match=r"crack_1\.png"):
+        load_dataset(generic, strict=True)
+
+
+def test_entries_that_are_not_files_are_skipped_unread_and_their_images_with_them(generic: Path) -> None:
+    """A FIFO would block the scan if read; a dangling mask link once made its defective image a good part."""
+    images, masks = generic / "images", generic / "masks"
+    os.mkfifo(images / "fifo_0.png")
+    (images / "zero_0.png").symlink_to("/dev/zero")
+    (images / "sub.png").mkdir()
+    (masks / "crack_1.png").unlink()
+    (masks / "crack_1.png").symlink_to(generic / "nowhere.png")  # dangling
+    ds = load_dataset(generic)
+    skipped = dict(ds.skipped)
+    for entry in (images / "fifo_0.png", images / "zero_0.png", images / "sub.png", masks / "crack_1.png"):
+        assert skipped[str(entry)].startswith("not a regular file"), entry
+    assert skipped[str(images / "crack_1.png")] == ("its mask masks/crack_1.png is not a regular file (a dangling "
+                                                    "link, a folder, a FIFO or a device)")
+    assert "crack_1" not in {s.name for s in ds.samples} and len(ds.samples) == 5
+    with pytest.raises(DataError, match="not a regular file"):
         load_dataset(generic, strict=True)
 
 

@@ -190,25 +190,47 @@ class _Loader:
         self.samples.append(Sample(name, image_path, mask_path, category, defective))
 
 
-def _files(folder: Path) -> list[Path]:
-    """Visible files of a folder, sorted (hidden files such as .DS_Store are not data)."""
+NOT_A_FILE = "not a regular file (a dangling link, a folder, a FIFO or a device)"
+
+
+def _entries(folder: Path, ld: _Loader | None = None) -> tuple[list[Path], list[Path]]:
+    """(visible regular files, links followed; every other visible entry), each sorted. Hidden files such as
+    .DS_Store are not data.
+
+    With `ld`, the other entries are skipped with the reason: never read (a FIFO would block the scan), never
+    silently gone.
+    """
     if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        return [], []
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file()]
+    others = [p for p in entries if not p.is_file()]
+    if ld is not None:
+        for p in others:
+            ld.skip(p, f"{NOT_A_FILE}; not read")
+    return files, others
+
+
+def _files(folder: Path, ld: _Loader | None = None) -> list[Path]:
+    return _entries(folder, ld)[0]
 
 
 def _load_generic(ld: _Loader) -> None:
     images = _generic_images(ld)
     masks = _generic_masks(ld, images)
     for stem, path in images.items():
-        ld.add(stem, path, masks.get(stem), None)
+        mask = masks.get(stem)
+        if mask is not None and not mask.is_file():  # there, but unreadable: not a good part
+            ld.skip(path, f"its mask {mask.parent.name}/{mask.name} is {NOT_A_FILE}")
+            continue
+        ld.add(stem, path, mask, None)
     _warn_misnamed(ld)
 
 
 def _generic_images(ld: _Loader) -> dict[str, Path]:
     """images/ by stem; other files and a second file of a stem are skipped with the reason."""
     images: dict[str, Path] = {}
-    for p in _files(ld.root / "images"):
+    for p in _files(ld.root / "images", ld):
         if p.suffix.lower() not in IMAGE_EXTS:
             ld.skip(p, f"not an image file (expected one of {', '.join(IMAGE_EXTS)})")
         elif p.stem in images:
@@ -219,9 +241,14 @@ def _generic_images(ld: _Loader) -> dict[str, Path]:
 
 
 def _generic_masks(ld: _Loader, images: dict[str, Path]) -> dict[str, Path]:
-    """masks/ by stem, one per image (the documented .png wins); the others are skipped with the reason."""
+    """masks/ by stem, one per image (the documented .png wins); the others are skipped with the reason.
+
+    A mask that is not a regular file stays in the map when its stem has no usable one, so its image is
+    skipped rather than counted as good.
+    """
     masks: dict[str, Path] = {}
-    for p in _files(ld.root / "masks"):
+    files, others = _entries(ld.root / "masks", ld)
+    for p in files:
         if p.suffix.lower() not in IMAGE_EXTS:
             ld.skip(p, "not an image file")
         elif p.stem not in images:
@@ -232,6 +259,9 @@ def _generic_masks(ld: _Loader, images: dict[str, Path]) -> dict[str, Path]:
             if p.stem in masks:  # prefer the documented .png over other formats
                 ld.skip(masks[p.stem], f"second mask for {p.stem}; {p.name} is used")
             masks[p.stem] = p
+    for p in others:
+        if p.stem in images:
+            masks.setdefault(p.stem, p)
     return masks
 
 
@@ -253,7 +283,7 @@ def _load_mvtec(ld: _Loader) -> None:
         split_dir = ld.root / split
         types = sorted(d for d in split_dir.iterdir() if d.is_dir()) if split_dir.is_dir() else []
         for tdir in types:
-            for p in _files(tdir):
+            for p in _files(tdir, ld):
                 if p.suffix.lower() not in IMAGE_EXTS:
                     ld.skip(p, "not an image file")
                     continue
