@@ -108,6 +108,8 @@ def environment_warnings(cfg: Any) -> list[str]:
     path = getattr(cfg.source, "path", None)
     if path is not None and not Path(path).exists():
         out.append(f"source.path: {path} does not exist")
+    elif path is not None and not Path(path).is_dir():
+        out.append(f"source.path: {path} is not a folder (run refuses to start)")
     try:
         resolve_password(cfg.mqtt)
     except ConfigError as e:

@@ -33,6 +33,10 @@ def test_check_config_good_and_bad(tmp_path: Path) -> None:
     assert f"{bad}:11: mqtt.port:" in r.stderr
     assert f"{bad}:12: mqtt.password:" in r.stderr and "s3cret-value" not in r.stderr + r.stdout
     assert "state_dir: Field required" in r.stderr
+    not_a_folder = write_config(tmp_path / "file-source.yaml", station(tmp_path, tmp_path, None, {
+        "type": "folder", "path": str(bad)}))  # a file where the hot folder should be: run would refuse to start
+    r = edge("check-config", str(not_a_folder))
+    assert r.returncode == 0 and f"warning: source.path: {bad} is not a folder (run refuses to start)" in r.stderr
 
 
 def test_inspect_prints_verdicts_and_writes_overlays(tmp_path: Path, tiny_package: Path) -> None:
