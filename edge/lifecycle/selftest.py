@@ -178,7 +178,7 @@ class SelfTester:
         """MQTT thread: {"command": "selftest", "id": ...} queues a run; anything else is logged."""
         try:
             body = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             body = None
         if retained or not isinstance(body, dict) or body.get("command") != "selftest":
             log.warning("command ignored (retained, not JSON or not {\"command\": \"selftest\"}): %r", payload[:200])

@@ -171,9 +171,9 @@ class StationListener:
             return
         try:
             body = json.loads(msg.payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # json recurses per level: [[[[... 50,000 deep
             self.dropped += 1
-            log.warning("dropped a message on %s: not JSON", msg.topic)
+            log.warning("dropped a message on %s: not JSON (or nested too deeply)", msg.topic)
             return
         try:
             if kind == "result":
