@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain data; a pickle that names other code is refused, never run
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{path}: holds Python objects beyond tensors and plain data, which loading would run as code; refused. "
+            f"Checkpoints of this project hold none (a last.pt written before its random state was stored as plain "
+            f"numbers cannot be resumed). {first}") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e.__class__.__name__}: {e})") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
