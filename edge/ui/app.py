@@ -39,6 +39,7 @@ HERE = resources.files("edge.ui")
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 PER_PAGE = 24
+MAX_PAGE = 10_000_000  # beyond any index (ui.keep_events); a larger ?page= would overflow SQLite's OFFSET
 ACTION_LABELS = {"confirm_fail": "confirmed defect", "false_alarm": "false alarm", "escape": "escape (missed defect)"}
 
 
@@ -147,7 +148,7 @@ def create_app(store: Store, listener: StationListener, auth: Auth, evidence: Ev
         if verdict not in ("", "pass", "fail", "error"):
             raise HTTPException(400, f"verdict: expected pass, fail or error, got {verdict[:20]!r}")
         q = PartQuery(verdict=verdict or None, part=part[:256] or None, since_ts=parse_time(since, "since"),
-                      until_ts=parse_time(until, "until"), page=max(0, page), per_page=PER_PAGE)
+                      until_ts=parse_time(until, "until"), page=min(max(0, page), MAX_PAGE), per_page=PER_PAGE)
         rows, total = store.parts(q)
         filters = {"verdict": verdict, "part": part[:256], "since": since, "until": until}
         return render(request, "parts.html", rows=rows, total=total, page=q.page,
@@ -172,8 +173,8 @@ def create_app(store: Store, listener: StationListener, auth: Auth, evidence: Ev
         if form.get("box_w") and form.get("box_h"):
             try:
                 box = [int(float(str(form.get(k, "0")))) for k in ("box_x", "box_y", "box_w", "box_h")]
-            except ValueError:
-                return HTMLResponse("refused: box fields must be numbers", 400)
+            except (ValueError, OverflowError):  # "abc", "nan", "1e400"
+                return HTMLResponse("refused: box fields must be finite numbers", 400)
         try:
             message = store.add_review(event_id, action, name, box, str(form.get("note", "")))
         except StoreError as e:

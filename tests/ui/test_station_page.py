@@ -196,6 +196,7 @@ def test_gallery_filters(page: Station, browser: webdriver.Chrome) -> None:
     assert status == 400 and b"since: expected a date and time" in body
     assert page.get("/parts?verdict=maybe")[0] == 400
     assert page.get("/health?hours=nan")[0] == 200
+    assert page.get("/parts?page=" + "9" * 30)[0] == 200  # an OFFSET past SQLite's integers was a 500
     browser.get(page.url + "/health")
     assert browser.find_elements(By.CSS_SELECTOR, "svg.chart rect.bar-fail")
     browser.save_screenshot(str(page.shots / "health.png"))
@@ -230,6 +231,13 @@ def test_review_round_trip(page: Station, browser: webdriver.Chrome, tmp_path: P
         .move_by_offset(90, 60).release().perform()
     assert browser.find_element(By.ID, "box_w").get_attribute("value") not in ("", "0")
     browser.save_screenshot(str(page.shots / "part-box.png"))
+    csrf = browser.find_element(By.NAME, "csrf").get_attribute("value")
+    status = browser.execute_async_script(  # logged in, but a box of 1e400 pixels: refused, not a 500
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {method: 'POST', body: new URLSearchParams({csrf: arguments[1], action: 'confirm_fail', "
+        "box_x: '0', box_y: '0', box_w: '1e400', box_h: '5'})}).then(r => done(r.status));",
+        f"/parts/{fail_id}/review", csrf)
+    assert status == 400
     browser.find_element(By.ID, "confirm-fail").click()
     WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CLASS_NAME, "review-row"))
     assert "confirmed defect by alice" in browser.find_element(By.CLASS_NAME, "review-row").text
