@@ -559,7 +559,7 @@ def load_config(path: str | Path) -> Config:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except YamlShapeError as e:
-        raise ConfigError([f"{p}:{e.line}: {e}" if e.line else f"{p}: {e}"]) from None
+        raise ConfigError([e.at(p)]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"{p}:{mark.line + 1}" if mark is not None else str(p)

@@ -25,6 +25,10 @@ class YamlShapeError(ValueError):
         super().__init__(message)
         self.line = line
 
+    def at(self, path: object) -> str:
+        """`path:line: message`, as both config readers report it."""
+        return f"{path}:{self.line}: {self}" if self.line else f"{path}: {self}"
+
 
 def check_yaml_shape(text: str, max_depth: int = MAX_DEPTH, max_values: int = MAX_VALUES) -> None:
     """Raise YamlShapeError if `text` nests deeper than `max_depth` or expands beyond `max_values`.

@@ -338,7 +338,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); a config is UTF-8 YAML") from None
     except YamlShapeError as e:
-        raise ConfigError(f"{path}:{e.line}: {e}" if e.line else f"{path}: {e}") from None
+        raise ConfigError(e.at(path)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
