@@ -159,6 +159,20 @@ def test_entries_that_are_not_files_are_skipped_unread_and_their_images_with_the
         load_dataset(generic, strict=True)
 
 
+def test_rgba_masks_are_read_from_their_colour_and_alpha_only_when_it_is_the_label(generic: Path) -> None:
+    """An opaque RGBA mask (alpha 255 everywhere, as labelling tools export) once made every pixel a defect."""
+    box = np.zeros(SHAPE, np.uint8)
+    box[5:9, 10:20] = 255
+    opaque = np.full(SHAPE, 255, np.uint8)
+    _write(generic / "masks" / "crack_0.png", np.dstack([box, box, box, opaque]))  # label in colour, opaque
+    _write(generic / "masks" / "good_0.png", np.dstack([box * 0, box * 0, box * 0, opaque]))  # all black, opaque
+    _write(generic / "masks" / "pit_0.png", np.dstack([box * 0, box * 0, box * 0, box]))  # label as transparency
+    by = {s.name: s for s in load_dataset(generic).samples}
+    assert int(read_mask(by["crack_0"].mask_path, SHAPE).sum()) == 40
+    assert not by["good_0"].defective and int(read_mask(by["good_0"].mask_path, SHAPE).sum()) == 0
+    assert by["pit_0"].defective and int(read_mask(by["pit_0"].mask_path, SHAPE).sum()) == 40
+
+
 def test_mask_of_another_size_is_skipped(generic: Path) -> None:
     _write(generic / "masks" / "pit_0.png", np.zeros((SHAPE[0] + 1, SHAPE[1]), np.uint8))
     ds = load_dataset(generic)

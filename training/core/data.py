@@ -105,8 +105,16 @@ def read_image(path: Path, color: str) -> np.ndarray:
 
 
 def _mask_values(path: Path, arr: np.ndarray) -> np.ndarray:
-    """Stored mask -> HxW array; colour masks count a pixel as defect if any channel is > 0."""
-    if arr.ndim == 3:
+    """Stored mask -> HxW array; colour masks count a pixel as defect if any colour channel is > 0.
+
+    A 4-channel mask's alpha is opacity, not a label: an opaque mask (alpha 255 everywhere, as labelling tools
+    export RGBA) would otherwise be a defect over the whole image. Only a mask whose colour is black throughout
+    while its alpha varies is read from the alpha (tools that paint the label as transparency).
+    """
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        colour, alpha = arr[:, :, :3].max(axis=2), arr[:, :, 3]
+        arr = colour if colour.any() or alpha.min() == alpha.max() else alpha
+    elif arr.ndim == 3:
         arr = arr.max(axis=2)
     if arr.ndim != 2:
         raise DataError(f"{path}: mask must be a single image, got shape {arr.shape}")
