@@ -209,6 +209,11 @@ class FrameChecksConfig(_Model):
     reject_black: bool = Field(default=True, description="A uniform black frame (lens cap, dead light) -> `error`, never a pass.")
     black_mean_below: float = Field(default=4.0, ge=0, le=255, description="Mean grey level under which a frame counts as black...")
     black_std_below: float = Field(default=2.0, ge=0, le=255, description="...when its standard deviation is also below this.")
+    reject_white: bool = Field(default=True, description="A uniform white frame (flash misfire, exposure far too long: "
+                               "a blown-out sensor shows no part) -> `error`, never a pass.")
+    white_mean_above: float = Field(default=251.0, ge=0, le=255, description="Mean grey level over which a frame counts as "
+                                    "white...")
+    white_std_below: float = Field(default=2.0, ge=0, le=255, description="...when its standard deviation is also below this.")
     expect_width: int | None = Field(default=None, ge=8, le=20000, description="Frames of another width -> `error`.")
     expect_height: int | None = Field(default=None, ge=8, le=20000, description="Frames of another height -> `error`.")
     max_age_s: float = Field(default=2.0, ge=0, le=3600, description="Live frames older than this at inference -> `error` "

@@ -72,6 +72,8 @@ def write_parts(folder: Path, names: list[str], size: tuple[int, int] = (96, 128
             (folder / f"{name}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
         elif name.startswith("black"):
             cv2.imwrite(str(folder / f"{name}.png"), np.zeros(size, np.uint8))
+        elif name.startswith("white"):  # blown out, with a little sensor noise
+            cv2.imwrite(str(folder / f"{name}.png"), 255 - (np.arange(size[0] * size[1]) % 3).reshape(size).astype(np.uint8))
         else:
             cv2.imwrite(str(folder / f"{name}.png"), make_part(size, defect=name.startswith("d"), seed=i))
 

@@ -191,14 +191,19 @@ def check_frame(frame: Frame, checks: FrameChecksConfig, now_mono: float | None 
         age = (time.monotonic() if now_mono is None else now_mono) - frame.mono_ts
         if age > checks.max_age_s:
             return f"stale frame: {age:.2f} s old > max_age_s {checks.max_age_s}"
-    if checks.reject_black:
-        # A strided sample is enough to tell a black frame and costs microseconds on 20 MP.
-        step = max(1, int(np.sqrt(h * w / 65536)))
-        sample = img[::step, ::step].astype(np.float32)
-        if img.dtype == np.uint16:
-            sample /= 257.0
-        mean = float(sample.mean())
-        # the spread only matters for a dark frame: a lit one (every good part) skips numpy's std
-        if mean < checks.black_mean_below and (std := float(sample.std())) < checks.black_std_below:
-            return f"all-black frame (mean {mean:.1f}, std {std:.1f})"
+    return _exposure_problem(img, checks) if checks.reject_black or checks.reject_white else None
+
+
+def _exposure_problem(img: np.ndarray, checks: FrameChecksConfig) -> str | None:
+    """A uniform black (lens cap, dead light) or white (blown-out) frame shows no part: why, or None."""
+    step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / 65536)))  # a strided sample: microseconds on 20 MP
+    sample = img[::step, ::step].astype(np.float32)
+    if img.dtype == np.uint16:
+        sample /= 257.0
+    mean = float(sample.mean())
+    # the spread only matters for a dark or a saturated frame: a lit one (every good part) skips numpy's std
+    if checks.reject_black and mean < checks.black_mean_below and (std := float(sample.std())) < checks.black_std_below:
+        return f"all-black frame (mean {mean:.1f}, std {std:.1f})"
+    if checks.reject_white and mean > checks.white_mean_above and (std := float(sample.std())) < checks.white_std_below:
+        return f"all-white frame, saturated (mean {mean:.1f}, std {std:.1f})"
     return None

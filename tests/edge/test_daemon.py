@@ -60,7 +60,7 @@ def test_folder_daemon_every_part_one_event(tmp_path: Path, tiny_package: Path, 
     inbox = tmp_path / "in"
     inbox.mkdir()
     first = ["g0", "g1", "g2", "d0", "d1", "bad0"]
-    later = ["g3", "g4", "d2", "black0", "bad1"]
+    later = ["g3", "g4", "d2", "black0", "white0", "bad1"]
     write_parts(inbox, first)
     (inbox / "wip.png.tmp").write_bytes(b"still being written")
     cfg = write_config(tmp_path / "station.yaml", station(
@@ -91,9 +91,10 @@ def test_folder_daemon_every_part_one_event(tmp_path: Path, tiny_package: Path, 
             assert e["regions"] and e["evidence"]
     assert "not a readable image" in next(e for e in got if e["part_id"] == "bad0")["error"]
     assert "all-black" in next(e for e in got if e["part_id"] == "black0")["error"]
+    assert "all-white frame, saturated" in next(e for e in got if e["part_id"] == "white0")["error"]
     assert len({e["seq"] for e in got}) == len(got)
     assert sorted(p.stem for p in (inbox / "done").iterdir()) == sorted(["g0", "g1", "g2", "g3", "g4", "d0", "d1", "d2"])
-    assert sorted(p.stem for p in (inbox / "failed").iterdir()) == ["bad0", "bad1", "black0"]
+    assert sorted(p.stem for p in (inbox / "failed").iterdir()) == ["bad0", "bad1", "black0", "white0"]
     assert [p.name for p in inbox.iterdir() if p.is_file()] == ["wip.png.tmp"]
     status = [json.loads(m.payload) for m in sub.on(f"{BASE}/status")]
     assert status[0]["state"] == "online" and status[-1]["state"] == "offline"

@@ -124,10 +124,16 @@ def test_gate_counters_are_one_locked_object_shared_with_the_flow() -> None:
 
 
 # -- frame checks ---------------------------------------------------------------------------------
-def test_check_frame_rejects_black_empty_wrong_size_and_stale() -> None:
+def test_check_frame_rejects_black_white_empty_wrong_size_and_stale() -> None:
     checks = FrameChecksConfig(expect_width=128, expect_height=96, max_age_s=0.5)
     assert check_frame(Frame("p", 0, make_part()), checks) is None
     assert "black" in (check_frame(Frame("p", 0, np.zeros((96, 128), np.uint8)), checks) or "")
+    # blown out (a flash misfire) once passed as a good part: 8 and 16 bit; a bright but textured part is inspected
+    assert "all-white frame, saturated" in (check_frame(Frame("p", 0, np.full((96, 128), 254, np.uint8)), checks) or "")
+    assert "all-white" in (check_frame(Frame("p", 0, np.full((96, 128), 65535, np.uint16)), checks) or "")
+    bright = (make_part() // 3 + 170).astype(np.uint8)
+    assert bright.mean() > 200 and check_frame(Frame("p", 0, bright), checks) is None
+    assert check_frame(Frame("p", 0, np.full((96, 128), 254, np.uint8)), FrameChecksConfig(reject_white=False)) is None
     assert "empty" in (check_frame(Frame("p", 0, np.zeros((0, 0), np.uint8)), checks) or "")
     assert "width" in (check_frame(Frame("p", 0, make_part((96, 100))), checks) or "")
     assert "shape" in (check_frame(Frame("p", 0, np.zeros((96, 128, 2), np.uint8)), checks) or "")
