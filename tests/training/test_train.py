@@ -10,6 +10,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,6 +161,16 @@ def test_views_stem_trains_on_coarse_targets_and_predicts_full_frames(synth_data
     assert meta.metrics["pixel_iou"] > _untrained_iou(synth_data) + 0.1
     image = load_images(load_dataset(synth_data).samples[:1], "gray")[0][0]
     assert predict_image(model, image, meta.input_spec).shape == image.shape
+
+
+def test_training_without_a_defect_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Good parts only: the run once trained a model that passes everything and exported it; now it stops at the split."""
+    good = tmp_path / "good"
+    generate_dataset(good, count=10, seed=1, size=(64, 64), defect_fraction=0.0, progress=False)
+    assert main(["--config", str(DEMO), "--data", str(good), "--out", str(tmp_path / "run"), "--max-steps", "5"]) == 2
+    assert re.search(r"good: no defective image in the training split \(\d+ images; 0 defective in the whole data set\)",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "run" / "best.pt").exists()
 
 
 def test_resume_continues_from_last(trained: Path, synth_data: Path) -> None:

@@ -288,6 +288,20 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, init_from: str | Path | No
     return run, st
 
 
+def _check_defects_present(root: Any, samples: list[Sample], train_s: list[Sample], val_s: list[Sample],
+                           say: Callable[..., Any]) -> None:
+    """A model trained without a single defect learns that every part is good and would pass them all: refused.
+    Calibration without one sets no threshold for recall: said loudly."""
+    n_bad = sum(bool(s.defective) for s in samples)
+    if not any(s.defective for s in train_s):
+        raise DataError(f"{root}: no defective image in the training split ({len(train_s)} images; {n_bad} defective "
+                        "in the whole data set): the model cannot learn what a defect looks like, and one trained "
+                        "anyway would pass every part. Add images with defect masks (docs/data.md)")
+    if not any(s.defective for s in val_s):
+        say(f"warning: none of the {len(val_s)} calibration images is defective: the thresholds are chosen without a "
+            "defect to keep (recall cannot be calibrated); add defective parts before trusting this model on a line")
+
+
 def _parts_summary(samples: Sequence[Sample], rule: str) -> str:
     """How many physical parts the `data.parts` rule found, and which names it did not match."""
     ids, unmatched = part_ids(samples, rule)
@@ -324,6 +338,7 @@ def _load_data(cfg: TrainConfig, d: Dist, out: Path, extra_data: Sequence[str | 
     train_s, val_s, test_s = split.train, split.val, split.test
     if not train_s or not val_s:
         raise DataError(f"{cfg.data.root}: too few images for a train/val split ({len(dataset.samples)})")
+    _check_defects_present(cfg.data.root, dataset.samples, train_s, val_s, say)
     color = detect_color(dataset.samples) if cfg.input.color == "auto" else cfg.input.color
     channels = 1 if color == "gray" else 3
     train_images, train_masks = load_images(train_s, color)
