@@ -254,6 +254,25 @@ def test_failed_export_keeps_old_package(exported: dict[str, Any], tmp_path: Pat
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_an_out_that_is_not_a_package_is_refused_before_any_work(exported: dict[str, Any], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A file or a folder of other things at --out: refused at once (it was refused after calibration and the
+    gate), and left as it was."""
+    def must_not_load(*a: Any, **k: Any) -> Any:
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    monkeypatch.setattr(ex, "load_model", must_not_load)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "photo.png").write_bytes(b"x")
+    for out in (tmp_path / "notes.txt", tmp_path / "folder"):
+        assert ex.main(["--checkpoint", str(exported["ckpt"]), "--out", str(out), "--calib-data",
+                        str(exported["data"])]) == 2
+        assert f"{out} exists and is not a model package; choose another --out" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "folder" / "photo.png").read_bytes() == b"x"
+
+
 def test_accuracy_control_budget_fits_the_time_or_falls_back() -> None:
     """Ranking plus reverting stay within the export's time budget; when one validation alone
     takes too long, accuracy control is skipped (0) so the export falls back at once."""

@@ -162,6 +162,7 @@ def export(req: ExportRequest) -> dict[str, Any]:
     if precision not in ("int8", "fp16", "fp32"):
         raise ExportError(f"--precision must be int8, fp16 or fp32, got {precision!r}")
     out = Path(req.out)
+    _check_out(out)  # before minutes of calibration, not after
     module, meta = load_model(req.checkpoint)
     spec = meta.input_spec
     name, version = req.name or meta.name, req.version or meta.version
@@ -407,11 +408,16 @@ def _torch_parity(module: torch.nn.Module, ref: q.OVPredictor, image: np.ndarray
     return diff
 
 
+def _check_out(out: Path) -> None:
+    """--out may be new, empty or an earlier package (replaced whole); anything else is never overwritten."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "package.json").exists())):
+        raise ExportError(f"{out} exists and is not a model package; choose another --out")
+
+
 def _replace_dir(staging: Path, out: Path) -> None:
     """Swap the finished package into place; an existing non-package folder is never deleted."""
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / "package.json").exists()):
-            raise ExportError(f"{out} exists and is not a model package; choose another --out")
+        _check_out(out)  # again: it may have changed during the export
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
         staging.rename(out)
