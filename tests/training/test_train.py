@@ -163,7 +163,7 @@ def test_views_stem_trains_on_coarse_targets_and_predicts_full_frames(synth_data
     assert predict_image(model, image, meta.input_spec).shape == image.shape
 
 
-def test_training_without_a_defect_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_training_without_a_defect_or_a_run_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Good parts only: the run once trained a model that passes everything and exported it; now it stops at the split."""
     good = tmp_path / "good"
     generate_dataset(good, count=10, seed=1, size=(64, 64), defect_fraction=0.0, progress=False)
@@ -171,6 +171,9 @@ def test_training_without_a_defect_is_refused(tmp_path: Path, capsys: pytest.Cap
     assert re.search(r"good: no defective image in the training split \(\d+ images; 0 defective in the whole data set\)",
                      capsys.readouterr().err)
     assert not (tmp_path / "run" / "best.pt").exists()
+    (tmp_path / "taken").write_text("a file")  # where the run folder should go: a traceback once
+    assert main(["--config", str(DEMO), "--data", str(good), "--out", str(tmp_path / "taken"), "--max-steps", "5"]) == 2
+    assert f"--out {tmp_path / 'taken'}: cannot be the run folder (File exists)" in capsys.readouterr().err
 
 
 def test_resume_continues_from_last(trained: Path, synth_data: Path) -> None:

@@ -241,7 +241,10 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool, init_from: str | Path | No
     seed_everything(cfg.seed + d.rank)
     say: Callable[..., Any] = print if d.main else (lambda *a, **k: None)
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where the run folder should be, a read-only disk
+            raise ConfigError(f"--out {out}: cannot be the run folder ({e.strerror or e})") from None
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     data = _load_data(cfg, d, out, extra_data, say)
     cfg, spec = data.cfg, data.spec
