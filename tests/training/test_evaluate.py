@@ -69,6 +69,10 @@ def test_cli_on_tiny_package(tiny_package: Path, dataset: Path, tmp_path: Path) 
     assert result["image_accuracy_bound"] == 1.0  # no threshold could do better than the shipped one
     assert len(result["per_image"]) == 6
     assert grid.stat().st_size > 0
+    taken = tmp_path / "taken"  # a folder at --json: refused before inference (it failed after, leaving taken.tmp)
+    taken.mkdir()
+    assert main(["--model", str(tiny_package), "--data", str(dataset), "--json", str(taken), "--no-progress"]) == 2
+    assert not (tmp_path / "taken.tmp").exists()
 
 
 def test_cli_compares_with_a_baseline(tiny_package: Path, dataset: Path, tmp_path: Path,

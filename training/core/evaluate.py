@@ -278,13 +278,24 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
-    """tmp + rename, so a reader (CI, export gate) never sees half a file."""
+    """tmp + rename, so a reader (CI, export gate) never sees half a file; no tmp is left when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _check_json_target(path: Path) -> None:
+    """--json must be a file path whose folder exists or can be made; a folder there is refused."""
+    if path.is_dir():
+        raise ValueError(f"--json {path}: is a folder; give a file name such as {path / 'metrics.json'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -436,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m training evaluate`; 0 = done, 2 = unusable input (message, no traceback)."""
     args = build_parser().parse_args(argv)
     try:
+        _check_json_target(Path(args.json))  # before minutes of inference, not after
         result = run(args)
         if args.baseline:
             # the baseline as it runs in service: its own thresholds, no overrides, no pictures
