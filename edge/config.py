@@ -118,6 +118,9 @@ class FolderSourceConfig(_Model):
                                                       "instead of being inspected again (state_dir/folder-crashes.json).")
 
 
+SYNTHETIC_POOL_MAX_BYTES = 2 * 2**30  # a benchmark's pool must not take the line PC's memory
+
+
 class SyntheticSourceConfig(_Model):
     type: Literal["synthetic"] = Field(description="Generated parts with known truth: part ids start with "
                                                    "'ok-' (good) or 'ng-' (one dark defect).")
@@ -130,6 +133,14 @@ class SyntheticSourceConfig(_Model):
     stop_at_end: bool = Field(default=True, description="Stop the daemon after `count` parts.")
     pool: int = Field(default=0, ge=0, le=256, description="0 = generate every part; N = cycle copies of N generated "
                       "good and N defective parts (benchmarks at camera sizes, where generating costs more than inspecting).")
+
+    @model_validator(mode="after")
+    def _pool_fits(self) -> SyntheticSourceConfig:
+        held = 2 * self.pool * self.width * self.height  # uint8 grey frames, good and defective
+        if held > SYNTHETIC_POOL_MAX_BYTES:
+            raise ValueError(f"pool {self.pool} of {self.width}x{self.height} frames holds {held / 2**30:.1f} GiB "
+                             f"(2 x pool frames); at most {SYNTHETIC_POOL_MAX_BYTES // 2**30} GiB: lower pool or the size")
+        return self
 
 
 SourceConfig = Annotated[

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from edge.config import (
     CameraSourceConfig,
@@ -193,6 +194,10 @@ def test_synthetic_has_truth_in_the_part_id_and_a_count() -> None:
     for f in frames:
         dark = int((f.image < 80).sum())  # type: ignore[operator]
         assert (dark > 20) == f.part_id.startswith("ng-"), f.part_id
+    # a benchmark pool that would take the line PC's memory is refused at load (32 GiB once filled it at start)
+    with pytest.raises(ValidationError, match=r"pool 256 of 8192x8192 frames holds 32\.0 GiB"):
+        SyntheticSourceConfig(type="synthetic", width=8192, height=8192, pool=256)
+    assert SyntheticSourceConfig(type="synthetic", width=2448, height=2048, pool=8).pool == 8
 
 
 def test_synthetic_rate_limit() -> None:
