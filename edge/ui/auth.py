@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ SESSION_S = 12 * 3600  # one shift and a half
 TOKEN_USER = "token"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _SCRYPT = (2**14, 8, 1)  # N, r, p: 16 MiB and ~50 ms per check
+MAX_PASSWORD = 1024  # characters; a longer one is refused without hashing
 
 
 class AuthError(ValueError):
@@ -116,6 +118,11 @@ class Auth:
     def __init__(self, secret: bytes, users_file: Path | None = None, token_file: Path | None = None) -> None:
         self.secret = secret
         self.users_file, self.token = users_file, None
+        # One password check at a time: scrypt takes ~50 ms of a core and 16 MiB, and a burst of logins on the
+        # threadpool's 40 threads would take both cores of the line PC from inspection. Unknown names are checked
+        # against a hash made once, so they cost one check too.
+        self._check_lock = threading.Lock()
+        self._unknown = hash_password(secrets.token_hex(8)) if users_file is not None else ""
         if users_file is not None:
             read_users(users_file)  # a broken file is a startup error, not a silent lock-out
         if token_file is not None:
@@ -143,10 +150,11 @@ class Auth:
             except AuthError as e:  # edited into a broken state while running: nobody logs in, and it says why
                 log.error("login refused: %s", e)
                 return None
-            if stored is not None and check_password(password, stored):
-                return name
-            if stored is None:
-                check_password(password, hash_password("x" * 8))  # same cost for unknown names
+            if len(password) > MAX_PASSWORD:
+                return None
+            with self._check_lock:
+                if check_password(password, stored if stored is not None else self._unknown) and stored is not None:
+                    return name
         return None
 
     def _sign(self, text: str) -> str:

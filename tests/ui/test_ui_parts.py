@@ -97,6 +97,44 @@ def test_users_tokens_cookies_and_csrf(tmp_path: Path) -> None:
         Auth(os.urandom(32), tmp_path / "bad")
 
 
+def test_password_checks_run_one_at_a_time_and_long_passwords_are_not_hashed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of logins once ran up to 40 scrypt checks at once (16 MiB and ~50 ms of a core each, plus a second
+    scrypt per unknown name): both cores of the line PC, taken from inspection."""
+    import hashlib
+    import threading
+
+    import edge.ui.auth as auth_module
+
+    users = tmp_path / "users"
+    add_user(users, "alice", "correct horse")
+    auth = Auth(os.urandom(32), users)
+    running, peak, calls, lock = [0], [0], [0], threading.Lock()
+    real = hashlib.scrypt
+
+    def counting(*a: Any, **k: Any) -> bytes:
+        with lock:
+            running[0] += 1
+            calls[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return real(*a, **k)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(auth_module.hashlib, "scrypt", counting)
+    names = ["alice", "eve", "alice", "mallory", "alice", "eve"]
+    threads = [threading.Thread(target=auth.login, args=(n, "wrong password")) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert peak[0] == 1 and calls[0] == len(names)  # one at a time; an unknown name costs one check, not two
+    assert auth.login("alice", "x" * 100_000) is None and calls[0] == len(names)  # refused without hashing
+    assert auth.login("alice", "correct horse") == "alice"
+
+
 def test_evidence_paths_stay_inside(tmp_path: Path) -> None:
     root = tmp_path / "evidence"
     (root / "2026-01-02").mkdir(parents=True)
