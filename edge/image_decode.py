@@ -45,7 +45,7 @@ def decode_image_bytes(data: bytes | np.ndarray, max_pixels: int | None = None, 
     if buf.size == 0:
         raise ImageDecodeError("not a readable image (0 bytes)")
     limit = decoder_limit() if max_pixels is None else max_pixels
-    size = image_size(buf[:_HEADER_BYTES].tobytes()) if header else None
+    size = image_size(buf) if header else None
     if size is not None and size[0] * size[1] > limit:
         raise ImageDecodeError(f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels by its header, more than the "
                                f"limit of {limit}; not decoded")
@@ -67,11 +67,13 @@ def read_image_file(path: str | os.PathLike[str]) -> np.ndarray:
     return decode_image_bytes(np.fromfile(os.fspath(path), dtype=np.uint8))
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
+def image_size(blob: bytes | np.ndarray) -> tuple[int, int] | None:
     """(width, height) from the header of a PNG, JPEG, BMP, TIFF or PNM file; None if unknown.
 
-    Reads only the header, so an image's memory cost is known before it is decoded.
+    Reads only the header (the first MiB), so an image's memory cost is known before it is decoded.
     """
+    head = blob[:_HEADER_BYTES]
+    data = head.tobytes() if isinstance(head, np.ndarray) else bytes(head)
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
             return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")

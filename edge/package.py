@@ -26,6 +26,7 @@ from edge.contract import (
     PackageMeta,
     PostprocessParams,
 )
+from edge.text import loads_untrusted
 
 REQUIRED_KEYS = ("name", "version", "created", "precision", "input", "postprocess", "files")
 
@@ -115,11 +116,11 @@ def confined(root: Path, rel: str, meta_path: Path) -> Path:
 
 def _json_object(meta_path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PackageError(f"{meta_path}: not valid JSON: {e}") from e
-    except RecursionError:  # json's decoder recurses per nesting level
-        raise PackageError(f"{meta_path}: JSON nested too deeply to be package metadata") from None
+        data = loads_untrusted(meta_path.read_bytes())
+    except OSError as e:
+        raise PackageError(f"{meta_path}: cannot read: {e}") from e
+    except ValueError as e:  # not UTF-8, not JSON, or nested too deeply
+        raise PackageError(f"{meta_path}: {e}") from None
     if not isinstance(data, dict):
         raise PackageError(f"{meta_path}: expected a JSON object")
     return data

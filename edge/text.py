@@ -12,6 +12,8 @@ same file gives the same part id and event id on every run) and idempotent.
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
 PART_ID_EVENT_MAX = 256  # characters of a part id in an event (file stems can be up to 255 bytes)
 MESSAGE_MAX = 1000  # characters of an error message or reason in an event
@@ -64,3 +66,20 @@ def safe_text(text: object, max_chars: int = MESSAGE_MAX, *, hashed: bool = Fals
 def safe_part_id(part_id: object) -> str:
     """A part id fit for an event: escaped, at most PART_ID_EVENT_MAX characters, stable."""
     return safe_text(part_id, PART_ID_EVENT_MAX, hashed=True)
+
+
+def loads_untrusted(data: bytes | bytearray | str) -> Any:
+    """JSON from outside (an MQTT message, a package file) -> values, or ValueError with the reason.
+
+    One place for every way such bytes fail: not UTF-8, not JSON, or nested too deeply for json's recursive
+    decoder, whose RecursionError would otherwise escape the caller's ValueError handling (out of a paho
+    callback it killed the client's network thread).
+    """
+    try:
+        return json.loads(data if isinstance(data, str) else bytes(data).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

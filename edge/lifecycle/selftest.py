@@ -17,7 +17,6 @@ changes. The run uses the model's synchronous request, apart from the line's asy
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import queue
@@ -36,6 +35,7 @@ from edge.model_loader import LoadedModel
 from edge.mqtt import MqttSink
 from edge.package import PackageError
 from edge.rules import decide
+from edge.text import loads_untrusted
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ class SelfTester:
     def on_command(self, payload: bytes, retained: bool) -> None:
         """MQTT thread: {"command": "selftest", "id": ...} queues a run; anything else is logged."""
         try:
-            body = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
+            body = loads_untrusted(payload)
+        except ValueError:
             body = None
         if retained or not isinstance(body, dict) or body.get("command") != "selftest":
             log.warning("command ignored (retained, not JSON or not {\"command\": \"selftest\"}): %r", payload[:200])

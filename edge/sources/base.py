@@ -8,7 +8,6 @@ verdict for that part. Silence on a line looks exactly like a stopped conveyor.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import re
 import time
@@ -18,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from edge.config import FrameChecksConfig
+from edge.text import loads_untrusted
 
 PART_ID_MAX = 128
 RECIPE_NAME = r"[A-Za-z0-9_.-]{1,64}"  # as config.recipes keys
@@ -130,8 +130,8 @@ def parse_trigger_fields(payload: bytes) -> TriggerFields:
     stripped = text.strip()
     if stripped.startswith(("{", "[", '"')):
         try:
-            data = json.loads(stripped)
-        except (json.JSONDecodeError, RecursionError):
+            data = loads_untrusted(stripped)
+        except ValueError:
             raise ValueError("payload looks like JSON but does not parse") from None
         fields = data if isinstance(data, dict) else {}
         part = valid_part_id(fields.get("part_id") if isinstance(data, dict) else data)

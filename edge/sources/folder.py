@@ -216,7 +216,7 @@ class FolderSource:
                 return self._error_frame(name, ts, f"{shown} is too large to be an image of at most "
                                          f"source.max_pixels={limit} pixels ({st.st_size} bytes)")
             data = np.frombuffer(f.read(), dtype=np.uint8)
-        size = image_size(data[: 1 << 20].tobytes())  # JPEG metadata segments may come before the size
+        size = image_size(data)
         if size is not None and size[0] * size[1] > limit:
             return self._error_frame(name, ts, f"{shown} is {size[0]}x{size[1]} = "
                                      f"{size[0] * size[1]} pixels > source.max_pixels={limit}; not decoded")

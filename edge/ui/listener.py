@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from edge.config import Config, resolve_password
 from edge.mqtt import MqttSettings, new_client
+from edge.text import loads_untrusted
 from edge.ui.drift import DriftWatch
 from edge.ui.store import Store
 
@@ -170,10 +171,10 @@ class StationListener:
                 self.dropped += 1
             return
         try:
-            body = json.loads(msg.payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):  # json recurses per level: [[[[... 50,000 deep
+            body = loads_untrusted(msg.payload)
+        except ValueError as e:
             self.dropped += 1
-            log.warning("dropped a message on %s: not JSON (or nested too deeply)", msg.topic)
+            log.warning("dropped a message on %s: %s", msg.topic, e)
             return
         try:
             if kind == "result":

@@ -225,13 +225,12 @@ def _files(folder: Path, ld: _Loader | None = None) -> list[Path]:
 
 def _load_generic(ld: _Loader) -> None:
     images = _generic_images(ld)
-    masks = _generic_masks(ld, images)
+    masks, unusable = _generic_masks(ld, images)
     for stem, path in images.items():
-        mask = masks.get(stem)
-        if mask is not None and not mask.is_file():  # there, but unreadable: not a good part
-            ld.skip(path, f"its mask {mask.parent.name}/{mask.name} is {NOT_A_FILE}")
+        if stem in unusable:  # a mask is there but cannot be read: not a good part
+            ld.skip(path, f"its mask {unusable[stem].parent.name}/{unusable[stem].name} is {NOT_A_FILE}")
             continue
-        ld.add(stem, path, mask, None)
+        ld.add(stem, path, masks.get(stem), None)
     _warn_misnamed(ld)
 
 
@@ -248,12 +247,9 @@ def _generic_images(ld: _Loader) -> dict[str, Path]:
     return images
 
 
-def _generic_masks(ld: _Loader, images: dict[str, Path]) -> dict[str, Path]:
-    """masks/ by stem, one per image (the documented .png wins); the others are skipped with the reason.
-
-    A mask that is not a regular file stays in the map when its stem has no usable one, so its image is
-    skipped rather than counted as good.
-    """
+def _generic_masks(ld: _Loader, images: dict[str, Path]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(masks/ by stem, one per image: the documented .png wins; the others are skipped with the reason,
+    stems whose only mask entry is not a regular file: their images are skipped, not counted as good)."""
     masks: dict[str, Path] = {}
     files, others = _entries(ld.root / "masks", ld)
     for p in files:
@@ -267,10 +263,7 @@ def _generic_masks(ld: _Loader, images: dict[str, Path]) -> dict[str, Path]:
             if p.stem in masks:  # prefer the documented .png over other formats
                 ld.skip(masks[p.stem], f"second mask for {p.stem}; {p.name} is used")
             masks[p.stem] = p
-    for p in others:
-        if p.stem in images:
-            masks.setdefault(p.stem, p)
-    return masks
+    return masks, {p.stem: p for p in others if p.stem in images and p.stem not in masks}
 
 
 def _warn_misnamed(ld: _Loader) -> None:
